@@ -1,0 +1,112 @@
+"""Sampler override presets (reference §6.12, §9.4): list (api), switch / unload (admin).
+
+A preset is `sampler_overrides/<name>.yml`: a mapping of sampler field name → block with
+`override` (the value), `force` (replace the client's value) and `additive` (lists: prepend to
+the client's list). Null values are dropped; unknown field names are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict
+
+from kodkod.api.deps import ADMIN, API, current_permission
+from kodkod.api.errors import ApiError
+from kodkod.api.sampling import SAMPLER_FIELDS
+from kodkod.api.state import OverrideState, get_state
+from kodkod.auth import Permission
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+class PresetError(ValueError):
+    """A preset file is missing or invalid (message is user-facing)."""
+
+
+def list_presets(directory: Path) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yml")) if directory.is_dir() else []
+
+
+def normalise_overrides(data: Any, source: str) -> dict[str, dict[str, Any]]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PresetError(f"{source}: a preset must be a mapping of sampler names to blocks")
+    out: dict[str, dict[str, Any]] = {}
+    for name, block in data.items():
+        if name not in SAMPLER_FIELDS:
+            log.warning("%s: unknown sampler field %r skipped", source, name)
+            continue
+        if not isinstance(block, dict):
+            block = {"override": block}
+        block = {k: v for k, v in block.items() if v is not None}
+        if "override" not in block:
+            continue
+        out[str(name)] = {
+            "override": block["override"],
+            "force": bool(block.get("force", False)),
+            "additive": bool(block.get("additive", False)),
+        }
+    return out
+
+
+def load_preset(directory: Path, name: str) -> dict[str, dict[str, Any]]:
+    if not name or "/" in name or "\\" in name or ".." in name:
+        raise PresetError(f"invalid preset name {name!r}")
+    path = directory / f"{name}.yml"
+    if not path.is_file():
+        raise PresetError(f"sampler override preset {name!r} was not found in {directory.name}/")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PresetError(f"{path.name} is not valid YAML: {exc}") from None
+    return normalise_overrides(data, path.name)
+
+
+def apply_preset(state: OverrideState, directory: Path, name: str) -> None:
+    state.overrides = load_preset(directory, name)
+    state.selected_preset = name
+
+
+class OverrideSwitchRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    preset: str | None = None
+    overrides: dict[str, Any] | None = None
+
+
+@router.get("/v1/sampling/overrides", dependencies=[API])
+@router.get("/v1/sampling/override/list", dependencies=[API])
+async def override_list(request: Request, perm: Permission = Depends(current_permission)) -> dict[str, Any]:
+    state = get_state(request)
+    return {
+        "selected_preset": state.overrides.selected_preset,
+        "overrides": state.overrides.overrides,
+        "presets": list_presets(state.overrides_dir) if perm is Permission.ADMIN else [],
+    }
+
+
+@router.post("/v1/sampling/override/switch", dependencies=[ADMIN])
+async def override_switch(req: OverrideSwitchRequest, request: Request) -> None:
+    state = get_state(request)
+    try:
+        if req.preset is not None:
+            apply_preset(state.overrides, state.overrides_dir, req.preset)
+        elif req.overrides is not None:
+            state.overrides.overrides = normalise_overrides(req.overrides, "request")
+        else:
+            raise ApiError(400, "send a preset name or an overrides object")
+    except PresetError as exc:
+        raise ApiError(400, str(exc)) from None
+    return None
+
+
+@router.post("/v1/sampling/override/unload", dependencies=[ADMIN])
+async def override_unload(request: Request) -> None:
+    get_state(request).overrides.overrides = {}
+    return None

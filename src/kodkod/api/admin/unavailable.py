@@ -1,0 +1,79 @@
+"""Endpoints of features this build does not provide yet. They answer 501 with a clear reason
+instead of pretending (listing endpoints answer an honest empty list)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from kodkod.api.deps import ADMIN, API
+from kodkod.api.errors import ApiError
+
+router = APIRouter()
+
+_EMBED = (
+    "embedding models are not supported by this server yet (no embedding engine is built in); "
+    "/v1/embeddings and the embedding-model endpoints answer 501"
+)
+_LORA = "LoRA adapters are not supported by this server yet; the LoRA endpoints answer 501"
+
+
+def _empty() -> dict[str, Any]:
+    return {"object": "list", "data": []}
+
+
+@router.get("/v1/model/embedding/list", dependencies=[API])
+async def embedding_list() -> dict[str, Any]:
+    return _empty()
+
+
+@router.get("/v1/model/embedding", dependencies=[API])
+async def embedding_current() -> None:
+    raise ApiError(501, _EMBED, code="not_implemented")
+
+
+@router.post("/v1/model/embedding/load", dependencies=[ADMIN])
+async def embedding_load(_: Request) -> None:
+    raise ApiError(501, _EMBED, code="not_implemented")
+
+
+@router.post("/v1/model/embedding/unload", dependencies=[ADMIN])
+async def embedding_unload() -> None:
+    raise ApiError(501, _EMBED, code="not_implemented")
+
+
+@router.post("/v1/embeddings", dependencies=[API])
+async def embeddings(_: Request) -> None:
+    raise ApiError(501, _EMBED, code="not_implemented")
+
+
+@router.get("/v1/loras", dependencies=[API])
+@router.get("/v1/lora/list", dependencies=[API])
+async def lora_list() -> dict[str, Any]:
+    return _empty()
+
+
+@router.get("/v1/lora", dependencies=[API])
+async def lora_active() -> dict[str, Any]:
+    return _empty()
+
+
+@router.post("/v1/lora/load", dependencies=[ADMIN])
+async def lora_load(_: Request) -> None:
+    raise ApiError(501, _LORA, code="not_implemented")
+
+
+@router.post("/v1/lora/unload", dependencies=[ADMIN])
+async def lora_unload() -> None:
+    raise ApiError(501, _LORA, code="not_implemented")
+
+
+@router.post("/v1/download", dependencies=[ADMIN])
+async def download(_: Request) -> None:
+    raise ApiError(
+        501,
+        "downloading from Hugging Face is not available: this server loads models only from "
+        "model_dir (use `kodkod models fetch` for the bundled models)",
+        code="not_implemented",
+    )

@@ -1,0 +1,199 @@
+"""From API request fields to engine requests.
+
+`resolve_fields()` applies the sampler override preset to the fields a request sent (§9.4):
+a non-forced override fills a field the request left out, a forced one replaces it (even when
+the forced value is 0 or false — upstream skips falsy forced values, we don't), an additive
+list is prepended to the request's list. `build_generation()` turns the resolved values into a
+`GenerationRequest` for one prompt.
+
+Parameters the engine cannot honour yet are refused with a 400 that names them, never silently
+ignored (`unsupported_fields`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+from kodkod.api.errors import ApiError
+from kodkod.api.sampling import FALLBACKS, SamplerRequest
+from kodkod.api.state import OverrideState
+from kodkod.backends.base import Tokenizer
+from kodkod.engine.types import GenerationRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(16)
+
+
+def resolve_fields(req: SamplerRequest, overrides: OverrideState) -> dict[str, Any]:
+    """Every sampler field's effective value: request → preset override → fallback."""
+    sent = req.model_fields_set
+    values: dict[str, Any] = {}
+    for name, fallback in FALLBACKS.items():
+        value = getattr(req, name) if name in sent else None
+        rule = overrides.overrides.get(name)
+        if rule is not None and "override" in rule:
+            ov = rule["override"]
+            if rule.get("force"):
+                value = ov
+            elif rule.get("additive") and isinstance(ov, list):
+                current = value if value is not None else []
+                if isinstance(current, str):
+                    current = [current]
+                value = list(ov) + list(current)
+            elif value is None:
+                value = ov
+        values[name] = fallback if value is None else value
+    return values
+
+
+def _id_list(value: Any, field: str) -> list[int]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [int(part) for part in (p.strip() for p in value.split(",")) if part.isdigit()]
+    out = []
+    for item in value:
+        try:
+            out.append(int(item))
+        except (TypeError, ValueError):
+            raise ApiError(422, f"{field} must be a list of token ids") from None
+    return out
+
+
+def split_stop(stop: Any) -> tuple[list[str], list[int]]:
+    """The `stop` field → (stop strings, stop token ids)."""
+    if stop is None:
+        return [], []
+    items = [stop] if isinstance(stop, str | int) else list(stop)
+    strings = [s for s in items if isinstance(s, str) and s]
+    ids = [int(s) for s in items if isinstance(s, int) and not isinstance(s, bool)]
+    return strings, ids
+
+
+# field → neutral value; a different value is refused until the engine supports it.
+_NOT_YET: dict[str, Any] = {
+    "top_a": 0.0,
+    "tfs": 1.0,
+    "smoothing_factor": 0.0,
+    "skew": 0.0,
+    "cfg_scale": 1.0,
+    "token_healing": False,
+    "banned_strings": [],
+    "json_schema": None,
+    "regex_pattern": None,
+    "grammar_string": None,
+    "loop_detect_window": 0,
+    "repetition_decay": 0,
+}
+
+
+def unsupported_fields(values: dict[str, Any]) -> list[str]:
+    bad = []
+    for name, neutral in _NOT_YET.items():
+        v = values.get(name)
+        if v in (None, "") or v == neutral or (isinstance(v, list) and not v):
+            continue
+        bad.append(name)
+    if values.get("mirostat_mode") == 1:
+        bad.append("mirostat_mode=1 (only Mirostat v2, mode 2, is supported)")
+    return bad
+
+
+def sampling_params(values: dict[str, Any], n_vocab: int) -> SamplingParams:
+    bias: dict[int, float] = {}
+    for key, b in (values.get("logit_bias") or {}).items():
+        try:
+            tok = int(key)
+        except (TypeError, ValueError):
+            continue
+        if 0 <= tok < n_vocab:
+            bias[tok] = float(b)
+    seed = values.get("seed")
+    return SamplingParams(
+        temperature=float(values["temperature"]),
+        temperature_last=bool(values["temperature_last"]),
+        min_temp=float(values["min_temp"]),
+        max_temp=float(values["max_temp"]),
+        temp_exponent=float(values["temp_exponent"]),
+        top_k=int(values["top_k"]),
+        top_p=float(values["top_p"]),
+        min_p=float(values["min_p"]),
+        top_a=float(values["top_a"]),
+        typical=float(values["typical"]),
+        tfs=float(values["tfs"]),
+        skew=float(values["skew"]),
+        smoothing_factor=float(values["smoothing_factor"]),
+        smoothing_curve=float(values["smoothing_curve"]),
+        xtc_probability=float(values["xtc_probability"]),
+        xtc_threshold=float(values["xtc_threshold"]),
+        repetition_penalty=float(values["repetition_penalty"]),
+        frequency_penalty=float(values["frequency_penalty"]),
+        presence_penalty=float(values["presence_penalty"]),
+        penalty_range=int(values["penalty_range"]),
+        repetition_decay=int(values["repetition_decay"]),
+        dry_multiplier=float(values["dry_multiplier"]),
+        dry_base=float(values["dry_base"]),
+        dry_allowed_length=int(values["dry_allowed_length"]),
+        dry_range=int(values["dry_range"]),
+        dry_sequence_breakers=list(values["dry_sequence_breakers"] or []),
+        mirostat_mode=int(values["mirostat_mode"]),
+        mirostat_tau=float(values["mirostat_tau"]),
+        mirostat_eta=float(values["mirostat_eta"]),
+        adaptive_target=float(values["adaptive_target"]),
+        adaptive_decay=float(values["adaptive_decay"]),
+        logit_bias=bias,
+        banned_token_ids=_id_list(values["banned_tokens"], "banned_tokens"),
+        allowed_token_ids=_id_list(values["allowed_tokens"], "allowed_tokens"),
+        seed=int(seed) if seed is not None and int(seed) >= 0 else None,
+    )
+
+
+def build_generation(
+    request_id: str,
+    prompt_ids: list[int],
+    values: dict[str, Any],
+    n_vocab: int,
+    *,
+    logprobs: int | None,
+    extra_stop: list[str] | None = None,
+) -> GenerationRequest:
+    bad = unsupported_fields(values)
+    if bad:
+        raise ApiError(
+            400,
+            "not supported by this server yet: " + ", ".join(bad)
+            + " (send the neutral value or leave the field out)",
+            param=bad[0].split(" ")[0],
+        )
+    strings, ids = split_stop(values["stop"])
+    if extra_stop:
+        strings = strings + [s for s in extra_stop if s not in strings]
+    max_tokens = values["max_tokens"]
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_ids=prompt_ids,
+        sampling=sampling_params(values, n_vocab),
+        max_tokens=int(max_tokens) if max_tokens else None,
+        min_tokens=int(values["min_tokens"] or 0),
+        stop_strings=strings,
+        stop_token_ids=ids,
+        ban_eos_token=bool(values["ban_eos_token"]),
+        skip_special_tokens=bool(values["skip_special_tokens"]),
+        logprobs=logprobs,
+        speculative_ngram=values["speculative_ngram"],
+        loop_detect_window=int(values["loop_detect_window"] or 0),
+    )
+
+
+def tokenize_prompt(tokenizer: Tokenizer, text: str, *, add_bos: bool | None, bos_id: int | None) -> list[int]:
+    """Tokenize a raw prompt. add_bos None/True: the tokenizer adds BOS if its model uses one;
+    False: never. A BOS already written in the text is not doubled."""
+    ids = tokenizer.tokenize(text, add_bos=add_bos is not False, parse_special=True)
+    if bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
+        ids = ids[1:]
+    return ids

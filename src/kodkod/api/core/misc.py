@@ -1,0 +1,110 @@
+"""Small core endpoints: /health, /.well-known/serviceinfo, /v1/auth/permission, tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from kodkod import __version__
+from kodkod.api.deps import API
+from kodkod.api.errors import ApiError
+from kodkod.api.state import get_model, get_state
+from kodkod.auth import AuthError
+from kodkod.chat import TemplateError, strip_leading_bos
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    state = get_state(request)
+    issues = [{"time": i.time, "description": i.description} for i in state.health_issues]
+    body: dict[str, Any] = {"status": "unhealthy" if issues else "healthy", "issues": issues}
+    current = state.models.current
+    if current is not None:
+        s = current.engine.stats
+        body["engine"] = {
+            "model": current.name,
+            "running": s.running,
+            "waiting": s.waiting,
+            "cached_tokens": s.cached_tokens,
+            "free_kv_cells": s.free_cells,
+            "kv_capacity": s.kv_capacity,
+            "steps": s.steps,
+            "generated_tokens": s.generated_tokens,
+            "preemptions": s.preemptions,
+        }
+    return JSONResponse(body, status_code=503 if issues else 200)
+
+
+@router.get("/.well-known/serviceinfo")
+async def serviceinfo() -> dict[str, Any]:
+    return {
+        "version": 0.1,
+        "software": {"name": "kodkod", "version": __version__},
+        "api": {
+            "openai": {"name": "OpenAI API", "relative_url": "/v1", "version": 1},
+            "koboldai": {"name": "KoboldAI API", "relative_url": "/api", "version": 1},
+        },
+    }
+
+
+@router.get("/v1/auth/permission", dependencies=[API])
+async def auth_permission(request: Request) -> dict[str, str]:
+    try:
+        perm = get_state(request).keys.permission_of(request.headers)
+    except AuthError as exc:
+        raise ApiError(400, exc.message) from None
+    return {"permission": perm.value}
+
+
+class TokenFlags(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    add_bos_token: bool = True
+    encode_special_tokens: bool = True
+    decode_special_tokens: bool = True
+
+
+class EncodeRequest(TokenFlags):
+    text: str | list[dict[str, Any]]
+    template_vars: dict[str, Any] = Field(default_factory=dict, alias="template_vars")
+
+
+class DecodeRequest(TokenFlags):
+    tokens: list[int]
+
+
+@router.post("/v1/token/encode", dependencies=[API])
+async def encode(req: EncodeRequest, request: Request) -> dict[str, Any]:
+    model = get_model(request)
+    info = model.info
+    text = req.text
+    if isinstance(text, list):
+        if model.template is None:
+            raise ApiError(422, "no prompt template is set, so messages cannot be encoded")
+        try:
+            text = model.template.render(
+                text, add_generation_prompt=False, bos_token=info.bos_text, eos_token=info.eos_text,
+                template_vars=req.template_vars,
+            )
+        except TemplateError as exc:
+            raise ApiError(400, f"TemplateError: {exc}") from None
+        text = strip_leading_bos(text, info.bos_text, add_bos_token=info.add_bos)
+    # add_bos_token: let the tokenizer add BOS if the model uses one (never twice)
+    ids = model.tokenizer.tokenize(text, add_bos=req.add_bos_token, parse_special=req.encode_special_tokens)
+    if info.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == info.bos_id:
+        ids = ids[1:]
+    return {"tokens": ids, "length": len(ids)}
+
+
+@router.post("/v1/token/decode", dependencies=[API])
+async def decode(req: DecodeRequest, request: Request) -> dict[str, str]:
+    model = get_model(request)
+    n_vocab = model.info.n_vocab
+    bad = [t for t in req.tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise ApiError(400, f"token ids out of range 0..{n_vocab - 1}: {bad[:5]}")
+    return {"text": model.tokenizer.detokenize(req.tokens, special=req.decode_special_tokens)}

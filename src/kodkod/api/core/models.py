@@ -1,0 +1,117 @@
+"""Model listing and information: /v1/models, /v1/model, /v1/model/list, drafts, /props."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from kodkod.api.deps import API, current_permission
+from kodkod.api.errors import ApiError
+from kodkod.api.state import AppState, get_model, get_state
+from kodkod.auth import Permission
+from kodkod.models.manager import LoadedModel
+from kodkod.models.registry import discover
+
+router = APIRouter()
+
+OWNER = "tabbyAPI"  # what TabbyAPI clients see in owned_by
+
+
+def card(name: str, **extra: Any) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": OWNER, **extra}
+
+
+def model_parameters(model: LoadedModel) -> dict[str, Any]:
+    params = model.params
+    out: dict[str, Any] = {
+        "max_seq_len": model.max_seq_len,
+        "cache_size": model.cache_size,
+        "cache_mode": model.cache_mode,
+        "rope_scale": params.rope_scale or 1.0,
+        "rope_alpha": params.rope_alpha if isinstance(params.rope_alpha, float | int) else 1.0,
+        "max_batch_size": model.max_batch_size,
+        "chunk_size": model.chunk_size,
+        "prompt_template": model.template.name if model.template else None,
+        "prompt_template_content": model.template.source if model.template else None,
+        "use_vision": False,
+        "architecture": model.info.architecture,
+        "n_params": model.info.n_params,
+        "n_ctx_train": model.info.n_ctx_train,
+    }
+    stats = model.engine.stats
+    out["engine"] = {
+        "running": stats.running,
+        "waiting": stats.waiting,
+        "cached_tokens": stats.cached_tokens,
+        "free_kv_cells": stats.free_cells,
+        "kv_capacity": stats.kv_capacity,
+        "drafted_tokens": stats.drafted_tokens,
+        "accepted_draft_tokens": stats.accepted_draft_tokens,
+    }
+    return out
+
+
+def _directory_list(state: AppState, directory_key: str) -> list[dict[str, Any]]:
+    directory = state.resolve_path(directory_key)
+    return [card(e.name) for e in discover(directory)]
+
+
+def _dummies(state: AppState) -> list[dict[str, Any]]:
+    m = state.settings.model
+    return [card(n) for n in m.dummy_model_names] if m.use_dummy_models else []
+
+
+@router.get("/v1/models", dependencies=[API])
+@router.get("/v1/model/list", dependencies=[API])
+async def list_models(request: Request, perm: Permission = Depends(current_permission)) -> dict[str, Any]:
+    state = get_state(request)
+    if perm is Permission.ADMIN:
+        data = _directory_list(state, state.settings.model.model_dir)
+        draft_dir = state.resolve_path(state.settings.draft_model.draft_model_dir).resolve()
+        if draft_dir != state.model_dir.resolve():
+            data = [c for c in data if (state.model_dir / c["id"]).resolve() != draft_dir]
+    else:
+        current = state.models.current
+        data = [card(current.name)] if current is not None else []
+    return {"object": "list", "data": _dummies(state) + data}
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=[API])
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """OpenAI's model retrieval: the loaded model (or a configured dummy name), else 404."""
+    state = get_state(request)
+    current = state.models.current
+    if current is not None and model_id == current.name:
+        return card(current.name)
+    if any(c["id"] == model_id for c in _dummies(state)):
+        return card(model_id)
+    raise ApiError(404, f"The model '{model_id}' does not exist or is not loaded", code="model_not_found")
+
+
+@router.get("/v1/model", dependencies=[API])
+async def current_model(request: Request) -> dict[str, Any]:
+    model = get_model(request)
+    return card(model.name, parameters=model_parameters(model), logging=None)
+
+
+@router.get("/v1/model/draft/list", dependencies=[API])
+async def list_drafts(request: Request, perm: Permission = Depends(current_permission)) -> dict[str, Any]:
+    state = get_state(request)
+    if perm is Permission.ADMIN:
+        data = _directory_list(state, state.settings.draft_model.draft_model_dir)
+    else:
+        draft = state.extras.get("draft_name")
+        data = [card(draft)] if draft else []
+    return {"object": "list", "data": data}
+
+
+@router.get("/props", dependencies=[API])
+async def props(request: Request) -> dict[str, Any]:
+    model = get_model(request)
+    return {
+        "total_slots": model.max_batch_size,
+        "chat_template": model.template.source if model.template else "",
+        "default_generation_settings": {"n_ctx": model.max_seq_len},
+    }

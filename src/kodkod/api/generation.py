@@ -1,0 +1,102 @@
+"""Running engine requests for an HTTP request: SSE framing, fan-in of n choices, disconnects.
+
+Streaming responses are plain `StreamingResponse`s over async generators; Starlette cancels the
+generator when the client disconnects, and closing a `RequestStream` aborts its engine request
+within one step. Non-streaming requests poll for a disconnect while they wait, and abort too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from kodkod.api.errors import ApiError
+from kodkod.engine.stream import RequestStream
+from kodkod.engine.types import ErrorEvent, Event, FinishEvent, TokenEvent
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def sse_ping() -> str:
+    return ": ping\n\n"
+
+
+def sse_response(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def fan_in(
+    streams: list[RequestStream], idle_s: float | None = None
+) -> AsyncIterator[tuple[int, list[Event]]]:
+    """(choice index, merged events) from every stream as they come; (-1, []) when idle."""
+    if len(streams) == 1:
+        async for batch in streams[0].batches(idle_s):
+            yield (0, batch) if batch else (-1, [])
+        return
+    queue: asyncio.Queue[tuple[int, list[Event]] | None] = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        async for batch in s.batches():
+            await queue.put((i, batch))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    done_task = asyncio.create_task(asyncio.wait(tasks))
+    done_task.add_done_callback(lambda _: queue.put_nowait(None))
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), idle_s) if idle_s else await queue.get()
+            except TimeoutError:
+                yield -1, []
+                continue
+            if item is None:
+                break
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        done_task.cancel()
+        for s in streams:
+            s.close()
+
+
+async def collect(
+    request: Request, streams: list[RequestStream], poll_s: float = 0.5
+) -> list[tuple[TokenEvent, FinishEvent]]:
+    """Run every stream to the end; abort them all if the client goes away (→ 422)."""
+    task = asyncio.ensure_future(asyncio.gather(*(s.collect() for s in streams)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                break
+            if await request.is_disconnected():
+                task.cancel()
+                raise ApiError(422, "the request was cancelled by the client")
+    finally:
+        if not task.done():
+            task.cancel()
+        for s in streams:
+            s.close()
+    results = task.result()
+    out: list[tuple[TokenEvent, FinishEvent]] = []
+    for tokens, final in results:
+        if isinstance(final, ErrorEvent):
+            raise error_for(final)
+        out.append((tokens, final))
+    return out
+
+
+def error_for(ev: ErrorEvent) -> ApiError:
+    status = {"context_length_exceeded": 400, "invalid_request_error": 400, "model_unloaded": 503}
+    return ApiError(status.get(ev.kind.value, 503), ev.message, code=ev.kind.value)

@@ -1,0 +1,127 @@
+"""Pieces shared by the OpenAI endpoints: response fragments, logprobs shapes, model choice."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import Request
+
+from kodkod.api.errors import ApiError
+from kodkod.api.state import get_state
+from kodkod.auth import AuthError, Permission
+from kodkod.engine.client import RequestError
+from kodkod.engine.stream import RequestStream
+from kodkod.engine.types import FinishEvent, FinishReason, GenerationRequest, TokenLogprob, Usage
+from kodkod.models.manager import LoadedModel
+
+log = logging.getLogger(__name__)
+
+LOGPROB_FLOOR = -1000.0  # how -inf is reported (reference §7.7)
+
+
+def finish_reason(ev: FinishEvent) -> str:
+    if ev.reason is FinishReason.LENGTH:
+        return "length"
+    if ev.reason is FinishReason.TOOL_CALLS:
+        return "tool_calls"
+    return "stop"
+
+
+def _per_sec(tokens: int, seconds: float) -> float | str:
+    return round(tokens / seconds, 2) if seconds > 0 else "Indeterminate"
+
+
+def usage_dict(u: Usage) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "prompt_time": round(u.prompt_time_s, 4),
+        "prompt_tokens_per_sec": _per_sec(u.prompt_tokens - u.cached_tokens, u.prompt_time_s),
+        "completion_time": round(u.completion_time_s, 4),
+        "completion_tokens_per_sec": _per_sec(u.completion_tokens, u.completion_time_s),
+        "total_time": round(u.prompt_time_s + u.completion_time_s, 4),
+    }
+    if u.drafted_tokens:
+        out["drafted_tokens"] = u.drafted_tokens
+        out["accepted_draft_tokens"] = u.accepted_draft_tokens
+    return out
+
+
+def _clamp(v: float) -> float:
+    return v if v > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def logprobs_legacy(items: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+    """The completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
+    if not items:
+        return None
+    tokens, values, tops, offsets = [], [], [], []
+    pos = offset
+    for it in items:
+        tokens.append(it.token)
+        values.append(it.logprob)
+        tops.append({text: _clamp(lp) for _, text, lp in it.top} if it.top else None)
+        offsets.append(pos)
+        pos += len(it.token)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def logprobs_chat(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if not items:
+        return None
+    return {
+        "content": [
+            {
+                "token": it.token,
+                "token_id": it.token_id,
+                "logprob": it.logprob,
+                "bytes": list(it.token.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": text, "token_id": tid, "logprob": _clamp(lp),
+                     "bytes": list(text.encode("utf-8"))}
+                    for tid, text, lp in it.top
+                ],
+            }
+            for it in items
+        ]
+    }
+
+
+def submit_all(model: LoadedModel, gens: list[GenerationRequest]) -> list[RequestStream]:
+    """Submit every choice; if one is refused, the others are withdrawn."""
+    streams: list[RequestStream] = []
+    try:
+        for g in gens:
+            streams.append(model.engine.submit(g))
+    except RequestError:
+        for s in streams:
+            s.close()
+        raise
+    return streams
+
+
+async def inline_model(request: Request, name: str | None) -> LoadedModel:
+    """The model a request runs on (reference §11.6: inline loading by the `model` field)."""
+    state = get_state(request)
+    manager = state.models
+    current = manager.current
+    if not name or (current is not None and name == current.name):
+        return manager.require()
+    settings = state.settings.model
+    if settings.use_dummy_models and name in settings.dummy_model_names:
+        return manager.require()
+    if not settings.inline_model_loading:
+        return manager.require()
+    try:
+        permission = state.keys.permission_of(request.headers)
+    except AuthError:
+        permission = Permission.API
+    if permission is not Permission.ADMIN:
+        raise ApiError(401, f"switching the model to {name!r} needs the admin key")
+    loader = state.extras.get("inline_loader")
+    if loader is None:
+        raise ApiError(501, "inline model loading is not available")
+    return await loader(request, name)

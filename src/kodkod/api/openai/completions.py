@@ -1,0 +1,151 @@
+"""POST /v1/completions (reference §7.2), streamed or not.
+
+A prompt may be a string, a list of strings (each its own prompt, E3 behaviour), a list of
+token ids or a list of token-id lists. Each prompt gets `n` choices; choice index is
+prompt_index × n + k. Every choice is one engine request; they run concurrently in the batch and
+share their prompt's KV through the prefix cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from kodkod.api.convert import build_generation, new_request_id, resolve_fields, tokenize_prompt
+from kodkod.api.deps import API
+from kodkod.api.generation import SSE_DONE, collect, fan_in, sse, sse_ping, sse_response
+from kodkod.api.openai.common import (
+    finish_reason,
+    inline_model,
+    logprobs_legacy,
+    submit_all,
+    usage_dict,
+)
+from kodkod.api.openai.schemas import CompletionRequest
+from kodkod.api.state import get_state
+from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, Usage
+
+router = APIRouter()
+
+
+def _prompts(req: CompletionRequest, model: Any) -> list[tuple[str, list[int]]]:
+    """(text, ids) per prompt."""
+    tok = model.tokenizer
+    p = req.prompt
+    if isinstance(p, str):
+        items: list[Any] = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        items = [p]
+    else:
+        items = list(p)
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = tokenize_prompt(tok, item, add_bos=req.add_bos_token, bos_id=model.info.bos_id)
+            out.append((item, ids))
+        else:
+            ids = [int(x) for x in item]
+            out.append((tok.detokenize(ids, special=True), ids))
+    return out
+
+
+@router.post("/v1/completions", dependencies=[API])
+async def completions(req: CompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    model = await inline_model(request, req.model)
+    values = resolve_fields(req, state.overrides)
+    top_n = values["logprobs"] or 0
+    logprobs = top_n if top_n > 0 else None
+    rid = new_request_id()
+    prompts = _prompts(req, model)
+    gens = []
+    for pi, (_, ids) in enumerate(prompts):
+        for k in range(req.n):
+            gens.append(
+                build_generation(f"{rid}-{pi * req.n + k}", ids, values, model.info.n_vocab, logprobs=logprobs)
+            )
+    streams = submit_all(model, gens)
+    created = int(time.time())
+    prefix = {i: (prompts[i // req.n][0] if req.echo else "") for i in range(len(gens))}
+    if req.stream and not state.settings.developer.disable_request_streaming:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        ping_s = state.settings.network.sse_ping_interval or None
+        return sse_response(
+            _stream(streams, f"cmpl-{rid}", created, model.name, include_usage, prefix, ping_s)
+        )
+    results = await collect(request, streams)
+    choices = []
+    total = Usage(0, 0)
+    for i, (tokens, final) in enumerate(results):
+        choices.append(
+            {
+                "index": i,
+                "text": prefix[i] + tokens.text,
+                "finish_reason": finish_reason(final),
+                "stop_str": final.stop_str,
+                "eos_reason": final.eos_reason.value,
+                "logprobs": logprobs_legacy(tokens.logprobs, len(prefix[i])) if logprobs else None,
+            }
+        )
+        _add_usage(total, final.usage, first=i == 0)
+    return {
+        "id": f"cmpl-{rid}",
+        "object": "text_completion",
+        "created": created,
+        "model": model.name,
+        "choices": choices,
+        "usage": usage_dict(total),
+    }
+
+
+def _add_usage(total: Usage, u: Usage, *, first: bool) -> None:
+    """n>1: the first choice's prompt stats, summed completions, the longest completion time."""
+    if first:
+        total.prompt_tokens = u.prompt_tokens
+        total.cached_tokens = u.cached_tokens
+        total.prompt_time_s = u.prompt_time_s
+    total.completion_tokens += u.completion_tokens
+    total.completion_time_s = max(total.completion_time_s, u.completion_time_s)
+    total.drafted_tokens += u.drafted_tokens
+    total.accepted_draft_tokens += u.accepted_draft_tokens
+
+
+async def _stream(
+    streams: list, cid: str, created: int, model_name: str, include_usage: bool,
+    prefix: dict[int, str], ping_s: float | None,
+) -> AsyncIterator[str]:
+    total = Usage(0, 0)
+    finished = 0
+    offsets = {i: len(prefix[i]) for i in prefix}
+    base = {"id": cid, "object": "text_completion", "created": created, "model": model_name}
+    for i, p in prefix.items():
+        if p:
+            yield sse({**base, "choices": [{"index": i, "text": p, "finish_reason": None, "logprobs": None}]})
+    async for index, events in fan_in(streams, ping_s):
+        if index < 0:
+            yield sse_ping()
+            continue
+        for ev in events:
+            if isinstance(ev, TokenEvent):
+                lp = logprobs_legacy(ev.logprobs, offsets[index]) if ev.logprobs else None
+                offsets[index] += len(ev.text)
+                if ev.text or lp:
+                    yield sse({**base, "choices": [
+                        {"index": index, "text": ev.text, "finish_reason": None, "logprobs": lp}
+                    ]})
+            elif isinstance(ev, FinishEvent):
+                _add_usage(total, ev.usage, first=index == 0)
+                finished += 1
+                yield sse({**base, "choices": [{
+                    "index": index, "text": "", "finish_reason": finish_reason(ev),
+                    "stop_str": ev.stop_str, "eos_reason": ev.eos_reason.value, "logprobs": None,
+                }]})
+            elif isinstance(ev, ErrorEvent):
+                yield sse({"error": {"message": ev.message, "trace": None}})
+                return
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage_dict(total)})
+    yield SSE_DONE

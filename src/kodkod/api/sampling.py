@@ -1,0 +1,208 @@
+"""The generation-parameter schema shared by the OpenAI and Kobold APIs (reference §9.2).
+
+Every field defaults to None, meaning "not sent": the value used is then the sampler override
+preset's (§9.4) or the fallback in `FALLBACKS`. Aliases are accepted in one place here
+(`validation_alias`). Range violations are 422s. Unknown fields are ignored, like TabbyAPI.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def _alias(*names: str) -> Any:
+    return Field(None, validation_alias=AliasChoices(*names))
+
+
+class SamplerRequest(BaseModel):
+    """Generation fields common to /v1/completions, /v1/chat/completions and Kobold."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    max_tokens: int | None = Field(
+        None, ge=0, validation_alias=AliasChoices("max_tokens", "max_length", "max_completion_tokens")
+    )
+    min_tokens: int | None = Field(None, ge=0, validation_alias=AliasChoices("min_tokens", "min_length"))
+    stop: str | list[str | int] | None = _alias("stop", "stop_sequence")
+    banned_strings: str | list[str] | None = None
+    banned_tokens: list[int] | str | None = _alias("banned_tokens", "custom_token_bans")
+    allowed_tokens: list[int] | str | None = _alias("allowed_tokens", "allowed_token_ids")
+    token_healing: bool | None = None
+    temperature: float | None = Field(None, ge=0.0, le=10.0)
+    temperature_last: bool | None = None
+    smoothing_factor: float | None = Field(None, ge=0.0)
+    smoothing_curve: float | None = Field(None, gt=0.0)
+    top_k: int | None = Field(None, ge=-1)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_a: float | None = Field(None, ge=0.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    tfs: float | None = Field(None, ge=0.0, le=1.0)
+    typical: float | None = Field(None, gt=0.0, le=1.0, validation_alias=AliasChoices("typical", "typical_p"))
+    skew: float | None = None
+    xtc_probability: float | None = Field(None, ge=0.0, le=1.0)
+    xtc_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, validation_alias=AliasChoices("repetition_penalty", "rep_pen")
+    )
+    penalty_range: int | None = Field(
+        None,
+        ge=-1,
+        validation_alias=AliasChoices(
+            "penalty_range", "repetition_range", "repetition_penalty_range", "rep_pen_range"
+        ),
+    )
+    repetition_decay: int | None = Field(None, ge=0)
+    dry_multiplier: float | None = Field(None, ge=0.0)
+    dry_base: float | None = Field(None, ge=0.0)
+    dry_allowed_length: int | None = Field(None, ge=0)
+    dry_range: int | None = Field(None, ge=-1, validation_alias=AliasChoices("dry_range", "dry_penalty_last_n"))
+    dry_sequence_breakers: list[str] | str | None = None
+    mirostat_mode: int | None = Field(None, ge=0, le=2, validation_alias=AliasChoices("mirostat_mode", "mirostat"))
+    mirostat_tau: float | None = Field(None, ge=0.0)
+    mirostat_eta: float | None = Field(None, ge=0.0)
+    max_temp: float | None = Field(None, ge=0.0, validation_alias=AliasChoices("max_temp", "dynatemp_high"))
+    min_temp: float | None = Field(None, ge=0.0, validation_alias=AliasChoices("min_temp", "dynatemp_low"))
+    temp_exponent: float | None = Field(
+        None, ge=0.0, validation_alias=AliasChoices("temp_exponent", "dynatemp_exponent")
+    )
+    add_bos_token: bool | None = None
+    ban_eos_token: bool | None = _alias("ban_eos_token", "ignore_eos")
+    skip_special_tokens: bool | None = None
+    logit_bias: dict[str, float] | None = None
+    negative_prompt: str | None = None
+    cfg_scale: float | None = Field(None, validation_alias=AliasChoices("cfg_scale", "guidance_scale"))
+    json_schema: Any = None
+    regex_pattern: str | None = None
+    grammar_string: str | None = None
+    speculative_ngram: bool | None = None
+    logprobs: int | None = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    adaptive_target: float | None = Field(None, ge=0.0, le=1.0)
+    adaptive_decay: float | None = Field(None, ge=0.0, le=1.0)
+    loop_detect_window: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, validation_alias=AliasChoices("seed", "sampler_seed"))
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int | None) -> int | None:
+        return 0 if v == -1 else v
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs(cls, v: Any) -> Any:
+        if v is True:
+            return 1
+        if v is False:
+            return 0
+        return v
+
+    @field_validator("dry_sequence_breakers", mode="before")
+    @classmethod
+    def _breakers(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            if not text:
+                return []
+            if not text.startswith("["):
+                text = f"[{text}]"
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                return []
+            return [str(x) for x in parsed] if isinstance(parsed, list) else []
+        return v
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema(cls, v: Any) -> Any:
+        if v == {} or v == "":
+            return None  # SillyTavern sends {} for "no schema"
+        if isinstance(v, str):
+            try:
+                return json.loads(v)
+            except ValueError:
+                raise ValueError("json_schema must be a JSON object") from None
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> SamplerRequest:
+        if (
+            self.min_tokens is not None
+            and self.max_tokens is not None
+            and self.max_tokens > 0
+            and self.min_tokens > self.max_tokens
+        ):
+            raise ValueError("min_tokens must not exceed max_tokens")
+        if (
+            self.min_temp is not None
+            and self.max_temp is not None
+            and self.min_temp > 0
+            and self.max_temp > 0
+            and self.min_temp > self.max_temp
+        ):
+            raise ValueError("min_temp must not exceed max_temp")
+        return self
+
+
+# Values used when neither the request nor the override preset sets a field.
+FALLBACKS: dict[str, Any] = {
+    "max_tokens": None,
+    "min_tokens": 0,
+    "stop": [],
+    "banned_strings": [],
+    "banned_tokens": [],
+    "allowed_tokens": [],
+    "token_healing": False,
+    "temperature": 1.0,
+    "temperature_last": False,
+    "smoothing_factor": 0.0,
+    "smoothing_curve": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "top_a": 0.0,
+    "min_p": 0.0,
+    "tfs": 1.0,
+    "typical": 1.0,
+    "skew": 0.0,
+    "xtc_probability": 0.0,
+    "xtc_threshold": 0.1,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "penalty_range": -1,
+    "repetition_decay": 0,
+    "dry_multiplier": 0.0,
+    "dry_base": 1.75,
+    "dry_allowed_length": 2,
+    "dry_range": 0,
+    "dry_sequence_breakers": ["\n", ":", '"', "*"],
+    "mirostat_mode": 0,
+    "mirostat_tau": 1.5,
+    "mirostat_eta": 0.3,
+    "max_temp": 1.0,
+    "min_temp": 1.0,
+    "temp_exponent": 1.0,
+    "add_bos_token": None,
+    "ban_eos_token": False,
+    "skip_special_tokens": True,
+    "logit_bias": None,
+    "negative_prompt": None,
+    "cfg_scale": 1.0,
+    "json_schema": None,
+    "regex_pattern": None,
+    "grammar_string": None,
+    "speculative_ngram": None,
+    "logprobs": 0,
+    "top_logprobs": 0,
+    "adaptive_target": 1.0,
+    "adaptive_decay": 0.9,
+    "loop_detect_window": 0,
+    "seed": None,
+}
+
+SAMPLER_FIELDS = frozenset(FALLBACKS)

@@ -1,0 +1,118 @@
+"""The app factory: state, routers, error handlers, and the lifespan that loads the model.
+
+`create_app()` is the one place concrete classes are chosen (the llama.cpp backend loader is
+passed in by the CLI or by tests). Routers are mounted per `network.api_servers`: the core and
+admin routes always, the OpenAI ones for `oai`, the Kobold ones for `kobold`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+
+from kodkod import __version__
+from kodkod.api.admin import model as admin_model
+from kodkod.api.admin import overrides as admin_overrides
+from kodkod.api.admin import templates as admin_templates
+from kodkod.api.admin import unavailable
+from kodkod.api.admin.overrides import PresetError, apply_preset
+from kodkod.api.core import misc, models
+from kodkod.api.errors import install_error_handlers
+from kodkod.api.openai import chat, completions
+from kodkod.api.state import AppState
+from kodkod.auth import KeyStore
+from kodkod.models.loading import build_params
+from kodkod.models.manager import BackendLoader, LoadedModel, ModelManager
+from kodkod.models.registry import ModelNameError, resolve
+from kodkod.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The startup model could not be loaded (one-line message)."""
+
+
+def _make_inline_loader(state: AppState):  # noqa: ANN202 - closure type is internal
+    async def inline_loader(_: Request, name: str) -> LoadedModel:
+        from kodkod.api.errors import ApiError
+
+        try:
+            entry = resolve(state.model_dir, name)
+        except ModelNameError as exc:
+            raise ApiError(404, str(exc), code="model_not_found") from None
+        current = state.models.current
+        if current is not None and current.entry.gguf.resolve() == entry.gguf.resolve():
+            return current
+        params = build_params(state.settings, entry, {}, startup=False)
+        return await state.models.load(entry, params)
+
+    return inline_loader
+
+
+def create_app(
+    settings: Settings,
+    *,
+    keys: KeyStore,
+    backend_loader: BackendLoader,
+    base_dir: Path | None = None,
+) -> FastAPI:
+    base = (base_dir or Path.cwd()).resolve()
+    state_box: dict[str, AppState] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = state_box["state"]
+        preset = settings.sampling.override_preset
+        if preset:
+            try:
+                apply_preset(state.overrides, state.overrides_dir, preset)
+            except PresetError as exc:
+                log.warning("sampler override preset not applied: %s", exc)
+        name = settings.model.model_name
+        if name:
+            try:
+                entry = resolve(state.model_dir, name)
+                params = build_params(settings, entry, {}, startup=True)
+                await state.models.load(entry, params)
+            except Exception as exc:
+                log.error("could not load the startup model %r: %s", name, exc)
+                raise StartupError(f"could not load the startup model {name!r}: {exc}") from None
+        try:
+            yield
+        finally:
+            await state.models.unload("the server is shutting down")
+
+    app = FastAPI(title="kodkod", version=__version__, lifespan=lifespan)
+    manager = ModelManager(
+        backend_loader, base / "templates", on_fatal=lambda exc: state_box["state"].record_fatal(exc)
+    )
+    state = AppState(settings=settings, keys=keys, models=manager, base_dir=base)
+    state.extras["inline_loader"] = _make_inline_loader(state)
+    state_box["state"] = state
+    app.state.kodkod = state
+    app.state.keys = keys
+    app.add_middleware(
+        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
+        allow_credentials=True,
+    )
+    install_error_handlers(app)
+    for module in (misc, models, admin_model, admin_templates, admin_overrides, unavailable):
+        app.include_router(module.router)
+    servers = settings.network.api_server_set()
+    if "oai" in servers:
+        app.include_router(completions.router)
+        app.include_router(chat.router)
+    if "kobold" in servers:
+        try:
+            from kodkod.api.kobold import router as kobold_router
+        except ImportError:  # pragma: no cover - the Kobold API is being built
+            log.warning("the Kobold API is not available in this build")
+        else:
+            kobold_router.mount(app)
+    return app

@@ -1,0 +1,147 @@
+"""The backend contract: what the engine needs from an inference library.
+
+The engine drives a backend from its single thread. A backend owns one model, one context with a
+unified KV pool of `kv_capacity` cells shared by `num_slots` sequence slots, and makes samplers.
+Only `backends.llamacpp` implements it with llama.cpp; tests use a fake.
+
+One `decode(rows)` call evaluates every row in one forward pass. A row is a run of tokens of
+one slot starting at `start_pos`; its last `num_logits` tokens produce logits. The call returns,
+for each row, the batch indices of its logits in order, which `logits()` and
+`Sampler.sample()` take. KV ops (`kv_copy`, `kv_remove`) keep a slot's cache equal to the
+tokens the engine believes it holds; speculative rollback is just `kv_remove` of the rejected
+tail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from kodkod.engine.types import SamplingParams
+
+
+class BackendError(Exception):
+    """A backend operation failed; the message is safe to show to users."""
+
+
+class KVCacheFullError(BackendError):
+    """The KV pool has no room for this batch (nothing was written)."""
+
+
+class ModelLoadError(BackendError):
+    """The model (or adapter) could not be loaded; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Facts about a loaded model that the API and engine need."""
+
+    name: str
+    path: Path
+    architecture: str
+    n_vocab: int
+    n_ctx_train: int
+    n_params: int
+    size_bytes: int
+    bos_id: int | None
+    eos_ids: frozenset[int]  # every end-of-generation token (EOS, EOT, ...)
+    add_bos: bool  # the tokenizer adds BOS by itself
+    bos_text: str
+    eos_text: str
+    chat_template: str | None
+    named_chat_templates: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Which model file to load, and how to report progress."""
+
+    path: Path
+    name: str
+    vocab_only: bool = False
+    progress: Callable[[float], bool] | None = None  # return False to cancel the load
+
+
+@dataclass(frozen=True, slots=True)
+class ContextConfig:
+    """How to size the context of a loaded model (decided once its metadata is known)."""
+
+    cache_size: int  # KV cells shared by all slots
+    num_slots: int
+    batch_tokens: int  # the largest batch ever passed to decode()
+    n_threads: int
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attention: bool = True
+    rope_freq_scale: float = 0.0  # 0 = from the model
+    rope_freq_base: float = 0.0  # 0 = from the model
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    slot: int
+    tokens: Sequence[int]
+    start_pos: int
+    num_logits: int  # how many trailing tokens of this row produce logits (0 = none)
+
+
+class Sampler(Protocol):
+    """A per-sequence sampler; keeps its own state (RNG, penalties) across tokens."""
+
+    def sample(self, index: int) -> int:
+        """Choose (and accept) the next token from the logits at batch `index`."""
+        ...
+
+    def accept(self, token_id: int) -> None:
+        """Tell the sampler about a token chosen elsewhere (e.g. an accepted draft token)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Tokenizer(Protocol):
+    """The model's vocabulary. Read-only, so safe to use from any thread."""
+
+    n_vocab: int
+
+    def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]: ...
+
+    def token_bytes(self, token_id: int, *, special: bool) -> bytes: ...
+
+    def detokenize(self, token_ids: Sequence[int], *, special: bool) -> str: ...
+
+
+class Backend(Protocol):
+    """Engine-thread-only: decode, KV and samplers. `tokenizer` may be shared."""
+
+    info: ModelInfo
+    tokenizer: Tokenizer
+    num_slots: int
+    kv_capacity: int
+
+    def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]: ...
+
+    def token_bytes(self, token_id: int, *, special: bool) -> bytes: ...
+
+    def decode(self, rows: Sequence[BatchRow]) -> list[list[int]]: ...
+
+    def logits(self, index: int) -> np.ndarray:
+        """A writable float32 view of the logits at batch `index`, valid until the next decode."""
+        ...
+
+    def kv_copy(self, src: int, dst: int, p0: int, p1: int) -> None: ...
+
+    def kv_remove(self, slot: int, p0: int, p1: int = -1) -> None: ...
+
+    def kv_clear(self) -> None: ...
+
+    def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> Sampler:
+        """A sampler for one sequence; `history` (the prompt) feeds penalties and DRY."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,197 @@
+"""The llama.cpp backend: one model, one context with a unified KV pool, batched decode.
+
+The context is created with `kv_unified=True` so all `num_slots` sequence slots share one pool
+of `cache_size` cells (llama.cpp rounds it up to a multiple of 256), and with `swa_full=True` so
+sliding-window models keep every position a prefix copy may need. A persistent `llama_batch`
+sized for the largest step is refilled in place each step; decode() returns the batch indices
+whose logits were requested.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+
+import llama_cpp as L
+import numpy as np
+
+from kodkod.backends.base import (
+    BackendError,
+    BatchRow,
+    ContextConfig,
+    KVCacheFullError,
+    ModelInfo,
+    ModelLoadError,
+    ModelSource,
+)
+from kodkod.backends.llamacpp.model import LlamaModel
+from kodkod.backends.llamacpp.sampler import NativeSampler
+from kodkod.engine.sampling.stages import build_stages
+from kodkod.engine.types import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# Cache type names accepted by `ContextConfig.cache_type_k/_v` → GGML type ids.
+CACHE_TYPES: dict[str, int] = {
+    "f32": L.GGML_TYPE_F32,
+    "f16": L.GGML_TYPE_F16,
+    "bf16": 30,
+    "q8_0": L.GGML_TYPE_Q8_0,
+    "q5_1": L.GGML_TYPE_Q5_1,
+    "q5_0": L.GGML_TYPE_Q5_0,
+    "q4_1": L.GGML_TYPE_Q4_1,
+    "q4_0": L.GGML_TYPE_Q4_0,
+    "iq4_nl": L.GGML_TYPE_IQ4_NL,
+}
+
+
+class LlamaCppBackend:
+    """Implements `backends.base.Backend` on llama.cpp's low-level API."""
+
+    def __init__(self, model: LlamaModel, config: ContextConfig | None) -> None:
+        self._model = model
+        self.tokenizer = model
+        self.config = config
+        self.info: ModelInfo = model.info
+        self._ctx = None
+        self._batch = None
+        self._n_vocab = model.n_vocab
+        if config is None:  # tokenizer-only
+            self.num_slots = 0
+            self.kv_capacity = 0
+            return
+        self.num_slots = config.num_slots
+        params = L.llama_context_default_params()
+        params.n_ctx = config.cache_size
+        params.n_batch = config.batch_tokens
+        params.n_ubatch = min(config.batch_tokens, 512)
+        params.n_seq_max = config.num_slots
+        params.n_threads = config.n_threads
+        params.n_threads_batch = config.n_threads
+        params.kv_unified = True
+        params.swa_full = True
+        params.no_perf = True
+        params.flash_attn_type = 1 if config.flash_attention else 0
+        try:
+            params.type_k = CACHE_TYPES[config.cache_type_k]
+            params.type_v = CACHE_TYPES[config.cache_type_v]
+        except KeyError as exc:
+            raise ModelLoadError(f"unknown KV cache type {exc.args[0]!r}") from None
+        if config.rope_freq_scale:
+            params.rope_freq_scale = config.rope_freq_scale
+        if config.rope_freq_base:
+            params.rope_freq_base = config.rope_freq_base
+        ctx = L.llama_init_from_model(model.handle, params)
+        if not ctx:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context (cache_size={config.cache_size}, "
+                f"cache types {config.cache_type_k}/{config.cache_type_v}, flash attention "
+                f"{'on' if config.flash_attention else 'off'}); a quantised V cache needs flash "
+                "attention"
+            )
+        self._ctx = ctx
+        self._mem = L.llama_get_memory(ctx)
+        self.kv_capacity = int(L.llama_n_ctx(ctx))
+        self._batch_cap = config.batch_tokens
+        self._batch = L.llama_batch_init(self._batch_cap, 0, 1)
+        self._rows = ctypes.c_float * self._n_vocab  # array type for logits views
+
+    @classmethod
+    def load(
+        cls,
+        source: ModelSource,
+        make_config: Callable[[ModelInfo], ContextConfig] | None,
+    ) -> LlamaCppBackend:
+        """Load the model, then size its context with make_config(info) (None: tokenizer only)."""
+        model = LlamaModel.load(
+            source.path, source.name, vocab_only=source.vocab_only, progress=source.progress
+        )
+        try:
+            return cls(model, make_config(model.info) if make_config is not None else None)
+        except BaseException:
+            model.close()
+            raise
+
+    # -- tokenizer ----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
+        return self._model.tokenize(text, add_bos=add_bos, parse_special=parse_special)
+
+    def token_bytes(self, token_id: int, *, special: bool) -> bytes:
+        return self._model.piece(token_id, special=special)
+
+    # -- decode -------------------------------------------------------------------------------
+
+    def decode(self, rows: Sequence[BatchRow]) -> list[list[int]]:
+        batch = self._batch
+        if batch is None:
+            raise BackendError("the model was loaded for tokenizing only")
+        token, pos, n_seq, seq_id, want = (
+            batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
+        )
+        out: list[list[int]] = []
+        i = 0
+        for row in rows:
+            n = len(row.tokens)
+            if i + n > self._batch_cap:
+                raise BackendError(f"batch of more than {self._batch_cap} tokens")
+            first_logit = i + n - row.num_logits
+            slot, p = row.slot, row.start_pos
+            for t in row.tokens:
+                token[i] = t
+                pos[i] = p
+                n_seq[i] = 1
+                seq_id[i][0] = slot
+                want[i] = i >= first_logit
+                i += 1
+                p += 1
+            out.append(list(range(first_logit, i)))
+        batch.n_tokens = i
+        rc = L.llama_decode(self._ctx, batch)
+        if rc == 1:
+            raise KVCacheFullError("no room in the KV cache for this batch")
+        if rc != 0:
+            raise BackendError(f"llama_decode failed with status {rc}")
+        return out
+
+    def logits(self, index: int) -> np.ndarray:
+        ptr = L.llama_get_logits_ith(self._ctx, index)
+        return np.frombuffer(self._rows.from_address(ctypes.addressof(ptr.contents)), np.float32)
+
+    # -- KV cache -----------------------------------------------------------------------------
+
+    def kv_copy(self, src: int, dst: int, p0: int, p1: int) -> None:
+        L.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def kv_remove(self, slot: int, p0: int, p1: int = -1) -> None:
+        if not L.llama_memory_seq_rm(self._mem, slot, p0, p1):
+            raise BackendError(f"could not remove KV positions {p0}..{p1} of slot {slot}")
+
+    def kv_clear(self) -> None:
+        L.llama_memory_clear(self._mem, True)
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> NativeSampler:
+        seed = params.seed if params.seed is not None and params.seed >= 0 else secrets.randbits(32)
+        stages = build_stages(params, n_vocab=self._n_vocab, seed=seed & 0xFFFFFFFF)
+        sampler = NativeSampler(
+            self._ctx, self._model.vocab, self._n_vocab, self.kv_capacity, stages, self.logits
+        )
+        if sampler.uses_history:
+            for t in history:
+                sampler.accept(t)
+        return sampler
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._batch is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            L.llama_free(self._ctx)
+            self._ctx = None
+        self._model.close()

@@ -1,0 +1,190 @@
+"""A loaded llama.cpp model: weights, vocabulary, metadata, tokenizer.
+
+`LlamaModel.load()` wraps `llama_model_load_from_file` (split GGUFs load from their first part)
+and reports real progress through llama.cpp's progress callback. The object owns the model
+handle; `close()` frees it. Token pieces are cached per token, so detokenizing is a list lookup
+after the first time a token is seen.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import llama_cpp as L
+
+from kodkod.backends.base import ModelInfo, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+@L.llama_log_callback
+def _route_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    """Send llama.cpp's own log lines to Python logging (debug; errors as warnings)."""
+    try:
+        msg = text.decode("utf-8", errors="replace").rstrip("\n")
+    except Exception:  # pragma: no cover - never raise into C
+        return
+    if msg:
+        log.log(logging.WARNING if level in (2, 3) and "error" in msg.lower() else logging.DEBUG, msg)
+
+
+def init_llama() -> None:
+    """Process-wide llama.cpp initialisation (idempotent)."""
+    L.llama_backend_init()
+    L.llama_log_set(_route_log, None)
+
+
+class LlamaModel:
+    """Owner of a `llama_model *` and its vocabulary."""
+
+    def __init__(self, handle: ctypes.c_void_p, path: Path, name: str) -> None:
+        self.handle = handle
+        self.vocab = L.llama_model_get_vocab(handle)
+        self.path = path
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self._pieces: list[bytes | None] = [None] * self.n_vocab
+        self._special_pieces: list[bytes | None] = [None] * self.n_vocab
+        self._buf = ctypes.create_string_buffer(256)
+        self.info = self._read_info(name)
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        name: str,
+        *,
+        vocab_only: bool = False,
+        progress: Callable[[float], bool] | None = None,
+    ) -> LlamaModel:
+        init_llama()
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = 0 if not L.llama_supports_gpu_offload() else -1
+        params.vocab_only = vocab_only
+        callback_ref = None
+        if progress is not None:
+
+            def _progress(value: float, _ud: ctypes.c_void_p) -> bool:
+                try:
+                    return bool(progress(float(value)))
+                except Exception:  # never raise into C
+                    log.exception("load progress callback failed")
+                    return True
+
+            callback_ref = L.llama_progress_callback(_progress)
+            params.progress_callback = callback_ref
+        handle = L.llama_model_load_from_file(str(path).encode(), params)
+        del callback_ref  # only needed during the call
+        if not handle:
+            raise ModelLoadError(
+                f"llama.cpp could not load '{path.name}' (not a GGUF model it supports, a "
+                "truncated file, or the load was cancelled)"
+            )
+        return cls(handle, path, name)
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def _meta_str(self, key: str) -> str | None:
+        size = 4096
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = L.llama_model_meta_val_str(self.handle, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    def _all_meta(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        kbuf = ctypes.create_string_buffer(512)
+        for i in range(L.llama_model_meta_count(self.handle)):
+            if L.llama_model_meta_key_by_index(self.handle, i, kbuf, 512) < 0:
+                continue
+            key = kbuf.value.decode("utf-8", errors="replace")
+            if key.startswith("tokenizer.ggml.") and key not in (
+                "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.add_bos_token",
+                "tokenizer.ggml.model",
+            ):
+                continue  # token arrays: large and useless here
+            value = self._meta_str(key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def _read_info(self, name: str) -> ModelInfo:
+        vocab = self.vocab
+        meta = self._all_meta()
+        bos = int(L.llama_vocab_bos(vocab))
+        eos_ids = {t for t in range(self.n_vocab) if L.llama_vocab_is_eog(vocab, t)}
+        eos = int(L.llama_vocab_eos(vocab))
+        if eos >= 0:
+            eos_ids.add(eos)
+        named = {
+            k.removeprefix("tokenizer.chat_template."): v
+            for k, v in meta.items()
+            if k.startswith("tokenizer.chat_template.")
+        }
+        desc = ctypes.create_string_buffer(256)
+        L.llama_model_desc(self.handle, desc, 256)
+        return ModelInfo(
+            name=name,
+            path=self.path,
+            architecture=meta.get("general.architecture", "unknown"),
+            n_vocab=self.n_vocab,
+            n_ctx_train=int(L.llama_model_n_ctx_train(self.handle)),
+            n_params=int(L.llama_model_n_params(self.handle)),
+            size_bytes=int(L.llama_model_size(self.handle)),
+            bos_id=bos if bos >= 0 else None,
+            eos_ids=frozenset(eos_ids),
+            add_bos=bool(L.llama_vocab_get_add_bos(vocab)),
+            bos_text=self.piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else "",
+            eos_text=self.piece(eos, special=True).decode("utf-8", "replace") if eos >= 0 else "",
+            chat_template=meta.get("tokenizer.chat_template"),
+            named_chat_templates=named,
+            metadata={**meta, "description": desc.value.decode("utf-8", "replace")},
+        )
+
+    # -- tokenizer --------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        while True:
+            arr = (L.llama_token * n_max)()
+            n = L.llama_tokenize(self.vocab, data, len(data), arr, n_max, add_bos, parse_special)
+            if n >= 0:
+                return list(arr[:n])
+            n_max = -n
+
+    def piece(self, token_id: int, *, special: bool) -> bytes:
+        """The bytes of one token; special tokens render as text only when `special`."""
+        cache = self._special_pieces if special else self._pieces
+        if 0 <= token_id < self.n_vocab:
+            cached = cache[token_id]
+            if cached is not None:
+                return cached
+        else:
+            return b""
+        buf = self._buf
+        n = L.llama_token_to_piece(self.vocab, token_id, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token_id, buf, len(buf), 0, special)
+        out = buf.raw[:n]
+        cache[token_id] = out
+        return out
+
+    def detokenize(self, token_ids: Sequence[int], *, special: bool) -> str:
+        return b"".join(self.piece(t, special=special) for t in token_ids).decode(
+            "utf-8", errors="replace"
+        )
+
+    def close(self) -> None:
+        if self.handle:
+            L.llama_model_free(self.handle)
+            self.handle = None  # type: ignore[assignment]

@@ -1,0 +1,197 @@
+"""Command line: `kodkod [server flags]` serves; `kodkod models fetch` fetches models.
+
+    kodkod [--config PATH] [--port N] [--model-name X] ...   serve (every config key is a flag)
+    kodkod models fetch [--gemma] [--embedding] [--all]       put the offline models in model_dir
+    kodkod models list                                        list the models in model_dir
+    kodkod export-config [--export-path PATH]                 write config_sample.yml
+    kodkod export-openapi [--export-path PATH]                write the OpenAPI schema
+
+Start-up problems (bad config.yml, bad api_tokens.yml, missing model_dir, a model that won't
+load) end with one clear line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from kodkod import __version__
+
+log = logging.getLogger("kodkod")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"kodkod: error: {message}", file=sys.stderr)
+    return code
+
+
+def _load(argv: list[str], parser: argparse.ArgumentParser):  # noqa: ANN202
+    from kodkod.settings import ConfigError, cli_overrides_from_namespace, load_settings
+
+    ns = parser.parse_args(argv)
+    try:
+        result = load_settings(None, cli_overrides_from_namespace(ns), os.environ)
+    except ConfigError as exc:
+        raise SystemExit(_fail(str(exc)))
+    for warning in result.warnings:
+        log.warning("%s", warning)
+    return result.settings, ns
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def serve(argv: list[str]) -> int:
+    from kodkod.settings import ConfigError, add_cli_arguments, validate_paths
+
+    parser = argparse.ArgumentParser(prog="kodkod", description="kodkod inference server")
+    add_cli_arguments(parser)
+    settings, _ = _load(argv, parser)
+    try:
+        validate_paths(settings)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    logging.getLogger().setLevel(logging.INFO)
+
+    from kodkod.auth import AuthConfigError, KeyStore, disable_auth_warning
+
+    keys = KeyStore(Path("api_tokens.yml"), disabled=settings.network.disable_auth)
+    try:
+        keys.load_or_create()
+    except AuthConfigError as exc:
+        return _fail(str(exc))
+    if settings.network.disable_auth:
+        warning = disable_auth_warning(settings.network.host)
+        if warning:
+            log.warning("%s", warning)
+    else:
+        print(keys.banner(), flush=True)
+
+    host, port = settings.network.host, settings.network.port
+    if not _port_free(host, port):
+        if _port_free(host, port + 1):
+            log.warning("port %d is busy, using %d", port, port + 1)
+            port += 1
+        else:
+            return _fail(f"ports {port} and {port + 1} on {host} are both busy")
+
+    import uvicorn
+
+    from kodkod.app import StartupError, create_app
+    from kodkod.backends.llamacpp.backend import LlamaCppBackend
+
+    app = create_app(settings, keys=keys, backend_loader=LlamaCppBackend.load)
+    config = uvicorn.Config(
+        app, host=host, port=port, loop="uvloop", http="httptools",
+        access_log=settings.logging.log_requests, log_level="info", lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except StartupError as exc:
+        return _fail(str(exc), 1)
+    if not server.started:
+        return _fail("the server did not start (see the log above)", 1)
+    return 0
+
+
+def models_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kodkod models")
+    sub = parser.add_subparsers(dest="action", required=True)
+    fetch = sub.add_parser("fetch", help="fetch the offline models into model_dir")
+    fetch.add_argument("--gemma", action="store_true", help="also Gemma 3 270M (second architecture)")
+    fetch.add_argument("--embedding", action="store_true", help="also all-MiniLM-L6-v2")
+    fetch.add_argument("--all", action="store_true", help="every model")
+    fetch.add_argument("--model-dir", default=None, help="target folder (default: model.model_dir)")
+    lst = sub.add_parser("list", help="list the models found in model_dir")
+    lst.add_argument("--model-dir", default=None)
+    ns = parser.parse_args(argv)
+
+    from kodkod.settings import ConfigError, load_settings
+
+    try:
+        settings = load_settings(None, None, os.environ).settings
+    except ConfigError as exc:
+        return _fail(str(exc))
+    model_dir = Path(ns.model_dir or settings.model.model_dir)
+    if ns.action == "list":
+        from kodkod.models.registry import discover
+
+        for entry in discover(model_dir):
+            print(f"{entry.name}\t{entry.gguf}")
+        return 0
+
+    from kodkod.models.fetch import GEMMA3, MINILM, SMOLLM2, FetchError, fetch_spec
+
+    specs = [SMOLLM2]
+    if ns.gemma or ns.all:
+        specs.append(GEMMA3)
+    if ns.embedding or ns.all:
+        specs.append(MINILM)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for spec in specs:
+            fetch_spec(spec, model_dir)
+    except FetchError as exc:
+        return _fail(str(exc), 1)
+    return 0
+
+
+def export_command(kind: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"kodkod {kind}")
+    default = "config_sample.yml" if kind == "export-config" else "openapi.json"
+    parser.add_argument("--export-path", default=default)
+    parser.add_argument("--api-servers", nargs="+", default=["OAI", "kobold"])
+    ns = parser.parse_args(argv)
+    if kind == "export-config":
+        from kodkod.settings import render_sample_config
+
+        Path(ns.export_path).write_text(render_sample_config(), encoding="utf-8")
+    else:
+        from kodkod.app import create_app
+        from kodkod.auth import KeyStore
+        from kodkod.settings import Settings
+
+        settings = Settings.model_validate({"network": {"api_servers": ns.api_servers}})
+        app = create_app(settings, keys=KeyStore(Path("api_tokens.yml"), disabled=True),
+                         backend_loader=_no_backend)
+        Path(ns.export_path).write_text(json.dumps(app.openapi(), indent=2), encoding="utf-8")
+    print(f"wrote {ns.export_path}")
+    return 0
+
+
+def _no_backend(*_: object) -> None:  # pragma: no cover - never called when exporting
+    raise RuntimeError("no backend while exporting")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kodkod.backends.llamacpp").setLevel(logging.INFO)
+    if args and args[0] in ("--version", "-V"):
+        print(f"kodkod {__version__}")
+        return 0
+    if args and args[0] == "models":
+        return models_command(args[1:])
+    if args and args[0] in ("export-config", "export-openapi"):
+        return export_command(args[0], args[1:])
+    if args and args[0] == "serve":
+        args = args[1:]
+    return serve(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The asyncio face of the engine: submit, abort, exclusive work, stats.
+
+`submit()` validates a request against the context limits synchronously (so the API can answer
+400 before it commits to a 200 stream), then hands it to the engine thread and returns a
+`RequestStream`. Closing or abandoning the stream aborts the request within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from kodkod.backends.base import Backend
+from kodkod.engine.loop import EngineConfig, EngineLoop, EngineStats
+from kodkod.engine.stream import RequestStream
+from kodkod.engine.types import GenerationRequest
+
+T = TypeVar("T")
+
+
+class RequestError(Exception):
+    """A request that can never run (shown to the client as a 400)."""
+
+    def __init__(self, message: str, code: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class ContextLengthError(RequestError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "context_length_exceeded")
+
+
+class EngineClient:
+    def __init__(self, engine: EngineLoop) -> None:
+        self._engine = engine
+
+    @classmethod
+    def start(
+        cls,
+        backend: Backend,
+        config: EngineConfig,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> EngineClient:
+        engine = EngineLoop(backend, config, on_fatal)
+        engine.start()
+        return cls(engine)
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._engine.config
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._engine.stats
+
+    @property
+    def alive(self) -> bool:
+        return self._engine.alive
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise RequestError if the request can never fit."""
+        n_prompt = len(request.prompt_ids)
+        max_len = self._engine.config.max_seq_len
+        if n_prompt == 0:
+            raise RequestError("the prompt is empty (no tokens to start from)")
+        if request.max_tokens is not None and request.max_tokens < 0:
+            raise RequestError("max_tokens must be >= 0")
+        wanted = n_prompt + (request.max_tokens or 0)
+        if n_prompt >= max_len or wanted > max_len:
+            extra = f" + {request.max_tokens} requested tokens" if request.max_tokens else ""
+            raise ContextLengthError(
+                f"This model's maximum context length is {max_len} tokens; the request has "
+                f"{n_prompt} prompt tokens{extra} = {wanted if extra else n_prompt} tokens. "
+                "Shorten the prompt or lower max_tokens."
+            )
+        if request.min_tokens and request.max_tokens is not None and request.min_tokens > request.max_tokens:
+            raise RequestError("min_tokens must not exceed max_tokens")
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        self.check(request)
+        stream = RequestStream(request.request_id, asyncio.get_running_loop(), self._engine.abort)
+        self._engine.submit(request, stream)
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._engine.abort(request_id)
+
+    async def run_exclusive(
+        self, fn: Callable[[Backend], T], *, cancel_running: bool = False
+    ) -> T:
+        """Run fn(backend) on the engine thread between steps, once nothing is running."""
+        fut = self._engine.run_exclusive(fn, cancel_running=cancel_running)
+        return await asyncio.wrap_future(fut)
+
+    async def shutdown(self, message: str = "the model was unloaded") -> None:
+        """End every request with an error event and stop the engine thread."""
+        if not self._engine.alive:
+            return
+        await asyncio.wrap_future(self._engine.shutdown(message))
+        await asyncio.to_thread(self._engine.join, 10.0)
+
+    def close_backend(self) -> None:
+        """Free the backend's C handles; only once the engine thread has stopped."""
+        if self._engine.alive:
+            raise RuntimeError("the engine is still running")
+        self._engine.backend.close()
+
+    def shutdown_sync(self, message: str, timeout_s: float = 10.0) -> None:
+        if self._engine.alive:
+            self._engine.shutdown(message).result(timeout_s)
+            self._engine.join(timeout_s)

@@ -1,0 +1,296 @@
+"""The scheduler: which sequences run, and what each engine step computes. Pure — no backend.
+
+Each `schedule()` returns one `StepPlan`, either
+
+* a DECODE step: the one pending token of every running sequence that is caught up on its
+  prompt (plus, later, drafted tokens to verify), all in one batch; or
+* a PREFILL step: the next chunk (≤ `chunk_size` tokens) of ONE sequence's prompt.
+
+Prefill chunks never share a batch with decode tokens or with other prompts: llama.cpp's CPU
+kernels give slightly different numbers for different batch shapes, and keeping prompts alone
+makes a request's greedy output independent of its neighbours (engine-notes.md). When both
+kinds of work exist the two step kinds alternate, so running streams keep flowing during a
+long prefill.
+
+Admission (FIFO) happens before each plan: a waiting sequence gets a slot when fewer than
+`max_batch_size` run and the pool has room for its uncached prompt tokens. It starts from the
+longest cached or running prefix: an exact cached prefix is adopted in place, a partial one is
+shared into a fresh slot (`seq_cp` — shared cells, no copy). A request whose prompt shares a
+prefix with a sequence still prefilling waits for it, so `n` choices and bursts of identical
+prompts compute their common prefix once. Under pressure, cached prefixes are evicted LRU; if
+decode still has no room, the newest running sequence is preempted (its KV dropped, it will
+recompute transparently), so nothing running is ever corrupted.
+
+KV operations decided here are applied to the `KVPool` mirror at once and returned in the plan
+for the engine loop to replay on the backend before the decode.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from kodkod.engine.kv import KVPool, SlotState, SlotTable, common_prefix_len
+from kodkod.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_batch_size: int
+    chunk_size: int
+    min_shared_prefix: int = 16  # tokens of common prompt worth waiting for
+
+
+@dataclass(frozen=True, slots=True)
+class CopyPrefix:
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate:
+    slot: int
+    length: int  # keep positions [0, length)
+
+
+KVOp = CopyPrefix | Truncate
+
+
+class Admission(enum.Enum):
+    ADMITTED = "admitted"
+    SHARE_WAIT = "share_wait"  # waits for a running prefill of a shared prefix
+    NO_ROOM = "no_room"
+
+
+class StepKind(enum.Enum):
+    DECODE = "decode"
+    PREFILL = "prefill"
+
+
+@dataclass(slots=True)
+class Entry:
+    seq: Sequence
+    start: int  # first position computed (== seq.num_computed when planned)
+    num_tokens: int
+    num_logits: int  # 1 when this chunk reaches the end of seq.tokens, else 0
+
+
+@dataclass(slots=True)
+class StepPlan:
+    kind: StepKind
+    entries: list[Entry]
+    kv_ops: list[KVOp] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_tokens for e in self.entries)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, capacity: int, num_slots: int) -> None:
+        self.config = config
+        self.pool = KVPool(capacity, num_slots)
+        self.slots = SlotTable(self.pool, num_slots)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.paused = False  # stop admitting (exclusive work is waiting for the engine)
+        self.num_preemptions = 0
+        self._ops: list[KVOp] = []
+        self._prefill_next = False
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running) or (bool(self.waiting) and not self.paused)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted); its computed KV stays as a cached prefix."""
+        if seq.status is SeqStatus.WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        elif seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq, keep=True)
+        seq.status = SeqStatus.FINISHED
+
+    def _release(self, seq: Sequence, *, keep: bool) -> None:
+        slot = self.slots.slots[seq.slot]
+        if keep and self.pool.length(slot.index) > 0:
+            slot.state = SlotState.CACHED
+            slot.last_used = self.slots.tick()
+        else:
+            self._truncate(slot.index, 0)
+            slot.state = SlotState.FREE
+            slot.tokens = []
+        seq.slot = -1
+
+    def _truncate(self, slot: int, length: int) -> None:
+        if self.pool.length(slot) > length:
+            self.pool.truncate(slot, length)
+            self._ops.append(Truncate(slot, length))
+
+    def _evict(self, exclude: int = -1) -> bool:
+        victim = self.slots.lru_cached(exclude)
+        if victim is None:
+            return False
+        self._truncate(victim.index, 0)
+        victim.state = SlotState.FREE
+        victim.tokens = []
+        return True
+
+    def _make_room(self, cells: int, exclude: int = -1) -> bool:
+        while self.pool.free_cells < cells:
+            if not self._evict(exclude):
+                return False
+        return True
+
+    def _take_slot(self, exclude: int = -1) -> int | None:
+        slot = self.slots.free_slot()
+        if slot is None and self._evict(exclude):
+            slot = self.slots.free_slot()
+        return slot
+
+    def clear_cache(self) -> None:
+        """Drop every cached prefix (not running sequences)."""
+        while self._evict():
+            pass
+
+    def drain_ops(self) -> list[KVOp]:
+        ops, self._ops = self._ops, []
+        return ops
+
+    # -- admission --------------------------------------------------------------------------
+
+    def _should_wait_for_prefill(self, seq: Sequence, reusable: int) -> bool:
+        """A running sequence is still computing a longer shared prefix: wait and share it."""
+        for other in self.running:
+            if not other.in_prefill:
+                continue
+            shared = common_prefix_len(other.tokens[: other.num_prompt], seq.tokens)
+            if shared >= reusable + self.config.min_shared_prefix:
+                return True
+        return False
+
+    def _admit_one(self, seq: Sequence) -> Admission:
+        limit = len(seq.tokens) - 1  # at least one token is computed to get logits
+        match = self.slots.best_match(seq.tokens, limit)
+        reuse = match.length if match is not None else 0
+        if self._should_wait_for_prefill(seq, reuse):
+            return Admission.SHARE_WAIT
+        src = match.slot if match is not None else -1
+        headroom = len(self.running) + 1
+        if not self._make_room(len(seq.tokens) - reuse + headroom, exclude=src):
+            return Admission.NO_ROOM
+        src_slot = self.slots.slots[src] if src >= 0 else None
+        if (
+            src_slot is not None
+            and src_slot.state is SlotState.CACHED
+            and self.pool.length(src) == reuse
+        ):
+            slot = src  # the cached prefix is exactly what we need: adopt it
+        else:
+            free = self._take_slot(exclude=src)
+            if free is None:
+                if src_slot is None or src_slot.state is not SlotState.CACHED:
+                    return Admission.NO_ROOM
+                self._truncate(src, reuse)  # no spare slot: adopt the cached one, cut to fit
+                slot = src
+            else:
+                slot = free
+                if reuse:
+                    self.pool.copy_prefix(src, slot, reuse)
+                    self._ops.append(CopyPrefix(src, slot, reuse))
+        target = self.slots.slots[slot]
+        target.state = SlotState.ACTIVE
+        target.tokens = seq.tokens
+        target.last_used = self.slots.tick()
+        seq.slot = slot
+        seq.num_computed = reuse
+        seq.num_cached = reuse if seq.num_preemptions == 0 else seq.num_cached
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        return Admission.ADMITTED
+
+    def _admit(self) -> None:
+        if self.paused:
+            return
+        skipped: list[Sequence] = []
+        while self.waiting and len(self.running) < self.config.max_batch_size:
+            seq = self.waiting.popleft()
+            outcome = self._admit_one(seq)
+            if outcome is Admission.SHARE_WAIT:
+                skipped.append(seq)  # later requests may go ahead meanwhile
+            elif outcome is Admission.NO_ROOM:
+                self.waiting.appendleft(seq)  # keep FIFO order
+                break
+        for seq in reversed(skipped):
+            self.waiting.appendleft(seq)
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def _preempt_newest(self, keep: Sequence | None = None) -> bool:
+        for seq in reversed(self.running):
+            if seq is keep:
+                continue
+            self.running.remove(seq)
+            self._release(seq, keep=False)
+            seq.num_computed = 0
+            seq.num_preemptions += 1
+            seq.status = SeqStatus.WAITING
+            self.waiting.appendleft(seq)
+            self.num_preemptions += 1
+            return True
+        return False
+
+    def _plan_decode(self, decoders: list[Sequence]) -> StepPlan | None:
+        while not self._make_room(len(decoders)):
+            if not self._preempt_newest():
+                return None
+            decoders = [s for s in decoders if s.status is SeqStatus.RUNNING]
+        entries = [Entry(s, s.num_computed, 1, 1) for s in decoders]
+        return StepPlan(StepKind.DECODE, entries, self.drain_ops()) if entries else None
+
+    def _plan_prefill(self, seq: Sequence) -> StepPlan | None:
+        remaining = len(seq.tokens) - seq.num_computed
+        chunk = min(self.config.chunk_size, remaining)
+        self._make_room(chunk)
+        while self.pool.free_cells < 1 and self._preempt_newest(keep=seq):
+            pass
+        chunk = min(chunk, self.pool.free_cells)
+        if chunk <= 0:
+            return None
+        logits = 1 if chunk == remaining else 0
+        return StepPlan(StepKind.PREFILL, [Entry(seq, seq.num_computed, chunk, logits)], self.drain_ops())
+
+    def schedule(self) -> StepPlan | None:
+        self._admit()
+        decoders = [s for s in self.running if not s.in_prefill]
+        prefillers = [s for s in self.running if s.in_prefill]
+        plan: StepPlan | None = None
+        if decoders and (not prefillers or not self._prefill_next):
+            plan = self._plan_decode(decoders)
+            self._prefill_next = True
+        if plan is None and prefillers:
+            plan = self._plan_prefill(prefillers[0])
+            self._prefill_next = False
+        return plan
+
+    def commit(self, plan: StepPlan) -> None:
+        """The plan's decode succeeded: its tokens are now in the KV cache."""
+        for e in plan.entries:
+            self.pool.append(e.seq.slot, e.num_tokens)
+            e.seq.num_computed += e.num_tokens
+
+    def rollback(self, seq: Sequence, length: int) -> None:
+        """Drop KV positions >= length of a running sequence (rejected draft tokens)."""
+        self._truncate(seq.slot, length)
+        seq.num_computed = min(seq.num_computed, length)

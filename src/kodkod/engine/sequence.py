@@ -1,0 +1,77 @@
+"""One sequence being generated, and where its events go.
+
+A sequence's `tokens` are its prompt followed by everything generated so far; `num_computed`
+of them are in the KV cache. Every kind of work is the same idea — catch `num_computed` up to
+`len(tokens)`: prefill computes a chunk of the prompt, decode computes the one token just
+sampled, prefix reuse starts `num_computed` above zero, speculative verification computes the
+sampled token plus drafted ones, and preemption sets it back to zero.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kodkod.backends.base import Sampler
+from kodkod.engine.detokenizer import IncrementalDetokenizer
+from kodkod.engine.stopping import StopStringMatcher
+from kodkod.engine.types import Event, GenerationRequest
+
+
+class EventSink(Protocol):
+    """Receives a sequence's events on the engine thread (must not block)."""
+
+    def push(self, event: Event) -> None: ...
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request: GenerationRequest
+    sink: EventSink
+    tokens: list[int]
+    num_prompt: int
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    stop_ids: frozenset[int]
+    max_len: int  # len(tokens) may not exceed this (prompt + max_tokens, capped by max_seq_len)
+    status: SeqStatus = SeqStatus.WAITING
+    slot: int = -1
+    num_computed: int = 0
+    num_cached: int = 0  # prompt tokens reused from the prefix cache
+    sampler: Sampler | None = None
+    arrival_s: float = field(default_factory=time.perf_counter)
+    start_s: float = 0.0
+    first_token_s: float = 0.0
+    num_preemptions: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+    @property
+    def in_prefill(self) -> bool:
+        """More than the last sampled token is still to be computed."""
+        return self.num_computed < len(self.tokens) - 1
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None

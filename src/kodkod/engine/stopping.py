@@ -1,0 +1,57 @@
+"""Stop strings: find them in streamed text and never let them (or their prefixes) leak.
+
+Text is held back while its tail could still grow into a stop string; once the tail can no
+longer match, it is released. When a stop string appears, the text before it is released and
+the match is reported; nothing after it is ever emitted.
+"""
+
+from __future__ import annotations
+
+
+class StopStringMatcher:
+    """Streaming matcher over a fixed set of stop strings."""
+
+    __slots__ = ("_stops", "_held", "_max_len")
+
+    def __init__(self, stop_strings: list[str]) -> None:
+        self._stops = [s for s in dict.fromkeys(stop_strings) if s]
+        self._held = ""
+        self._max_len = max((len(s) for s in self._stops), default=0)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._stops)
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Add new text; return (text that is safe to emit, the stop string hit or None)."""
+        if not self._stops:
+            return text, None
+        buf = self._held + text
+        hit_at = -1
+        hit: str | None = None
+        for stop in self._stops:
+            i = buf.find(stop)
+            if i != -1 and (hit_at == -1 or i < hit_at):
+                hit_at, hit = i, stop
+        if hit is not None:
+            self._held = ""
+            return buf[:hit_at], hit
+        keep = self._holdback(buf)
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], None
+
+    def flush(self) -> str:
+        """Release held text (generation ended for another reason)."""
+        held, self._held = self._held, ""
+        return held
+
+    def _holdback(self, buf: str) -> int:
+        """Length of the longest suffix of `buf` that is a proper prefix of a stop string."""
+        longest = 0
+        upper = min(len(buf), self._max_len - 1)
+        for stop in self._stops:
+            for n in range(min(upper, len(stop) - 1), longest, -1):
+                if buf.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest

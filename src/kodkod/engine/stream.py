@@ -1,0 +1,148 @@
+"""The bridge from the engine thread to one request's asyncio consumer.
+
+The engine calls `push(event)` from its thread. Events collect in a small list under a lock,
+and the consumer's event loop is woken with `call_soon_threadsafe` only when no wake-up is
+already pending — so one wake-up per consumer turn, however fast tokens come. The consumer
+takes everything pending at once and merges consecutive `TokenEvent`s: a slow reader gets
+bigger pieces, never an unbounded queue, and never slows the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from kodkod.engine.types import ErrorEvent, Event, FinishEvent, TokenEvent
+
+
+def merge_tokens(events: list[Event]) -> list[Event]:
+    """Coalesce runs of TokenEvents into one (text, ids and logprobs concatenated)."""
+    out: list[Event] = []
+    for ev in events:
+        prev = out[-1] if out else None
+        if isinstance(ev, TokenEvent) and isinstance(prev, TokenEvent):
+            logprobs = None
+            if prev.logprobs is not None or ev.logprobs is not None:
+                logprobs = (prev.logprobs or []) + (ev.logprobs or [])
+            out[-1] = TokenEvent(prev.text + ev.text, prev.token_ids + ev.token_ids, logprobs)
+        else:
+            out.append(ev)
+    return out
+
+
+class RequestStream:
+    """Async iterator of a request's (merged) events; `push` is called from the engine thread."""
+
+    __slots__ = (
+        "request_id", "_loop", "_lock", "_pending", "_wake_pending", "_ready", "_done", "_on_close",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop,
+        on_close: Callable[[str], None] | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[Event] = []
+        self._wake_pending = False
+        self._ready = asyncio.Event()
+        self._done = False
+        self._on_close = on_close
+
+    # engine thread ---------------------------------------------------------------------------
+
+    def push(self, event: Event) -> None:
+        with self._lock:
+            self._pending.append(event)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening
+            pass
+
+    # consumer side ---------------------------------------------------------------------------
+
+    def _idle_timeout(self, fired: list[bool]) -> None:
+        fired.append(True)
+        self._ready.set()
+
+    def _take(self) -> list[Event]:
+        with self._lock:
+            events, self._pending = self._pending, []
+            self._wake_pending = False
+        return events
+
+    async def batches(self, idle_s: float | None = None) -> AsyncIterator[list[Event]]:
+        """Yield lists of merged events until the finish or error event (inclusive).
+
+        With `idle_s`, an empty list is yielded whenever nothing arrived for that long (the
+        caller sends a keep-alive then).
+        """
+        try:
+            while not self._done:
+                events = self._take()
+                if not events:
+                    self._ready.clear()
+                    if idle_s:
+                        fired: list[bool] = []
+                        timer = self._loop.call_later(idle_s, self._idle_timeout, fired)
+                        await self._ready.wait()
+                        timer.cancel()
+                        events = self._take()
+                        if not events:
+                            if fired:
+                                yield []
+                            continue
+                    else:
+                        await self._ready.wait()
+                        continue
+                merged = merge_tokens(events)
+                if isinstance(merged[-1], FinishEvent | ErrorEvent):
+                    self._done = True
+                yield merged
+        finally:
+            self.close()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iter_events()
+
+    async def _iter_events(self) -> AsyncIterator[Event]:
+        async for batch in self.batches():
+            for ev in batch:
+                yield ev
+
+    async def collect(self) -> tuple[TokenEvent, FinishEvent | ErrorEvent]:
+        """Run to the end; return all output as one TokenEvent plus the final event."""
+        text: list[str] = []
+        ids: list[int] = []
+        logprobs: list = []
+        any_logprobs = False
+        final: FinishEvent | ErrorEvent | None = None
+        async for ev in self:
+            if isinstance(ev, TokenEvent):
+                text.append(ev.text)
+                ids.extend(ev.token_ids)
+                if ev.logprobs is not None:
+                    any_logprobs = True
+                    logprobs.extend(ev.logprobs)
+            else:
+                final = ev
+        assert final is not None
+        return TokenEvent("".join(text), ids, logprobs if any_logprobs else None), final
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def close(self) -> None:
+        """Stop listening; an unfinished request is aborted in the engine."""
+        if not self._done:
+            self._done = True
+            if self._on_close is not None:
+                self._on_close(self.request_id)

@@ -1,0 +1,124 @@
+"""Model discovery in `model_dir` and safe name → path resolution.
+
+Rules (the same for models, drafts and adapters):
+* a folder holding exactly one GGUF, or one split set `*-00001-of-0000N.gguf`, is a model named
+  after the folder (projector files `mmproj*` are ignored);
+* a bare `*.gguf` file is a model named after its stem (split parts other than the first are
+  not separate models);
+* anything else is ignored with a debug log.
+A name may be nested (`family/model`) but must stay inside the directory: `..`, absolute paths
+and links that point outside are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<idx>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+
+
+class ModelNameError(ValueError):
+    """The requested name is not a model in the directory (message is user-facing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    name: str
+    gguf: Path  # the file to load (first part of a split set)
+    folder: Path | None  # the model's own folder, when it has one
+
+
+def _is_gguf(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() == ".gguf" and not p.name.lower().startswith("mmproj")
+
+
+def _first_of_split(files: list[Path]) -> Path | None:
+    """The first part if `files` is exactly one split set, else None."""
+    groups: dict[str, list[re.Match[str]]] = {}
+    for f in files:
+        m = _SPLIT.match(f.name)
+        if m is None:
+            return None
+        groups.setdefault(m["stem"], []).append(m)
+    if len(groups) != 1:
+        return None
+    (parts,) = groups.values()
+    count = int(parts[0]["count"])
+    if sorted(int(m["idx"]) for m in parts) != list(range(1, count + 1)):
+        return None
+    return next(f for f in files if _SPLIT.match(f.name)["idx"] == "00001")  # type: ignore[index]
+
+
+def entry_for_folder(folder: Path, name: str) -> ModelEntry | None:
+    ggufs = sorted(p for p in folder.iterdir() if _is_gguf(p))
+    if len(ggufs) == 1:
+        return ModelEntry(name, ggufs[0], folder)
+    if len(ggufs) > 1:
+        first = _first_of_split(ggufs)
+        if first is not None:
+            return ModelEntry(name, first, folder)
+        log.debug("ignoring %s: it holds several GGUF files", folder)
+        return None
+    log.debug("ignoring %s: no GGUF file inside", folder)
+    return None
+
+
+def entry_for_file(path: Path) -> ModelEntry | None:
+    if not _is_gguf(path):
+        return None
+    m = _SPLIT.match(path.name)
+    if m is not None:
+        if m["idx"] != "00001":
+            return None
+        return ModelEntry(m["stem"], path, None)
+    return ModelEntry(path.stem, path, None)
+
+
+def discover(directory: Path) -> list[ModelEntry]:
+    """Every model directly inside `directory`, sorted by name."""
+    if not directory.is_dir():
+        return []
+    found: dict[str, ModelEntry] = {}
+    for child in sorted(directory.iterdir()):
+        entry = None
+        if child.is_dir():
+            entry = entry_for_folder(child, child.name)
+        elif child.is_file():
+            entry = entry_for_file(child)
+            if entry is None and child.suffix.lower() != ".gguf":
+                log.debug("ignoring %s: not a GGUF file", child)
+        if entry is not None and entry.name not in found:
+            found[entry.name] = entry
+    return sorted(found.values(), key=lambda e: e.name)
+
+
+def resolve(directory: Path, name: str) -> ModelEntry:
+    """The model called `name` in `directory`; ModelNameError when there is none."""
+    if not name or not name.strip():
+        raise ModelNameError("a model name is required")
+    if "\\" in name or name.startswith(("/", "~")) or ".." in Path(name).parts or ":" in name:
+        raise ModelNameError(f"invalid model name {name!r}: it must name a model inside the model directory")
+    root = directory.resolve()
+    candidate = (directory / name).resolve()
+    if root != candidate and root not in candidate.parents:
+        raise ModelNameError(f"invalid model name {name!r}: it points outside the model directory")
+    entry: ModelEntry | None = None
+    if candidate.is_dir():
+        entry = entry_for_folder(candidate, name)
+    elif candidate.is_file():
+        entry = entry_for_file(candidate)
+    else:
+        as_file = candidate.with_name(candidate.name + ".gguf")
+        if as_file.is_file():
+            entry = entry_for_file(as_file)
+        else:
+            split = [e for e in discover(candidate.parent) if e.name == candidate.name]
+            entry = split[0] if split else None
+    if entry is None:
+        raise ModelNameError(f"model {name!r} was not found in {directory}")
+    return ModelEntry(name, entry.gguf, entry.folder)

@@ -1,0 +1,224 @@
+"""config.yml sections other than `model` (which lives in `model_section`).
+
+Each section is a pydantic model with every upstream TabbyAPI key, its type and its default. The
+`description` of each field is user-facing text: it becomes a comment in `config_sample.yml` and
+the help of the CLI flag. Sections drop unknown keys; the loader warns about them first.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+API_SERVERS = ("oai", "kobold")
+
+
+class SectionModel(BaseModel):
+    """Common behaviour: unknown keys are dropped (the loader warns first), numbers fit strings."""
+
+    model_config = ConfigDict(
+        extra="ignore", protected_namespaces=(), coerce_numbers_to_str=True
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: object, info: ValidationInfo) -> object:
+        """pydantic reads `port: true` as 1; a boolean where a number belongs is a mistake."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation in (int, float, int | None, float | None):
+                kind = "an integer" if annotation in (int, int | None) else "a number"
+                raise ValueError(f"expected {kind}, got {str(value).lower()}")
+        return value
+
+
+def lower_choice(value: object) -> object:
+    """Literal choices are case-insensitive."""
+    return value.lower() if isinstance(value, str) else value
+
+
+class NetworkSettings(SectionModel):
+    """Section `network`."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on. 127.0.0.1 serves this machine only; "
+        "0.0.0.0 serves every network interface.",
+    )
+    port: int = Field(
+        5000, ge=1, le=65535,
+        description="TCP port to listen on. If it is busy, the next free port is tried.",
+    )
+    disable_auth: bool = Field(
+        False,
+        description="Serve every request without checking API keys. Only do this on a "
+        "trusted network.",
+    )
+    disable_fetch_requests: bool = Field(
+        False, description="Refuse to download images that requests reference by URL."
+    )
+    send_tracebacks: bool = Field(
+        False,
+        description="Put Python tracebacks into error events sent to clients (for debugging).",
+    )
+    api_servers: list[str] = Field(
+        default_factory=lambda: ["OAI"],
+        description="Which HTTP APIs to serve: OAI (OpenAI-compatible) and/or Kobold "
+        "(KoboldAI-compatible). Case does not matter; an empty list means OAI.",
+    )
+    sse_ping_interval: int = Field(
+        15, ge=0,
+        description="Seconds between keep-alive comments on idle streaming responses; "
+        "0 turns them off.",
+    )
+
+    @field_validator("api_servers")
+    @classmethod
+    def _check_api_servers(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name.lower() not in API_SERVERS:
+                raise ValueError(f"expected one of 'OAI', 'Kobold', got {name!r}")
+        return value
+
+    def api_server_set(self) -> frozenset[str]:
+        """The enabled API servers, lower case; an empty list means {"oai"}."""
+        return frozenset(name.lower() for name in self.api_servers) or frozenset({"oai"})
+
+
+class LoggingSettings(SectionModel):
+    """Section `logging`."""
+
+    log_prompt: bool = Field(False, description="Log every prompt and the generated text.")
+    log_generation_params: bool = Field(
+        False, description="Log the sampling parameters of every generation request."
+    )
+    log_requests: bool = Field(
+        False, description="Log method, URL, headers and body of every HTTP request."
+    )
+    log_chat_completion_requests: bool = Field(
+        False,
+        description="Write each chat completion request (API keys removed) and its rendered "
+        "prompt to logs/debug/.",
+    )
+
+class DraftModelSettings(SectionModel):
+    """Section `draft_model`: speculative decoding."""
+
+    draft_mode: Literal["model", "disabled", "mtp", "ngram"] = Field(
+        "model",
+        description="How tokens are drafted: model (a draft model, when draft_model_name is "
+        "set), ngram (from text already seen), mtp (the model's own prediction head), "
+        "or disabled.",
+    )
+    draft_model_dir: str = Field("models", description="Folder holding the draft models.")
+    draft_model_name: str | None = Field(
+        None, description="Draft model (name inside draft_model_dir); null uses none."
+    )
+    draft_rope_scale: float = Field(1.0, description="Linear RoPE scaling of the draft model.")
+    draft_rope_alpha: float | None = Field(
+        None, description="NTK RoPE alpha of the draft model; null derives it."
+    )
+    draft_cache_mode: str = Field(
+        "FP16", description="KV cache precision of the draft model (FP16, Q8, Q6, Q4)."
+    )
+    draft_gpu_split: list[float] = Field(
+        default_factory=list,
+        description="Gigabytes of VRAM per GPU for the draft model; empty splits automatically.",
+    )
+    draft_num_tokens: int | None = Field(
+        None, ge=1, description="Tokens drafted per step; null picks a default."
+    )
+    dynamic_draft: bool = Field(
+        False, description="Adapt the number of drafted tokens to how many get accepted."
+    )
+    ngram_match_min: int = Field(
+        2, ge=1, description="Shortest repeated n-gram that ngram drafting will follow."
+    )
+
+    @field_validator("draft_mode", mode="before")
+    @classmethod
+    def _lower_mode(cls, value: object) -> object:
+        return lower_choice(value)
+
+
+class LoraSpec(BaseModel):
+    """One LoRA adapter to load at startup."""
+
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+
+    name: str
+    scaling: float = Field(1.0, ge=0)
+
+
+class LoraSettings(SectionModel):
+    """Section `lora`."""
+
+    lora_dir: str = Field("loras", description="Folder holding LoRA adapters.")
+    loras: list[LoraSpec] | None = Field(
+        None,
+        description="Adapters to load after the startup model, as a list of "
+        "{name: <name in lora_dir>, scaling: <weight, default 1.0>}.",
+    )
+
+
+class EmbeddingsSettings(SectionModel):
+    """Section `embeddings`."""
+
+    embedding_model_dir: str = Field("models", description="Folder holding embedding models.")
+    embeddings_device: Literal["cpu", "auto", "cuda"] = Field(
+        "cpu", description="Device for embedding models: cpu, auto or cuda."
+    )
+    embedding_model_name: str | None = Field(
+        None, description="Embedding model to load at startup; null loads none."
+    )
+
+    @field_validator("embeddings_device", mode="before")
+    @classmethod
+    def _lower_device(cls, value: object) -> object:
+        return lower_choice(value)
+
+
+class SamplingSettings(SectionModel):
+    """Section `sampling`."""
+
+    override_preset: str | None = Field(
+        None,
+        description="Sampler preset from sampler_overrides/<name>.yml supplying defaults "
+        "for requests; null uses none.",
+    )
+
+
+class MemorySettings(SectionModel):
+    """Section `memory`: host-RAM caches."""
+
+    sysmem_recurrent_cache: int = Field(
+        4096, ge=0, description="Megabytes of host RAM for recurrent-model state caching."
+    )
+    sysmem_kv_cache: int = Field(
+        0, ge=0, description="Megabytes of host RAM for a second-tier KV cache; 0 turns it off."
+    )
+    cuda_malloc_async: bool = Field(True, description="Use CUDA's asynchronous allocator.")
+
+
+class DeveloperSettings(SectionModel):
+    """Section `developer`."""
+
+    unsafe_launch: bool = Field(False, description="Skip the backend version check.")
+    disable_request_streaming: bool = Field(
+        False, description="Answer streaming requests with a single complete response."
+    )
+    cuda_malloc_backend: bool = Field(
+        False, description="Legacy key from older TabbyAPI versions; accepted and ignored."
+    )
+    uvloop: bool = Field(
+        False, description="Legacy key from older TabbyAPI versions; accepted and ignored."
+    )
+    realtime_process_priority: bool = Field(
+        False, description="Raise the server process to the highest scheduling priority."
+    )
+    seqlog: bool = Field(False, description="Send structured logs to a Seq server.")
+    seqlog_server_url: str = Field(
+        "http://localhost:5341", description="Address of the Seq server."
+    )
+    seqlog_api_key: str | None = Field(None, description="API key for the Seq server.")
