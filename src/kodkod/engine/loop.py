@@ -125,6 +125,8 @@ class EngineLoop:
         self._decode_s = 0.0
         self._step_s = 0.0
         self._thread = threading.Thread(target=self._run, name="kodkod-engine", daemon=True)
+        self._closed_lock = threading.Lock()
+        self._closed_message: str | None = None  # set once the thread stops taking commands
 
     # -- public (any thread) ----------------------------------------------------------------
 
@@ -132,7 +134,11 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
-        self._commands.put(_Submit(request, sink))
+        with self._closed_lock:
+            if self._closed_message is None:
+                self._commands.put(_Submit(request, sink))
+                return
+        sink.push(ErrorEvent(self._closed_message, ErrorKind.UNLOADED))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
@@ -140,12 +146,20 @@ class EngineLoop:
     def run_exclusive(self, fn: Callable[[Backend], Any], *, cancel_running: bool) -> Future:
         """Run fn(backend) on the engine thread once no sequence is running."""
         fut: Future = Future()
-        self._commands.put(_Exclusive(fn, cancel_running, fut))
+        with self._closed_lock:
+            if self._closed_message is None:
+                self._commands.put(_Exclusive(fn, cancel_running, fut))
+                return fut
+        fut.set_exception(RuntimeError(self._closed_message))
         return fut
 
     def shutdown(self, message: str) -> Future:
         cmd = _Shutdown(message)
-        self._commands.put(cmd)
+        with self._closed_lock:
+            if self._closed_message is None:
+                self._commands.put(cmd)
+                return cmd.future
+        cmd.future.set_result(None)
         return cmd.future
 
     def join(self, timeout_s: float | None = None) -> None:
@@ -353,7 +367,9 @@ class EngineLoop:
         for cmd in self._exclusive:
             cmd.future.set_exception(RuntimeError(message))
         self._exclusive.clear()
-        while True:  # late commands: answer them too
+        with self._closed_lock:
+            self._closed_message = message  # from now on submit() answers by itself
+        while True:  # commands that arrived before that: answer them too
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:

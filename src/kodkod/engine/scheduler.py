@@ -175,8 +175,9 @@ class Scheduler:
         for other in self.running:
             if not other.in_prefill:
                 continue
-            shared = common_prefix_len(other.tokens[: other.num_prompt], seq.tokens)
-            if shared >= reusable + self.config.min_shared_prefix:
+            shared = min(common_prefix_len(other.tokens[: other.num_prompt], seq.tokens),
+                         len(seq.tokens) - 1)
+            if shared >= self.config.min_shared_prefix and shared > reusable:
                 return True
         return False
 

@@ -36,6 +36,10 @@ async def health(request: Request) -> JSONResponse:
             "steps": s.steps,
             "generated_tokens": s.generated_tokens,
             "preemptions": s.preemptions,
+            "decode_steps": s.decode_steps,
+            "prefill_steps": s.prefill_steps,
+            "decode_time_s": round(s.decode_time_s, 6),
+            "step_time_s": round(s.step_time_s, 6),
         }
     return JSONResponse(body, status_code=503 if issues else 200)
 
