@@ -60,6 +60,7 @@ class FakeBackend:
     num_slots: int = 8
     eos: int = 0
     script: dict[int, int] = field(default_factory=dict)
+    second: dict[int, int] = field(default_factory=dict)
     pieces: dict[int, bytes] = field(default_factory=dict)
     fail_decode: bool = False
     delay_s: float = 0.0  # sleep per decode, to make requests last
@@ -88,6 +89,9 @@ class FakeBackend:
     def next_token(self, t: int) -> int:
         return self.script.get(t, (t + 1) % self.n_vocab)
 
+    def second_token(self, t: int) -> int:
+        return self.second.get(t, (t + 2) % self.n_vocab)
+
     def decode(self, rows: Sequence[BatchRow]) -> list[list[int]]:
         if self.fail_decode:
             raise RuntimeError("simulated decode failure")
@@ -106,6 +110,7 @@ class FakeBackend:
             for j, t in enumerate(row.tokens):
                 if i + j >= first:
                     vec = np.zeros(self.n_vocab, dtype=np.float32)
+                    vec[self.second_token(t)] = 5.0  # the runner-up, chosen when the first is banned
                     vec[self.next_token(t)] = 10.0
                     self._logits.append(vec)
                     idx.append(len(self._logits) - 1)

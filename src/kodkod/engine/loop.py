@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kodkod.backends.base import Backend, BatchRow
+from kodkod.engine.banned import BannedStringGuard, LoopDetector
 from kodkod.engine.detokenizer import IncrementalDetokenizer
-from kodkod.engine.output import Finish, emit, next_token
+from kodkod.engine.healing import HealingMask, healing_candidates
+from kodkod.engine.output import Finish, Rewind, emit, next_token
 from kodkod.engine.scheduler import CopyPrefix, Scheduler, SchedulerConfig, StepPlan, Truncate
 from kodkod.engine.sequence import EventSink, Sequence
 from kodkod.engine.stopping import StopStringMatcher
@@ -40,6 +42,16 @@ from kodkod.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_REWINDS = 1000  # banned-string rewinds per sequence before giving up
+
+
+class _NullSink:
+    def push(self, event: object) -> None:
+        pass
+
+
+_NULL_SINK = _NullSink()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +128,7 @@ class EngineLoop:
             backend.num_slots,
         )
         self._seqs: dict[str, Sequence] = {}
+        self._healing_cache: dict[bytes, list[int]] = {}
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._exclusive: list[_Exclusive] = []
         self._stopping: _Shutdown | None = None
@@ -193,6 +206,7 @@ class EngineLoop:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
+                self._publish()
                 return
 
     def _handle(self, cmd: _Command) -> None:
@@ -207,48 +221,70 @@ class EngineLoop:
             self._sched.paused = True
             if cmd.cancel_running:
                 for seq in list(self._sched.running):
-                    self._fail(seq, "cancelled by an administrative operation", ErrorKind.UNLOADED)
+                    if not seq.is_shadow:
+                        self._fail(seq, "cancelled by an administrative operation", ErrorKind.UNLOADED)
         else:
             self._stopping = cmd
 
     def _add(self, req: GenerationRequest, sink: EventSink) -> None:
-        backend = self.backend
         if req.request_id in self._seqs:
             sink.push(ErrorEvent(f"duplicate request id {req.request_id}", ErrorKind.BAD_REQUEST))
-            return
-        limit = self.config.max_seq_len
-        if req.max_tokens is not None:
-            limit = min(limit, len(req.prompt_ids) + req.max_tokens)
-        stop_ids = set(req.stop_token_ids)
-        stop_ids.update(backend.info.eos_ids)
-        special = not req.skip_special_tokens
-
-        def piece(t: int, _b: Backend = backend, _s: bool = special) -> bytes:
-            return _b.token_bytes(t, special=_s)
-
-        seq = Sequence(
-            request=req,
-            sink=sink,
-            tokens=list(req.prompt_ids),
-            num_prompt=len(req.prompt_ids),
-            detok=IncrementalDetokenizer(piece),
-            stops=StopStringMatcher(req.stop_strings),
-            stop_ids=frozenset(stop_ids),
-            max_len=limit,
-        )
-        try:
-            seq.sampler = backend.new_sampler(req.sampling, req.prompt_ids)
-        except Exception as exc:  # bad sampler parameters
-            seq.close()
-            sink.push(ErrorEvent(f"invalid sampler settings: {exc}", ErrorKind.BAD_REQUEST))
             return
         if req.max_tokens == 0:
             sink.push(FinishEvent(FinishReason.LENGTH, EosReason.MAX_NEW_TOKENS,
                                   Usage(len(req.prompt_ids), 0)))
-            seq.close()
+            return
+        try:
+            seq = self._new_sequence(req, sink)
+        except Exception as exc:  # bad sampler parameters and the like
+            log.warning("request %s refused: %s", req.request_id, exc)
+            sink.push(ErrorEvent(f"invalid generation settings: {exc}", ErrorKind.BAD_REQUEST))
             return
         self._seqs[req.request_id] = seq
         self._sched.add(seq)
+
+    def _new_sequence(self, req: GenerationRequest, sink: EventSink) -> Sequence:
+        backend = self.backend
+        prompt = list(req.prompt_ids)
+        strip = ""
+        if req.token_healing and len(prompt) > 1:
+            piece = backend.token_bytes(prompt[-1], special=False)
+            allowed = healing_candidates(backend, piece, self._healing_cache)
+            if piece and len(allowed) > 1:
+                prompt.pop()
+                strip = piece.decode("utf-8", errors="replace")
+                req.processors = [HealingMask(allowed), *req.processors]
+        limit = self.config.max_seq_len
+        if req.max_tokens is not None:
+            limit = min(limit, len(prompt) + req.max_tokens + (1 if strip else 0))
+        stop_ids = frozenset(set(req.stop_token_ids) | backend.info.eos_ids)
+        special = not req.skip_special_tokens
+
+        def piece_of(t: int, _b: Backend = backend, _s: bool = special) -> bytes:
+            return _b.token_bytes(t, special=_s)
+
+        seq = Sequence(
+            request=req, sink=sink, tokens=prompt, num_prompt=len(prompt),
+            detok=IncrementalDetokenizer(piece_of), stops=StopStringMatcher(req.stop_strings),
+            stop_ids=stop_ids, max_len=limit,
+            guard=BannedStringGuard(req.banned_strings) if req.banned_strings else None,
+            loops=LoopDetector(req.loop_detect_window) if req.loop_detect_window > 1 else None,
+            strip_prefix=strip,
+        )
+        seq.sampler = backend.new_sampler(req.sampling, prompt)
+        if req.cfg_scale != 1.0:
+            neg = list(req.negative_prompt_ids or [])
+            if not neg and req.negative_prompt:
+                neg = backend.tokenize(req.negative_prompt, add_bos=True, parse_special=True)
+            if not neg:
+                neg = [backend.info.bos_id] if backend.info.bos_id is not None else prompt[:1]
+            shadow = Sequence(
+                request=req, sink=_NULL_SINK, tokens=neg, num_prompt=len(neg),
+                detok=IncrementalDetokenizer(piece_of), stops=StopStringMatcher([]),
+                stop_ids=stop_ids, max_len=self.config.max_seq_len, is_shadow=True,
+            )
+            seq.partner, shadow.partner = shadow, seq
+        return seq
 
     def _run_exclusive_if_ready(self) -> None:
         if not self._exclusive or self._sched.running:
@@ -278,7 +314,8 @@ class EngineLoop:
             if self._on_fatal is not None:
                 self._on_fatal(exc)
             for seq in list(self._sched.running):
-                self._fail(seq, f"generation failed: {exc}", ErrorKind.INTERNAL)
+                if not seq.is_shadow:
+                    self._fail(seq, f"generation failed: {exc}", ErrorKind.INTERNAL)
             self._reset_cache()
 
     def _reset_cache(self) -> None:
@@ -320,18 +357,62 @@ class EngineLoop:
         backend = self.backend
         now = time.perf_counter()
         generated = 0
+        cfg_rows: dict[int, int] | None = None
+        if any(e.seq.partner is not None for e in plan.entries):
+            cfg_rows = {id(e.seq): i[-1] for e, i in zip(plan.entries, indices) if i}
         for entry, idx in zip(plan.entries, indices):
-            if not idx:
-                continue
             seq = entry.seq
+            if not idx or seq.is_shadow or seq.request_id not in self._seqs:
+                continue
+            cfg_index = None
+            if seq.partner is not None:
+                assert cfg_rows is not None
+                cfg_index = cfg_rows.get(id(seq.partner))
+                if cfg_index is None:  # the partner is not caught up: sample next step
+                    continue
             if seq.first_token_s == 0.0:
                 seq.first_token_s = now
-            token, info = next_token(seq, backend, idx[-1])
+            token, info = next_token(seq, backend, idx[-1], cfg_index)
             generated += 1
-            finish = emit(seq, backend, token, info)
-            if finish is not None:
-                self._finish(seq, finish)
+            outcome = emit(seq, backend, token, info)
+            if isinstance(outcome, Rewind):
+                self._rewind(seq, outcome.output_index)
+            elif outcome is not None:
+                self._finish(seq, outcome)
+            elif seq.partner is not None:
+                seq.partner.tokens.append(token)
         self._counters["generated"] += generated
+
+    def _rewind(self, seq: Sequence, keep: int) -> None:
+        """A banned string began at output token `keep`: drop it and everything after, ban it
+        there, and let the next step sample that position again."""
+        seq.rewinds += 1
+        if seq.rewinds > MAX_REWINDS:
+            self._fail(seq, f"could not avoid the banned strings after {MAX_REWINDS} attempts",
+                       ErrorKind.BAD_REQUEST)
+            return
+        banned_token = seq.tokens[seq.num_prompt + keep]
+        seq.bans.setdefault(keep, set()).add(banned_token)
+        new_len = seq.num_prompt + keep
+        del seq.tokens[new_len:]
+        self._sched.rollback(seq, new_len - 1)
+        special = not seq.request.skip_special_tokens
+        backend = self.backend
+        seq.detok = IncrementalDetokenizer(lambda t, _b=backend, _s=special: _b.token_bytes(t, special=_s))
+        if seq.loops is not None:
+            seq.loops.reset(seq.output_ids)
+        if seq.sampler is not None:
+            seq.sampler.close()
+        seq.sampler = backend.new_sampler(seq.request.sampling, seq.tokens)
+        req = seq.request
+        for obj in (req.constraint, *req.processors):
+            rollback = getattr(obj, "rollback_to", None)
+            if rollback is not None:
+                rollback(seq.output_ids)
+        shadow = seq.partner
+        if shadow is not None:
+            del shadow.tokens[shadow.num_prompt + keep:]
+            self._sched.rollback(shadow, len(shadow.tokens) - 1)
 
     # -- endings ----------------------------------------------------------------------------
 
@@ -350,12 +431,16 @@ class EngineLoop:
 
     def _finish(self, seq: Sequence, finish: Finish) -> None:
         self._sched.remove(seq)
+        if seq.partner is not None:
+            self._sched.remove(seq.partner)
         self._seqs.pop(seq.request_id, None)
         seq.sink.push(FinishEvent(finish.reason, finish.eos_reason, self._usage(seq), finish.stop_str))
         seq.close()
 
     def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> None:
         self._sched.remove(seq)
+        if seq.partner is not None:
+            self._sched.remove(seq.partner)
         self._seqs.pop(seq.request_id, None)
         seq.sink.push(ErrorEvent(message, kind))
         seq.close()

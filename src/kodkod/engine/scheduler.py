@@ -221,13 +221,26 @@ class Scheduler:
         self.running.append(seq)
         return Admission.ADMITTED
 
+    def _admit_pair(self, seq: Sequence) -> Admission:
+        """Admit a sequence and its CFG partner together, or neither."""
+        outcome = self._admit_one(seq)
+        if outcome is not Admission.ADMITTED or seq.partner is None:
+            return outcome
+        partner_outcome = self._admit_one(seq.partner)
+        if partner_outcome is Admission.ADMITTED:
+            return outcome
+        self.running.remove(seq)
+        self._release(seq, keep=True)
+        seq.status = SeqStatus.WAITING
+        return partner_outcome
+
     def _admit(self) -> None:
         if self.paused:
             return
         skipped: list[Sequence] = []
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting.popleft()
-            outcome = self._admit_one(seq)
+            outcome = self._admit_pair(seq)
             if outcome is Admission.SHARE_WAIT:
                 skipped.append(seq)  # later requests may go ahead meanwhile
             elif outcome is Admission.NO_ROOM:
@@ -240,14 +253,18 @@ class Scheduler:
 
     def _preempt_newest(self, keep: Sequence | None = None) -> bool:
         for seq in reversed(self.running):
-            if seq is keep:
+            if seq is keep or (keep is not None and seq.partner is keep):
                 continue
-            self.running.remove(seq)
-            self._release(seq, keep=False)
-            seq.num_computed = 0
-            seq.num_preemptions += 1
-            seq.status = SeqStatus.WAITING
-            self.waiting.appendleft(seq)
+            main = seq.partner if seq.is_shadow else seq
+            assert main is not None
+            for s in (main, main.partner):
+                if s is not None and s.status is SeqStatus.RUNNING:
+                    self.running.remove(s)
+                    self._release(s, keep=False)
+                    s.num_computed = 0
+                    s.status = SeqStatus.WAITING
+            main.num_preemptions += 1
+            self.waiting.appendleft(main)
             self.num_preemptions += 1
             return True
         return False
@@ -256,12 +273,14 @@ class Scheduler:
         while not self._make_room(len(decoders)):
             if not self._preempt_newest():
                 return None
-            decoders = [s for s in decoders if s.status is SeqStatus.RUNNING]
+            decoders = self._decoders()
         entries = [Entry(s, s.num_computed, 1, 1) for s in decoders]
         return StepPlan(StepKind.DECODE, entries, self.drain_ops()) if entries else None
 
     def _plan_prefill(self, seq: Sequence) -> StepPlan | None:
-        remaining = len(seq.tokens) - seq.num_computed
+        # a CFG pair computes its last prompt tokens together in a decode step (both logits)
+        end = len(seq.tokens) - (1 if seq.partner is not None else 0)
+        remaining = end - seq.num_computed
         chunk = min(self.config.chunk_size, remaining)
         self._make_room(chunk)
         while self.pool.free_cells < 1 and self._preempt_newest(keep=seq):
@@ -269,12 +288,24 @@ class Scheduler:
         chunk = min(chunk, self.pool.free_cells)
         if chunk <= 0:
             return None
-        logits = 1 if chunk == remaining else 0
+        logits = 1 if chunk == remaining and end == len(seq.tokens) else 0
         return StepPlan(StepKind.PREFILL, [Entry(seq, seq.num_computed, chunk, logits)], self.drain_ops())
+
+    def _decoders(self) -> list[Sequence]:
+        """Caught-up sequences; a CFG pair only when both are caught up, main then partner."""
+        out: list[Sequence] = []
+        for s in self.running:
+            if s.is_shadow or s.in_prefill:
+                continue
+            if s.partner is None:
+                out.append(s)
+            elif not s.partner.in_prefill and s.partner.status is SeqStatus.RUNNING:
+                out += (s, s.partner)
+        return out
 
     def schedule(self) -> StepPlan | None:
         self._admit()
-        decoders = [s for s in self.running if not s.in_prefill]
+        decoders = self._decoders()
         prefillers = [s for s in self.running if s.in_prefill]
         plan: StepPlan | None = None
         if decoders and (not prefillers or not self._prefill_next):

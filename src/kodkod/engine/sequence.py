@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kodkod.backends.base import Sampler
+from kodkod.engine.banned import BannedStringGuard, LoopDetector
 from kodkod.engine.detokenizer import IncrementalDetokenizer
 from kodkod.engine.stopping import StopStringMatcher
 from kodkod.engine.types import Event, GenerationRequest
@@ -53,6 +54,13 @@ class Sequence:
     num_preemptions: int = 0
     drafted: int = 0
     accepted: int = 0
+    guard: BannedStringGuard | None = None
+    bans: dict[int, set[int]] = field(default_factory=dict)  # output index → banned token ids
+    rewinds: int = 0
+    loops: LoopDetector | None = None
+    strip_prefix: str = ""  # token healing: text of the removed prompt token, not re-emitted
+    partner: Sequence | None = None  # CFG: the negative-prompt sequence decoded alongside
+    is_shadow: bool = False  # this is a CFG partner: decoded, never sampled
 
     @property
     def request_id(self) -> str:

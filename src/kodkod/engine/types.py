@@ -176,4 +176,8 @@ class GenerationRequest:
     processors: list[LogitsProcessor] = field(default_factory=list)
     speculative_ngram: bool | None = None
     loop_detect_window: int = 0
+    token_healing: bool = False
+    cfg_scale: float = 1.0  # classifier-free guidance; != 1 decodes negative_prompt_ids alongside
+    negative_prompt: str | None = None  # CFG negative prompt text; None: just BOS
+    negative_prompt_ids: list[int] | None = None  # or already tokenized
     priority: int = 0
