@@ -89,9 +89,11 @@ class KodkodServer:
         if not (tmp / "models").exists():
             (tmp / "models").symlink_to(MODELS, target_is_directory=True)
         port = free_port()
+        # One llama.cpp thread: the test client shares the 2 cores, and llama.cpp's spinning
+        # worker threads slow down badly when anything else wants a core.
         base: dict[str, Any] = {
             "network": {"host": "127.0.0.1", "port": port},
-            "model": {"model_dir": "models", "model_name": model},
+            "model": {"model_dir": "models", "model_name": model, "n_threads": 1},
         }
         cfg = deep_merge(base, config or {})
         (tmp / "config.yml").write_text(yaml.safe_dump(cfg), encoding="utf-8")

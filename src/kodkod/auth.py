@@ -288,7 +288,9 @@ class KeyStore:
     # -- checks ------------------------------------------------------------------------------
 
     def check_api(self, headers: Mapping[str, str]) -> Permission:
-        """Pass an API or admin key (x-api-key, else Authorization: Bearer); ADMIN or API."""
+        """Pass an API or admin key (x-api-key, else Authorization: Bearer, else the admin key
+        in x-admin-key — an admin key is accepted wherever an API key is, so a client that
+        only sends x-admin-key is not turned away from API routes); ADMIN or API."""
         if self.disabled:
             return Permission.ADMIN
         keys = self._current_keys()
@@ -298,7 +300,12 @@ class KeyStore:
         else:
             authorization = headers.get("authorization")
             if authorization is None:
-                raise AuthError("Please provide an API key")
+                x_admin_key = headers.get("x-admin-key")
+                if x_admin_key is None:
+                    raise AuthError("Please provide an API key")
+                if _classify(keys, x_admin_key) is not Permission.ADMIN:
+                    raise AuthError("Invalid API key")
+                return Permission.ADMIN
             presented = _bearer_token(authorization)
         permission = Permission.NONE if presented is None else _classify(keys, presented)
         if permission is Permission.NONE:

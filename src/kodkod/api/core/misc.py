@@ -35,6 +35,7 @@ async def health(request: Request) -> JSONResponse:
             "kv_capacity": s.kv_capacity,
             "steps": s.steps,
             "generated_tokens": s.generated_tokens,
+            "prompt_tokens_computed": s.prompt_tokens_computed,
             "preemptions": s.preemptions,
             "decode_steps": s.decode_steps,
             "prefill_steps": s.prefill_steps,
