@@ -8,11 +8,11 @@ admin routes always, the OpenAI ones for `oai`, the Kobold ones for `kobold`.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from kodkod import __version__
@@ -20,15 +20,14 @@ from kodkod.api.admin import model as admin_model
 from kodkod.api.admin import overrides as admin_overrides
 from kodkod.api.admin import templates as admin_templates
 from kodkod.api.admin import unavailable
+from kodkod.api.admin.inline import LeaseMiddleware
 from kodkod.api.admin.overrides import PresetError, apply_preset
 from kodkod.api.core import misc, models
 from kodkod.api.errors import install_error_handlers
 from kodkod.api.openai import chat, completions
 from kodkod.api.state import AppState
 from kodkod.auth import KeyStore
-from kodkod.models.loading import build_params
-from kodkod.models.manager import BackendLoader, LoadedModel, ModelManager
-from kodkod.models.registry import ModelNameError, resolve
+from kodkod.models.manager import BackendLoader, ModelManager
 from kodkod.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,30 +37,16 @@ class StartupError(Exception):
     """The startup model could not be loaded (one-line message)."""
 
 
-def _make_inline_loader(state: AppState):  # noqa: ANN202 - closure type is internal
-    async def inline_loader(_: Request, name: str) -> LoadedModel:
-        from kodkod.api.errors import ApiError
-
-        try:
-            entry = resolve(state.model_dir, name)
-        except ModelNameError as exc:
-            raise ApiError(404, str(exc), code="model_not_found") from None
-        current = state.models.current
-        if current is not None and current.entry.gguf.resolve() == entry.gguf.resolve():
-            return current
-        params = build_params(state.settings, entry, {}, startup=False)
-        return await state.models.load(entry, params)
-
-    return inline_loader
-
-
 def create_app(
     settings: Settings,
     *,
     keys: KeyStore,
     backend_loader: BackendLoader,
     base_dir: Path | None = None,
+    on_startup_error: Callable[[str], None] | None = None,
 ) -> FastAPI:
+    """The app. If the startup model fails to load, `on_startup_error(message)` is called (the
+    CLI stops the server and prints the one-line message); without it, StartupError is raised."""
     base = (base_dir or Path.cwd()).resolve()
     state_box: dict[str, AppState] = {}
 
@@ -77,12 +62,12 @@ def create_app(
         name = settings.model.model_name
         if name:
             try:
-                entry = resolve(state.model_dir, name)
-                params = build_params(settings, entry, {}, startup=True)
-                await state.models.load(entry, params)
+                await admin_model.load_startup_model(state, name)
             except Exception as exc:
-                log.error("could not load the startup model %r: %s", name, exc)
-                raise StartupError(f"could not load the startup model {name!r}: {exc}") from None
+                message = f"could not load the startup model {name!r}: {exc}"
+                if on_startup_error is None:
+                    raise StartupError(message) from None
+                on_startup_error(message)
         try:
             yield
         finally:
@@ -93,7 +78,6 @@ def create_app(
         backend_loader, base / "templates", on_fatal=lambda exc: state_box["state"].record_fatal(exc)
     )
     state = AppState(settings=settings, keys=keys, models=manager, base_dir=base)
-    state.extras["inline_loader"] = _make_inline_loader(state)
     state_box["state"] = state
     app.state.kodkod = state
     app.state.keys = keys
@@ -101,6 +85,7 @@ def create_app(
         CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
         allow_credentials=True,
     )
+    app.add_middleware(LeaseMiddleware)  # model leases end with the HTTP exchange
     install_error_handlers(app)
     for module in (misc, models, admin_model, admin_templates, admin_overrides, unavailable):
         app.include_router(module.router)
@@ -109,10 +94,7 @@ def create_app(
         app.include_router(completions.router)
         app.include_router(chat.router)
     if "kobold" in servers:
-        try:
-            from kodkod.api.kobold import router as kobold_router
-        except ImportError:  # pragma: no cover - the Kobold API is being built
-            log.warning("the Kobold API is not available in this build")
-        else:
-            kobold_router.mount(app)
+        from kodkod.api.kobold import router as kobold_router
+
+        kobold_router.mount(app)
     return app

@@ -90,10 +90,18 @@ def serve(argv: list[str]) -> int:
 
     import uvicorn
 
-    from kodkod.app import StartupError, create_app
+    from kodkod.app import create_app
     from kodkod.backends.llamacpp.backend import LlamaCppBackend
 
-    app = create_app(settings, keys=keys, backend_loader=LlamaCppBackend.load)
+    startup_errors: list[str] = []
+
+    def startup_failed(message: str) -> None:
+        startup_errors.append(message)
+        server.should_exit = True
+
+    app = create_app(
+        settings, keys=keys, backend_loader=LlamaCppBackend.load, on_startup_error=startup_failed
+    )
     config = uvicorn.Config(
         app, host=host, port=port, loop="uvloop", http="httptools",
         access_log=settings.logging.log_requests, log_level="info", lifespan="on",
@@ -101,10 +109,10 @@ def serve(argv: list[str]) -> int:
     server = uvicorn.Server(config)
     try:
         server.run()
-    except StartupError as exc:
-        return _fail(str(exc), 1)
-    if not server.started:
-        return _fail("the server did not start (see the log above)", 1)
+    except KeyboardInterrupt:  # uvicorn re-raises the signal after a graceful shutdown
+        pass
+    if startup_errors:
+        return _fail(startup_errors[0], 1)
     return 0
 
 
