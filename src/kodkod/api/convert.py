@@ -12,15 +12,18 @@ ignored (`unsupported_fields`).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import secrets
 from typing import Any
 
 from kodkod.api.errors import ApiError
-from kodkod.api.sampling import FALLBACKS, SamplerRequest
+from kodkod.api.sampling import FALLBACKS, SamplerRequest, apply_override, sampler_problem
 from kodkod.api.state import OverrideState
 from kodkod.backends.base import Tokenizer
-from kodkod.engine.types import GenerationRequest, SamplingParams
+from kodkod.engine.constraints import ConstraintFactory, GrammarError, GrammarKind, GrammarSpec
+from kodkod.engine.types import Constraint, GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +35,13 @@ def new_request_id() -> str:
 def resolve_fields(req: SamplerRequest, overrides: OverrideState) -> dict[str, Any]:
     """Every sampler field's effective value: request → preset override → fallback."""
     sent = req.model_fields_set
+    rules = overrides.overrides  # one snapshot: a concurrent switch replaces the dict whole
     values: dict[str, Any] = {}
     for name, fallback in FALLBACKS.items():
         value = getattr(req, name) if name in sent else None
-        rule = overrides.overrides.get(name)
+        rule = rules.get(name)
         if rule is not None and "override" in rule:
-            ov = rule["override"]
-            if rule.get("force"):
-                value = ov
-            elif rule.get("additive") and isinstance(ov, list):
-                current = value if value is not None else []
-                if isinstance(current, str):
-                    current = [current]
-                value = list(ov) + list(current)
-            elif value is None:
-                value = ov
+            value = apply_override(name, value, rule)
         values[name] = fallback if value is None else value
     return values
 
@@ -76,20 +71,7 @@ def split_stop(stop: Any) -> tuple[list[str], list[int]]:
 
 
 # field → neutral value; a different value is refused until the engine supports it.
-_NOT_YET: dict[str, Any] = {
-    "top_a": 0.0,
-    "tfs": 1.0,
-    "smoothing_factor": 0.0,
-    "skew": 0.0,
-    "cfg_scale": 1.0,
-    "token_healing": False,
-    "banned_strings": [],
-    "json_schema": None,
-    "regex_pattern": None,
-    "grammar_string": None,
-    "loop_detect_window": 0,
-    "repetition_decay": 0,
-}
+_NOT_YET: dict[str, Any] = {}
 
 
 def unsupported_fields(values: dict[str, Any]) -> list[str]:
@@ -99,9 +81,41 @@ def unsupported_fields(values: dict[str, Any]) -> list[str]:
         if v in (None, "") or v == neutral or (isinstance(v, list) and not v):
             continue
         bad.append(name)
-    if values.get("mirostat_mode") == 1:
-        bad.append("mirostat_mode=1 (only Mirostat v2, mode 2, is supported)")
     return bad
+
+
+def grammar_spec(values: dict[str, Any]) -> GrammarSpec | None:
+    """The constraint asked for by `json_schema`, `regex_pattern` or `grammar_string` (§9.2).
+
+    A grammar string containing `::=` is llama.cpp GBNF, anything else Lark. At most one of
+    the three may be set (400 otherwise).
+    """
+    specs: list[tuple[str, GrammarSpec]] = []
+    schema = values.get("json_schema")
+    if schema not in (None, {}, ""):
+        specs.append(("json_schema", GrammarSpec(GrammarKind.JSON_SCHEMA, json.dumps(schema))))
+    regex = values.get("regex_pattern")
+    if regex:
+        specs.append(("regex_pattern", GrammarSpec(GrammarKind.REGEX, str(regex))))
+    grammar = values.get("grammar_string")
+    if grammar and str(grammar).strip():
+        kind = GrammarKind.GBNF if "::=" in grammar else GrammarKind.LARK
+        specs.append(("grammar_string", GrammarSpec(kind, str(grammar))))
+    if len(specs) > 1:
+        names = ", ".join(name for name, _ in specs)
+        raise ApiError(400, f"only one output constraint may be set, got {names}", param=specs[1][0])
+    return specs[0][1] if specs else None
+
+
+async def compile_grammar(tokenizer: Tokenizer, spec: GrammarSpec) -> ConstraintFactory:
+    """Compile `spec` for the model in a worker thread (400 if it does not compile)."""
+    make = getattr(tokenizer, "grammar_compiler", None)
+    if make is None:
+        raise ApiError(400, "constrained decoding is not supported by this model backend")
+    try:
+        return await asyncio.to_thread(lambda: make().compile(spec))
+    except GrammarError as exc:
+        raise ApiError(400, str(exc), param=spec.kind.value) from None
 
 
 def sampling_params(values: dict[str, Any], n_vocab: int) -> SamplingParams:
@@ -114,6 +128,14 @@ def sampling_params(values: dict[str, Any], n_vocab: int) -> SamplingParams:
         if 0 <= tok < n_vocab:
             bias[tok] = float(b)
     seed = values.get("seed")
+    allowed = _id_list(values["allowed_tokens"], "allowed_tokens")
+    if allowed and not any(0 <= t < n_vocab for t in allowed):
+        raise ApiError(400, "allowed_tokens: none of these ids is in the model's vocabulary",
+                       param="allowed_tokens")
+    banned = _id_list(values["banned_tokens"], "banned_tokens")
+    if allowed and set(t for t in allowed if 0 <= t < n_vocab) <= set(banned):
+        raise ApiError(400, "allowed_tokens: every allowed token is also in banned_tokens",
+                       param="allowed_tokens")
     return SamplingParams(
         temperature=float(values["temperature"]),
         temperature_last=bool(values["temperature_last"]),
@@ -124,6 +146,7 @@ def sampling_params(values: dict[str, Any], n_vocab: int) -> SamplingParams:
         top_p=float(values["top_p"]),
         min_p=float(values["min_p"]),
         top_a=float(values["top_a"]),
+        top_n_sigma=float(values["top_n_sigma"]),
         typical=float(values["typical"]),
         tfs=float(values["tfs"]),
         skew=float(values["skew"]),
@@ -147,8 +170,8 @@ def sampling_params(values: dict[str, Any], n_vocab: int) -> SamplingParams:
         adaptive_target=float(values["adaptive_target"]),
         adaptive_decay=float(values["adaptive_decay"]),
         logit_bias=bias,
-        banned_token_ids=_id_list(values["banned_tokens"], "banned_tokens"),
-        allowed_token_ids=_id_list(values["allowed_tokens"], "allowed_tokens"),
+        banned_token_ids=banned,
+        allowed_token_ids=allowed,
         seed=int(seed) if seed is not None and int(seed) >= 0 else None,
     )
 
@@ -161,7 +184,13 @@ def build_generation(
     *,
     logprobs: int | None,
     extra_stop: list[str] | None = None,
+    constraint: Constraint | None = None,
 ) -> GenerationRequest:
+    """One engine request. A grammar field in `values` needs its compiled `constraint`
+    (see `grammar_spec` / `compile_grammar`); without one the request is refused."""
+    if constraint is None and grammar_spec(values) is not None:
+        raise ApiError(400, "json_schema / regex_pattern / grammar_string are not supported on "
+                            "this endpoint yet")
     bad = unsupported_fields(values)
     if bad:
         raise ApiError(
@@ -170,6 +199,9 @@ def build_generation(
             + " (send the neutral value or leave the field out)",
             param=bad[0].split(" ")[0],
         )
+    problem = sampler_problem(values)
+    if problem is not None:
+        raise ApiError(400, problem[1], param=problem[0])
     strings, ids = split_stop(values["stop"])
     if extra_stop:
         strings = strings + [s for s in extra_stop if s not in strings]
@@ -187,7 +219,20 @@ def build_generation(
         logprobs=logprobs,
         speculative_ngram=values["speculative_ngram"],
         loop_detect_window=int(values["loop_detect_window"] or 0),
+        constraint=constraint,
+        banned_strings=_string_list(values["banned_strings"]),
+        token_healing=bool(values["token_healing"]),
+        cfg_scale=float(values["cfg_scale"]),
+        negative_prompt=values["negative_prompt"] or None,
     )
+
+
+def _string_list(value: Any) -> list[str]:
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value if v]
 
 
 def tokenize_prompt(tokenizer: Tokenizer, text: str, *, add_bos: bool | None, bos_id: int | None) -> list[int]:

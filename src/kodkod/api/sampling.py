@@ -3,6 +3,25 @@
 Every field defaults to None, meaning "not sent": the value used is then the sampler override
 preset's (§9.4) or the fallback in `FALLBACKS`. Aliases are accepted in one place here
 (`validation_alias`). Range violations are 422s. Unknown fields are ignored, like TabbyAPI.
+Every known field is honoured (stage order: `engine.sampling.stages`); combinations that
+contradict each other are 400s naming the field (`sampler_problem`).
+
+Where the reference is silent or upstream is an accident, we chose:
+- `seed` (alias `sampler_seed`) is honoured, -1/null = random; one seed gives one text
+  whatever runs beside it in the batch.
+- `mirostat_mode` 1 is Mirostat v1 (llama.cpp has it), not silently off as upstream.
+- dynamic temperature (max_temp > min_temp) replaces `temperature` and follows
+  `temperature_last`; temperature 0 (or top_k 1) is greedy after bias, penalties and DRY and
+  makes every later setting moot (never an error, so client leftovers do no harm).
+- `penalty_range` 0 is a window of no tokens (penalties off), -1 the whole context, except
+  that -1 with a frequency or presence penalty counts generated tokens only (TabbyAPI's
+  auto-scaled range). `repetition_decay` fades the penalties out over that many older tokens.
+- `dry_base` falls back to 1.75 (upstream's 0 would make DRY do nothing); an active DRY with
+  a base below 1 is refused. `dry_range` 0 = whole context.
+- `frequency_penalty`/`presence_penalty` accept OpenAI's negative range (down to -2).
+- `top_n_sigma` (Kobold `nsigma`) is supported; `smoothing_curve` shapes smoothing as in
+  text-generation-webui/KoboldCpp (1 = exl2's quadratic).
+- `logit_bias` keys must be token ids (422 otherwise); ids outside the vocabulary are skipped.
 """
 
 from __future__ import annotations
@@ -38,14 +57,18 @@ class SamplerRequest(BaseModel):
     top_k: int | None = Field(None, ge=-1)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     top_a: float | None = Field(None, ge=0.0)
+    top_n_sigma: float | None = Field(
+        None, ge=0.0, validation_alias=AliasChoices("top_n_sigma", "nsigma")
+    )
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     tfs: float | None = Field(None, ge=0.0, le=1.0)
     typical: float | None = Field(None, gt=0.0, le=1.0, validation_alias=AliasChoices("typical", "typical_p"))
     skew: float | None = None
     xtc_probability: float | None = Field(None, ge=0.0, le=1.0)
     xtc_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # TabbyAPI rejects negative values (§15 quirk 8); we accept OpenAI's -2 floor, no ceiling.
+    frequency_penalty: float | None = Field(None, ge=-2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0)
     repetition_penalty: float | None = Field(
         None, gt=0.0, validation_alias=AliasChoices("repetition_penalty", "rep_pen")
     )
@@ -73,7 +96,7 @@ class SamplerRequest(BaseModel):
     add_bos_token: bool | None = None
     ban_eos_token: bool | None = _alias("ban_eos_token", "ignore_eos")
     skip_special_tokens: bool | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[int, float] | None = None
     negative_prompt: str | None = None
     cfg_scale: float | None = Field(None, validation_alias=AliasChoices("cfg_scale", "guidance_scale"))
     json_schema: Any = None
@@ -165,6 +188,7 @@ FALLBACKS: dict[str, Any] = {
     "top_k": 0,
     "top_p": 1.0,
     "top_a": 0.0,
+    "top_n_sigma": 0.0,
     "min_p": 0.0,
     "tfs": 1.0,
     "typical": 1.0,
@@ -201,8 +225,81 @@ FALLBACKS: dict[str, Any] = {
     "top_logprobs": 0,
     "adaptive_target": 1.0,
     "adaptive_decay": 0.9,
-    "loop_detect_window": 0,
+    "loop_detect_window": 800,
     "seed": None,
 }
 
 SAMPLER_FIELDS = frozenset(FALLBACKS)
+
+
+def alias_map() -> dict[str, str]:
+    """Every accepted JSON name of a sampler field (aliases included) → the field name."""
+    names: dict[str, str] = {}
+    for name, info in SamplerRequest.model_fields.items():
+        if name not in SAMPLER_FIELDS:
+            continue
+        names[name] = name
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            for choice in alias.choices:
+                if isinstance(choice, str):
+                    names.setdefault(choice, name)
+    return names
+
+
+def _as_list(name: str, value: Any) -> list[Any]:
+    if isinstance(value, str):
+        if name in ("banned_tokens", "allowed_tokens"):
+            return [int(p) for p in (x.strip() for x in value.split(",")) if p.isdigit()]
+        return [value] if value else []
+    return list(value)
+
+
+def apply_override(name: str, sent: Any, rule: dict[str, Any]) -> Any:
+    """One field's value under a preset rule (§9.4); `sent` is None when the request left it out.
+
+    Forced: the override, whatever was sent — a forced 0, false, [] or "" is still forced
+    (upstream skips falsy forced values; we don't). Additive (not forced): a list override is
+    prepended to the sent list; a mapping override (logit_bias) is merged under the sent one.
+    Otherwise the override is the default for a field the request did not send.
+    """
+    override = rule["override"]
+    if rule.get("force"):
+        return override
+    if sent is None:
+        return override
+    if rule.get("additive"):
+        if isinstance(override, list) and isinstance(sent, str | list | tuple):
+            return list(override) + _as_list(name, sent)
+        if isinstance(override, dict) and isinstance(sent, dict):
+            return {**override, **sent}
+    return sent
+
+
+def sampler_problem(values: dict[str, Any]) -> tuple[str, str] | None:
+    """The first contradictory or unusable combination as (field, message), else None.
+
+    Only active settings are checked: a neutral value never causes an error, and temperature 0
+    (greedy) makes every later stage moot, so it never conflicts with them.
+    """
+    greedy = float(values["temperature"]) <= 0.0 or int(values["top_k"]) == 1
+    mirostat = int(values["mirostat_mode"]) in (1, 2)
+    adaptive = float(values["adaptive_target"]) < 1.0
+    skew = float(values["skew"]) != 0.0
+    if float(values["dry_multiplier"]) > 0.0 and float(values["dry_base"]) < 1.0:
+        return "dry_base", ("dry_base must be at least 1 when dry_multiplier > 0 "
+                            "(DRY's penalty is multiplier·base^excess)")
+    if adaptive and float(values["adaptive_decay"]) > 0.99:
+        return "adaptive_decay", ("adaptive_decay must be at most 0.99 when adaptive-P is on "
+                                  "(adaptive_target < 1)")
+    if greedy:
+        return None
+    if mirostat and adaptive:
+        return "adaptive_target", ("adaptive-P (adaptive_target < 1) and mirostat both choose "
+                                   "the token: use one")
+    if skew and mirostat:
+        return "skew", "skew shapes the final random draw and cannot be combined with mirostat"
+    if skew and adaptive:
+        return "skew", ("skew shapes the final random draw and cannot be combined with "
+                        "adaptive-P (adaptive_target < 1)")
+    return None

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from kodkod.engine.constraints import GrammarCompiler
 from kodkod.engine.types import SamplingParams
 
 
@@ -114,6 +115,16 @@ class Tokenizer(Protocol):
     def token_bytes(self, token_id: int, *, special: bool) -> bytes: ...
 
     def detokenize(self, token_ids: Sequence[int], *, special: bool) -> str: ...
+
+
+class SupportsGrammar(Protocol):
+    """Optional: a tokenizer that can compile grammars for constrained decoding.
+
+    `grammar_compiler()` returns the model's (cached) `engine.constraints.GrammarCompiler`.
+    Callers check with `getattr(tokenizer, "grammar_compiler", None)`.
+    """
+
+    def grammar_compiler(self) -> GrammarCompiler: ...
 
 
 class Backend(Protocol):

@@ -1,4 +1,4 @@
-"""Which parameters a load uses (reference §11.1, §11.5, §11.7).
+"""Which parameters a load uses (reference §11.1, §11.5, §11.7), as a `LoadPlan`.
 
 Sources, low → high priority (the newest upstream order, 2026-07-18+):
 
@@ -7,7 +7,9 @@ Sources, low → high priority (the newest upstream order, 2026-07-18+):
     3. the model folder's `tabby_config.yml` (`model:` and `draft_model:` blocks; the older flat
        layout with `draft:`/`draft_model:` sub-blocks is accepted too)
 
-Top-level keys merge shallowly; the draft block merges on its own.
+Top-level keys merge shallowly; the draft block merges on its own. Request nulls are dropped
+before merging. Values from YAML are type-checked here (the request was checked by pydantic),
+so a bad `tabby_config.yml` is a 400 naming the key, before any loading starts.
 """
 
 from __future__ import annotations
@@ -19,14 +21,21 @@ from typing import Any
 
 import yaml
 
-from kodkod.models.manager import LoadedModel, ModelManager, ProgressFn
-from kodkod.models.params import DraftParams, LoadParamError, ModelLoadParams, cache_types
-from kodkod.models.registry import ModelEntry
+from kodkod.models.params import (
+    DraftParams,
+    LoadParamError,
+    LoadPlan,
+    ModelLoadParams,
+    check_backend,
+    gpu_placement,
+    normalise_cache_mode,
+)
+from kodkod.models.registry import ModelEntry, ModelNameError, resolve
 from kodkod.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_PARAM_KEYS = {f.name for f in dc_fields(ModelLoadParams)} - {"draft", "extra"}
+_PARAM_KEYS = {f.name for f in dc_fields(ModelLoadParams)} - {"draft", "extra", "placement"}
 _DRAFT_KEYS = {f.name for f in dc_fields(DraftParams)}
 _EXTRA_KEYS = {
     "reasoning", "reasoning_start_token", "reasoning_end_token", "start_in_reasoning",
@@ -34,6 +43,13 @@ _EXTRA_KEYS = {
     "tool_format", "harmony", "muse_glimmer", "template_vars_default", "template_vars_force",
     "force_enable_thinking",
 }
+_INT_KEYS = {
+    "max_seq_len": -1, "cache_size": 1, "chunk_size": 1, "max_batch_size": 1, "n_threads": 1,
+    "draft_num_tokens": 1, "ngram_match_min": 1,
+}
+_FLOAT_KEYS = {"rope_scale", "draft_rope_scale"}
+_BOOL_KEYS = {"flash_attention", "vision", "output_chunking", "dynamic_draft"}
+_STR_KEYS = {"cache_mode", "draft_cache_mode", "prompt_template", "draft_model_name", "draft_mode"}
 
 
 def read_tabby_config(folder: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -49,7 +65,7 @@ def read_tabby_config(folder: Path | None) -> tuple[dict[str, Any], dict[str, An
         raise LoadParamError(f"{path.name} in {folder.name} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise LoadParamError(f"{path.name} in {folder.name} must be a mapping")
-    if isinstance(data.get("model"), dict):
+    if isinstance(data.get("model"), dict) or (data and set(data) <= {"model", "draft_model"}):
         model = data.get("model") or {}
         draft = data.get("draft_model") or {}
     else:  # older flat layout
@@ -62,8 +78,36 @@ def read_tabby_config(folder: Path | None) -> tuple[dict[str, Any], dict[str, An
     return model, draft
 
 
-def build_params(settings: Settings, entry: ModelEntry, request: dict[str, Any], *, startup: bool) -> ModelLoadParams:
-    """Merge the sources above into load parameters (LoadParamError on bad values)."""
+def _checked(values: dict[str, Any]) -> dict[str, Any]:
+    """Type-check merged values (YAML sources are not validated elsewhere)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            out[key] = None
+        elif key in _INT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < _INT_KEYS[key]:
+                raise LoadParamError(f"{key} must be an integer >= {_INT_KEYS[key]}, not {value!r}")
+            out[key] = value
+        elif key in _FLOAT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise LoadParamError(f"{key} must be a positive number, not {value!r}")
+            out[key] = float(value)
+        elif key in _BOOL_KEYS:
+            if not isinstance(value, bool):
+                raise LoadParamError(f"{key} must be true or false, not {value!r}")
+            out[key] = value
+        elif key in _STR_KEYS:
+            if not isinstance(value, str):
+                raise LoadParamError(f"{key} must be a string, not {value!r}")
+            out[key] = value.strip().lower() if key == "draft_mode" else value
+        else:
+            out[key] = value
+    return out
+
+
+def _layers(
+    settings: Settings, entry: ModelEntry, request: dict[str, Any], startup: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
     model_layer: dict[str, Any] = {}
     draft_layer: dict[str, Any] = {}
     if startup:
@@ -79,26 +123,73 @@ def build_params(settings: Settings, entry: ModelEntry, request: dict[str, Any],
     folder_model, folder_draft = read_tabby_config(entry.folder)
     model_layer.update(folder_model)
     draft_layer.update(folder_draft)
+    return model_layer, draft_layer
 
-    values = {k: v for k, v in model_layer.items() if k in _PARAM_KEYS}
-    if "n_threads" not in values and settings.model.n_threads:
+
+def build_params(
+    settings: Settings,
+    entry: ModelEntry,
+    request: dict[str, Any],
+    *,
+    startup: bool,
+    gpu_available: bool = False,
+) -> ModelLoadParams:
+    """Merge the sources above into load parameters (LoadParamError on bad values)."""
+    model_layer, draft_layer = _layers(settings, entry, request, startup)
+    check_backend(model_layer.get("backend"))
+    values = _checked({k: v for k, v in model_layer.items() if k in _PARAM_KEYS})
+    if values.get("n_threads") is None:
         values["n_threads"] = settings.model.n_threads
-    values.setdefault("flash_attention", settings.model.flash_attention)
+    if values.get("flash_attention") is None:
+        values["flash_attention"] = settings.model.flash_attention
+    for key in ("cache_mode", "chunk_size", "output_chunking", "vision"):
+        if values.get(key) is None:
+            values.pop(key, None)
+    if values.get("vision"):
+        raise LoadParamError(
+            "vision: true needs a vision projector, and this server has no vision support yet; "
+            "load the model without vision"
+        )
     params = ModelLoadParams(**values)
+    params.cache_mode = normalise_cache_mode(params.cache_mode)  # 400 before any stream starts
     params.extra = {k: v for k, v in model_layer.items() if k in _EXTRA_KEYS}
-    cache_types(params.cache_mode)  # validate early: 400 before any stream starts
-    if draft_layer.get("draft_model_name"):
-        params.draft = DraftParams(**{k: v for k, v in draft_layer.items() if k in _DRAFT_KEYS})
-    for key in ("gpu_split", "tensor_parallel"):
-        value = model_layer.get(key)
-        if value:
-            raise LoadParamError(
-                f"{key} needs a GPU, and this llama.cpp build has none (CPU only); remove it"
-            )
+    draft_values = _checked({k: v for k, v in draft_layer.items() if k in _DRAFT_KEYS})
+    draft_values = {k: v for k, v in draft_values.items() if v is not None}
+    if draft_values.get("draft_model_name") or draft_values.get("draft_mode") in ("ngram", "mtp"):
+        draft = DraftParams(**draft_values)
+        if draft.draft_mode not in ("model", "disabled", "ngram", "mtp"):
+            raise LoadParamError("draft_mode must be one of model, disabled, ngram, mtp")
+        draft.draft_cache_mode = normalise_cache_mode(draft.draft_cache_mode)
+        params.draft = draft
+    params.placement = gpu_placement(
+        gpu_available=gpu_available,
+        gpu_split_auto=bool(model_layer.get("gpu_split_auto", True)),
+        gpu_split=model_layer.get("gpu_split") or [],
+        tensor_parallel=bool(model_layer.get("tensor_parallel", False)),
+        tensor_parallel_backend=str(model_layer.get("tensor_parallel_backend") or "native"),
+        autosplit_reserve=model_layer.get("autosplit_reserve"),
+        draft_gpu_split=draft_values.get("draft_gpu_split") or [],
+    )
     return params
 
 
-async def load_model(
-    manager: ModelManager, entry: ModelEntry, params: ModelLoadParams, progress: ProgressFn | None = None
-) -> LoadedModel:
-    return await manager.load(entry, params, progress)
+def plan_load(
+    settings: Settings,
+    model_dir: Path,
+    draft_dir: Path,
+    name: str,
+    request: dict[str, Any],
+    *,
+    startup: bool,
+    gpu_available: bool = False,
+) -> LoadPlan:
+    """Resolve the model (and draft) names and merge the parameters: 400-type errors only."""
+    entry = resolve(model_dir, name)
+    params = build_params(settings, entry, request, startup=startup, gpu_available=gpu_available)
+    draft_entry = None
+    if params.draft is not None and params.draft.wants_model:
+        try:
+            draft_entry = resolve(draft_dir, params.draft.draft_model_name or "")
+        except ModelNameError as exc:
+            raise ModelNameError(f"draft model: {exc}") from None
+    return LoadPlan(entry, params, draft_entry)

@@ -1,10 +1,17 @@
-"""The model manager: what is loaded, and loading / unloading it safely.
+"""The model manager: what is loaded, and loading / unloading / switching it safely.
 
-One main model at a time. A load runs llama.cpp's blocking loader in a worker thread (the HTTP
-loop keeps serving; model-dependent endpoints answer 503 meanwhile), sizes the context from the
-model's metadata, finds its chat template and starts an engine thread for it. Unloading ends
-every pending and running request with an error event, stops the engine and frees every C
-handle. Loads and unloads are serialised by one lock.
+One main model (+ an optional draft) at a time. A load runs llama.cpp's blocking loader in a
+worker thread (the HTTP loop keeps serving), sizes the context from the model's metadata
+(`models/context.py`), finds its chat template and starts an engine thread for it. The order is
+draft → model, as the progress stream reports it (reference §11.3); a draft's vocabulary is
+checked against the model's before any weights are read.
+
+Who may use the model is decided by a `ModelGate` (`models/gate.py`): generations take a lease
+with `acquire()`; an inline switch (`acquire()` naming another model) waits until the old
+model's leases are released and its engine is idle, then replaces it. Administrative `load()`
+and `unload()` do not wait: every pending and running request ends with an error event naming
+the reason. Unloading stops the engine, frees every C handle and hands freed heap back to the
+OS (`malloc_trim`), so the process's RSS returns near its pre-load level.
 
 The concrete backend is injected (`backend_loader`), so this module never imports llama.cpp.
 """
@@ -12,36 +19,36 @@ The concrete backend is injected (`backend_loader`), so this module never import
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import gc
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
-from kodkod.backends.base import Backend, ContextConfig, ModelInfo, ModelSource, Tokenizer
+from kodkod.backends.base import ModelInfo, ModelSource, Tokenizer
 from kodkod.chat import ChatTemplate, find_template
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
-from kodkod.models.params import (
-    DEFAULT_MAX_BATCH_SIZE,
-    ModelLoadParams,
-    cache_types,
-    context_sizes,
-    rope_settings,
-)
+from kodkod.models.context import ContextPlan, draft_context, plan_context
+from kodkod.models.draft import BackendLoader, DraftModel, VocabProbe, check_same_vocab, load_draft
+from kodkod.models.gate import Lease, ModelGate, SwitchRefused
+from kodkod.models.params import LoadPlan, ModelLoadParams
+from kodkod.models.progress import LoadProgress
 from kodkod.models.registry import ModelEntry
+
+__all__ = [
+    "BackendLoader", "DraftModel", "Lease", "LoadedModel", "ModelManager", "NoModelLoaded",
+    "SwitchRefused",
+]
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float], None]
-
-
-class BackendLoader(Protocol):
-    def __call__(
-        self, source: ModelSource, make_config: Callable[[ModelInfo], ContextConfig] | None
-    ) -> Backend: ...
+IDLE_POLL_S = 0.05
 
 
 class NoModelLoaded(Exception):
@@ -55,17 +62,46 @@ class LoadedModel:
     info: ModelInfo
     tokenizer: Tokenizer
     engine: EngineClient
-    max_seq_len: int
-    cache_size: int
-    cache_mode: str
-    max_batch_size: int
-    chunk_size: int
+    plan: ContextPlan
     template: ChatTemplate | None
+    draft: DraftModel | None = None
+    load_time_s: float = 0.0
     loaded_at: float = field(default_factory=time.time)
 
     @property
     def name(self) -> str:
         return self.entry.name
+
+    @property
+    def key(self) -> str:
+        return model_key(self.entry)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.plan.max_seq_len
+
+    @property
+    def cache_size(self) -> int:
+        return self.plan.cache_size
+
+    @property
+    def cache_mode(self) -> str:
+        return self.plan.cache_mode
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.plan.max_batch_size
+
+    @property
+    def chunk_size(self) -> int:
+        return self.plan.chunk_size
+
+
+def model_key(entry: ModelEntry) -> str:
+    """Identity of a model for "is it loaded?": its resolved folder, or file when it has no
+    folder (reference §11.6, 2026-08: names that resolve to the same path are the same model).
+    Two folders linking one GGUF stay different models: their tabby_config.yml may differ."""
+    return str((entry.folder or entry.gguf).resolve())
 
 
 def available_threads() -> int:
@@ -75,35 +111,27 @@ def available_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _context_config(
-    params: ModelLoadParams, info: ModelInfo, sizes: dict[str, int]
-) -> ContextConfig:
-    """Decide the context of a freshly loaded model (records the sizes into `sizes`)."""
-    max_seq_len, cache_size = context_sizes(info.n_ctx_train, params.max_seq_len, params.cache_size)
-    type_k, type_v = cache_types(params.cache_mode)
-    batch = params.max_batch_size or DEFAULT_MAX_BATCH_SIZE
-    chunk = max(16, min(params.chunk_size, max_seq_len))
-    arch = info.architecture
-    meta = info.metadata
-    heads = int(meta.get(f"{arch}.attention.head_count", "0") or 0)
-    embd = int(meta.get(f"{arch}.embedding_length", "0") or 0)
-    head_dim = int(meta.get(f"{arch}.attention.key_length", "0") or 0) or (embd // heads if heads else 0)
-    freq_base = float(meta.get(f"{arch}.rope.freq_base", "10000") or 10000)
-    scale, base = rope_settings(
-        params, max_seq_len=max_seq_len, n_ctx_train=info.n_ctx_train, freq_base=freq_base, head_dim=head_dim
-    )
-    sizes.update(max_seq_len=max_seq_len, cache_size=cache_size, max_batch_size=batch, chunk_size=chunk)
-    return ContextConfig(
-        cache_size=cache_size,
-        num_slots=min(256, batch + max(8, batch)),
-        batch_tokens=max(chunk, batch * 8),
-        n_threads=params.n_threads or available_threads(),
-        cache_type_k=type_k,
-        cache_type_v=type_v,
-        flash_attention=params.flash_attention,
-        rope_freq_scale=scale,
-        rope_freq_base=base,
-    )
+def release_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _probe_gpu(loader: BackendLoader) -> bool:
+    owner = getattr(loader, "__self__", None)
+    probe = getattr(owner, "supports_gpu_offload", None) or getattr(loader, "supports_gpu_offload", None)
+    return bool(probe()) if callable(probe) else False
+
+
+def _placement_kwargs(params: ModelLoadParams) -> dict[str, Any]:
+    p = params.placement
+    return {} if p is None else {"split_mode": p.split_mode, "tensor_split": p.tensor_split}
 
 
 class ModelManager:
@@ -112,13 +140,26 @@ class ModelManager:
         backend_loader: BackendLoader,
         templates_dir: Path,
         on_fatal: Callable[[BaseException], None] | None = None,
+        *,
+        gpu_available: bool | None = None,
     ) -> None:
         self._loader = backend_loader
         self._templates_dir = templates_dir
         self._on_fatal = on_fatal
-        self.current: LoadedModel | None = None
-        self.lock = asyncio.Lock()
+        self.gate: ModelGate[LoadedModel] = ModelGate(lambda m: m.key)
+        self.vocab = VocabProbe(backend_loader)
+        self.gpu_available = _probe_gpu(backend_loader) if gpu_available is None else gpu_available
         self.loading: str | None = None
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self.gate.current
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        return self.gate.lock
 
     def require(self) -> LoadedModel:
         model = self.current
@@ -126,34 +167,107 @@ class ModelManager:
             raise NoModelLoaded("No models are currently loaded")
         return model
 
-    async def load(
-        self, entry: ModelEntry, params: ModelLoadParams, progress: ProgressFn | None = None
-    ) -> LoadedModel:
-        async with self.lock:
-            await self._unload_locked("the model was replaced by another load")
-            self.loading = entry.name
-            try:
-                loaded = await asyncio.to_thread(self._load_blocking, entry, params, progress)
-            finally:
-                self.loading = None
-            self.current = loaded
-            return loaded
+    def is_loaded(self, plan: LoadPlan, *, same_params: bool) -> bool:
+        model = self.current
+        if model is None or model.key != model_key(plan.entry):
+            return False
+        if not same_params:
+            return True
+        draft_key = model_key(model.draft.entry) if model.draft else None
+        wanted = model_key(plan.draft_entry) if plan.draft_entry else None
+        return model.params == plan.params and draft_key == wanted
 
-    def _load_blocking(
-        self, entry: ModelEntry, params: ModelLoadParams, progress: ProgressFn | None
+    async def acquire(self, plan: LoadPlan | None, *, may_switch: bool) -> Lease[LoadedModel]:
+        """A lease on plan's model (None: whatever is loaded); see `models/gate.py`.
+
+        May switch models (inline loading) when `may_switch`; raises NoModelLoaded,
+        SwitchRefused, or whatever the switch's load raised.
+        """
+        want = model_key(plan.entry) if plan is not None else None
+        switch = None
+        if plan is not None and may_switch:
+            async def switch() -> None:
+                await self._switch(plan)
+
+        def no_model() -> Exception:
+            return NoModelLoaded("No models are currently loaded")
+
+        return await self.gate.acquire(want, switch, no_model)
+
+    async def check_draft(self, plan: LoadPlan) -> None:
+        """DraftVocabError (400) if the plan's draft cannot draft for its model."""
+        if plan.draft_entry is not None:
+            await asyncio.to_thread(check_same_vocab, self.vocab, plan.entry, plan.draft_entry)
+
+    # -- loading ----------------------------------------------------------------------------
+
+    async def load(
+        self, plan: LoadPlan, progress: LoadProgress | None = None, *, reason: str | None = None
     ) -> LoadedModel:
+        """Replace whatever is loaded (its requests end with an error) by plan's model."""
+        async with self.gate.exclusive():
+            await self._unload_locked(
+                reason or f"the model was unloaded because {plan.entry.name!r} is being loaded"
+            )
+            return await self._load_locked(plan, progress)
+
+    async def _switch(self, plan: LoadPlan) -> None:
+        """Inline switch (lock held, no leases left): let the old engine finish, then load."""
+        old = self.current
+        if old is not None:
+            while old.engine.alive and (old.engine.stats.running or old.engine.stats.waiting):
+                await asyncio.sleep(IDLE_POLL_S)  # requests submitted without a lease
+            await self._unload_locked(f"the model was switched to {plan.entry.name!r}")
+        log.info("inline switch to %s", plan.entry.name)
+        await self._load_locked(plan, None)
+
+    async def _load_locked(self, plan: LoadPlan, progress: LoadProgress | None) -> LoadedModel:
+        progress = progress or LoadProgress(plan.entry.name)
+        self.loading = plan.entry.name
+        try:
+            loaded = await asyncio.to_thread(self._load_blocking, plan, progress)
+        finally:
+            self.loading = None
+        self.gate.install(loaded)
+        progress.finish("model")
+        return loaded
+
+    def _load_blocking(self, plan: LoadPlan, progress: LoadProgress) -> LoadedModel:
         t0 = time.perf_counter()
-        sizes: dict[str, int] = {}
+        params, entry = plan.params, plan.entry
+        n_threads = params.n_threads or available_threads()
+        placement = _placement_kwargs(params)
+        draft: DraftModel | None = None
+        if plan.draft_entry is not None and params.draft is not None:
+            target = check_same_vocab(self.vocab, entry, plan.draft_entry)
+            main_plan = plan_context(params, target.info, n_threads)
+            draft_params = params.draft
+            draft = load_draft(
+                self._loader, plan.draft_entry, draft_params,
+                lambda info: draft_context(draft_params, info, main_plan, params.flash_attention),
+                progress.callback("draft"), placement,
+            )
+            progress.finish("draft")
+        plans: list[ContextPlan] = []
+        on_fraction = progress.callback("model")
+
+        def make_config(info: ModelInfo) -> Any:
+            plans.append(plan_context(params, info, n_threads))
+            return plans[-1].config
 
         def on_progress(value: float) -> bool:
-            if progress is not None:
-                progress(value)
+            on_fraction(value)
             return True
 
-        backend = self._loader(
-            ModelSource(entry.gguf, entry.name, progress=on_progress),
-            lambda info: _context_config(params, info, sizes),
-        )
+        try:
+            backend = self._loader(
+                ModelSource(entry.gguf, entry.name, progress=on_progress), make_config, **placement
+            )
+        except BaseException:
+            if draft is not None:
+                draft.close()
+            raise
+        ctx = plans[-1]
         try:
             template = find_template(
                 prompt_template=params.prompt_template,
@@ -163,48 +277,57 @@ class ModelManager:
                 gguf_named_templates=backend.info.named_chat_templates,
             )
             engine = EngineClient.start(
-                backend,
-                EngineConfig(sizes["max_seq_len"], sizes["max_batch_size"], sizes["chunk_size"]),
+                backend, EngineConfig(ctx.max_seq_len, ctx.max_batch_size, ctx.chunk_size),
                 self._on_fatal,
             )
         except BaseException:
             backend.close()
+            if draft is not None:
+                draft.close()
             raise
+        elapsed = time.perf_counter() - t0
         log.info(
-            "loaded %s in %.1f s (max_seq_len %d, cache %d tokens, %s, batch %d)",
-            entry.name, time.perf_counter() - t0, sizes["max_seq_len"], sizes["cache_size"],
-            params.cache_mode, sizes["max_batch_size"],
+            "loaded %s in %.1f s (max_seq_len %d, cache %d tokens, %s = %s/%s, flash attention %s, "
+            "batch %d%s)",
+            entry.name, elapsed, ctx.max_seq_len, ctx.cache_size, ctx.cache_mode,
+            ctx.config.cache_type_k, ctx.config.cache_type_v,
+            "on" if ctx.config.flash_attention else "off", ctx.max_batch_size,
+            f", draft {draft.name}" if draft else "",
         )
         return LoadedModel(
-            entry=entry,
-            params=params,
-            info=backend.info,
-            tokenizer=backend.tokenizer,
-            engine=engine,
-            max_seq_len=sizes["max_seq_len"],
-            cache_size=sizes["cache_size"],
-            cache_mode=params.cache_mode,
-            max_batch_size=sizes["max_batch_size"],
-            chunk_size=sizes["chunk_size"],
-            template=template,
+            entry=entry, params=params, info=backend.info, tokenizer=backend.tokenizer,
+            engine=engine, plan=ctx, template=template, draft=draft, load_time_s=elapsed,
         )
 
+    # -- unloading --------------------------------------------------------------------------
+
     async def unload(self, message: str = "the model was unloaded") -> bool:
-        async with self.lock:
+        async with self.gate.exclusive():
             return await self._unload_locked(message)
 
     async def _unload_locked(self, message: str) -> bool:
-        model, self.current = self.current, None
+        model = self.current
         if model is None:
             return False
+        self.gate.install(None)
         await model.engine.shutdown(message)
-        await asyncio.to_thread(model.engine.close_backend)
+        await asyncio.to_thread(self._free, model)
         log.info("unloaded %s", model.name)
         return True
 
+    @staticmethod
+    def _free(model: LoadedModel) -> None:
+        model.engine.close_backend()
+        if model.draft is not None:
+            model.draft.close()
+        release_heap()
+
     def shutdown_sync(self) -> None:
         """Process exit: stop the engine and free the model without an event loop."""
-        model, self.current = self.current, None
+        model = self.current
         if model is not None:
+            self.gate.install(None)
             model.engine.shutdown_sync("the server is shutting down")
             model.engine.close_backend()
+            if model.draft is not None:
+                model.draft.close()

@@ -84,8 +84,12 @@ def discover(directory: Path) -> list[ModelEntry]:
     if not directory.is_dir():
         return []
     found: dict[str, ModelEntry] = {}
+    root = directory.resolve()
     for child in sorted(directory.iterdir()):
         entry = None
+        if child.is_symlink() and root not in child.resolve().parents:
+            log.debug("ignoring %s: it links outside the directory", child)
+            continue
         if child.is_dir():
             entry = entry_for_folder(child, child.name)
         elif child.is_file():

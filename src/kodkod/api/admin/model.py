@@ -1,9 +1,22 @@
-"""Admin model management: /v1/model/load (SSE progress), /v1/model/unload (reference §11)."""
+"""Admin model management: /v1/model/load (SSE progress) and /v1/model/unload (reference §11).
+
+A load request is checked completely before the stream starts — name inside model_dir, every
+field (pydantic), the merged parameters (`models/loading.py`: use_as_default < request <
+tabby_config.yml), GPU fields, the draft's vocabulary — so mistakes are plain 400/422 answers.
+Then the stream reports progress events (§11.3, `models/progress.py`) and closes after the
+main model's `finished` event, or with an error event if the load fails. The load runs as its
+own task: a client that goes away does not stop it (E3 2026-07 behaviour).
+
+Loading a different model, or the same one with different parameters, replaces the loaded one;
+its in-flight requests end with an error event naming the reason. The same model with the same
+parameters is "already loaded": two 1/1 events and nothing else (E3 2026-07).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,19 +27,18 @@ from kodkod.api.deps import ADMIN
 from kodkod.api.errors import ApiError, stream_error
 from kodkod.api.generation import sse, sse_response
 from kodkod.api.state import AppState, get_state
-from kodkod.models.loading import build_params, load_model
-from kodkod.models.registry import resolve
+from kodkod.models.loading import plan_load
+from kodkod.models.params import LoadPlan
+from kodkod.models.progress import LoadProgress, ProgressEvent
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-
-PROGRESS_MODULES = 100  # llama.cpp reports a fraction; we report it as percent "modules"
 
 
 class DraftLoadRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     draft_model_name: str = Field(validation_alias=AliasChoices("draft_model_name", "name"))
-    draft_rope_scale: float | None = None
+    draft_rope_scale: float | None = Field(None, gt=0)
     draft_rope_alpha: float | str | None = None
     draft_cache_mode: str | None = None
     draft_gpu_split: list[float] | None = None
@@ -37,14 +49,17 @@ class DraftLoadRequest(BaseModel):
 
 
 class ModelLoadRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    """Every field of reference §11.2, with the old aliases (`name`, `draft`)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
     model_name: str = Field(validation_alias=AliasChoices("model_name", "name"))
     backend: str | None = None
     max_seq_len: int | None = Field(None, ge=-1)
+    override_base_seq_len: int | None = None  # [24] only; accepted and ignored
     cache_size: int | None = Field(None, gt=0)
     cache_mode: str | None = None
     chunk_size: int | None = Field(None, gt=0)
-    max_batch_size: int | None = Field(None, ge=1, le=128)
+    max_batch_size: int | None = Field(None, ge=1, le=256)  # kodkod honours it (config-only upstream)
     rope_scale: float | None = Field(None, gt=0)
     rope_alpha: float | str | None = None
     prompt_template: str | None = None
@@ -55,61 +70,104 @@ class ModelLoadRequest(BaseModel):
     gpu_split: list[float] | None = None
     autosplit_reserve: list[float] | None = None
     output_chunking: bool | None = None
-    num_experts_per_token: int | None = None
+    num_experts_per_token: int | None = None  # [24] only; accepted and ignored
     draft_model: DraftLoadRequest | None = Field(
         None, validation_alias=AliasChoices("draft_model", "draft")
     )
-    skip_queue: bool = False
+    skip_queue: bool = False  # model swaps never wait here: in-flight requests are ended
 
 
-def _event(status: str, module: int, modules: int = PROGRESS_MODULES, kind: str = "model") -> str:
-    return sse({"model_type": kind, "module": module, "modules": modules, "status": status})
+def _request_fields(req: ModelLoadRequest) -> dict[str, Any]:
+    fields = req.model_dump(
+        exclude_none=True,
+        exclude={"model_name", "skip_queue", "override_base_seq_len", "num_experts_per_token"},
+    )
+    if isinstance(fields.get("rope_alpha"), str):
+        fields["rope_alpha"] = _alpha(fields["rope_alpha"])
+    return fields
+
+
+def _alpha(value: str) -> float | str:
+    text = value.strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ApiError(400, f"rope_alpha must be a number or 'auto', not {value!r}") from None
+
+
+def make_plan(state: AppState, name: str, fields: dict[str, Any], *, startup: bool) -> LoadPlan:
+    if not name or not name.strip():
+        raise ApiError(400, "model_name is required")
+    return plan_load(
+        state.settings, state.model_dir,
+        state.resolve_path(state.settings.draft_model.draft_model_dir),
+        name, fields, startup=startup, gpu_available=state.models.gpu_available,
+    )
+
+
+async def load_startup_model(state: AppState, name: str) -> None:
+    """The config's `model.model_name`, with the whole model/draft_model sections (§11.1)."""
+    plan = make_plan(state, name, {}, startup=True)
+    await state.models.check_draft(plan)
+    await state.models.load(plan)
+
+
+def _event(ev: ProgressEvent) -> str:
+    return sse(ev.as_dict())
 
 
 @router.post("/v1/model/load", dependencies=[ADMIN])
 async def load(req: ModelLoadRequest, request: Request) -> Any:
     state = get_state(request)
-    entry = resolve(state.model_dir, req.model_name)  # 400 before the stream starts
-    params = build_params(state.settings, entry, req.model_dump(exclude_none=True, exclude={"model_name"}), startup=False)
-    current = state.models.current
-    if current is not None and current.entry.gguf.resolve() == entry.gguf.resolve():
+    plan = make_plan(state, req.model_name, _request_fields(req), startup=False)
+    await state.models.check_draft(plan)  # 400 naming both models before the stream starts
+    if state.models.is_loaded(plan, same_params=True):
+
         async def already() -> AsyncIterator[str]:
-            yield _event("processing", 1, 1)
-            yield _event("finished", 1, 1)
+            yield _event(ProgressEvent("model", 1, 1, "processing"))
+            yield _event(ProgressEvent("model", 1, 1, "finished"))
+
         return sse_response(already())
-    return sse_response(_load_stream(state, entry, params))
+    return sse_response(_load_stream(state, plan))
 
 
-async def _load_stream(state: AppState, entry: Any, params: Any) -> AsyncIterator[str]:
+def _log_outcome(name: str, task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        log.warning("loading %s was cancelled", name)
+    elif task.exception() is not None:
+        log.error("loading %s failed: %s", name, task.exception())
+
+
+async def _load_stream(state: AppState, plan: LoadPlan) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    last = [-1]
+    queue: asyncio.Queue[ProgressEvent | None] = asyncio.Queue()
 
-    def progress(value: float) -> None:
-        module = max(1, min(PROGRESS_MODULES, int(round(value * PROGRESS_MODULES))))
-        if module != last[0]:
-            last[0] = module
-            loop.call_soon_threadsafe(queue.put_nowait, module)
+    def emit(ev: ProgressEvent) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, ev)
 
+    progress = LoadProgress(plan.entry.name, emit)
+    current = state.models.current
+    reason = None
+    if current is not None:
+        reason = (
+            f"the model {current.name!r} was unloaded: an administrator is loading "
+            f"{plan.entry.name!r}"
+        )
     # The load continues even if this client goes away (reference §11.3, E3 2026-07).
-    task = asyncio.ensure_future(load_model(state.models, entry, params, progress))
-    while True:
-        getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            yield _event("processing", getter.result())
-            continue
-        getter.cancel()
-        break
-    while not queue.empty():
-        yield _event("processing", queue.get_nowait())
-    exc = task.exception()
-    if exc is not None:
-        log.warning("loading %s failed: %s", entry.name, exc)
-        yield sse(stream_error(f"loading {entry.name} failed: {exc}"))
-        return
-    yield _event("processing", PROGRESS_MODULES)
-    yield _event("finished", PROGRESS_MODULES)
+    task = asyncio.ensure_future(state.models.load(plan, progress, reason=reason))
+    task.add_done_callback(lambda t: _log_outcome(plan.entry.name, t))
+    task.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
+    while (ev := await queue.get()) is not None:
+        yield _event(ev)
+    exc = None if task.cancelled() else task.exception()
+    if task.cancelled() or exc is not None:
+        trace = None
+        if exc is not None and state.settings.network.send_tracebacks:
+            trace = "".join(traceback.format_exception(exc))
+        message = f"loading {plan.entry.name} failed: {exc or 'cancelled'}"
+        yield sse(stream_error(message, trace))
 
 
 @router.post("/v1/model/unload", dependencies=[ADMIN])

@@ -1,8 +1,16 @@
 """Sampler override presets (reference §6.12, §9.4): list (api), switch / unload (admin).
 
 A preset is `sampler_overrides/<name>.yml`: a mapping of sampler field name → block with
-`override` (the value), `force` (replace the client's value) and `additive` (lists: prepend to
-the client's list). Null values are dropped; unknown field names are skipped with a warning.
+`override` (the value), `force` (replace the client's value, even with 0/false/[]) and
+`additive` (lists: prepend to the client's list; mappings such as logit_bias: merge under it).
+How a rule meets a request is `api.sampling.apply_override`.
+
+Loading validates every value with the request schema (a bad value is a 400 on switch, a
+warning at startup) and stores it normalised, so a forced value is as valid as a sent one.
+Null values are dropped; request aliases (`rep_pen`, `typical_p`, …) are accepted as keys;
+unknown keys are skipped with a warning. `sampling.override_preset` in config.yml selects a
+preset at startup (app.py). Unlike upstream (§15 quirk 11), unload and an inline `overrides`
+switch clear `selected_preset`, so the list endpoint never names a preset that is not active.
 """
 
 from __future__ import annotations
@@ -13,11 +21,11 @@ from typing import Any
 
 import yaml
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kodkod.api.deps import ADMIN, API, current_permission
 from kodkod.api.errors import ApiError
-from kodkod.api.sampling import SAMPLER_FIELDS
+from kodkod.api.sampling import SamplerRequest, alias_map
 from kodkod.api.state import OverrideState, get_state
 from kodkod.auth import Permission
 
@@ -33,25 +41,47 @@ def list_presets(directory: Path) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.yml")) if directory.is_dir() else []
 
 
+def _validated(name: str, value: Any, source: str) -> Any:
+    """`value` checked and normalised exactly as a request's `name` field would be."""
+    try:
+        model = SamplerRequest.model_validate({name: value})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise PresetError(f"{source}: {name}: {err.get('msg', 'invalid value')}") from None
+    return getattr(model, name)
+
+
+def _flag(block: dict[str, Any], key: str, name: str, source: str) -> bool:
+    value = block.get(key, False)
+    if not isinstance(value, bool):
+        raise PresetError(f"{source}: {name}.{key} must be true or false")
+    return value
+
+
 def normalise_overrides(data: Any, source: str) -> dict[str, dict[str, Any]]:
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise PresetError(f"{source}: a preset must be a mapping of sampler names to blocks")
+    names = alias_map()
     out: dict[str, dict[str, Any]] = {}
-    for name, block in data.items():
-        if name not in SAMPLER_FIELDS:
-            log.warning("%s: unknown sampler field %r skipped", source, name)
+    for key, block in data.items():
+        name = names.get(str(key))
+        if name is None:
+            log.warning("%s: unknown sampler field %r skipped", source, key)
             continue
         if not isinstance(block, dict):
             block = {"override": block}
         block = {k: v for k, v in block.items() if v is not None}
         if "override" not in block:
             continue
-        out[str(name)] = {
-            "override": block["override"],
-            "force": bool(block.get("force", False)),
-            "additive": bool(block.get("additive", False)),
+        value = _validated(name, block["override"], source)
+        if value is None:
+            continue
+        out[name] = {
+            "override": value,
+            "force": _flag(block, "force", name, source),
+            "additive": _flag(block, "additive", name, source),
         }
     return out
 
@@ -98,7 +128,8 @@ async def override_switch(req: OverrideSwitchRequest, request: Request) -> None:
         if req.preset is not None:
             apply_preset(state.overrides, state.overrides_dir, req.preset)
         elif req.overrides is not None:
-            state.overrides.overrides = normalise_overrides(req.overrides, "request")
+            state.overrides.overrides = normalise_overrides(req.overrides, "overrides")
+            state.overrides.selected_preset = None
         else:
             raise ApiError(400, "send a preset name or an overrides object")
     except PresetError as exc:
@@ -108,5 +139,7 @@ async def override_switch(req: OverrideSwitchRequest, request: Request) -> None:
 
 @router.post("/v1/sampling/override/unload", dependencies=[ADMIN])
 async def override_unload(request: Request) -> None:
-    get_state(request).overrides.overrides = {}
+    overrides = get_state(request).overrides
+    overrides.overrides = {}
+    overrides.selected_preset = None
     return None

@@ -1,4 +1,10 @@
-"""Model listing and information: /v1/models, /v1/model, /v1/model/list, drafts, /props."""
+"""Model listing and information: /v1/models, /v1/model, /v1/model/list, drafts, /props.
+
+Lists follow reference §6.2: an admin key sees every model in model_dir (minus the draft
+directory when it sits inside it) or draft_model_dir; an API key sees only what is loaded (the
+model, or its draft). `/v1/model` is the loaded model's card with its effective parameters,
+including the nested draft card.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from kodkod.api.deps import API, current_permission
 from kodkod.api.errors import ApiError
 from kodkod.api.state import AppState, get_model, get_state
 from kodkod.auth import Permission
-from kodkod.models.manager import LoadedModel
+from kodkod.models.manager import DraftModel, LoadedModel
 from kodkod.models.registry import discover
 
 router = APIRouter()
@@ -23,22 +29,40 @@ def card(name: str, **extra: Any) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(time.time()), "owned_by": OWNER, **extra}
 
 
+def draft_card(draft: DraftModel) -> dict[str, Any]:
+    """The nested draft card of /v1/model (reference §6.1)."""
+    return card(
+        draft.name,
+        parameters={
+            "max_seq_len": draft.plan.max_seq_len,
+            "rope_scale": draft.plan.rope.scale,
+            "rope_alpha": draft.plan.rope.alpha,
+            "cache_mode": draft.plan.cache_mode,
+        },
+    )
+
+
 def model_parameters(model: LoadedModel) -> dict[str, Any]:
-    params = model.params
+    plan = model.plan
     out: dict[str, Any] = {
-        "max_seq_len": model.max_seq_len,
-        "cache_size": model.cache_size,
-        "cache_mode": model.cache_mode,
-        "rope_scale": params.rope_scale or 1.0,
-        "rope_alpha": params.rope_alpha if isinstance(params.rope_alpha, float | int) else 1.0,
-        "max_batch_size": model.max_batch_size,
-        "chunk_size": model.chunk_size,
+        "max_seq_len": plan.max_seq_len,
+        "cache_size": plan.cache_size,
+        "cache_mode": plan.cache_mode,
+        "rope_scale": plan.rope.scale,
+        "rope_alpha": plan.rope.alpha,
+        "max_batch_size": plan.max_batch_size,
+        "chunk_size": plan.chunk_size,
         "prompt_template": model.template.name if model.template else None,
         "prompt_template_content": model.template.source if model.template else None,
         "use_vision": False,
+        "draft": draft_card(model.draft) if model.draft is not None else None,
+        # kodkod extensions
+        "cache_types": [plan.config.cache_type_k, plan.config.cache_type_v],
+        "flash_attention": plan.config.flash_attention,
         "architecture": model.info.architecture,
         "n_params": model.info.n_params,
         "n_ctx_train": model.info.n_ctx_train,
+        "load_time": round(model.load_time_s, 3),
     }
     stats = model.engine.stats
     out["engine"] = {
@@ -102,8 +126,9 @@ async def list_drafts(request: Request, perm: Permission = Depends(current_permi
     if perm is Permission.ADMIN:
         data = _directory_list(state, state.settings.draft_model.draft_model_dir)
     else:
-        draft = state.extras.get("draft_name")
-        data = [card(draft)] if draft else []
+        current = state.models.current
+        draft = current.draft if current is not None else None
+        data = [card(draft.name)] if draft is not None else []
     return {"object": "list", "data": data}
 
 

@@ -1,4 +1,12 @@
-"""POST /v1/chat/completions (reference §7.3–7.4, §8): template → prompt → engine → chunks."""
+"""POST /v1/chat/completions (reference §7.3–7.4, §8): template → prompt → engine → chunks.
+
+Flow: normalise `tool_choice` → render the prompt (`chat_prompt`) → pick and compile the output
+constraint (`constrain`: response_format, json_schema / regex_pattern / grammar_string, or a
+forced tool call) → submit `n` engine requests (one parser per choice) → split each choice's
+text into content, reasoning and tool calls (`chat_output`) → one JSON body, or SSE chunks:
+a role chunk per choice, content / reasoning / tool-call deltas, a finish chunk per choice
+(`finish_reason`, `stop_str`, `eos_reason`), the usage chunk if asked, then `[DONE]`.
+"""
 
 from __future__ import annotations
 
@@ -10,159 +18,119 @@ from fastapi import APIRouter, Request
 
 from kodkod.api.convert import build_generation, new_request_id, resolve_fields
 from kodkod.api.deps import API
-from kodkod.api.errors import ApiError
+from kodkod.api.errors import stream_error
 from kodkod.api.generation import SSE_DONE, collect, fan_in, sse, sse_ping, sse_response
+from kodkod.api.openai.chat_output import ChoiceOutput
+from kodkod.api.openai.chat_prompt import ChatPrompt, build_prompt
 from kodkod.api.openai.common import (
+    add_usage,
     finish_reason,
     inline_model,
     logprobs_chat,
+    requested_logprobs,
     submit_all,
     usage_dict,
 )
+from kodkod.api.openai.constrain import output_spec, plan_constraint, tool_choice
 from kodkod.api.openai.schemas import ChatCompletionRequest
 from kodkod.api.state import get_state
-from kodkod.chat import strip_leading_bos
-from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, Usage
-from kodkod.models.manager import LoadedModel
+from kodkod.engine.stream import RequestStream
+from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, TokenLogprob, Usage
 
 router = APIRouter()
-
-
-def template_variables(req: ChatCompletionRequest, model: LoadedModel) -> dict[str, Any]:
-    """Template variables, low → high precedence (reference §8.2, E3 2026-07)."""
-    extra = model.params.extra
-    out: dict[str, Any] = dict(extra.get("template_vars_default") or {})
-    if req.reasoning is not None:
-        if req.reasoning.enabled is not None:
-            out["enable_thinking"] = req.reasoning.enabled
-        if req.reasoning.effort is not None:
-            out["reasoning_effort"] = req.reasoning.effort
-    for key in ("reasoning_effort", "enable_thinking", "verbosity"):
-        value = getattr(req, key)
-        if value is not None:
-            out[key] = value
-    out.update(req.template_vars)
-    if extra.get("force_enable_thinking"):
-        out["enable_thinking"] = True
-    out.update(extra.get("template_vars_force") or {})
-    return out
-
-
-def render_prompt(req: ChatCompletionRequest, model: LoadedModel) -> tuple[str, list[int], list[str]]:
-    """(prompt text, prompt ids, template stop strings) for a chat request."""
-    template = model.template
-    if template is None:
-        raise ApiError(422, "no prompt template is set for the loaded model; switch one in with "
-                            "/v1/template/switch or load the model with prompt_template")
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    info = model.info
-    kwargs = dict(
-        bos_token=info.bos_text, eos_token=info.eos_text, tools=tools, functions=req.functions,
-        template_vars=template_variables(req, model),
-    )
-    if req.continue_final_message:
-        if req.add_generation_prompt:
-            raise ApiError(422, "continue_final_message needs add_generation_prompt: false")
-        text = template.render_continuation(messages, **kwargs)
-    else:
-        text = template.render(messages, add_generation_prompt=req.add_generation_prompt, **kwargs)
-    if req.response_prefix and (req.add_generation_prompt or req.continue_final_message):
-        text += req.response_prefix
-    text = strip_leading_bos(text, info.bos_text, add_bos_token=info.add_bos)
-    ids = model.tokenizer.tokenize(text, add_bos=info.add_bos, parse_special=True)
-    return text, ids, list(template.metadata().stop_strings)
 
 
 @router.post("/v1/chat/completions", dependencies=[API])
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
     model = await inline_model(request, req.model)
-    _, ids, template_stops = render_prompt(req, model)
+    choice = tool_choice(req.tools, req.tool_choice)
+    prompt = build_prompt(req, model, choice)
     values = resolve_fields(req, state.overrides)
-    want = bool(values["logprobs"]) or bool(values["top_logprobs"])
-    logprobs = max(int(values["top_logprobs"] or 0), int(values["logprobs"] or 0) if values["logprobs"] > 1 else 0) if want else None
+    spec = output_spec(values, req.response_format, (req.tools, choice) if choice.forced else None)
+    split = prompt.split  # a reply that starts inside reasoning is constrained after it
+    wait_for = split.reasoning[1] if split.reasoning and split.start_in_reasoning else None
+    plan = await plan_constraint(model.tokenizer, spec, wait_for=wait_for)
+    logprobs = requested_logprobs(values["logprobs"], values["top_logprobs"], chat=True)
     rid = new_request_id()
     gens = [
-        build_generation(f"{rid}-{k}", ids, values, model.info.n_vocab, logprobs=logprobs,
-                         extra_stop=template_stops)
+        build_generation(f"{rid}-{k}", prompt.ids, values, model.info.n_vocab, logprobs=logprobs,
+                         extra_stop=prompt.stop_strings,
+                         constraint=plan.new() if plan is not None else None)
         for k in range(req.n)
     ]
     streams = submit_all(model, gens)
     created = int(time.time())
+    head = {"id": f"chatcmpl-{rid}", "created": created, "model": model.name}
     if req.stream and not state.settings.developer.disable_request_streaming:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         ping_s = state.settings.network.sse_ping_interval or None
-        return sse_response(_stream(streams, f"chatcmpl-{rid}", created, model.name, include_usage, ping_s))
+        return sse_response(_stream(streams, head, prompt, include_usage, ping_s))
     results = await collect(request, streams)
     choices = []
     total = Usage(0, 0)
     for i, (tokens, final) in enumerate(results):
-        content = tokens.text
+        out = ChoiceOutput(prompt.split, prompt.tool_format, prompt.echo)
+        out.feed(tokens.text)
+        out.finish()
         choices.append({
             "index": i,
-            "finish_reason": finish_reason(final),
+            "finish_reason": out.finish_reason(finish_reason(final)),
             "stop_str": final.stop_str,
             "eos_reason": final.eos_reason.value,
-            "message": {
-                "role": "assistant",
-                "content": content if content.strip() else None,
-                "tool_calls": None,
-                "reasoning_content": None,
-                "tool_call_id": None,
-            },
+            "message": out.message(),
             "logprobs": logprobs_chat(tokens.logprobs) if logprobs is not None else None,
         })
-        if i == 0:
-            total.prompt_tokens = final.usage.prompt_tokens
-            total.cached_tokens = final.usage.cached_tokens
-            total.prompt_time_s = final.usage.prompt_time_s
-        total.completion_tokens += final.usage.completion_tokens
-        total.completion_time_s = max(total.completion_time_s, final.usage.completion_time_s)
-    return {
-        "id": f"chatcmpl-{rid}",
-        "object": "chat.completion",
-        "created": created,
-        "model": model.name,
-        "choices": choices,
-        "usage": usage_dict(total),
-    }
+        add_usage(total, final.usage, first=i == 0)
+    return {**head, "object": "chat.completion", "choices": choices, "usage": usage_dict(total)}
+
+
+def _chunk(head: dict[str, Any], index: int, delta: dict[str, Any], *,
+           finish: str | None = None, logprobs: list[TokenLogprob] | None = None,
+           extra: dict[str, Any] | None = None) -> str:
+    choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish,
+                              "logprobs": logprobs_chat(logprobs) if logprobs else None}
+    if extra:
+        choice.update(extra)
+    return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
 
 async def _stream(
-    streams: list, cid: str, created: int, model_name: str, include_usage: bool, ping_s: float | None
+    streams: list[RequestStream], head: dict[str, Any], prompt: ChatPrompt,
+    include_usage: bool, ping_s: float | None,
 ) -> AsyncIterator[str]:
-    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+    outs = [ChoiceOutput(prompt.split, prompt.tool_format) for _ in streams]
+    pending: list[list[TokenLogprob]] = [[] for _ in streams]  # logprobs of held-back text
     total = Usage(0, 0)
     for i in range(len(streams)):
-        yield sse({**base, "choices": [
-            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
-        ]})
+        yield _chunk(head, i, {"role": "assistant", "content": ""})
+        if prompt.echo:
+            outs[i].content.append(prompt.echo)
+            yield _chunk(head, i, {"content": prompt.echo})
     async for index, events in fan_in(streams, ping_s):
         if index < 0:
             yield sse_ping()
             continue
+        out = outs[index]
         for ev in events:
             if isinstance(ev, TokenEvent):
-                if ev.text or ev.logprobs:
-                    yield sse({**base, "choices": [{
-                        "index": index, "delta": {"content": ev.text}, "finish_reason": None,
-                        "logprobs": logprobs_chat(ev.logprobs),
-                    }]})
+                if ev.logprobs:
+                    pending[index].extend(ev.logprobs)
+                for delta in out.feed(ev.text):
+                    yield _chunk(head, index, delta, logprobs=pending[index])
+                    pending[index] = []
             elif isinstance(ev, FinishEvent):
-                if index == 0:
-                    total.prompt_tokens = ev.usage.prompt_tokens
-                    total.cached_tokens = ev.usage.cached_tokens
-                    total.prompt_time_s = ev.usage.prompt_time_s
-                total.completion_tokens += ev.usage.completion_tokens
-                total.completion_time_s = max(total.completion_time_s, ev.usage.completion_time_s)
-                yield sse({**base, "choices": [{
-                    "index": index, "delta": {}, "finish_reason": finish_reason(ev),
-                    "stop_str": ev.stop_str, "logprobs": None,
-                }]})
+                for delta in out.finish():
+                    yield _chunk(head, index, delta, logprobs=pending[index])
+                    pending[index] = []
+                add_usage(total, ev.usage, first=index == 0)
+                yield _chunk(head, index, {}, finish=out.finish_reason(finish_reason(ev)),
+                             logprobs=pending[index],
+                             extra={"stop_str": ev.stop_str, "eos_reason": ev.eos_reason.value})
             elif isinstance(ev, ErrorEvent):
-                yield sse({"error": {"message": ev.message, "trace": None}})
+                yield sse(stream_error(ev.message))
                 return
     if include_usage:
-        yield sse({**base, "choices": [], "usage": usage_dict(total)})
+        yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                   "usage": usage_dict(total)})
     yield SSE_DONE

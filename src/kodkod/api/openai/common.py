@@ -7,9 +7,7 @@ from typing import Any
 
 from fastapi import Request
 
-from kodkod.api.errors import ApiError
-from kodkod.api.state import get_state
-from kodkod.auth import AuthError, Permission
+from kodkod.api.admin.inline import model_for_request
 from kodkod.engine.client import RequestError
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import FinishEvent, FinishReason, GenerationRequest, TokenLogprob, Usage
@@ -48,6 +46,33 @@ def usage_dict(u: Usage) -> dict[str, Any]:
         out["drafted_tokens"] = u.drafted_tokens
         out["accepted_draft_tokens"] = u.accepted_draft_tokens
     return out
+
+
+def add_usage(total: Usage, u: Usage, *, first: bool) -> None:
+    """n>1: the first choice's prompt stats, summed completions, the longest completion time."""
+    if first:
+        total.prompt_tokens = u.prompt_tokens
+        total.cached_tokens = u.cached_tokens
+        total.prompt_time_s = u.prompt_time_s
+    total.completion_tokens += u.completion_tokens
+    total.completion_time_s = max(total.completion_time_s, u.completion_time_s)
+    total.drafted_tokens += u.drafted_tokens
+    total.accepted_draft_tokens += u.accepted_draft_tokens
+
+
+def requested_logprobs(logprobs: int | None, top_logprobs: int | None, *, chat: bool) -> int | None:
+    """How many alternatives per token the engine should report (None: no logprobs, §7.7).
+
+    Completions: `logprobs: N` (N > 0) asks for N alternatives. Chat: `logprobs: true` turns
+    them on with `top_logprobs` alternatives; an integer `logprobs` > 1 counts as top_logprobs.
+    """
+    n_log = int(logprobs or 0)
+    n_top = int(top_logprobs or 0)
+    if not chat:
+        return max(n_log, n_top) if n_log > 0 else None
+    if n_log <= 0 and n_top <= 0:
+        return None
+    return max(n_top, n_log if n_log > 1 else 0)
 
 
 def _clamp(v: float) -> float:
@@ -104,24 +129,6 @@ def submit_all(model: LoadedModel, gens: list[GenerationRequest]) -> list[Reques
 
 
 async def inline_model(request: Request, name: str | None) -> LoadedModel:
-    """The model a request runs on (reference §11.6: inline loading by the `model` field)."""
-    state = get_state(request)
-    manager = state.models
-    current = manager.current
-    if not name or (current is not None and name == current.name):
-        return manager.require()
-    settings = state.settings.model
-    if settings.use_dummy_models and name in settings.dummy_model_names:
-        return manager.require()
-    if not settings.inline_model_loading:
-        return manager.require()
-    try:
-        permission = state.keys.permission_of(request.headers)
-    except AuthError:
-        permission = Permission.API
-    if permission is not Permission.ADMIN:
-        raise ApiError(401, f"switching the model to {name!r} needs the admin key")
-    loader = state.extras.get("inline_loader")
-    if loader is None:
-        raise ApiError(501, "inline model loading is not available")
-    return await loader(request, name)
+    """The model a request runs on (reference §11.6: inline loading by the `model` field),
+    leased until the HTTP exchange ends (see kodkod.api.admin.inline)."""
+    return await model_for_request(request, name)

@@ -16,14 +16,18 @@ from fastapi import APIRouter, Request
 
 from kodkod.api.convert import build_generation, new_request_id, resolve_fields, tokenize_prompt
 from kodkod.api.deps import API
+from kodkod.api.errors import stream_error
 from kodkod.api.generation import SSE_DONE, collect, fan_in, sse, sse_ping, sse_response
 from kodkod.api.openai.common import (
+    add_usage,
     finish_reason,
     inline_model,
     logprobs_legacy,
+    requested_logprobs,
     submit_all,
     usage_dict,
 )
+from kodkod.api.openai.constrain import output_spec, plan_constraint
 from kodkod.api.openai.schemas import CompletionRequest
 from kodkod.api.state import get_state
 from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, Usage
@@ -57,16 +61,17 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
     model = await inline_model(request, req.model)
     values = resolve_fields(req, state.overrides)
-    top_n = values["logprobs"] or 0
-    logprobs = top_n if top_n > 0 else None
+    logprobs = requested_logprobs(values["logprobs"], values["top_logprobs"], chat=False)
+    plan = await plan_constraint(model.tokenizer, output_spec(values, req.response_format))
     rid = new_request_id()
     prompts = _prompts(req, model)
     gens = []
     for pi, (_, ids) in enumerate(prompts):
         for k in range(req.n):
-            gens.append(
-                build_generation(f"{rid}-{pi * req.n + k}", ids, values, model.info.n_vocab, logprobs=logprobs)
-            )
+            gens.append(build_generation(
+                f"{rid}-{pi * req.n + k}", ids, values, model.info.n_vocab, logprobs=logprobs,
+                constraint=plan.new() if plan is not None else None,
+            ))
     streams = submit_all(model, gens)
     created = int(time.time())
     prefix = {i: (prompts[i // req.n][0] if req.echo else "") for i in range(len(gens))}
@@ -90,7 +95,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
                 "logprobs": logprobs_legacy(tokens.logprobs, len(prefix[i])) if logprobs else None,
             }
         )
-        _add_usage(total, final.usage, first=i == 0)
+        add_usage(total, final.usage, first=i == 0)
     return {
         "id": f"cmpl-{rid}",
         "object": "text_completion",
@@ -99,18 +104,6 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
         "choices": choices,
         "usage": usage_dict(total),
     }
-
-
-def _add_usage(total: Usage, u: Usage, *, first: bool) -> None:
-    """n>1: the first choice's prompt stats, summed completions, the longest completion time."""
-    if first:
-        total.prompt_tokens = u.prompt_tokens
-        total.cached_tokens = u.cached_tokens
-        total.prompt_time_s = u.prompt_time_s
-    total.completion_tokens += u.completion_tokens
-    total.completion_time_s = max(total.completion_time_s, u.completion_time_s)
-    total.drafted_tokens += u.drafted_tokens
-    total.accepted_draft_tokens += u.accepted_draft_tokens
 
 
 async def _stream(
@@ -137,14 +130,14 @@ async def _stream(
                         {"index": index, "text": ev.text, "finish_reason": None, "logprobs": lp}
                     ]})
             elif isinstance(ev, FinishEvent):
-                _add_usage(total, ev.usage, first=index == 0)
+                add_usage(total, ev.usage, first=index == 0)
                 finished += 1
                 yield sse({**base, "choices": [{
                     "index": index, "text": "", "finish_reason": finish_reason(ev),
                     "stop_str": ev.stop_str, "eos_reason": ev.eos_reason.value, "logprobs": None,
                 }]})
             elif isinstance(ev, ErrorEvent):
-                yield sse({"error": {"message": ev.message, "trace": None}})
+                yield sse(stream_error(ev.message))
                 return
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage_dict(total)})

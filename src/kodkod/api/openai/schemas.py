@@ -37,7 +37,7 @@ class CommonCompletionRequest(SamplerRequest):
 
 
 class CompletionRequest(CommonCompletionRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[int] | list[str | list[int]]  # text, token ids, or a list of either
 
     @field_validator("prompt")
     @classmethod

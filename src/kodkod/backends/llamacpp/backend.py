@@ -103,16 +103,29 @@ class LlamaCppBackend:
         cls,
         source: ModelSource,
         make_config: Callable[[ModelInfo], ContextConfig] | None,
+        *,
+        split_mode: str | None = None,
+        tensor_split: Sequence[float] = (),
     ) -> LlamaCppBackend:
-        """Load the model, then size its context with make_config(info) (None: tokenizer only)."""
+        """Load the model, then size its context with make_config(info) (None: tokenizer only).
+        `split_mode`/`tensor_split`: GPU placement (GPU builds only, see LlamaModel.load)."""
         model = LlamaModel.load(
-            source.path, source.name, vocab_only=source.vocab_only, progress=source.progress
+            source.path, source.name, vocab_only=source.vocab_only, progress=source.progress,
+            split_mode=split_mode, tensor_split=tensor_split,
         )
         try:
             return cls(model, make_config(model.info) if make_config is not None else None)
         except BaseException:
             model.close()
             raise
+
+    @staticmethod
+    def supports_gpu_offload() -> bool:
+        """Whether this llama.cpp build can place layers on a GPU."""
+        return bool(L.llama_supports_gpu_offload())
+
+    def vocab_fingerprint(self) -> str:
+        return self._model.vocab_fingerprint()
 
     # -- tokenizer ----------------------------------------------------------------------------
 
@@ -177,13 +190,10 @@ class LlamaCppBackend:
     def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> NativeSampler:
         seed = params.seed if params.seed is not None and params.seed >= 0 else secrets.randbits(32)
         stages = build_stages(params, n_vocab=self._n_vocab, seed=seed & 0xFFFFFFFF)
-        sampler = NativeSampler(
-            self._ctx, self._model.vocab, self._n_vocab, self.kv_capacity, stages, self.logits
+        return NativeSampler(
+            self._ctx, self._model.vocab, self._n_vocab, self.kv_capacity, stages, self.logits,
+            history,
         )
-        if sampler.uses_history:
-            for t in history:
-                sampler.accept(t)
-        return sampler
 
     # -- lifetime -----------------------------------------------------------------------------
 

@@ -9,13 +9,18 @@ after the first time a token is seen.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import llama_cpp as L
 
 from kodkod.backends.base import ModelInfo, ModelLoadError
+
+if TYPE_CHECKING:
+    from kodkod.backends.llamacpp.grammar import LlgCompiler
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,26 @@ def init_llama() -> None:
     L.llama_log_set(_route_log, None)
 
 
+_SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+
+
+def _apply_split(
+    params: L.llama_model_params, split_mode: str | None, tensor_split: Sequence[float]
+) -> object:
+    """Set GPU split options; returns the array that must outlive the load call."""
+    if split_mode is None:
+        return None
+    if not L.llama_supports_gpu_offload():
+        raise ModelLoadError("GPU split options given, but this llama.cpp build has no GPU")
+    params.split_mode = _SPLIT_MODES[split_mode]
+    if not tensor_split:
+        return None
+    n = int(L.llama_max_devices())
+    arr = (ctypes.c_float * n)(*list(tensor_split)[:n])
+    params.tensor_split = arr
+    return arr
+
+
 class LlamaModel:
     """Owner of a `llama_model *` and its vocabulary."""
 
@@ -49,6 +74,7 @@ class LlamaModel:
         self._special_pieces: list[bytes | None] = [None] * self.n_vocab
         self._buf = ctypes.create_string_buffer(256)
         self.info = self._read_info(name)
+        self._grammar: LlgCompiler | None = None
 
     @classmethod
     def load(
@@ -58,11 +84,16 @@ class LlamaModel:
         *,
         vocab_only: bool = False,
         progress: Callable[[float], bool] | None = None,
+        split_mode: str | None = None,
+        tensor_split: Sequence[float] = (),
     ) -> LlamaModel:
+        """Load a model; `split_mode` ("none"/"layer"/"row") and `tensor_split` (proportions
+        per device) place it on GPUs and are only given on builds that have one."""
         init_llama()
         params = L.llama_model_default_params()
         params.n_gpu_layers = 0 if not L.llama_supports_gpu_offload() else -1
         params.vocab_only = vocab_only
+        split_ref = _apply_split(params, split_mode, tensor_split)
         callback_ref = None
         if progress is not None:
 
@@ -76,7 +107,7 @@ class LlamaModel:
             callback_ref = L.llama_progress_callback(_progress)
             params.progress_callback = callback_ref
         handle = L.llama_model_load_from_file(str(path).encode(), params)
-        del callback_ref  # only needed during the call
+        del callback_ref, split_ref  # only needed during the call
         if not handle:
             raise ModelLoadError(
                 f"llama.cpp could not load '{path.name}' (not a GGUF model it supports, a "
@@ -184,7 +215,26 @@ class LlamaModel:
             "utf-8", errors="replace"
         )
 
+    def grammar_compiler(self) -> LlgCompiler:
+        """The model's grammar compiler (`backends.base.SupportsGrammar`), made on first use."""
+        if self._grammar is None:
+            from kodkod.backends.llamacpp.grammar import LlgCompiler
+
+            self._grammar = LlgCompiler(self)
+        return self._grammar
+
+    def vocab_fingerprint(self) -> str:
+        """sha256 over every token's stored text: equal for models sharing a vocabulary."""
+        h = hashlib.sha256()
+        for t in range(self.n_vocab):
+            h.update(L.llama_vocab_get_text(self.vocab, t) or b"")
+            h.update(b"\0")
+        return h.hexdigest()
+
     def close(self) -> None:
+        if self._grammar is not None:
+            self._grammar.close()
+            self._grammar = None
         if self.handle:
             L.llama_model_free(self.handle)
             self.handle = None  # type: ignore[assignment]
