@@ -132,7 +132,9 @@ class FakeBackend:
     def kv_clear(self) -> None:
         self.kv = [[] for _ in range(self.num_slots)]
 
-    def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> FakeSampler:
+    def new_sampler(
+        self, params: SamplingParams, history: Sequence[int], num_prompt: int | None = None
+    ) -> FakeSampler:
         return FakeSampler(self)
 
     def close(self) -> None:

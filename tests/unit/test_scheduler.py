@@ -23,7 +23,7 @@ def make_seq(rid: str, prompt: list[int], max_len: int = 10_000) -> Sequence:
     return Sequence(
         request=req, sink=NullSink(), tokens=list(prompt), num_prompt=len(prompt),
         detok=IncrementalDetokenizer(lambda t: b"x"), stops=StopStringMatcher([]),
-        stop_ids=frozenset(), max_len=max_len,
+        stop_ids=frozenset(), eos_ids=frozenset(), max_len=max_len,
     )
 
 

@@ -185,9 +185,11 @@ def build_generation(
     logprobs: int | None,
     extra_stop: list[str] | None = None,
     constraint: Constraint | None = None,
+    choice: int = 0,
 ) -> GenerationRequest:
     """One engine request. A grammar field in `values` needs its compiled `constraint`
-    (see `grammar_spec` / `compile_grammar`); without one the request is refused."""
+    (see `grammar_spec` / `compile_grammar`); without one the request is refused. With a
+    seed, choice k of n uses seed + k, so n choices differ yet each is reproducible."""
     if constraint is None and grammar_spec(values) is not None:
         raise ApiError(400, "json_schema / regex_pattern / grammar_string are not supported on "
                             "this endpoint yet")
@@ -206,10 +208,13 @@ def build_generation(
     if extra_stop:
         strings = strings + [s for s in extra_stop if s not in strings]
     max_tokens = values["max_tokens"]
+    sampling = sampling_params(values, n_vocab)
+    if choice and sampling.seed is not None:
+        sampling.seed = (sampling.seed + choice) & 0xFFFFFFFF
     return GenerationRequest(
         request_id=request_id,
         prompt_ids=prompt_ids,
-        sampling=sampling_params(values, n_vocab),
+        sampling=sampling,
         max_tokens=int(max_tokens) if max_tokens else None,
         min_tokens=int(values["min_tokens"] or 0),
         stop_strings=strings,

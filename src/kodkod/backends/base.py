@@ -151,8 +151,11 @@ class Backend(Protocol):
 
     def kv_clear(self) -> None: ...
 
-    def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> Sampler:
-        """A sampler for one sequence; `history` (the prompt) feeds penalties and DRY."""
+    def new_sampler(
+        self, params: SamplingParams, history: Sequence[int], num_prompt: int | None = None
+    ) -> Sampler:
+        """A sampler for one sequence. `history` (prompt, plus output kept after a rewind) feeds
+        penalties and DRY; the first `num_prompt` of it are prompt (default: all)."""
         ...
 
     def close(self) -> None: ...

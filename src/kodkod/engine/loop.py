@@ -43,7 +43,8 @@ from kodkod.engine.types import (
 
 log = logging.getLogger(__name__)
 
-MAX_REWINDS = 1000  # banned-string rewinds per sequence before giving up
+MAX_REWINDS = 1000
+PUBLISH_EVERY_S = 0.02  # banned-string rewinds per sequence before giving up
 
 
 class _NullSink:
@@ -129,6 +130,7 @@ class EngineLoop:
         )
         self._seqs: dict[str, Sequence] = {}
         self._healing_cache: dict[bytes, list[int]] = {}
+        self._published_at = 0.0
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._exclusive: list[_Exclusive] = []
         self._stopping: _Shutdown | None = None
@@ -266,8 +268,10 @@ class EngineLoop:
         seq = Sequence(
             request=req, sink=sink, tokens=prompt, num_prompt=len(prompt),
             detok=IncrementalDetokenizer(piece_of), stops=StopStringMatcher(req.stop_strings),
-            stop_ids=stop_ids, max_len=limit,
-            guard=BannedStringGuard(req.banned_strings) if req.banned_strings else None,
+            stop_ids=stop_ids, eos_ids=backend.info.eos_ids, max_len=limit,
+            # like upstream, banned strings give way to a grammar (both would fight over tokens)
+            guard=(BannedStringGuard(req.banned_strings)
+                   if req.banned_strings and req.constraint is None else None),
             loops=LoopDetector(req.loop_detect_window) if req.loop_detect_window > 1 else None,
             strip_prefix=strip,
         )
@@ -281,7 +285,8 @@ class EngineLoop:
             shadow = Sequence(
                 request=req, sink=_NULL_SINK, tokens=neg, num_prompt=len(neg),
                 detok=IncrementalDetokenizer(piece_of), stops=StopStringMatcher([]),
-                stop_ids=stop_ids, max_len=self.config.max_seq_len, is_shadow=True,
+                stop_ids=stop_ids, eos_ids=backend.info.eos_ids, max_len=self.config.max_seq_len,
+                is_shadow=True,
             )
             seq.partner, shadow.partner = shadow, seq
         return seq
@@ -351,7 +356,7 @@ class EngineLoop:
             c["prompt_computed"] += plan.num_tokens
         self._decode_s += t2 - t1
         self._step_s += time.perf_counter() - t0
-        self._publish()
+        self._publish(force=not sched.has_work)
 
     def _process(self, plan: StepPlan, indices: list[list[int]]) -> None:
         backend = self.backend
@@ -403,7 +408,7 @@ class EngineLoop:
             seq.loops.reset(seq.output_ids)
         if seq.sampler is not None:
             seq.sampler.close()
-        seq.sampler = backend.new_sampler(seq.request.sampling, seq.tokens)
+        seq.sampler = backend.new_sampler(seq.request.sampling, seq.tokens, seq.num_prompt)
         req = seq.request
         for obj in (req.constraint, *req.processors):
             rollback = getattr(obj, "rollback_to", None)
@@ -467,7 +472,12 @@ class EngineLoop:
         if self._stopping is not None:
             self._stopping.future.set_result(None)
 
-    def _publish(self) -> None:
+    def _publish(self, force: bool = True) -> None:
+        """Publish a stats snapshot; during steps at most every PUBLISH_EVERY_S (cheap hot loop)."""
+        now = time.perf_counter()
+        if not force and now - self._published_at < PUBLISH_EVERY_S:
+            return
+        self._published_at = now
         sched, c = self._sched, self._counters
         self.stats = EngineStats(
             running=len(sched.running),

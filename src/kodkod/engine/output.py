@@ -82,8 +82,11 @@ def next_token(
             proc.process(row, output_ids)
         if req.constraint is not None:
             req.constraint.process(row, output_ids)
-        if req.ban_eos_token or seq.num_output < req.min_tokens:
+        if seq.num_output < req.min_tokens:  # no stop token before min_tokens
             for t in seq.stop_ids:
+                row[t] = NEG_INF
+        elif req.ban_eos_token:  # only the model's end-of-generation tokens
+            for t in seq.eos_ids:
                 row[t] = NEG_INF
         if bans:
             row[list(bans)] = NEG_INF

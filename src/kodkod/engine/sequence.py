@@ -41,7 +41,8 @@ class Sequence:
     num_prompt: int
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
-    stop_ids: frozenset[int]
+    stop_ids: frozenset[int]  # EOS ids plus the request's stop token ids
+    eos_ids: frozenset[int]
     max_len: int  # len(tokens) may not exceed this (prompt + max_tokens, capped by max_seq_len)
     status: SeqStatus = SeqStatus.WAITING
     slot: int = -1

@@ -56,7 +56,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     gens = [
         build_generation(f"{rid}-{k}", prompt.ids, values, model.info.n_vocab, logprobs=logprobs,
                          extra_stop=prompt.stop_strings,
-                         constraint=plan.new() if plan is not None else None)
+                         constraint=plan.new() if plan is not None else None, choice=k)
         for k in range(req.n)
     ]
     streams = submit_all(model, gens)

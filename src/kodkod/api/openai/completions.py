@@ -70,7 +70,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
         for k in range(req.n):
             gens.append(build_generation(
                 f"{rid}-{pi * req.n + k}", ids, values, model.info.n_vocab, logprobs=logprobs,
-                constraint=plan.new() if plan is not None else None,
+                constraint=plan.new() if plan is not None else None, choice=k,
             ))
     streams = submit_all(model, gens)
     created = int(time.time())

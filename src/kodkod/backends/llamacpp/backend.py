@@ -187,12 +187,14 @@ class LlamaCppBackend:
 
     # -- sampling -----------------------------------------------------------------------------
 
-    def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> NativeSampler:
+    def new_sampler(
+        self, params: SamplingParams, history: Sequence[int], num_prompt: int | None = None
+    ) -> NativeSampler:
         seed = params.seed if params.seed is not None and params.seed >= 0 else secrets.randbits(32)
         stages = build_stages(params, n_vocab=self._n_vocab, seed=seed & 0xFFFFFFFF)
         return NativeSampler(
             self._ctx, self._model.vocab, self._n_vocab, self.kv_capacity, stages, self.logits,
-            history,
+            history, num_prompt,
         )
 
     # -- lifetime -----------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def _custom(stage: S.Stage, history: Sequence[int]) -> C.PySampler | None:
 class NativeSampler:
     """A llama.cpp sampler chain for one sequence."""
 
-    __slots__ = ("_ctx", "_chain", "_argmax", "_logits", "_custom")
+    __slots__ = ("_ctx", "_chain", "_argmax", "_logits", "_custom", "_num_prompt")
 
     def __init__(
         self,
@@ -109,8 +109,10 @@ class NativeSampler:
         stages: list[S.Stage],
         logits: Callable[[int], np.ndarray] | None,
         history: Sequence[int] = (),
+        num_prompt: int | None = None,
     ) -> None:
         self._ctx = ctx
+        self._num_prompt = len(history) if num_prompt is None else num_prompt
         self._logits = logits
         self._argmax = len(stages) == 1 and isinstance(stages[0], S.Greedy)
         self._custom: list[C.PySampler] = []
@@ -141,7 +143,8 @@ class NativeSampler:
             case S.Penalties(last_n, repeat, freq, present, _, output_only):
                 window = n_ctx if last_n < 0 else last_n
                 smpl = L.llama_sampler_init_penalties(n_vocab, window, repeat, freq, present)
-                feed = () if output_only else history[-window:]
+                # output-only penalties see just the generated part (kept output after a rewind)
+                feed = history[self._num_prompt:][-window:] if output_only else history[-window:]
             case S.Dry(last_n=last_n):
                 window = n_ctx if last_n < 0 else last_n
                 smpl = _dry(stage, vocab, window)
