@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
+from kodkod.models.manager import available_threads  # noqa: E402
 from tests.server import KodkodServer  # noqa: E402
 
 WORDS = ["Seas", "Dragons", "Robots", "Lighthouses", "Winter", "Cities", "Cats", "Moonlight",
@@ -33,7 +34,7 @@ WORDS = ["Seas", "Dragons", "Robots", "Lighthouses", "Winter", "Cities", "Cats",
 
 def body(word: str, tokens: int) -> dict:
     return {"prompt": f"{word} are the subject of this essay. ", "max_tokens": tokens,
-            "temperature": 0, "ban_eos_token": True, "logprobs": 0}
+            "temperature": 0, "ban_eos_token": True, "logprobs": 1}
 
 
 async def run_all(server: KodkodServer, bodies: list[dict], concurrent: int) -> list[list[str]]:
@@ -59,7 +60,7 @@ def main() -> None:
     results = []
     for concurrent in (1, args.clients):
         with tempfile.TemporaryDirectory() as tmp:
-            server = KodkodServer.start(Path(tmp))
+            server = KodkodServer.start(Path(tmp), {"model": {"n_threads": available_threads()}})
             try:
                 results.append(asyncio.run(run_all(server, bodies, concurrent)))
             finally:

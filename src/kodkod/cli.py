@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -107,9 +108,13 @@ def serve(argv: list[str]) -> int:
         access_log=settings.logging.log_requests, log_level="info", lifespan="on",
     )
     server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler
+    # that was installed before it: make that a no-op, so a graceful stop exits with status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the signal after a graceful shutdown
+    except KeyboardInterrupt:
         pass
     if startup_errors:
         return _fail(startup_errors[0], 1)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kodkod.engine.stopping import partial_match_len
+
 
 @dataclass(slots=True)
 class GuardResult:
@@ -95,16 +97,7 @@ class BannedStringGuard:
         return out
 
     def _suffix_at_risk(self) -> int:
-        """Length of the longest suffix of the held text that is a proper prefix of a banned string."""
-        held = self._held
-        longest = 0
-        upper = min(len(held), self._max_len - 1)
-        for b in self._banned:
-            for n in range(min(upper, len(b) - 1), longest, -1):
-                if held.endswith(b[:n]):
-                    longest = n
-                    break
-        return longest
+        return partial_match_len(self._held, self._banned, self._max_len)
 
 
 class LoopDetector:

@@ -46,12 +46,17 @@ class StopStringMatcher:
         return held
 
     def _holdback(self, buf: str) -> int:
-        """Length of the longest suffix of `buf` that is a proper prefix of a stop string."""
-        longest = 0
-        upper = min(len(buf), self._max_len - 1)
-        for stop in self._stops:
-            for n in range(min(upper, len(stop) - 1), longest, -1):
-                if buf.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+        return partial_match_len(buf, self._stops, self._max_len)
+
+
+def partial_match_len(text: str, needles: list[str], max_len: int) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `needles`
+    (`max_len` = the longest needle): the text that must wait to see if a needle completes."""
+    longest = 0
+    upper = min(len(text), max_len - 1)
+    for needle in needles:
+        for n in range(min(upper, len(needle) - 1), longest, -1):
+            if text.endswith(needle[:n]):
+                longest = n
+                break
+    return longest
