@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from kodkod import __version__
+from kodkod.api.admin import lora as admin_lora
 from kodkod.api.admin import model as admin_model
 from kodkod.api.admin import overrides as admin_overrides
 from kodkod.api.admin import templates as admin_templates
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class StartupError(Exception):
-    """The startup model could not be loaded (one-line message)."""
+    """The startup model (or its `lora.loras` adapters) could not be loaded (one-line message)."""
 
 
 def create_app(
@@ -61,12 +62,19 @@ def create_app(
                 log.warning("sampler override preset not applied: %s", exc)
         name = settings.model.model_name
         if name:
+            message = None
             try:
                 await admin_model.load_startup_model(state, name)
             except Exception as exc:
                 message = f"could not load the startup model {name!r}: {exc}"
+            else:
+                try:
+                    await admin_lora.load_startup_loras(state)  # lora.loras, after the model
+                except Exception as exc:
+                    message = f"could not load the startup LoRA adapters: {exc}"
+            if message is not None:
                 if on_startup_error is None:
-                    raise StartupError(message) from None
+                    raise StartupError(message)
                 on_startup_error(message)
         try:
             yield
@@ -74,8 +82,10 @@ def create_app(
             await state.models.unload("the server is shutting down")
 
     app = FastAPI(title="kodkod", version=__version__, lifespan=lifespan)
+    lora_dir = Path(settings.lora.lora_dir).expanduser()
     manager = ModelManager(
-        backend_loader, base / "templates", on_fatal=lambda exc: state_box["state"].record_fatal(exc)
+        backend_loader, base / "templates", on_fatal=lambda exc: state_box["state"].record_fatal(exc),
+        lora_dir=lora_dir if lora_dir.is_absolute() else base / lora_dir,
     )
     state = AppState(settings=settings, keys=keys, models=manager, base_dir=base)
     state_box["state"] = state
@@ -87,7 +97,8 @@ def create_app(
     )
     app.add_middleware(LeaseMiddleware)  # model leases end with the HTTP exchange
     install_error_handlers(app)
-    for module in (misc, models, admin_model, admin_templates, admin_overrides, unavailable):
+    for module in (misc, models, admin_model, admin_lora, admin_templates, admin_overrides,
+                   unavailable):
         app.include_router(module.router)
     servers = settings.network.api_server_set()
     if "oai" in servers:

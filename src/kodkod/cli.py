@@ -3,6 +3,7 @@
     kodkod [--config PATH] [--port N] [--model-name X] ...   serve (every config key is a flag)
     kodkod models fetch [--gemma] [--embedding] [--all]       put the offline models in model_dir
     kodkod models list                                        list the models in model_dir
+    kodkod models derive NAME --type f32|f16|q8_0 [--name N]  another precision of a model
     kodkod export-config [--export-path PATH]                 write config_sample.yml
     kodkod export-openapi [--export-path PATH]                write the OpenAPI schema
 
@@ -131,6 +132,11 @@ def models_command(argv: list[str]) -> int:
     fetch.add_argument("--model-dir", default=None, help="target folder (default: model.model_dir)")
     lst = sub.add_parser("list", help="list the models found in model_dir")
     lst.add_argument("--model-dir", default=None)
+    der = sub.add_parser("derive", help="write another precision of a model (llama.cpp quantize)")
+    der.add_argument("source", help="model name in model_dir")
+    der.add_argument("--type", required=True, choices=["f32", "f16", "q8_0"])
+    der.add_argument("--name", default=None, help="new model name (default: SOURCE-TYPE)")
+    der.add_argument("--model-dir", default=None)
     ns = parser.parse_args(argv)
 
     from kodkod.settings import ConfigError, load_settings
@@ -140,6 +146,15 @@ def models_command(argv: list[str]) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     model_dir = Path(ns.model_dir or settings.model.model_dir)
+    if ns.action == "derive":
+        from kodkod.models.derive import DeriveError, derive
+
+        try:
+            done = derive(model_dir, ns.source, ns.type, ns.name)
+        except DeriveError as exc:
+            return _fail(str(exc), 1)
+        print(f"{done.name}\t{done.path}{'' if done.created else ' (already there)'}")
+        return 0
     if ns.action == "list":
         from kodkod.models.registry import discover
 

@@ -229,7 +229,27 @@ def build_generation(
         token_healing=bool(values["token_healing"]),
         cfg_scale=float(values["cfg_scale"]),
         negative_prompt=values["negative_prompt"] or None,
+        adapters=request_adapters(values["loras"]),
     )
+
+
+def request_adapters(value: Any) -> tuple[tuple[str, float], ...] | None:
+    """The `loras` field (a request's, or a preset's plain dicts) as (name, scaling) pairs;
+    None when absent (the active adapters apply)."""
+    if value is None:
+        return None
+    out = []
+    for item in value:
+        name = item.get("name") if isinstance(item, dict) else getattr(item, "name", None)
+        scaling = item.get("scaling", 1.0) if isinstance(item, dict) else getattr(item, "scaling", 1.0)
+        if not name:
+            raise ApiError(422, "loras: every entry needs a name", param="loras")
+        try:
+            scale = float(1.0 if scaling is None else scaling)
+        except (TypeError, ValueError):
+            raise ApiError(422, f"loras: the scaling of {name!r} must be a number", param="loras") from None
+        out.append((str(name), scale))
+    return tuple(out)
 
 
 def _string_list(value: Any) -> list[str]:

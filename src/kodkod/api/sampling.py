@@ -36,6 +36,14 @@ def _alias(*names: str) -> Any:
     return Field(None, validation_alias=AliasChoices(*names))
 
 
+class RequestLora(BaseModel):
+    """One LoRA adapter a request runs with (kodkod extension; see engine/adapters.py)."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    scaling: float = Field(1.0, ge=0.0)
+
+
 class SamplerRequest(BaseModel):
     """Generation fields common to /v1/completions, /v1/chat/completions and Kobold."""
 
@@ -109,6 +117,9 @@ class SamplerRequest(BaseModel):
     adaptive_decay: float | None = Field(None, ge=0.0, le=1.0)
     loop_detect_window: int | None = Field(None, ge=0)
     seed: int | None = Field(None, validation_alias=AliasChoices("seed", "sampler_seed"))
+    # kodkod extension: this request's LoRA adapters from lora_dir with their scaling, instead
+    # of the active ones (/v1/lora/load); [] = the base model.
+    loras: list[RequestLora] | None = None
 
     @field_validator("top_k")
     @classmethod
@@ -227,6 +238,7 @@ FALLBACKS: dict[str, Any] = {
     "adaptive_decay": 0.9,
     "loop_detect_window": 800,
     "seed": None,
+    "loras": None,
 }
 
 SAMPLER_FIELDS = frozenset(FALLBACKS)

@@ -49,6 +49,10 @@ class AppState:
         return self.resolve_path(self.settings.model.model_dir)
 
     @property
+    def lora_dir(self) -> Path:
+        return self.resolve_path(self.settings.lora.lora_dir)
+
+    @property
     def templates_dir(self) -> Path:
         return self.base_dir / "templates"
 

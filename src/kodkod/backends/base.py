@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from kodkod.engine.constraints import GrammarCompiler
-from kodkod.engine.types import SamplingParams
+from kodkod.engine.types import AdapterKey, SamplingParams
 
 
 class BackendError(Exception):
@@ -35,6 +35,10 @@ class KVCacheFullError(BackendError):
 
 class ModelLoadError(BackendError):
     """The model (or adapter) could not be loaded; the message says why."""
+
+
+class AdapterError(BackendError):
+    """A LoRA adapter could not be loaded or is not loaded; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,39 @@ class SupportsGrammar(Protocol):
     """
 
     def grammar_compiler(self) -> GrammarCompiler: ...
+
+
+class AdapterHost(Protocol):
+    """Optional (`backend.adapters`, None when absent): LoRA adapters on the context.
+
+    Engine thread only (llama.cpp reads the adapter list while it decodes), except reading
+    `active` and setting `source`. `activate`/`clear` run as exclusive work (nothing running);
+    `key_for` resolves a request's adapters by name — loading one it does not hold yet through
+    `source` (name → prepared, validated GGUF path) — and `use` switches the context to a key
+    before a decode (cheap when it is already in use).
+    """
+
+    source: Callable[[str], Path] | None
+
+    @property
+    def active(self) -> tuple[tuple[str, float], ...]:
+        """The adapters requests use by default, as (name, scale)."""
+        ...
+
+    def activate(self, items: Sequence[tuple[str, Path, float]]) -> None:
+        """Free every loaded adapter, load these (name, GGUF path, scale), make them active."""
+        ...
+
+    def clear(self) -> None:
+        """Free every loaded adapter; nothing is active."""
+        ...
+
+    def key_for(self, wanted: Sequence[tuple[str, float]] | None) -> AdapterKey:
+        """The key of (name, scale) pairs (None: the active ones); AdapterError if one is
+        neither loaded nor loadable."""
+        ...
+
+    def use(self, key: AdapterKey) -> None: ...
 
 
 class Backend(Protocol):

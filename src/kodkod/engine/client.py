@@ -36,6 +36,9 @@ class ContextLengthError(RequestError):
 class EngineClient:
     def __init__(self, engine: EngineLoop) -> None:
         self._engine = engine
+        # Checks a request's named LoRA adapters (raises RequestError); set by the model
+        # manager (models/lora.py) so unknown or incompatible adapters are a 400 up front.
+        self.adapter_check: Callable[[tuple[tuple[str, float], ...]], None] | None = None
 
     @classmethod
     def start(
@@ -43,8 +46,10 @@ class EngineClient:
         backend: Backend,
         config: EngineConfig,
         on_fatal: Callable[[BaseException], None] | None = None,
+        draft: Backend | None = None,
     ) -> EngineClient:
-        engine = EngineLoop(backend, config, on_fatal)
+        """`draft`: a draft model's backend for speculative decoding (the caller frees it)."""
+        engine = EngineLoop(backend, config, on_fatal, draft)
         engine.start()
         return cls(engine)
 
@@ -78,6 +83,14 @@ class EngineClient:
             )
         if request.min_tokens and request.max_tokens is not None and request.min_tokens > request.max_tokens:
             raise RequestError("min_tokens must not exceed max_tokens")
+        if request.adapters and self.adapter_check is not None:
+            self.adapter_check(request.adapters)
+
+    async def prepare(self, request: GenerationRequest) -> None:
+        """Check a request off the event loop when that can be slow (a LoRA adapter named for
+        the first time may need a PEFT→GGUF conversion); then submit() is instant."""
+        if request.adapters and self.adapter_check is not None:
+            await asyncio.to_thread(self.adapter_check, request.adapters)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         self.check(request)

@@ -85,6 +85,7 @@ class Slot:
     state: SlotState = SlotState.FREE
     tokens: list[int] = field(default_factory=list)
     last_used: int = 0
+    adapter_key: tuple = ()  # LoRA set its KV was computed with (engine/adapters.py)
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -139,13 +140,14 @@ class SlotTable:
                     best = s
         return best
 
-    def best_match(self, tokens: list[int], limit: int) -> PrefixMatch | None:
-        """The slot whose KV shares the longest prefix with tokens[:limit]."""
+    def best_match(self, tokens: list[int], limit: int, adapter_key: tuple = ()) -> PrefixMatch | None:
+        """The slot whose KV shares the longest prefix with tokens[:limit]; only slots computed
+        with the same LoRA set count (other adapters give other KV for the same tokens)."""
         best: PrefixMatch | None = None
         target = tokens[:limit]
         for s in self.slots:
             valid = self.pool.length(s.index)
-            if s.state is SlotState.FREE or valid == 0:
+            if s.state is SlotState.FREE or valid == 0 or s.adapter_key != adapter_key:
                 continue
             n = common_prefix_len(s.tokens[:valid], target)
             if n > 0 and (best is None or n > best.length):

@@ -20,17 +20,28 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kodkod.backends.base import Backend, BatchRow
-from kodkod.engine.banned import BannedStringGuard, LoopDetector
-from kodkod.engine.detokenizer import IncrementalDetokenizer
-from kodkod.engine.healing import HealingMask, healing_candidates
+from kodkod.engine.adapters import refresh_waiting, use_adapters
+from kodkod.engine.build import new_sequence
+from kodkod.engine.commands import Abort, Command, Exclusive, Shutdown, Submit
 from kodkod.engine.output import Finish, Rewind, emit, next_token
-from kodkod.engine.scheduler import CopyPrefix, Scheduler, SchedulerConfig, StepPlan, Truncate
+from kodkod.engine.rewind import MAX_REWINDS, rewind_sequence
+from kodkod.engine.scheduler import (
+    CopyPrefix,
+    Scheduler,
+    SchedulerConfig,
+    StepKind,
+    StepPlan,
+    Truncate,
+)
 from kodkod.engine.sequence import EventSink, Sequence
-from kodkod.engine.stopping import StopStringMatcher
+from kodkod.engine.speculative.speculator import Speculator
+from kodkod.engine.speculative.state import SpecConfig
+from kodkod.engine.speculative.verify import verify_drafts
+from kodkod.engine.stats import EngineStats, snapshot
 from kodkod.engine.types import (
     EosReason,
     ErrorEvent,
@@ -43,16 +54,7 @@ from kodkod.engine.types import (
 
 log = logging.getLogger(__name__)
 
-MAX_REWINDS = 1000
-PUBLISH_EVERY_S = 0.02  # banned-string rewinds per sequence before giving up
-
-
-class _NullSink:
-    def push(self, event: object) -> None:
-        pass
-
-
-_NULL_SINK = _NullSink()
+PUBLISH_EVERY_S = 0.02  # least time between stats snapshots while steps run
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,56 +62,7 @@ class EngineConfig:
     max_seq_len: int
     max_batch_size: int
     chunk_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    """A snapshot published after every step (read from any thread without locks)."""
-
-    running: int = 0
-    waiting: int = 0
-    cached_tokens: int = 0
-    free_cells: int = 0
-    kv_capacity: int = 0
-    num_slots: int = 0
-    active_slots: int = 0
-    steps: int = 0
-    decode_steps: int = 0
-    prefill_steps: int = 0
-    preemptions: int = 0
-    generated_tokens: int = 0
-    prompt_tokens_computed: int = 0
-    decode_time_s: float = 0.0  # inside backend.decode()
-    step_time_s: float = 0.0  # whole steps, decode included
-    drafted_tokens: int = 0
-    accepted_draft_tokens: int = 0
-
-
-@dataclass(slots=True)
-class _Submit:
-    request: GenerationRequest
-    sink: EventSink
-
-
-@dataclass(slots=True)
-class _Abort:
-    request_id: str
-
-
-@dataclass(slots=True)
-class _Exclusive:
-    fn: Callable[[Backend], Any]
-    cancel_running: bool
-    future: Future
-
-
-@dataclass(slots=True)
-class _Shutdown:
-    message: str
-    future: Future = field(default_factory=Future)
-
-
-_Command = _Submit | _Abort | _Exclusive | _Shutdown
+    speculative: SpecConfig = SpecConfig()  # drafting (engine/speculative/)
 
 
 class EngineLoop:
@@ -118,10 +71,15 @@ class EngineLoop:
         backend: Backend,
         config: EngineConfig,
         on_fatal: Callable[[BaseException], None] | None = None,
+        draft: Backend | None = None,
     ) -> None:
+        """`draft`: the draft model's backend (same slots and cells), used when
+        `config.speculative.mode` is "model"; the caller owns and frees it."""
         self.backend = backend
         self.config = config
         self.stats = EngineStats(kv_capacity=backend.kv_capacity, num_slots=backend.num_slots)
+        self._spec = Speculator(config.speculative, draft, backend.num_slots)
+        self._draft_s = 0.0
         self._on_fatal = on_fatal
         self._sched = Scheduler(
             SchedulerConfig(config.max_batch_size, config.chunk_size),
@@ -131,9 +89,9 @@ class EngineLoop:
         self._seqs: dict[str, Sequence] = {}
         self._healing_cache: dict[bytes, list[int]] = {}
         self._published_at = 0.0
-        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
-        self._exclusive: list[_Exclusive] = []
-        self._stopping: _Shutdown | None = None
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._exclusive: list[Exclusive] = []
+        self._stopping: Shutdown | None = None
         self._counters = dict.fromkeys(
             ("steps", "decode_steps", "prefill_steps", "generated", "prompt_computed"), 0
         )
@@ -151,25 +109,25 @@ class EngineLoop:
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
         with self._closed_lock:
             if self._closed_message is None:
-                self._commands.put(_Submit(request, sink))
+                self._commands.put(Submit(request, sink))
                 return
         sink.push(ErrorEvent(self._closed_message, ErrorKind.UNLOADED))
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+        self._commands.put(Abort(request_id))
 
     def run_exclusive(self, fn: Callable[[Backend], Any], *, cancel_running: bool) -> Future:
         """Run fn(backend) on the engine thread once no sequence is running."""
         fut: Future = Future()
         with self._closed_lock:
             if self._closed_message is None:
-                self._commands.put(_Exclusive(fn, cancel_running, fut))
+                self._commands.put(Exclusive(fn, cancel_running, fut))
                 return fut
         fut.set_exception(RuntimeError(self._closed_message))
         return fut
 
     def shutdown(self, message: str) -> Future:
-        cmd = _Shutdown(message)
+        cmd = Shutdown(message)
         with self._closed_lock:
             if self._closed_message is None:
                 self._commands.put(cmd)
@@ -211,14 +169,14 @@ class EngineLoop:
                 self._publish()
                 return
 
-    def _handle(self, cmd: _Command) -> None:
-        if isinstance(cmd, _Submit):
+    def _handle(self, cmd: Command) -> None:
+        if isinstance(cmd, Submit):
             self._add(cmd.request, cmd.sink)
-        elif isinstance(cmd, _Abort):
+        elif isinstance(cmd, Abort):
             seq = self._seqs.get(cmd.request_id)
             if seq is not None:
                 self._finish(seq, Finish(FinishReason.ABORT, EosReason.ABORTED))
-        elif isinstance(cmd, _Exclusive):
+        elif isinstance(cmd, Exclusive):
             self._exclusive.append(cmd)
             self._sched.paused = True
             if cmd.cancel_running:
@@ -237,59 +195,14 @@ class EngineLoop:
                                   Usage(len(req.prompt_ids), 0)))
             return
         try:
-            seq = self._new_sequence(req, sink)
+            seq = new_sequence(req, sink, self.backend, self.config.max_seq_len, self._healing_cache)
         except Exception as exc:  # bad sampler parameters and the like
             log.warning("request %s refused: %s", req.request_id, exc)
             sink.push(ErrorEvent(f"invalid generation settings: {exc}", ErrorKind.BAD_REQUEST))
             return
         self._seqs[req.request_id] = seq
+        self._spec.attach(seq)
         self._sched.add(seq)
-
-    def _new_sequence(self, req: GenerationRequest, sink: EventSink) -> Sequence:
-        backend = self.backend
-        prompt = list(req.prompt_ids)
-        strip = ""
-        if req.token_healing and len(prompt) > 1:
-            piece = backend.token_bytes(prompt[-1], special=False)
-            allowed = healing_candidates(backend, piece, self._healing_cache)
-            if piece and len(allowed) > 1:
-                prompt.pop()
-                strip = piece.decode("utf-8", errors="replace")
-                req.processors = [HealingMask(allowed), *req.processors]
-        limit = self.config.max_seq_len
-        if req.max_tokens is not None:
-            limit = min(limit, len(prompt) + req.max_tokens + (1 if strip else 0))
-        stop_ids = frozenset(set(req.stop_token_ids) | backend.info.eos_ids)
-        special = not req.skip_special_tokens
-
-        def piece_of(t: int, _b: Backend = backend, _s: bool = special) -> bytes:
-            return _b.token_bytes(t, special=_s)
-
-        seq = Sequence(
-            request=req, sink=sink, tokens=prompt, num_prompt=len(prompt),
-            detok=IncrementalDetokenizer(piece_of), stops=StopStringMatcher(req.stop_strings),
-            stop_ids=stop_ids, eos_ids=backend.info.eos_ids, max_len=limit,
-            # like upstream, banned strings give way to a grammar (both would fight over tokens)
-            guard=(BannedStringGuard(req.banned_strings)
-                   if req.banned_strings and req.constraint is None else None),
-            loops=LoopDetector(req.loop_detect_window) if req.loop_detect_window > 1 else None,
-            strip_prefix=strip,
-        )
-        seq.sampler = backend.new_sampler(req.sampling, prompt)
-        if req.cfg_scale != 1.0:
-            neg = list(req.negative_prompt_ids or [])
-            if not neg and req.negative_prompt:
-                neg = backend.tokenize(req.negative_prompt, add_bos=True, parse_special=True)
-            if not neg:
-                neg = [backend.info.bos_id] if backend.info.bos_id is not None else prompt[:1]
-            shadow = Sequence(
-                request=req, sink=_NULL_SINK, tokens=neg, num_prompt=len(neg),
-                detok=IncrementalDetokenizer(piece_of), stops=StopStringMatcher([]),
-                stop_ids=stop_ids, eos_ids=backend.info.eos_ids, max_len=self.config.max_seq_len,
-                is_shadow=True,
-            )
-            seq.partner, shadow.partner = shadow, seq
-        return seq
 
     def _run_exclusive_if_ready(self) -> None:
         if not self._exclusive or self._sched.running:
@@ -302,14 +215,20 @@ class EngineLoop:
             except BaseException as exc:  # handed to the caller
                 cmd.future.set_exception(exc)
         self._sched.paused = False
+        # exclusive work may have swapped LoRA adapters: re-resolve requests not yet admitted
+        refresh_waiting(self._sched.waiting, self.backend,
+                        lambda seq, msg: self._fail(seq, msg, ErrorKind.BAD_REQUEST))
 
     def _apply_kv_ops(self, ops: list) -> None:
         backend = self.backend
+        mirror = self._spec.mirror if self._spec.draft_backend is not None else None
         for op in ops:
             if isinstance(op, CopyPrefix):
                 backend.kv_copy(op.src, op.dst, 0, op.length)
             elif isinstance(op, Truncate):
                 backend.kv_remove(op.slot, op.length, -1)
+            if mirror is not None:
+                mirror(op)
 
     def _safe_step(self) -> None:
         try:
@@ -328,23 +247,37 @@ class EngineLoop:
         self._sched.clear_cache()
         self._sched.drain_ops()
         self.backend.kv_clear()
+        self._spec.clear()
 
     def _step(self) -> None:
         t0 = time.perf_counter()
         sched = self._sched
         plan = sched.schedule()
-        self._apply_kv_ops(plan.kv_ops if plan is not None else sched.drain_ops())
+        spec = self._spec  # speculation: plan drafts (reserving cells) before the KV ops run
+        speculating = spec.active > 0 and plan is not None and plan.kind is StepKind.DECODE
+        drafting = speculating and spec.plan(plan, sched)  # type: ignore[arg-type]
+        if plan is not None:
+            self._apply_kv_ops(plan.kv_ops)
+        self._apply_kv_ops(sched.drain_ops())
         if plan is None:
             self._publish()
             time.sleep(0.001)  # nothing plannable right now (e.g. waiting for room)
             return
+        if drafting:
+            td = time.perf_counter()
+            spec.draft(plan)  # fills Entry.drafts: the row is the pending token + drafts
+            self._draft_s += time.perf_counter() - td
         rows = [
             BatchRow(e.seq.slot, e.seq.tokens[e.start : e.start + e.num_tokens], e.start, e.num_logits)
+            if not e.drafts else BatchRow(e.seq.slot, [e.seq.tokens[e.start], *e.drafts], e.start, e.num_logits)
             for e in plan.entries
         ]
         t1 = time.perf_counter()
+        use_adapters(self.backend, plan.entries[0].seq.adapter_key)  # one LoRA set per plan
         indices = self.backend.decode(rows)
         t2 = time.perf_counter()
+        if speculating:
+            spec.observe_target(plan.num_tokens, t2 - t1)
         sched.commit(plan)
         self._process(plan, indices)
         c = self._counters
@@ -359,7 +292,7 @@ class EngineLoop:
         self._publish(force=not sched.has_work)
 
     def _process(self, plan: StepPlan, indices: list[list[int]]) -> None:
-        backend = self.backend
+        backend, sched, spec = self.backend, self._sched, self._spec
         now = time.perf_counter()
         generated = 0
         cfg_rows: dict[int, int] | None = None
@@ -377,72 +310,39 @@ class EngineLoop:
                     continue
             if seq.first_token_s == 0.0:
                 seq.first_token_s = now
-            token, info = next_token(seq, backend, idx[-1], cfg_index)
-            generated += 1
-            outcome = emit(seq, backend, token, info)
+            if entry.drafts:  # speculative: emit the accepted drafts + one; drop the rest
+                outcome, emitted = verify_drafts(seq, backend, idx, entry.drafts, sched, spec)
+                generated += emitted
+            else:
+                token, info = next_token(seq, backend, idx[-1], cfg_index)
+                generated += 1
+                outcome = emit(seq, backend, token, info)
             if isinstance(outcome, Rewind):
                 self._rewind(seq, outcome.output_index)
             elif outcome is not None:
                 self._finish(seq, outcome)
             elif seq.partner is not None:
-                seq.partner.tokens.append(token)
+                seq.partner.tokens.append(token)  # CFG pairs never draft: token is set
         self._counters["generated"] += generated
 
     def _rewind(self, seq: Sequence, keep: int) -> None:
-        """A banned string began at output token `keep`: drop it and everything after, ban it
-        there, and let the next step sample that position again."""
-        seq.rewinds += 1
-        if seq.rewinds > MAX_REWINDS:
+        if not rewind_sequence(seq, keep, self._sched, self.backend, self._spec):
             self._fail(seq, f"could not avoid the banned strings after {MAX_REWINDS} attempts",
                        ErrorKind.BAD_REQUEST)
-            return
-        banned_token = seq.tokens[seq.num_prompt + keep]
-        seq.bans.setdefault(keep, set()).add(banned_token)
-        new_len = seq.num_prompt + keep
-        del seq.tokens[new_len:]
-        self._sched.rollback(seq, new_len - 1)
-        special = not seq.request.skip_special_tokens
-        backend = self.backend
-        seq.detok = IncrementalDetokenizer(lambda t, _b=backend, _s=special: _b.token_bytes(t, special=_s))
-        if seq.loops is not None:
-            seq.loops.reset(seq.output_ids)
-        if seq.sampler is not None:
-            seq.sampler.close()
-        seq.sampler = backend.new_sampler(seq.request.sampling, seq.tokens, seq.num_prompt)
-        req = seq.request
-        for obj in (req.constraint, *req.processors):
-            rollback = getattr(obj, "rollback_to", None)
-            if rollback is not None:
-                rollback(seq.output_ids)
-        shadow = seq.partner
-        if shadow is not None:
-            del shadow.tokens[shadow.num_prompt + keep:]
-            self._sched.rollback(shadow, len(shadow.tokens) - 1)
 
     # -- endings ----------------------------------------------------------------------------
 
-    def _usage(self, seq: Sequence) -> Usage:
-        now = time.perf_counter()
-        first = seq.first_token_s or now
-        return Usage(
-            prompt_tokens=seq.num_prompt,
-            completion_tokens=seq.num_output,
-            cached_tokens=seq.num_cached,
-            prompt_time_s=max(0.0, first - seq.arrival_s),
-            completion_time_s=max(0.0, now - first),
-            drafted_tokens=seq.drafted,
-            accepted_draft_tokens=seq.accepted,
-        )
-
     def _finish(self, seq: Sequence, finish: Finish) -> None:
+        self._spec.detach(seq)
         self._sched.remove(seq)
         if seq.partner is not None:
             self._sched.remove(seq.partner)
         self._seqs.pop(seq.request_id, None)
-        seq.sink.push(FinishEvent(finish.reason, finish.eos_reason, self._usage(seq), finish.stop_str))
+        seq.sink.push(FinishEvent(finish.reason, finish.eos_reason, seq.usage(), finish.stop_str))
         seq.close()
 
     def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> None:
+        self._spec.detach(seq)
         self._sched.remove(seq)
         if seq.partner is not None:
             self._sched.remove(seq.partner)
@@ -464,9 +364,9 @@ class EngineLoop:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(cmd, _Submit):
+            if isinstance(cmd, Submit):
                 cmd.sink.push(ErrorEvent(message, ErrorKind.UNLOADED))
-            elif isinstance(cmd, _Exclusive):
+            elif isinstance(cmd, Exclusive):
                 cmd.future.set_exception(RuntimeError(message))
         self._publish()
         if self._stopping is not None:
@@ -478,21 +378,5 @@ class EngineLoop:
         if not force and now - self._published_at < PUBLISH_EVERY_S:
             return
         self._published_at = now
-        sched, c = self._sched, self._counters
-        self.stats = EngineStats(
-            running=len(sched.running),
-            waiting=len(sched.waiting),
-            cached_tokens=sched.slots.num_cached_tokens,
-            free_cells=sched.pool.free_cells,
-            kv_capacity=self.backend.kv_capacity,
-            num_slots=self.backend.num_slots,
-            active_slots=len(sched.running),
-            steps=c["steps"],
-            decode_steps=c["decode_steps"],
-            prefill_steps=c["prefill_steps"],
-            preemptions=sched.num_preemptions,
-            generated_tokens=c["generated"],
-            prompt_tokens_computed=c["prompt_computed"],
-            decode_time_s=self._decode_s,
-            step_time_s=self._step_s,
-        )
+        self.stats = snapshot(self._sched, self.backend, self._counters, self._decode_s,
+                              self._step_s, self._spec, self._draft_s)

@@ -3,14 +3,15 @@
 Each `schedule()` returns one `StepPlan`, either
 
 * a DECODE step: the one pending token of every running sequence that is caught up on its
-  prompt (plus, later, drafted tokens to verify), all in one batch; or
+  prompt (plus the tokens it drafted, to verify: see `engine/speculative/`), all in one batch; or
 * a PREFILL step: the next chunk (≤ `chunk_size` tokens) of ONE sequence's prompt.
 
 Prefill chunks never share a batch with decode tokens or with other prompts: llama.cpp's CPU
 kernels give slightly different numbers for different batch shapes, and keeping prompts alone
 makes a request's greedy output independent of its neighbours (engine-notes.md). When both
 kinds of work exist the two step kinds alternate, so running streams keep flowing during a
-long prefill.
+long prefill. A DECODE step holds sequences of one LoRA adapter set only; sets take turns
+(`engine/adapters.py`), and prefixes are only reused under the same set.
 
 Admission (FIFO) happens before each plan: a waiting sequence gets a slot when fewer than
 `max_batch_size` run and the pool has room for its uncached prompt tokens. It starts from the
@@ -31,6 +32,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
+from kodkod.engine.adapters import pick_group
 from kodkod.engine.kv import KVPool, SlotState, SlotTable, common_prefix_len
 from kodkod.engine.sequence import Sequence, SeqStatus
 
@@ -75,6 +77,9 @@ class Entry:
     start: int  # first position computed (== seq.num_computed when planned)
     num_tokens: int
     num_logits: int  # 1 when this chunk reaches the end of seq.tokens, else 0
+    # speculative decoding: tokens drafted after the pending one; the row computes
+    # seq.tokens[start:] + drafts (num_tokens = num_logits = 1 + len(drafts))
+    drafts: tuple[int, ...] | list[int] = ()
 
 
 @dataclass(slots=True)
@@ -99,6 +104,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._ops: list[KVOp] = []
         self._prefill_next = False
+        self._last_group: tuple | None = None  # adapter key of the last DECODE step
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -173,7 +179,7 @@ class Scheduler:
     def _should_wait_for_prefill(self, seq: Sequence, reusable: int) -> bool:
         """A running sequence is still computing a longer shared prefix: wait and share it."""
         for other in self.running:
-            if not other.in_prefill:
+            if not other.in_prefill or other.adapter_key != seq.adapter_key:
                 continue
             shared = min(common_prefix_len(other.tokens[: other.num_prompt], seq.tokens),
                          len(seq.tokens) - 1)
@@ -183,7 +189,7 @@ class Scheduler:
 
     def _admit_one(self, seq: Sequence) -> Admission:
         limit = len(seq.tokens) - 1  # at least one token is computed to get logits
-        match = self.slots.best_match(seq.tokens, limit)
+        match = self.slots.best_match(seq.tokens, limit, seq.adapter_key)
         reuse = match.length if match is not None else 0
         if self._should_wait_for_prefill(seq, reuse):
             return Admission.SHARE_WAIT
@@ -214,6 +220,7 @@ class Scheduler:
         target.state = SlotState.ACTIVE
         target.tokens = seq.tokens
         target.last_used = self.slots.tick()
+        target.adapter_key = seq.adapter_key
         seq.slot = slot
         seq.num_computed = reuse
         seq.num_cached = reuse if seq.num_preemptions == 0 else seq.num_cached
@@ -301,7 +308,9 @@ class Scheduler:
                 out.append(s)
             elif not s.partner.in_prefill and s.partner.status is SeqStatus.RUNNING:
                 out += (s, s.partner)
-        return out
+        # One LoRA set per decode (llama.cpp applies adapters to the whole batch); groups
+        # take turns across steps, see engine/adapters.py.
+        return pick_group(out, self._last_group)
 
     def schedule(self) -> StepPlan | None:
         self._admit()
@@ -311,6 +320,8 @@ class Scheduler:
         if decoders and (not prefillers or not self._prefill_next):
             plan = self._plan_decode(decoders)
             self._prefill_next = True
+            if plan is not None:
+                self._last_group = plan.entries[0].seq.adapter_key
         if plan is None and prefillers:
             plan = self._plan_prefill(prefillers[0])
             self._prefill_next = False
@@ -326,3 +337,8 @@ class Scheduler:
         """Drop KV positions >= length of a running sequence (rejected draft tokens)."""
         self._truncate(seq.slot, length)
         seq.num_computed = min(seq.num_computed, length)
+
+    def reserve(self, cells: int) -> bool:
+        """Make `cells` cells free for this step (drafted tokens), evicting cached prefixes
+        only — never a running sequence. The evictions' ops come out of `drain_ops()`."""
+        return self._make_room(cells)

@@ -17,8 +17,9 @@ from typing import Protocol
 from kodkod.backends.base import Sampler
 from kodkod.engine.banned import BannedStringGuard, LoopDetector
 from kodkod.engine.detokenizer import IncrementalDetokenizer
+from kodkod.engine.speculative.state import SpecState
 from kodkod.engine.stopping import StopStringMatcher
-from kodkod.engine.types import Event, GenerationRequest
+from kodkod.engine.types import AdapterKey, Event, GenerationRequest, Usage
 
 
 class EventSink(Protocol):
@@ -62,6 +63,8 @@ class Sequence:
     strip_prefix: str = ""  # token healing: text of the removed prompt token, not re-emitted
     partner: Sequence | None = None  # CFG: the negative-prompt sequence decoded alongside
     is_shadow: bool = False  # this is a CFG partner: decoded, never sampled
+    adapter_key: AdapterKey = ()  # LoRA set it runs with (engine/adapters.py); () = base model
+    spec: SpecState | None = None  # speculative decoding: how it drafts (engine/speculative/)
 
     @property
     def request_id(self) -> str:
@@ -79,6 +82,20 @@ class Sequence:
     def in_prefill(self) -> bool:
         """More than the last sampled token is still to be computed."""
         return self.num_computed < len(self.tokens) - 1
+
+    def usage(self) -> Usage:
+        """Token counts and timings so far (the FinishEvent's usage)."""
+        now = time.perf_counter()
+        first = self.first_token_s or now
+        return Usage(
+            prompt_tokens=self.num_prompt,
+            completion_tokens=self.num_output,
+            cached_tokens=self.num_cached,
+            prompt_time_s=max(0.0, first - self.arrival_s),
+            completion_time_s=max(0.0, now - first),
+            drafted_tokens=self.drafted,
+            accepted_draft_tokens=self.accepted,
+        )
 
     def close(self) -> None:
         if self.sampler is not None:

@@ -16,6 +16,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+AdapterKey = tuple[tuple[int, float], ...]
+"""The LoRA set a sequence runs with: (adapter id, scale) pairs sorted by id, zero scales left
+out; () is the base model. Equal keys mean identical weights, so the key also scopes the prefix
+cache (KV computed under one adapter set is never reused under another)."""
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Normalised sampler settings. A neutral value disables its stage."""
@@ -181,3 +187,6 @@ class GenerationRequest:
     negative_prompt: str | None = None  # CFG negative prompt text; None: just BOS
     negative_prompt_ids: list[int] | None = None  # or already tokenized
     priority: int = 0
+    # LoRA adapters as (name, scale): None = the model's active adapters (/v1/lora/load),
+    # () = none (the base model). See engine/adapters.py.
+    adapters: tuple[tuple[str, float], ...] | None = None

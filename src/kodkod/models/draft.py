@@ -7,7 +7,13 @@ file (path, size, mtime), so checking a draft twice costs nothing. `check_same_v
 `DraftVocabError` (a 400) naming both models when they differ.
 
 `DraftModel` owns the draft's backend (weights + a context shaped like the target's pool);
-using it for speculative decoding is the speculative engine's business.
+the engine drafts with it (`engine/speculative/`). `spec_config()` turns the draft_model
+parameters into the engine's `SpecConfig`: draft_mode "model" with a loaded draft → every
+request drafts with it; "ngram" → every request drafts from n-grams; otherwise only requests
+with `speculative_ngram: true` draft. k adapts to measured acceptance and cost when
+`dynamic_draft` is true or `draft_num_tokens` is unset (then it is the upper bound, default
+16 for a model, 12 for n-grams); `dynamic_draft: false` with `draft_num_tokens` is static
+speculation: exactly that many every step.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kodkod.backends.base import Backend, ContextConfig, ModelInfo, ModelSource
+from kodkod.engine.speculative.state import SpecConfig, SpecMode
 from kodkod.models.context import ContextPlan
 from kodkod.models.params import DraftParams, LoadParamError
 from kodkod.models.registry import ModelEntry
@@ -144,3 +151,21 @@ def load_draft(
     source = ModelSource(Path(entry.gguf), entry.name, progress=on_progress)
     backend = loader(source, make_config, **placement)
     return DraftModel(entry, params, backend, plans[-1])
+
+
+def spec_config(params: DraftParams | None, has_model: bool) -> SpecConfig:
+    """The engine's speculative-decoding settings for these draft parameters."""
+    if params is None:
+        return SpecConfig()
+    if params.draft_mode == "model" and has_model:
+        mode = SpecMode.MODEL
+    elif params.draft_mode == "ngram":
+        mode = SpecMode.NGRAM
+    else:  # disabled, mtp (no multi-token-prediction heads in llama.cpp models here)
+        mode = SpecMode.OFF
+    return SpecConfig(
+        mode=mode,
+        num_tokens=params.draft_num_tokens,
+        dynamic=params.dynamic_draft or params.draft_num_tokens is None,
+        ngram_match_min=params.ngram_match_min,
+    )

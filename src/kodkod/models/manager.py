@@ -11,7 +11,9 @@ with `acquire()`; an inline switch (`acquire()` naming another model) waits unti
 model's leases are released and its engine is idle, then replaces it. Administrative `load()`
 and `unload()` do not wait: every pending and running request ends with an error event naming
 the reason. Unloading stops the engine, frees every C handle and hands freed heap back to the
-OS (`malloc_trim`), so the process's RSS returns near its pre-load level.
+OS (`malloc_trim`), so the process's RSS returns near its pre-load level. Each loaded model gets
+a `LoraLibrary` for the adapters in `lora_dir` (`models/lora.py`); the adapters themselves
+belong to the backend and are freed with it.
 
 The concrete backend is injected (`backend_loader`), so this module never imports llama.cpp.
 """
@@ -35,8 +37,16 @@ from kodkod.chat import ChatTemplate, find_template
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
 from kodkod.models.context import ContextPlan, draft_context, plan_context
-from kodkod.models.draft import BackendLoader, DraftModel, VocabProbe, check_same_vocab, load_draft
+from kodkod.models.draft import (
+    BackendLoader,
+    DraftModel,
+    VocabProbe,
+    check_same_vocab,
+    load_draft,
+    spec_config,
+)
 from kodkod.models.gate import Lease, ModelGate, SwitchRefused
+from kodkod.models.lora import LoraLibrary, attach_library
 from kodkod.models.params import LoadPlan, ModelLoadParams
 from kodkod.models.progress import LoadProgress
 from kodkod.models.registry import ModelEntry
@@ -65,6 +75,7 @@ class LoadedModel:
     plan: ContextPlan
     template: ChatTemplate | None
     draft: DraftModel | None = None
+    loras: LoraLibrary | None = None  # LoRA adapters of lora_dir for this model (models/lora.py)
     load_time_s: float = 0.0
     loaded_at: float = field(default_factory=time.time)
 
@@ -142,8 +153,10 @@ class ModelManager:
         on_fatal: Callable[[BaseException], None] | None = None,
         *,
         gpu_available: bool | None = None,
+        lora_dir: Path | None = None,
     ) -> None:
         self._loader = backend_loader
+        self._lora_dir = lora_dir
         self._templates_dir = templates_dir
         self._on_fatal = on_fatal
         self.gate: ModelGate[LoadedModel] = ModelGate(lambda m: m.key)
@@ -277,9 +290,13 @@ class ModelManager:
                 gguf_named_templates=backend.info.named_chat_templates,
             )
             engine = EngineClient.start(
-                backend, EngineConfig(ctx.max_seq_len, ctx.max_batch_size, ctx.chunk_size),
+                backend,
+                EngineConfig(ctx.max_seq_len, ctx.max_batch_size, ctx.chunk_size,
+                             spec_config(params.draft, draft is not None)),
                 self._on_fatal,
+                draft.backend if draft is not None else None,  # speculative decoding
             )
+            loras = attach_library(self._lora_dir, entry.gguf, backend, engine)
         except BaseException:
             backend.close()
             if draft is not None:
@@ -296,7 +313,8 @@ class ModelManager:
         )
         return LoadedModel(
             entry=entry, params=params, info=backend.info, tokenizer=backend.tokenizer,
-            engine=engine, plan=ctx, template=template, draft=draft, load_time_s=elapsed,
+            engine=engine, plan=ctx, template=template, draft=draft, loras=loras,
+            load_time_s=elapsed,
         )
 
     # -- unloading --------------------------------------------------------------------------

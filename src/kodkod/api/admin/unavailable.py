@@ -16,7 +16,6 @@ _EMBED = (
     "embedding models are not supported by this server yet (no embedding engine is built in); "
     "/v1/embeddings and the embedding-model endpoints answer 501"
 )
-_LORA = "LoRA adapters are not supported by this server yet; the LoRA endpoints answer 501"
 
 
 def _empty() -> dict[str, Any]:
@@ -46,27 +45,6 @@ async def embedding_unload() -> None:
 @router.post("/v1/embeddings", dependencies=[API])
 async def embeddings(_: Request) -> None:
     raise ApiError(501, _EMBED, code="not_implemented")
-
-
-@router.get("/v1/loras", dependencies=[API])
-@router.get("/v1/lora/list", dependencies=[API])
-async def lora_list() -> dict[str, Any]:
-    return _empty()
-
-
-@router.get("/v1/lora", dependencies=[API])
-async def lora_active() -> dict[str, Any]:
-    return _empty()
-
-
-@router.post("/v1/lora/load", dependencies=[ADMIN])
-async def lora_load(_: Request) -> None:
-    raise ApiError(501, _LORA, code="not_implemented")
-
-
-@router.post("/v1/lora/unload", dependencies=[ADMIN])
-async def lora_unload() -> None:
-    raise ApiError(501, _LORA, code="not_implemented")
 
 
 @router.post("/v1/download", dependencies=[ADMIN])

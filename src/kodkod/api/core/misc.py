@@ -41,6 +41,10 @@ async def health(request: Request) -> JSONResponse:
             "prefill_steps": s.prefill_steps,
             "decode_time_s": round(s.decode_time_s, 6),
             "step_time_s": round(s.step_time_s, 6),
+            "drafted_tokens": s.drafted_tokens,
+            "accepted_draft_tokens": s.accepted_draft_tokens,
+            "draft_steps": s.draft_steps,
+            "draft_time_s": round(s.draft_time_s, 6),
         }
     return JSONResponse(body, status_code=503 if issues else 200)
 

@@ -73,6 +73,8 @@ def model_parameters(model: LoadedModel) -> dict[str, Any]:
         "kv_capacity": stats.kv_capacity,
         "drafted_tokens": stats.drafted_tokens,
         "accepted_draft_tokens": stats.accepted_draft_tokens,
+        "draft_acceptance_rate": round(stats.acceptance_rate, 4),
+        "mean_draft_tokens": round(stats.mean_draft_len, 3),  # per drafting sequence-step
     }
     return out
 

@@ -74,6 +74,7 @@ async def _start(
     model = await hold_model(request)  # leased until the exchange (stream included) ends
     request_id = new_request_id()
     gen = await kobold_generation(req, request_id, model, state.overrides)
+    await model.engine.prepare(gen)
     stream = model.engine.submit(gen)  # RequestError (context overflow, …) → 400
     job = KoboldJob(
         genkey=req.genkey or request_id,

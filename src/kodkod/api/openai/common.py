@@ -115,8 +115,10 @@ def logprobs_chat(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
     }
 
 
-def submit_all(model: LoadedModel, gens: list[GenerationRequest]) -> list[RequestStream]:
+async def submit_all(model: LoadedModel, gens: list[GenerationRequest]) -> list[RequestStream]:
     """Submit every choice; if one is refused, the others are withdrawn."""
+    for g in gens[:1]:
+        await model.engine.prepare(g)  # slow checks (first use of an adapter) off the loop
     streams: list[RequestStream] = []
     try:
         for g in gens:

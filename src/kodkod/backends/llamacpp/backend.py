@@ -4,7 +4,8 @@ The context is created with `kv_unified=True` so all `num_slots` sequence slots 
 of `cache_size` cells (llama.cpp rounds it up to a multiple of 256), and with `swa_full=True` so
 sliding-window models keep every position a prefix copy may need. A persistent `llama_batch`
 sized for the largest step is refilled in place each step; decode() returns the batch indices
-whose logits were requested.
+whose logits were requested. LoRA adapters on the context are `self.adapters`
+(`backends/llamacpp/lora.py`), freed before the context.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kodkod.backends.base import (
     ModelLoadError,
     ModelSource,
 )
+from kodkod.backends.llamacpp.lora import LoraHost
 from kodkod.backends.llamacpp.model import LlamaModel
 from kodkod.backends.llamacpp.sampler import NativeSampler
 from kodkod.engine.sampling.stages import build_stages
@@ -58,6 +60,7 @@ class LlamaCppBackend:
         self._ctx = None
         self._batch = None
         self._n_vocab = model.n_vocab
+        self.adapters: LoraHost | None = None  # LoRA adapters (backends.base.AdapterHost)
         if config is None:  # tokenizer-only
             self.num_slots = 0
             self.kv_capacity = 0
@@ -92,6 +95,7 @@ class LlamaCppBackend:
                 "attention"
             )
         self._ctx = ctx
+        self.adapters = LoraHost(model.handle, ctx)
         self._mem = L.llama_get_memory(ctx)
         self.kv_capacity = int(L.llama_n_ctx(ctx))
         self._batch_cap = config.batch_tokens
@@ -200,6 +204,9 @@ class LlamaCppBackend:
     # -- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self.adapters is not None:
+            self.adapters.close()  # adapters first: the context points at them
+            self.adapters = None
         if self._batch is not None:
             L.llama_batch_free(self._batch)
             self._batch = None

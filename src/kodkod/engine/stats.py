@@ -1,0 +1,76 @@
+"""`EngineStats`: the snapshot of counters the engine thread publishes (read lock-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kodkod.backends.base import Backend
+    from kodkod.engine.scheduler import Scheduler
+    from kodkod.engine.speculative.speculator import Speculator
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot published after every step (read from any thread without locks)."""
+
+    running: int = 0
+    waiting: int = 0
+    cached_tokens: int = 0
+    free_cells: int = 0
+    kv_capacity: int = 0
+    num_slots: int = 0
+    active_slots: int = 0
+    steps: int = 0
+    decode_steps: int = 0
+    prefill_steps: int = 0
+    preemptions: int = 0
+    generated_tokens: int = 0
+    prompt_tokens_computed: int = 0
+    decode_time_s: float = 0.0  # inside backend.decode()
+    step_time_s: float = 0.0  # whole steps, decode included
+    # speculative decoding: tokens drafted / accepted, sequence-steps that drafted, and the
+    # time spent drafting (draft model decodes and n-gram lookups)
+    drafted_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    draft_steps: int = 0
+    draft_time_s: float = 0.0
+    draft_model: str | None = None
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_draft_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def mean_draft_len(self) -> float:
+        return self.drafted_tokens / self.draft_steps if self.draft_steps else 0.0
+
+
+def snapshot(
+    sched: Scheduler, backend: Backend, counters: dict[str, int], decode_s: float, step_s: float,
+    spec: Speculator, draft_s: float,
+) -> EngineStats:
+    """The engine's counters as one immutable snapshot."""
+    return EngineStats(
+        running=len(sched.running),
+        waiting=len(sched.waiting),
+        cached_tokens=sched.slots.num_cached_tokens,
+        free_cells=sched.pool.free_cells,
+        kv_capacity=backend.kv_capacity,
+        num_slots=backend.num_slots,
+        active_slots=len(sched.running),
+        steps=counters["steps"],
+        decode_steps=counters["decode_steps"],
+        prefill_steps=counters["prefill_steps"],
+        preemptions=sched.num_preemptions,
+        generated_tokens=counters["generated"],
+        prompt_tokens_computed=counters["prompt_computed"],
+        decode_time_s=decode_s,
+        step_time_s=step_s,
+        drafted_tokens=spec.drafted,
+        accepted_draft_tokens=spec.accepted,
+        draft_steps=spec.draft_steps,
+        draft_time_s=draft_s,
+        draft_model=spec.draft_backend.info.name if spec.draft_backend is not None else None,
+    )
