@@ -9,6 +9,7 @@ and counts live samplers so tests can check nothing leaks.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,15 @@ class FakeBackend:
     def kv_remove(self, slot: int, p0: int, p1: int = -1) -> None:
         assert p1 == -1
         del self.kv[slot][p0:]
+
+    def kv_save(self, slot: int) -> bytes:
+        self.saves = getattr(self, "saves", 0) + 1
+        return bytes(json.dumps(self.kv[slot]), "utf-8")
+
+    def kv_restore(self, slot: int, data: bytes) -> None:
+        assert not self.kv[slot], "restore into a non-empty slot"
+        self.kv[slot] = list(json.loads(data))
+        self.restores = getattr(self, "restores", 0) + 1
 
     def kv_clear(self) -> None:
         self.kv = [[] for _ in range(self.num_slots)]

@@ -86,6 +86,7 @@ def create_app(
     manager = ModelManager(
         backend_loader, base / "templates", on_fatal=lambda exc: state_box["state"].record_fatal(exc),
         lora_dir=lora_dir if lora_dir.is_absolute() else base / lora_dir,
+        host_cache_mb=settings.memory.sysmem_kv_cache,
     )
     state = AppState(settings=settings, keys=keys, models=manager, base_dir=base)
     state_box["state"] = state

@@ -353,6 +353,41 @@ def test_reasoning_is_split_out(client: openai.OpenAI) -> None:
     assert "<think>" not in parts["content"] and parts["content"].endswith(".")
 
 
+def test_reasoning_budget_closes_the_reasoning_block(client: openai.OpenAI) -> None:
+    message = " Time to answer."
+    kw = dict(model="x", messages=user("Describe the sea."), max_tokens=24, temperature=0,
+              logprobs=True,
+              extra_body={"response_prefix": "<think>", "ban_eos_token": True,
+                          "reasoning_budget_tokens": 5, "reasoning_budget_message": message})
+    choice = client.chat.completions.create(**kw).choices[0]
+    reasoning = choice.message.model_extra["reasoning_content"]
+    assert reasoning.endswith(message)  # forced once the budget was spent, then the end tag
+    free = reasoning[: -len(message)]
+    assert len(client.post("/token/encode", cast_to=dict, body={
+        "text": free, "add_bos_token": False})["tokens"]) == 5
+    content = choice.message.content
+    assert content and "</think>" not in content
+    # logprobs cover the content phase only (reference §7.7)
+    assert "".join(t.token for t in choice.logprobs.content) == content
+    # streamed, with the budget given as reasoning.max_tokens and the message left out
+    extra = {"response_prefix": "<think>", "ban_eos_token": True, "reasoning": {"max_tokens": 3}}
+    parts = {"reasoning_content": "", "content": ""}
+    for chunk in client.chat.completions.create(**{**kw, "extra_body": extra}, stream=True):
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            parts["content"] += delta.content or ""
+            parts["reasoning_content"] += (delta.model_extra or {}).get("reasoning_content") or ""
+    assert len(client.post("/token/encode", cast_to=dict, body={
+        "text": parts["reasoning_content"], "add_bos_token": False})["tokens"]) <= 3
+    assert parts["content"] and "</think>" not in parts["content"]
+    # a constrained reply decides every token itself: the budget is ignored
+    pattern = r"<think>[a-z ]{8,20}</think>[A-Z][a-z ]{2,20}\."
+    constrained = client.chat.completions.create(
+        model="x", messages=user("Think, then answer."), max_tokens=40,
+        extra_body={"regex_pattern": pattern, "reasoning_budget_tokens": 1})
+    assert re.fullmatch(r"[a-z ]{8,20}", constrained.choices[0].message.model_extra["reasoning_content"])
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 

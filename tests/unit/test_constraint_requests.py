@@ -114,3 +114,16 @@ def test_unparseable_tool_text_stays_content() -> None:
     out.finish()
     assert out.message()["content"] == '<tool_call>oops</tool_call> and <tool_call>{"na'
     assert out.message()["tool_calls"] is None and out.finish_reason("length") == "length"
+
+
+def test_chat_logprobs_cover_the_content_phase_only() -> None:
+    from kodkod.api.openai.chat_output import content_logprobs_of
+    from kodkod.engine.types import TokenLogprob
+
+    pieces = ["<think>", "hm", "m", "</", "think>", "\n\nThe", " sky", " <tool_call>", '{"name": "f",',
+              ' "arguments": {}}', "</tool_call>", " ok"]
+    lps = [TokenLogprob(i, p, -0.1 * i, []) for i, p in enumerate(pieces)]
+    cfg = SplitterConfig(reasoning=("<think>", "</think>"), tool=("<tool_call>", "</tool_call>"))
+    kept = content_logprobs_of(cfg, tool_format(None), lps)
+    # " <tool_call>" made content too (its space); the tag, reasoning and call tokens did not
+    assert [lp.token for lp in kept] == ["\n\nThe", " sky", " <tool_call>", " ok"]

@@ -7,7 +7,16 @@ import pytest
 
 from kodkod.engine.detokenizer import IncrementalDetokenizer
 from kodkod.engine.kv import KVPool, SlotState, common_prefix_len
-from kodkod.engine.scheduler import CopyPrefix, Scheduler, SchedulerConfig, StepKind, Truncate
+from kodkod.engine.host_cache import HostPrefixCache
+from kodkod.engine.scheduler import (
+    CopyPrefix,
+    Offload,
+    Restore,
+    Scheduler,
+    SchedulerConfig,
+    StepKind,
+    Truncate,
+)
 from kodkod.engine.sequence import Sequence, SeqStatus
 from kodkod.engine.stopping import StopStringMatcher
 from kodkod.engine.types import GenerationRequest
@@ -162,7 +171,8 @@ def test_identical_prompts_wait_for_one_prefill_and_share_it() -> None:
 
 
 def test_lru_eviction_under_pressure() -> None:
-    sched = Scheduler(SchedulerConfig(max_batch_size=2, chunk_size=64), capacity=100, num_slots=6)
+    sched = Scheduler(SchedulerConfig(max_batch_size=2, chunk_size=64, busy_cache_cells=100),
+                      capacity=100, num_slots=6)
     for i, base in enumerate((0, 100, 200)):
         s = make_seq(f"old{i}", list(range(base, base + 30)))
         sched.add(s)
@@ -238,3 +248,47 @@ def test_prefill_total_equals_prompt(chunk: int) -> None:
         plan = run_step(sched)
         computed += plan.num_tokens
     assert computed == 23
+
+
+def test_idle_cache_is_trimmed_while_running_and_offloaded_to_host() -> None:
+    """While something runs, idle cached cells stay within the busy budget; what is pushed out
+    goes to the host tier, and a later request sharing it is restored from there."""
+    host = HostPrefixCache(budget_bytes=10**9)
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512, busy_cache_cells=100),
+                      capacity=2000, num_slots=8, host=host)
+    convo = make_seq("a", list(range(300)))
+    sched.add(convo)
+    run_step(sched)
+    sched.remove(convo)  # nothing else runs: it stays live
+    assert sched.slots.num_cached_tokens == 300 and not host.entries
+    other = make_seq("b", list(range(1000, 1050)))
+    sched.add(other)
+    plan = sched.schedule()  # admitting b: a's 300 idle cells exceed the budget of 100
+    assert plan is not None
+    offloads = [op for op in plan.kv_ops if isinstance(op, Offload)]
+    assert len(offloads) == 1 and offloads[0].entry.tokens == list(range(300))
+    assert sched.slots.num_cached_tokens == 0
+    host.stored(offloads[0].entry, b"kv")  # what the engine loop does when it replays the op
+    sched.commit(plan)
+    # the conversation continues: its prefix comes back from host RAM
+    follow = make_seq("c", list(range(300)) + [7, 8, 9])
+    sched.add(follow)
+    plan = sched.schedule()
+    restores = [op for op in plan.kv_ops if isinstance(op, Restore)]
+    assert len(restores) == 1 and restores[0].slot == follow.slot
+    assert follow.num_computed == 300 and follow.num_cached == 300
+    assert host.restores == 1
+
+
+def test_host_tier_keeps_within_budget_and_dedupes() -> None:
+    host = HostPrefixCache(budget_bytes=100)
+    a = host.offer(list(range(100)), ())
+    assert a is not None
+    host.stored(a, b"x" * 60)
+    assert host.offer(list(range(80)), ()) is None  # already covered by a
+    b = host.offer(list(range(200, 300)), ())
+    assert b is not None
+    host.stored(b, b"y" * 60)  # over budget: the least recently used (a) goes
+    assert host.entries == [b] and host.bytes_used == 60
+    c = host.offer(list(range(200, 320)), ())  # covers b: b is replaced
+    assert c is not None and host.entries == [c]

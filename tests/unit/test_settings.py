@@ -332,7 +332,8 @@ def test_sample_round_trips_to_defaults_plus_overrides() -> None:
     assert result.warnings == []
     expected = Settings.model_validate(
         {"model": {"model_name": "SmolLM2-135M-Instruct"},
-         "sampling": {"override_preset": "safe_defaults"}}
+         "sampling": {"override_preset": "safe_defaults"},
+         "memory": {"sysmem_kv_cache": 1024}}
     )
     assert result.settings == expected
 

@@ -23,7 +23,7 @@ from kodkod.api.sampling import FALLBACKS, SamplerRequest, apply_override, sampl
 from kodkod.api.state import OverrideState
 from kodkod.backends.base import Tokenizer
 from kodkod.engine.constraints import ConstraintFactory, GrammarError, GrammarKind, GrammarSpec
-from kodkod.engine.types import Constraint, GenerationRequest, SamplingParams
+from kodkod.engine.types import Constraint, GenerationRequest, LogitsProcessor, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ def build_generation(
     logprobs: int | None,
     extra_stop: list[str] | None = None,
     constraint: Constraint | None = None,
+    processors: list[LogitsProcessor] | None = None,
     choice: int = 0,
 ) -> GenerationRequest:
     """One engine request. A grammar field in `values` needs its compiled `constraint`
@@ -225,6 +226,7 @@ def build_generation(
         speculative_ngram=values["speculative_ngram"],
         loop_detect_window=int(values["loop_detect_window"] or 0),
         constraint=constraint,
+        processors=list(processors or []),
         banned_strings=_string_list(values["banned_strings"]),
         token_healing=bool(values["token_healing"]),
         cfg_scale=float(values["cfg_scale"]),

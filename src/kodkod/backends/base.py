@@ -188,6 +188,14 @@ class Backend(Protocol):
 
     def kv_clear(self) -> None: ...
 
+    def kv_save(self, slot: int) -> bytes:
+        """The slot's KV as bytes (host-RAM prefix tier)."""
+        ...
+
+    def kv_restore(self, slot: int, data: bytes) -> None:
+        """Load kv_save() bytes into an empty slot."""
+        ...
+
     def new_sampler(
         self, params: SamplingParams, history: Sequence[int], num_prompt: int | None = None
     ) -> Sampler:

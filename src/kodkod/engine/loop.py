@@ -29,8 +29,11 @@ from kodkod.engine.build import new_sequence
 from kodkod.engine.commands import Abort, Command, Exclusive, Shutdown, Submit
 from kodkod.engine.output import Finish, Rewind, emit, next_token
 from kodkod.engine.rewind import MAX_REWINDS, rewind_sequence
+from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.scheduler import (
     CopyPrefix,
+    Offload,
+    Restore,
     Scheduler,
     SchedulerConfig,
     StepKind,
@@ -63,6 +66,8 @@ class EngineConfig:
     max_batch_size: int
     chunk_size: int
     speculative: SpecConfig = SpecConfig()  # drafting (engine/speculative/)
+    host_cache_bytes: int = 0  # second prefix-cache tier in host RAM (0: off)
+    busy_cache_cells: int | None = None  # idle live cells while running (scheduler.py)
 
 
 class EngineLoop:
@@ -81,10 +86,13 @@ class EngineLoop:
         self._spec = Speculator(config.speculative, draft, backend.num_slots)
         self._draft_s = 0.0
         self._on_fatal = on_fatal
+        self._host = HostPrefixCache(config.host_cache_bytes) if config.host_cache_bytes > 0 else None
         self._sched = Scheduler(
-            SchedulerConfig(config.max_batch_size, config.chunk_size),
+            SchedulerConfig(config.max_batch_size, config.chunk_size,
+                            busy_cache_cells=config.busy_cache_cells),
             backend.kv_capacity,
             backend.num_slots,
+            self._host,
         )
         self._seqs: dict[str, Sequence] = {}
         self._healing_cache: dict[bytes, list[int]] = {}
@@ -227,6 +235,14 @@ class EngineLoop:
                 backend.kv_copy(op.src, op.dst, 0, op.length)
             elif isinstance(op, Truncate):
                 backend.kv_remove(op.slot, op.length, -1)
+            elif isinstance(op, Offload):
+                assert self._host is not None
+                self._host.stored(op.entry, backend.kv_save(op.slot))
+                continue  # the draft keeps its copy until the Truncate that follows
+            elif isinstance(op, Restore):
+                assert op.entry.data is not None
+                backend.kv_restore(op.slot, op.entry.data)
+                continue  # the draft has nothing for this slot yet: it catches up lazily
             if mirror is not None:
                 mirror(op)
 

@@ -37,6 +37,10 @@ class EngineStats:
     draft_steps: int = 0
     draft_time_s: float = 0.0
     draft_model: str | None = None
+    # host-RAM prefix tier (memory.sysmem_kv_cache)
+    host_cache_entries: int = 0
+    host_cache_bytes: int = 0
+    host_cache_restores: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -73,4 +77,7 @@ def snapshot(
         draft_steps=spec.draft_steps,
         draft_time_s=draft_s,
         draft_model=spec.draft_backend.info.name if spec.draft_backend is not None else None,
+        host_cache_entries=len(sched.host.entries) if sched.host is not None else 0,
+        host_cache_bytes=sched.host.bytes_used if sched.host is not None else 0,
+        host_cache_restores=sched.host.restores if sched.host is not None else 0,
     )

@@ -154,8 +154,10 @@ class ModelManager:
         *,
         gpu_available: bool | None = None,
         lora_dir: Path | None = None,
+        host_cache_mb: int = 0,
     ) -> None:
         self._loader = backend_loader
+        self._host_cache_bytes = max(0, host_cache_mb) * 1024 * 1024
         self._lora_dir = lora_dir
         self._templates_dir = templates_dir
         self._on_fatal = on_fatal
@@ -292,7 +294,8 @@ class ModelManager:
             engine = EngineClient.start(
                 backend,
                 EngineConfig(ctx.max_seq_len, ctx.max_batch_size, ctx.chunk_size,
-                             spec_config(params.draft, draft is not None)),
+                             spec_config(params.draft, draft is not None),
+                             host_cache_bytes=self._host_cache_bytes),
                 self._on_fatal,
                 draft.backend if draft is not None else None,  # speculative decoding
             )

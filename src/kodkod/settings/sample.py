@@ -2,7 +2,8 @@
 
 Every section and key appears with its default value, preceded by its description as comments,
 so the sample never drifts from the code. Two keys get sample-only values
-(`SAMPLE_OVERRIDES`): the default model, and the `safe_defaults` sampler preset.
+(`SAMPLE_OVERRIDES`): the default model, the `safe_defaults` sampler preset, and a 1 GiB
+host-RAM prefix-cache tier.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kodkod.settings.schema import Settings, section_classes
 SAMPLE_OVERRIDES: tuple[tuple[str, str, object], ...] = (
     ("model", "model_name", "SmolLM2-135M-Instruct"),
     ("sampling", "override_preset", "safe_defaults"),
+    ("memory", "sysmem_kv_cache", 1024),
 )
 """(section, key, value) triples that differ from the schema defaults in the sample."""
 

@@ -196,7 +196,11 @@ class MemorySettings(SectionModel):
         4096, ge=0, description="Megabytes of host RAM for recurrent-model state caching."
     )
     sysmem_kv_cache: int = Field(
-        0, ge=0, description="Megabytes of host RAM for a second-tier KV cache; 0 turns it off."
+        0, ge=0,
+        description="Megabytes of host RAM for a second-tier prefix cache: idle cached prompts "
+        "pushed out of the live KV pool (they slow every decode down while they sit there) are "
+        "kept here and restored instead of recomputed; 0 turns it off (the sample config sets "
+        "1024).",
     )
     cuda_malloc_async: bool = Field(True, description="Use CUDA's asynchronous allocator.")
 

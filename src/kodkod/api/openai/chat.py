@@ -2,7 +2,7 @@
 
 Flow: normalise `tool_choice` → render the prompt (`chat_prompt`) → pick and compile the output
 constraint (`constrain`: response_format, json_schema / regex_pattern / grammar_string, or a
-forced tool call) → submit `n` engine requests (one parser per choice) → split each choice's
+forced tool call; else the reasoning budget, `reasoning`) → submit `n` engine requests (one parser per choice) → split each choice's
 text into content, reasoning and tool calls (`chat_output`) → one JSON body, or SSE chunks:
 a role chunk per choice, content / reasoning / tool-call deltas, a finish chunk per choice
 (`finish_reason`, `stop_str`, `eos_reason`), the usage chunk if asked, then `[DONE]`.
@@ -20,7 +20,7 @@ from kodkod.api.convert import build_generation, new_request_id, resolve_fields
 from kodkod.api.deps import API
 from kodkod.api.errors import stream_error
 from kodkod.api.generation import SSE_DONE, collect, fan_in, sse, sse_ping, sse_response
-from kodkod.api.openai.chat_output import ChoiceOutput
+from kodkod.api.openai.chat_output import ChoiceOutput, content_logprobs, content_logprobs_of
 from kodkod.api.openai.chat_prompt import ChatPrompt, build_prompt
 from kodkod.api.openai.common import (
     add_usage,
@@ -32,6 +32,7 @@ from kodkod.api.openai.common import (
     usage_dict,
 )
 from kodkod.api.openai.constrain import output_spec, plan_constraint, tool_choice
+from kodkod.api.openai.reasoning import budget_factory
 from kodkod.api.openai.schemas import ChatCompletionRequest
 from kodkod.api.state import get_state
 from kodkod.engine.stream import RequestStream
@@ -51,12 +52,14 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     split = prompt.split  # a reply that starts inside reasoning is constrained after it
     wait_for = split.reasoning[1] if split.reasoning and split.start_in_reasoning else None
     plan = await plan_constraint(model.tokenizer, spec, wait_for=wait_for)
+    budget = budget_factory(req, model, split, constrained=plan is not None)
     logprobs = requested_logprobs(values["logprobs"], values["top_logprobs"], chat=True)
     rid = new_request_id()
     gens = [
         build_generation(f"{rid}-{k}", prompt.ids, values, model.info.n_vocab, logprobs=logprobs,
                          extra_stop=prompt.stop_strings,
-                         constraint=plan.new() if plan is not None else None, choice=k)
+                         constraint=plan.new() if plan is not None else None,
+                         processors=[budget()] if budget is not None else None, choice=k)
         for k in range(req.n)
     ]
     streams = await submit_all(model, gens)
@@ -79,7 +82,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
             "stop_str": final.stop_str,
             "eos_reason": final.eos_reason.value,
             "message": out.message(),
-            "logprobs": logprobs_chat(tokens.logprobs) if logprobs is not None else None,
+            "logprobs": logprobs_chat(content_logprobs_of(prompt.split, prompt.tool_format,
+                                                          tokens.logprobs))
+            if logprobs is not None else None,
         })
         add_usage(total, final.usage, first=i == 0)
     return {**head, "object": "chat.completion", "choices": choices, "usage": usage_dict(total)}
@@ -117,11 +122,11 @@ async def _stream(
                 if ev.logprobs:
                     pending[index].extend(ev.logprobs)
                 for delta in out.feed(ev.text):
-                    yield _chunk(head, index, delta, logprobs=pending[index])
+                    yield _chunk(head, index, delta, logprobs=content_logprobs(delta, pending[index]))
                     pending[index] = []
             elif isinstance(ev, FinishEvent):
                 for delta in out.finish():
-                    yield _chunk(head, index, delta, logprobs=pending[index])
+                    yield _chunk(head, index, delta, logprobs=content_logprobs(delta, pending[index]))
                     pending[index] = []
                 add_usage(total, ev.usage, first=index == 0)
                 yield _chunk(head, index, {}, finish=out.finish_reason(finish_reason(ev)),

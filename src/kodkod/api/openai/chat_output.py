@@ -5,6 +5,9 @@ dicts (`{"content"}`, `{"reasoning_content"}`, `{"tool_calls": [...]}`); `finish
 what was held back. A completed tool block is parsed with the model's tool format and streamed
 as one `tool_calls` delta per call (`index`, `id`, `type`, full `function`); tool text that
 does not parse is shown as content. The accumulated results make the non-streamed `message`.
+
+Logprobs cover the content phase only (reference §7.7, newest era): a token's logprob waits
+until its text comes out, goes with a content delta, and is dropped with reasoning or tool text.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 from kodkod.chat.channels import Channel, ChannelSplitter, Piece, SplitterConfig
 from kodkod.chat.tools import ToolCall, ToolFormat, parse_tool_calls
+from kodkod.engine.types import TokenLogprob
 
 
 class ChoiceOutput:
@@ -69,3 +73,36 @@ class ChoiceOutput:
             "tool_calls": [c.to_openai() for c in self.tool_calls] or None,
             "tool_call_id": None,
         }
+
+
+def content_logprobs(delta: dict[str, Any], pending: list[TokenLogprob]) -> list[TokenLogprob] | None:
+    """The logprobs that go with `delta`: for content, the pending tokens that made its text
+    (the last ones; earlier pending tokens were tags or reasoning); else none."""
+    text = delta.get("content")
+    if not text:
+        return None
+    covered, keep = 0, 0
+    for lp in reversed(pending):
+        if covered >= len(text):
+            break
+        covered += len(lp.token)
+        keep += 1
+    return pending[len(pending) - keep:]
+
+
+def content_logprobs_of(
+    split: SplitterConfig, fmt: ToolFormat, logprobs: list[TokenLogprob]
+) -> list[TokenLogprob]:
+    """A whole choice's content-phase logprobs, replaying its tokens through the splitter."""
+    out = ChoiceOutput(split, fmt)
+    kept: list[TokenLogprob] = []
+    pending: list[TokenLogprob] = []
+    for lp in logprobs:
+        pending.append(lp)
+        for delta in out.feed(lp.token):
+            kept += content_logprobs(delta, pending) or []
+            pending = []
+    for delta in out.finish():
+        kept += content_logprobs(delta, pending) or []
+        pending = []
+    return kept + pending  # tokens that showed no text at the end (a stop token)

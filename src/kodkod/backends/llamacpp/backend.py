@@ -189,6 +189,21 @@ class LlamaCppBackend:
     def kv_clear(self) -> None:
         L.llama_memory_clear(self._mem, True)
 
+    def kv_save(self, slot: int) -> bytes:
+        """The slot's KV (positions and K/V data) as bytes, for the host-RAM prefix tier."""
+        size = int(L.llama_state_seq_get_size(self._ctx, slot))
+        buf = (ctypes.c_uint8 * size)()
+        written = int(L.llama_state_seq_get_data(self._ctx, buf, size, slot))
+        if written != size:
+            raise BackendError(f"could not save the KV of slot {slot} ({written}/{size} bytes)")
+        return bytes(buf)
+
+    def kv_restore(self, slot: int, data: bytes) -> None:
+        """Load bytes from kv_save() into an empty slot (bit-identical KV)."""
+        src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if int(L.llama_state_seq_set_data(self._ctx, src, len(data), slot)) != len(data):
+            raise BackendError(f"could not restore a cached prefix into slot {slot}")
+
     # -- sampling -----------------------------------------------------------------------------
 
     def new_sampler(

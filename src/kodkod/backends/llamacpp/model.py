@@ -210,6 +210,10 @@ class LlamaModel:
         cache[token_id] = out
         return out
 
+    def token_bytes(self, token_id: int, *, special: bool) -> bytes:
+        """`Tokenizer.token_bytes`: the same as `piece` (engine thread: shares a buffer)."""
+        return self.piece(token_id, special=special)
+
     def detokenize(self, token_ids: Sequence[int], *, special: bool) -> str:
         return b"".join(self.piece(t, special=special) for t in token_ids).decode(
             "utf-8", errors="replace"
