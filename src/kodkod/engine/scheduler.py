@@ -278,9 +278,11 @@ class Scheduler:
         if self.paused:
             return
         skipped: list[Sequence] = []
+        admitted = False
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting.popleft()
             outcome = self._admit_pair(seq)
+            admitted = admitted or outcome is Admission.ADMITTED
             if outcome is Admission.SHARE_WAIT:
                 skipped.append(seq)  # later requests may go ahead meanwhile
             elif outcome is Admission.NO_ROOM:
@@ -288,7 +290,7 @@ class Scheduler:
                 break
         for seq in reversed(skipped):
             self.waiting.appendleft(seq)
-        if self.running:
+        if admitted:  # the idle cache only changes on admissions and removals: not every step
             self._trim_idle_cache()
 
     # -- planning ---------------------------------------------------------------------------
