@@ -1,15 +1,16 @@
 """LoRA adapters through a real server with the default model (adapters built here): listing,
-start-up loading, wrong adapters refused, scaling 0 and unloading give the base output back,
+start-up loading, wrong adapters refused, scaling 0 and unloading give exactly the base output,
 PEFT and GGUF forms agree, loads wait for (or cancel) running generations, and requests with
-their own adapters run concurrently, each as alone.
+their own adapters run concurrently, each exactly as alone.
 
-Outputs are compared by `same()`: equal tokens with logprobs within LP_TOL, up to a near tie
-(see there). Not bit-exact, because where llama.cpp places a sequence's KV cells in its unified pool depends on
-what else was cached (and the scheduler trims idle cache while anything runs): the attention
-sums then run in another order, and this Q4_1 model quantises activations to 8 bits, which
-amplifies the last-bit difference to ~0.1 in a logprob (measured: 0.09), enough to flip a
-near tie. Different adapters differ by more than 1 (measured: 1.35) and change the text. Each `greedy()` runs its request
-twice and keeps the second answer, so every compared run reuses its cached prompt the same way.
+Outputs are compared exactly: text and every token's logprob. Each `greedy()` runs its request
+twice and keeps the second answer, so every compared run reuses its cached prompt the same way
+(prefix reuse changes the last prompt token's batch shape, hence its last bits). Exact
+comparison also relies on where llama.cpp puts each sequence's KV cells: the attention sums run
+in cell order, and this Q4_1 model quantises activations, so another placement moves logprobs
+by up to ~0.1 and can flip a near tie (measured). Placement follows the sequence of requests as
+long as the scheduler never trims idle cached prefixes, which it does not for a pool this size
+(1024 cells < `MIN_BUSY_CACHE_CELLS`, asserted below).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
+from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS
 from tests.lora_fixtures import (
     Adapter,
     make_adapter,
@@ -34,7 +36,6 @@ from tests.lora_fixtures import (
 )
 from tests.server import KodkodServer, wait_idle
 
-LP_TOL = 0.2
 PROMPT = "<|im_start|>user\nWrite one sentence about a lighthouse.<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -58,6 +59,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterato
     embed = {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 49152), np.float32)}
     write_peft_adapter(loras / "embed_peft", Adapter("llama", 8.0, {"blk.0.attn_q.weight": (a, b)}),
                        heads, extra_tensors=embed)
+    assert 1024 < MIN_BUSY_CACHE_CELLS  # see the module docstring
     config = {"model": {"max_seq_len": 1024},
               "lora": {"lora_dir": "loras", "loras": [{"name": "style", "scaling": 1.0}]}}
     server = KodkodServer.start(root, config)
@@ -65,40 +67,13 @@ def srv(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterato
     server.stop()
 
 
-Output = tuple[str, list[str], list[float], list[dict[str, float]]]  # text, tokens, logprobs, top-2
-
-
-def output(choice: dict) -> Output:
-    lp = choice["logprobs"]
-    return choice["text"], lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]
-
-
-def greedy(c: httpx.Client, **extra: Any) -> Output:
-    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "logprobs": 2, **extra}
+def greedy(c: httpx.Client, **extra: Any) -> tuple[str, list[float]]:
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "logprobs": 1, **extra}
     for _ in range(2):
         r = c.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
-    return output(r.json()["choices"][0])
-
-
-def same(a: Output, b: Output) -> bool:
-    """The same greedy output up to KV-placement noise: token by token equal with logprobs
-    within LP_TOL, until (if ever) a near tie flips: each run rated the other's token within
-    LP_TOL of its own pick. After a flip the texts part ways and are not compared."""
-    (_, ta, la, tops_a), (_, tb, lb, tops_b) = a, b
-    if len(ta) != len(tb):
-        return False
-    for tok_a, tok_b, x, y, top_a, top_b in zip(ta, tb, la, lb, tops_a, tops_b, strict=True):
-        if abs(x - y) > LP_TOL:
-            return False
-        if tok_a != tok_b:
-            return top_a.get(tok_b, -99.0) >= x - LP_TOL and top_b.get(tok_a, -99.0) >= y - LP_TOL
-    return True
-
-
-def distinct(outputs: list[Output]) -> bool:
-    """Different models: no two outputs are the same()."""
-    return not any(same(x, y) for i, x in enumerate(outputs) for y in outputs[i + 1:])
+    choice = r.json()["choices"][0]
+    return choice["text"], choice["logprobs"]["token_logprobs"]
 
 
 def load(c: httpx.Client, *loras: dict, skip_queue: bool = False) -> httpx.Response:
@@ -148,14 +123,14 @@ def test_scaling_zero_and_unloading_give_exactly_the_base_output(srv: KodkodServ
         assert c.post("/v1/lora/unload").status_code == 200
         assert active(c) == []
         base = greedy(c)
-        assert distinct([styled, base])
+        assert styled != base
         assert load(c, {"name": "style", "scaling": 0}).json() == {"success": ["style"], "failure": []}
         assert active(c) == [("style", 0.0)]
-        assert same(greedy(c), base)
+        assert greedy(c) == base
         assert load(c, {"name": "style", "scaling": 1.0}).status_code == 200
-        assert same(greedy(c), styled)
+        assert greedy(c) == styled
         assert c.post("/v1/lora/unload", json={"skip_queue": False}).status_code == 200
-        assert same(greedy(c), base)
+        assert greedy(c) == base
 
 
 def test_peft_and_gguf_forms_give_the_same_output(srv: KodkodServer) -> None:
@@ -165,7 +140,7 @@ def test_peft_and_gguf_forms_give_the_same_output(srv: KodkodServer) -> None:
         r = load(c, {"name": "style_peft"}, {"scaling": 2.0})  # a nameless entry is a failure
         assert r.json() == {"success": ["style_peft"], "failure": [None]}
         assert active(c) == [("style_peft", 1.0)]
-        assert same(greedy(c), from_gguf)
+        assert greedy(c) == from_gguf
         assert (srv.workdir / "loras" / "style_peft" / "adapter_model.llama.gguf").is_file()
         c.post("/v1/lora/unload")
 
@@ -214,33 +189,32 @@ def test_requests_with_their_own_adapters_run_concurrently_as_alone(srv: KodkodS
     variants = [
         {"loras": [{"name": "style", "scaling": 1.0}]},
         {"loras": [{"name": "other", "scaling": 0.8}]},
-        {"loras": [{"name": "style", "scaling": 1.0}, {"name": "other", "scaling": 0.5}]},
+        {"loras": [{"name": "style", "scaling": 0.5}, {"name": "other", "scaling": 1.0}]},
         {"loras": []},
         {},
     ]
     with srv.client(admin=True) as c:
         alone = [greedy(c, **v) for v in variants]
-        assert same(alone[3], alone[4])  # no adapters active: [] and absent are the base model
-        assert distinct(alone[:4]), alone  # four different models
+        assert alone[3] == alone[4]  # no adapters active: [] and absent are the base model
+        assert len({(text, tuple(lps)) for text, lps in alone[:4]}) == 4  # four different models
         assert active(c) == []  # a request's adapters do not become the active ones
 
-    async def together() -> list[Output]:
+    async def together() -> list[tuple[str, list[float]]]:
         async with srv.async_client() as api:
-            async def one(extra: dict) -> Output:
-                body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "logprobs": 2, **extra}
+            async def one(extra: dict) -> tuple[str, list[float]]:
+                body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "logprobs": 1, **extra}
                 r = await api.post("/v1/completions", json=body)
                 assert r.status_code == 200, r.text
-                return output(r.json()["choices"][0])
+                choice = r.json()["choices"][0]
+                return choice["text"], choice["logprobs"]["token_logprobs"]
 
             return await asyncio.gather(*(one(v) for v in variants))
 
-    together_out = asyncio.run(together())
-    for t, a in zip(together_out, alone, strict=True):
-        assert same(t, a), (t, a)
+    assert asyncio.run(together()) == alone
     with srv.client(admin=True) as c:
         assert load(c, {"name": "style"}).status_code == 200
-        assert same(greedy(c), alone[0])  # the active set, and a request naming it, agree
-        assert same(greedy(c, loras=[]), alone[3])  # [] opts out of the active adapters
+        assert greedy(c) == alone[0]  # the active set, and a request naming it, agree
+        assert greedy(c, loras=[]) == alone[3]  # [] opts out of the active adapters
         c.post("/v1/lora/unload")
 
 

@@ -6,7 +6,9 @@ Pairs with one vocabulary are derived offline with `kodkod models derive` (cache
   static speculation (`dynamic_draft: false`, `draft_num_tokens: 4`: every step drafts, so the
   test does not depend on timing). Quantised targets compute each batch row independently
   here (measured: bit-identical logits for rows verified in chunks of 2–17 and decoded one by
-  one), so greedy and seeded outputs must be identical with and without speculation;
+  one), so greedy and seeded outputs must be identical with and without speculation (the
+  2048-cell pool is never trimmed by the scheduler's busy budget, so KV placement — which moves
+  the last bits too — follows the requests alone);
 * the benchmark pair: target = the F32 copy, draft = the Q4_1 original, adaptive drafting.
 
 One server for the module; the tests run in order (the last ones swap models).
