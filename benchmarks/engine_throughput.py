@@ -232,7 +232,8 @@ def main() -> None:
           f"{r['ttft_second_s']*1000:.0f} ms  ratio {ttft_ratio:.3f} (target <= 0.15)")
     print(f"single stream after ~6k cells of idle cached prompts {r['single_after_fill']:7.1f} tok/s  "
           f"ratio {fill_ratio:.3f}")
-    print(f"engine overhead outside llama_decode: {r['overhead_ms']:.3f} ms/step (median over rounds)")
+    print(f"engine overhead outside llama_decode: {r['overhead_ms']:.3f} ms/step, mean over the single and "
+          f"{args.clients}-stream phases' steps (median over rounds)")
     print("per round (single, many):", ", ".join(f"{run['single'] / a:.3f}/{run['many'] / b:.3f}"
                                                for run, a, b in zip(runs, raws1, rawsn)))
 

@@ -6,7 +6,7 @@ decoding — measured here: a single stream drops from ~100 to ~77 tok/s with a 
 idle prefixes. So while anything runs, the scheduler keeps idle cached cells under a small
 budget; prefixes pushed out are saved here (`llama_state_seq_get_data`, ~16 µs per token) and,
 when a later request shares them, restored into a free slot (`llama_state_seq_set_data`,
-bit-identical KV) instead of being recomputed (~4 ms per token of prefill on 2 cores).
+the same KV bytes) instead of being recomputed (~4 ms per token of prefill on 2 cores).
 
 Pure data: the scheduler decides what to offload and restore (ops in the plan), the engine
 loop fills in and reads `data` when it replays those ops. Entries are evicted least recently

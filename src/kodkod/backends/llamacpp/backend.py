@@ -199,7 +199,8 @@ class LlamaCppBackend:
         return bytes(buf)
 
     def kv_restore(self, slot: int, data: bytes) -> None:
-        """Load bytes from kv_save() into an empty slot (bit-identical KV)."""
+        """Load bytes from kv_save() into an empty slot (the same KV bytes; the cells may sit
+        elsewhere in the pool, which moves the attention sums' last bits)."""
         src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if int(L.llama_state_seq_set_data(self._ctx, src, len(data), slot)) != len(data):
             raise BackendError(f"could not restore a cached prefix into slot {slot}")
