@@ -105,6 +105,7 @@ class FakeBackend:
         for row in rows:
             cache = self.kv[row.slot]
             assert row.start_pos == len(cache), f"slot {row.slot}: start {row.start_pos} != {len(cache)}"
+            assert None not in cache, f"slot {row.slot} has positions without KV"
             cache.extend(row.tokens)
             first = i + len(row.tokens) - row.num_logits
             idx = []
@@ -123,12 +124,19 @@ class FakeBackend:
         return self._logits[index]
 
     def kv_copy(self, src: int, dst: int, p0: int, p1: int) -> None:
-        assert not self.kv[dst], "copy into non-empty slot"
-        self.kv[dst] = list(self.kv[src][p0:p1])
+        if not self.kv[dst]:
+            assert p0 == 0
+            self.kv[dst] = list(self.kv[src][p0:p1])
+            return
+        # into positions a kv_remove(dst, p0, p1) emptied (compaction re-sharing a prefix)
+        assert all(t is None for t in self.kv[dst][p0:p1]), "copy over live positions"
+        self.kv[dst][p0:p1] = self.kv[src][p0:p1]
 
     def kv_remove(self, slot: int, p0: int, p1: int = -1) -> None:
-        assert p1 == -1
-        del self.kv[slot][p0:]
+        if p1 == -1:
+            del self.kv[slot][p0:]
+        else:  # a range inside: the positions become holes (None) until a kv_copy fills them
+            self.kv[slot][p0:p1] = [None] * (p1 - p0)
 
     def kv_save(self, slot: int) -> bytes:
         self.saves = getattr(self, "saves", 0) + 1

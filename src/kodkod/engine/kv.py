@@ -64,6 +64,10 @@ class KVPool:
                 free.append(c)
         del cells[n:]
 
+    def cells(self, slot: int) -> list[int]:
+        """The slot's virtual cell ids by position (read-only: shared with the pool)."""
+        return self._cells[slot]
+
     def exclusive_cells(self, slot: int) -> int:
         """Cells that would be freed if `slot` were cleared."""
         refs = self._refs

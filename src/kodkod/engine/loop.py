@@ -27,9 +27,10 @@ from kodkod.backends.base import Backend, BatchRow
 from kodkod.engine.adapters import refresh_waiting, use_adapters
 from kodkod.engine.build import new_sequence
 from kodkod.engine.commands import Abort, Command, Exclusive, Shutdown, Submit
+from kodkod.engine.compaction import compact, plan_compaction
+from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.output import Finish, Rewind, emit, next_token
 from kodkod.engine.rewind import MAX_REWINDS, rewind_sequence
-from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.scheduler import (
     CopyPrefix,
     Offload,
@@ -101,7 +102,7 @@ class EngineLoop:
         self._exclusive: list[Exclusive] = []
         self._stopping: Shutdown | None = None
         self._counters = dict.fromkeys(
-            ("steps", "decode_steps", "prefill_steps", "generated", "prompt_computed"), 0
+            ("steps", "decode_steps", "prefill_steps", "generated", "prompt_computed", "compactions"), 0
         )
         self._decode_s = 0.0
         self._step_s = 0.0
@@ -155,7 +156,10 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while self._stopping is None:
-                self._drain(block=not self._sched.has_work and not self._exclusive)
+                idle = not self._sched.has_work and not self._exclusive
+                if idle:
+                    self._maybe_compact()
+                self._drain(block=idle)
                 if self._stopping is not None:
                     break
                 self._run_exclusive_if_ready()
@@ -257,6 +261,21 @@ class EngineLoop:
                 if not seq.is_shadow:
                     self._fail(seq, f"generation failed: {exc}", ErrorKind.INTERNAL)
             self._reset_cache()
+
+    def _maybe_compact(self) -> None:
+        """Idle: pack the cached prefixes into the low cells (engine/compaction.py)."""
+        moves = plan_compaction(self._sched)
+        if moves is None:
+            return
+        self._apply_kv_ops(self._sched.drain_ops())
+        try:
+            compact(self.backend, self._sched, moves)
+        except Exception:
+            log.exception("KV compaction failed; clearing the prefix cache")
+            self._reset_cache()
+            return
+        self._counters["compactions"] += 1
+        self._publish()
 
     def _reset_cache(self) -> None:
         """After a failure the KV state is unknown: start from an empty cache."""

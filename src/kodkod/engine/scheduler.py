@@ -90,6 +90,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.paused = False  # stop admitting (exclusive work is waiting for the engine)
         self.num_preemptions = 0
+        self.evicted_since_compaction = 0  # cells (engine/compaction.py)
         self._ops: list[KVOp] = []
         self._prefill_next = False
         self._last_group: tuple | None = None  # adapter key of the last DECODE step
@@ -115,7 +116,7 @@ class Scheduler:
             self.running.remove(seq)
             self._release(seq, keep=True)
             if self.running:
-                self._trim_idle_cache()
+                self.trim_idle_cache()
         seq.status = SeqStatus.FINISHED
 
     def _release(self, seq: Sequence, *, keep: bool) -> None:
@@ -143,6 +144,7 @@ class Scheduler:
             entry = self.host.offer(victim.tokens[:length], victim.adapter_key)
             if entry is not None:
                 self._ops.append(Offload(victim.index, entry))
+        self.evicted_since_compaction += length
         self._truncate(victim.index, 0)
         victim.state = SlotState.FREE
         victim.tokens = []
@@ -169,7 +171,7 @@ class Scheduler:
         if host is not None:
             host.clear()
 
-    def _trim_idle_cache(self) -> None:
+    def trim_idle_cache(self) -> None:
         """While sequences run, keep idle cached cells within the busy budget (LRU first)."""
         budget = self.busy_cache_cells
         cached = self.slots.cached()
@@ -291,7 +293,7 @@ class Scheduler:
         for seq in reversed(skipped):
             self.waiting.appendleft(seq)
         if admitted:  # the idle cache only changes on admissions and removals: not every step
-            self._trim_idle_cache()
+            self.trim_idle_cache()
 
     # -- planning ---------------------------------------------------------------------------
 

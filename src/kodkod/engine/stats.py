@@ -41,6 +41,7 @@ class EngineStats:
     host_cache_entries: int = 0
     host_cache_bytes: int = 0
     host_cache_restores: int = 0
+    compactions: int = 0  # idle KV compactions (engine/compaction.py)
 
     @property
     def acceptance_rate(self) -> float:
@@ -80,4 +81,5 @@ def snapshot(
         host_cache_entries=len(sched.host.entries) if sched.host is not None else 0,
         host_cache_bytes=sched.host.bytes_used if sched.host is not None else 0,
         host_cache_restores=sched.host.restores if sched.host is not None else 0,
+        compactions=counters["compactions"],
     )

@@ -44,6 +44,7 @@ async def health(request: Request) -> JSONResponse:
             "host_cache_entries": s.host_cache_entries,
             "host_cache_bytes": s.host_cache_bytes,
             "host_cache_restores": s.host_cache_restores,
+            "kv_compactions": s.compactions,
             "drafted_tokens": s.drafted_tokens,
             "accepted_draft_tokens": s.accepted_draft_tokens,
             "draft_steps": s.draft_steps,

@@ -1,0 +1,73 @@
+"""Compacting the KV pool while the engine is idle.
+
+llama.cpp attends over every cell up to the highest occupied one (`used_max_p1`), and this
+version has no KV defragmentation. Evicting idle prefixes (the busy budget, pressure) leaves
+holes below the prefixes that stay, so the attention range stays wide and every later decode
+pays for it (measured: one stream at 0.90× its fresh speed after six 1,000-token prompts came
+and went). When nothing runs or waits and enough cells were evicted since the last time, the
+scheduler first trims the idle cache to its busy budget (as the next request would: pushed-out
+prefixes go to the host tier), then the engine saves every cached slot (`llama_state_seq_get_data`), clears the pool, and restores them
+from cell 0 up. Slots that shared a prefix share it again: a slot is restored whole, its first
+`shared` positions dropped and taken from the slot it shares them with (`seq_cp`), so the cell
+count — and the scheduler's `KVPool` mirror, which does not change — stay exactly as they were.
+
+Any failure clears the whole cache (nothing is running, so nobody loses output). Cost: ~16 µs
+per saved and restored token, at idle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kodkod.backends.base import Backend
+from kodkod.engine.kv import common_prefix_len
+from kodkod.engine.scheduler import Scheduler
+
+COMPACT_AFTER_EVICTED = 512  # cells evicted since the last compaction before one is worth it
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    slot: int
+    share_from: int  # a slot restored earlier whose first `shared` cells this slot shares; -1: none
+    shared: int
+
+
+def plan_compaction(sched: Scheduler) -> list[Move] | None:
+    """The cached slots in restore order, or None when compaction is not due or not possible."""
+    if sched.running or sched.waiting or sched.evicted_since_compaction < COMPACT_AFTER_EVICTED:
+        return None
+    sched.trim_idle_cache()  # what the next request would trim anyway: before packing, not after
+    sched.evicted_since_compaction = 0
+    pool = sched.pool
+    cached = sorted(sched.slots.cached(), key=lambda s: -pool.length(s.index))
+    if not cached:
+        return None
+    moves: list[Move] = []
+    for slot in cached:
+        cells = pool.cells(slot.index)
+        best = Move(slot.index, -1, 0)
+        for done in moves:
+            n = common_prefix_len(pool.cells(done.slot), cells)
+            if n > best.shared:
+                best = Move(slot.index, done.slot, n)
+        moves.append(best)
+    # a slot is restored whole before its shared part is dropped: that much must be free
+    peak = max((m.shared for m in moves if m.shared < pool.length(m.slot)), default=0)
+    if peak > pool.free_cells:
+        return None
+    return moves
+
+
+def compact(backend: Backend, sched: Scheduler, moves: list[Move]) -> None:
+    """Carry out a plan on the backend (raises on failure: the caller clears the cache)."""
+    pool = sched.pool
+    saved = {m.slot: backend.kv_save(m.slot) for m in moves if m.shared < pool.length(m.slot)}
+    backend.kv_clear()
+    for m in moves:
+        if m.slot in saved:
+            backend.kv_restore(m.slot, saved[m.slot])
+            if m.shared:
+                backend.kv_remove(m.slot, 0, m.shared)
+        if m.shared:
+            backend.kv_copy(m.share_from, m.slot, 0, m.shared)
