@@ -9,8 +9,8 @@ twice and keeps the second answer, so every compared run reuses its cached promp
 comparison also relies on where llama.cpp puts each sequence's KV cells: the attention sums run
 in cell order, and this Q4_1 model quantises activations, so another placement moves logprobs
 by up to ~0.1 and can flip a near tie (measured). Placement follows the sequence of requests as
-long as the scheduler never trims idle cached prefixes, which it does not for a pool this size
-(1024 cells < `MIN_BUSY_CACHE_CELLS`, asserted below).
+long as the engine never trims idle cached prefixes or compacts the pool, which it does not for
+a pool this size (1024 cells < `MIN_BUSY_CACHE_CELLS`, asserted below).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Pairs with one vocabulary are derived offline with `kodkod models derive` (cache
   test does not depend on timing). Quantised targets compute each batch row independently
   here (measured: bit-identical logits for rows verified in chunks of 2–17 and decoded one by
   one), so greedy and seeded outputs must be identical with and without speculation (the
-  2048-cell pool is never trimmed by the scheduler's busy budget, so KV placement — which moves
-  the last bits too — follows the requests alone);
+  2048-cell pool is never trimmed or compacted, so KV placement — which moves the last bits
+  too — follows the requests alone);
 * the benchmark pair: target = the F32 copy, draft = the Q4_1 original, adaptive drafting.
 
 One server for the module; the tests run in order (the last ones swap models).
@@ -25,6 +25,7 @@ import httpx
 import jsonschema
 import pytest
 
+from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS
 from kodkod.models.derive import derive
 from tests.server import DEFAULT_MODEL, GEMMA_MODEL, MODELS, KodkodServer
 
@@ -58,6 +59,7 @@ def static_draft(name: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, pair: dict[str, str]) -> Iterator[KodkodServer]:
+    assert 2048 <= MIN_BUSY_CACHE_CELLS  # never trimmed or compacted: see the module docstring
     srv = KodkodServer.start(tmp_path_factory.mktemp("spec"), {
         "model": {"max_seq_len": 2048},
         "draft_model": {"draft_model_dir": "models", **static_draft(pair["q8_0"])},

@@ -45,8 +45,8 @@ def finish(backend: FakeBackend, sched: Scheduler, prompt: list[int], rid: str) 
 
 
 def test_plan_restores_longest_first_and_reshares_prefixes() -> None:
-    backend = FakeBackend(kv_capacity=2000, num_slots=8)
-    sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=2000, num_slots=8)
+    backend = FakeBackend(kv_capacity=4000, num_slots=8)
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=4000, num_slots=8)
     a = finish(backend, sched, list(range(300)), "a")
     b = finish(backend, sched, list(range(200)) + list(range(900, 950)), "b")  # shares 200 with a
     c = finish(backend, sched, list(range(1000, 1100)), "c")
@@ -68,9 +68,17 @@ def test_plan_restores_longest_first_and_reshares_prefixes() -> None:
     replay(backend, sched, plan)
 
 
+def test_small_pools_are_left_alone() -> None:
+    backend = FakeBackend(kv_capacity=2048, num_slots=8)
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=2048, num_slots=8)
+    finish(backend, sched, list(range(300)), "a")
+    sched.evicted_since_compaction = COMPACT_AFTER_EVICTED
+    assert plan_compaction(sched) is None
+
+
 def test_not_planned_while_anything_runs() -> None:
-    backend = FakeBackend(kv_capacity=2000, num_slots=8)
-    sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=2000, num_slots=8)
+    backend = FakeBackend(kv_capacity=4000, num_slots=8)
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=4000, num_slots=8)
     finish(backend, sched, list(range(300)), "a")
     running = make_seq("r", list(range(500, 540)))
     sched.add(running)
@@ -80,7 +88,7 @@ def test_not_planned_while_anything_runs() -> None:
 
 
 def test_engine_compacts_when_idle_and_keeps_serving(monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = FakeBackend(n_vocab=64, kv_capacity=256, num_slots=8)
+    backend = FakeBackend(n_vocab=64, kv_capacity=4096, num_slots=8)  # > MIN_BUSY_CACHE_CELLS
     seen: list[list[Move]] = []  # every plan the engine made
 
     def recording_plan(sched: Scheduler) -> list[Move] | None:

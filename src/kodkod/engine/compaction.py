@@ -11,6 +11,7 @@ from cell 0 up. Slots that shared a prefix share it again: a slot is restored wh
 `shared` positions dropped and taken from the slot it shares them with (`seq_cp`), so the cell
 count — and the scheduler's `KVPool` mirror, which does not change — stay exactly as they were.
 
+Pools of up to `MIN_BUSY_CACHE_CELLS` are left alone, like the busy budget leaves them.
 Any failure clears the whole cache (nothing is running, so nobody loses output). Cost: ~16 µs
 per saved and restored token, at idle.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from kodkod.backends.base import Backend
 from kodkod.engine.kv import common_prefix_len
-from kodkod.engine.scheduler import Scheduler
+from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS, Scheduler
 
 COMPACT_AFTER_EVICTED = 512  # cells evicted since the last compaction before one is worth it
 
@@ -37,6 +38,8 @@ def plan_compaction(sched: Scheduler) -> list[Move] | None:
     """The cached slots in restore order, or None when compaction is not due or not possible."""
     if sched.running or sched.waiting or sched.evicted_since_compaction < COMPACT_AFTER_EVICTED:
         return None
+    if sched.pool.capacity <= MIN_BUSY_CACHE_CELLS:
+        return None  # small pools: little to gain, and KV placement stays request-determined
     sched.trim_idle_cache()  # what the next request would trim anyway: before packing, not after
     sched.evicted_since_compaction = 0
     pool = sched.pool
