@@ -78,18 +78,10 @@ def derive(
 
 
 def _quantize(src: Path, dst: Path, ftype: int, n_threads: int) -> None:
-    import llama_cpp as L
+    from kodkod.backends.llamacpp.quantize import quantize_model  # the inference library: lazily
 
-    from kodkod.backends.llamacpp.model import init_llama
-
-    init_llama()
-    params = L.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = n_threads
-    params.allow_requantize = True  # dequantise quantised source tensors
-    params.pure = True
     try:
-        rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        rc = quantize_model(src, dst, ftype, n_threads)
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
