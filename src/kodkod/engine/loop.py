@@ -30,17 +30,9 @@ from kodkod.engine.commands import Abort, Command, Exclusive, Shutdown, Submit
 from kodkod.engine.compaction import compact, plan_compaction
 from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.output import Finish, Rewind, emit, next_token
+from kodkod.engine.replay import replay_kv_ops
 from kodkod.engine.rewind import MAX_REWINDS, rewind_sequence
-from kodkod.engine.scheduler import (
-    CopyPrefix,
-    Offload,
-    Restore,
-    Scheduler,
-    SchedulerConfig,
-    StepKind,
-    StepPlan,
-    Truncate,
-)
+from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind, StepPlan
 from kodkod.engine.sequence import EventSink, Sequence
 from kodkod.engine.speculative.speculator import Speculator
 from kodkod.engine.speculative.state import SpecConfig
@@ -232,23 +224,8 @@ class EngineLoop:
                         lambda seq, msg: self._fail(seq, msg, ErrorKind.BAD_REQUEST))
 
     def _apply_kv_ops(self, ops: list) -> None:
-        backend = self.backend
         mirror = self._spec.mirror if self._spec.draft_backend is not None else None
-        for op in ops:
-            if isinstance(op, CopyPrefix):
-                backend.kv_copy(op.src, op.dst, 0, op.length)
-            elif isinstance(op, Truncate):
-                backend.kv_remove(op.slot, op.length, -1)
-            elif isinstance(op, Offload):
-                assert self._host is not None
-                self._host.stored(op.entry, backend.kv_save(op.slot))
-                continue  # the draft keeps its copy until the Truncate that follows
-            elif isinstance(op, Restore):
-                assert op.entry.data is not None
-                backend.kv_restore(op.slot, op.entry.data)
-                continue  # the draft has nothing for this slot yet: it catches up lazily
-            if mirror is not None:
-                mirror(op)
+        replay_kv_ops(self.backend, ops, self._host, mirror)
 
     def _safe_step(self) -> None:
         try:
