@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS
+from kodkod.engine.scheduler import busy_budget
 from tests.server import DEFAULT_MODEL, KodkodServer, engine_stats, wait_idle
 
 PREFIX = "<|im_start|>system\n" + " ".join(
@@ -19,7 +19,7 @@ PREFIX = "<|im_start|>system\n" + " ".join(
 
 
 LOAD = {"max_seq_len": 2048, "cache_size": 16384}
-BUDGET = max(LOAD["cache_size"] // 8, MIN_BUSY_CACHE_CELLS)  # idle cells allowed while busy
+BUDGET = busy_budget(LOAD["cache_size"], host_tier=True)  # idle cells allowed while busy (0)
 
 
 def filler(i: int) -> str:
@@ -80,3 +80,22 @@ def test_pushed_out_prefix_is_restored_from_host_ram_identically(srv: KodkodServ
         assert engine_stats(srv)["host_cache_restores"] == stats["host_cache_restores"] + 1
     assert restored["usage"]["prompt_tokens_details"]["cached_tokens"] >= 600
     assert restored["choices"][0]["text"] == live["choices"][0]["text"]
+
+
+def test_regenerated_replies_do_not_pile_up_in_the_live_pool(srv: KodkodServer) -> None:
+    """A front end's swipe sends the same prompt again: with the host tier the earlier reply's
+    cells leave the live pool while the new one runs (they would slow it down), the prompt
+    itself is still reused, and the reply is the same greedy text."""
+    question = ask("Tell me about door 12.")
+    with srv.client() as c:
+        first = complete(c, question, 40)
+        before = wait_idle(srv)
+        replies = [complete(c, question, 40) for _ in range(3)]
+        after = wait_idle(srv)
+    n_prompt = first["usage"]["prompt_tokens"]
+    for r in replies:
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= n_prompt - 1
+        assert r["choices"][0]["text"] == first["choices"][0]["text"]
+    # one prompt plus one reply stays live, not four replies
+    assert after["cached_tokens"] <= n_prompt + 40
+    assert after["host_cache_entries"] >= 1 and before["cached_tokens"] <= n_prompt + 40

@@ -12,6 +12,7 @@ from kodkod.engine.client import EngineClient
 from kodkod.engine.compaction import COMPACT_AFTER_EVICTED, Move, compact, plan_compaction
 import kodkod.engine.loop as loop_module
 from kodkod.engine.loop import EngineConfig
+from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.scheduler import CopyPrefix, Scheduler, SchedulerConfig, Truncate
 from kodkod.engine.types import FinishEvent, GenerationRequest
 from tests.fakes import FakeBackend
@@ -42,6 +43,27 @@ def finish(backend: FakeBackend, sched: Scheduler, prompt: list[int], rid: str) 
     slot = seq.slot
     sched.remove(seq)
     return slot
+
+
+def test_with_a_host_tier_compaction_keeps_the_cached_slot_live() -> None:
+    """The busy budget is zero with a host tier: an idle prefix leaves the pool when another
+    request runs, but at idle nobody knows which prefix the next request adopts, so compaction
+    packs what is cached instead of pushing it out."""
+    backend = FakeBackend(kv_capacity=4000, num_slots=8)
+    host = HostPrefixCache(budget_bytes=10**9)
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=4000, num_slots=8,
+                      host=host)
+    assert sched.busy_cache_cells == 0
+    a = finish(backend, sched, list(range(300)), "a")
+    c = finish(backend, sched, list(range(1000, 1100)), "c")
+    sched.evicted_since_compaction = COMPACT_AFTER_EVICTED
+    assert [e.tokens for e in host.entries] == [list(range(300))]  # pushed out while c ran
+    assert sched.pool.length(a) == 0
+    sched.drain_ops()
+    moves = plan_compaction(sched)
+    assert moves == [Move(c, -1, 0)]
+    assert len(host.entries) == 1 and not sched.drain_ops()
+    assert sched.slots.num_cached_tokens == 100
 
 
 def test_plan_restores_longest_first_and_reshares_prefixes() -> None:

@@ -280,6 +280,33 @@ def test_idle_cache_is_trimmed_while_running_and_offloaded_to_host() -> None:
     assert host.restores == 1
 
 
+def test_default_busy_budget_pushes_every_idle_prefix_out_when_a_host_tier_exists() -> None:
+    """Regenerating a reply (same prompt again): with a host tier the last reply's idle cells
+    leave the live pool as soon as the new one starts; without one, they stay (budget 1/8)."""
+    for host in (HostPrefixCache(budget_bytes=10**9), None):
+        sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=4096,
+                          num_slots=8, host=host)
+        prompt = list(range(100))
+        first = make_seq("a", prompt)
+        sched.add(first)
+        for t in range(200):  # the prompt, then a 200-token reply (the last one not computed)
+            run_step(sched, 5000 + t)
+        sched.remove(first)
+        assert sched.slots.num_cached_tokens == 299
+        again = make_seq("b", list(prompt))
+        sched.add(again)
+        plan = sched.schedule()
+        assert plan is not None and again.num_cached == 99  # the prompt is still shared
+        offloads = [op for op in plan.kv_ops if isinstance(op, Offload)]
+        if host is not None:
+            assert sched.busy_cache_cells == 0
+            assert len(offloads) == 1 and offloads[0].entry.tokens == prompt + list(range(5000, 5199))
+            assert sched.pool.free_cells == 4096 - 99  # only the shared prompt cells stay live
+        else:
+            assert sched.busy_cache_cells == 2048 and not offloads
+            assert sched.pool.free_cells == 4096 - 299
+
+
 def test_host_tier_keeps_within_budget_and_dedupes() -> None:
     host = HostPrefixCache(budget_bytes=100)
     a = host.offer(list(range(100)), ())

@@ -6,7 +6,7 @@ holes below the prefixes that stay, so the attention range stays wide and every 
 pays for it (measured: one stream at 0.90× its fresh speed after six 1,000-token prompts came
 and went). When nothing runs or waits and enough cells were evicted since the last time, the
 scheduler first trims the idle cache to its busy budget (as the next request would: pushed-out
-prefixes go to the host tier), then the engine saves every cached slot (`llama_state_seq_get_data`), clears the pool, and restores them
+prefixes go to the host tier; a zero budget trims nothing here), then the engine saves every cached slot (`llama_state_seq_get_data`), clears the pool, and restores them
 from cell 0 up. Slots that shared a prefix share it again: a slot is restored whole, its first
 `shared` positions dropped and taken from the slot it shares them with (`seq_cp`), so the cell
 count — and the scheduler's `KVPool` mirror, which does not change — stay exactly as they were.
@@ -40,7 +40,10 @@ def plan_compaction(sched: Scheduler) -> list[Move] | None:
         return None
     if sched.pool.capacity <= MIN_BUSY_CACHE_CELLS:
         return None  # small pools: little to gain, and KV placement stays request-determined
-    sched.trim_idle_cache()  # what the next request would trim anyway: before packing, not after
+    if sched.busy_cache_cells > 0:
+        sched.trim_idle_cache()  # what the next request would trim anyway: before packing, not after
+    # (a zero budget — with a host tier — keeps live only what the next request adopts, which is
+    # not known yet: pack every cached slot)
     sched.evicted_since_compaction = 0
     pool = sched.pool
     cached = sorted(sched.slots.cached(), key=lambda s: -pool.length(s.index))
