@@ -4,8 +4,11 @@
 
 1. Raw baseline (no server): a minimal low-level llama.cpp decode loop with argmax sampling on
    the same model, threads and context settings — 1 sequence, and N sequences in one batch.
+   It stays loaded in this process and runs right before each server measurement it is
+   compared with, so the machine's drift over minutes does not land on one side only.
 2. The kodkod server (a subprocess) over HTTP with streaming clients (httpx):
-   - single stream: decode tok/s between the first and last token;
+   - single stream: decode tok/s between the first and last token (--pairs of them, each with
+     its own prompt and its own raw run);
    - the same request three more times (a regenerated reply), the last one's tok/s;
    - N concurrent streams: aggregate tok/s over the window in which all N are decoding;
    - p50 / p99 inter-token latency per stream under N clients;
@@ -55,51 +58,62 @@ try:
 except ImportError:  # pragma: no cover
     _QUIET = None
 
-def raw_loop(n_seq: int, n_tokens: int, threads: int) -> float:
-    """Aggregate decode tok/s of a bare llama.cpp loop (argmax), n_seq sequences per batch."""
-    import llama_cpp as L
-    import numpy as np
+class RawLoop:
+    """A bare llama.cpp decode loop (argmax) on the same model, threads and context settings;
+    loaded once, so it can be measured right next to each server measurement."""
 
-    L.llama_backend_init()
-    L.llama_log_set(_QUIET, None)
-    model = L.llama_model_load_from_file(str(DEFAULT_GGUF).encode(), L.llama_model_default_params())
-    vocab = L.llama_model_get_vocab(model)
-    n_vocab = L.llama_vocab_n_tokens(vocab)
-    cp = L.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 8192, 2048, 512, 64
-    cp.n_threads = cp.n_threads_batch = threads
-    cp.kv_unified, cp.swa_full, cp.flash_attn_type = True, True, 1
-    ctx = L.llama_init_from_model(model, cp)
-    batch = L.llama_batch_init(2048, 0, 1)
-    rows = ctypes.c_float * n_vocab
-    last = []
-    for s in range(n_seq):
-        text = CHAT.format(f"Write a long story about {TOPICS[s % len(TOPICS)]}.").encode()
-        arr = (L.llama_token * 512)()
-        n = L.llama_tokenize(vocab, text, len(text), arr, 512, False, True)
-        batch.n_tokens = n
-        for i in range(n):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = arr[i], i, 1
-            batch.seq_id[i][0], batch.logits[i] = s, i == n - 1
-        assert L.llama_decode(ctx, batch) == 0
-        logits = np.frombuffer(rows.from_address(ctypes.addressof(L.llama_get_logits_ith(ctx, n - 1).contents)), np.float32)
-        last.append((int(logits.argmax()), n))
-    t0 = time.perf_counter()
-    for _ in range(n_tokens):
-        batch.n_tokens = n_seq
-        for s, (tok, pos) in enumerate(last):
-            batch.token[s], batch.pos[s], batch.n_seq_id[s] = tok, pos, 1
-            batch.seq_id[s][0], batch.logits[s] = s, 1
-        assert L.llama_decode(ctx, batch) == 0
+    def __init__(self, threads: int) -> None:
+        import llama_cpp as L
+
+        L.llama_backend_init()
+        L.llama_log_set(_QUIET, None)
+        self.L = L
+        self.model = L.llama_model_load_from_file(str(DEFAULT_GGUF).encode(), L.llama_model_default_params())
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 8192, 2048, 512, 64
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.kv_unified, cp.swa_full, cp.flash_attn_type = True, True, 1
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        self.batch = L.llama_batch_init(2048, 0, 1)
+
+    def run(self, n_seq: int, n_tokens: int, topic: int = 1) -> float:
+        """Aggregate decode tok/s of n_seq sequences per batch (a fresh KV cache each time)."""
+        import numpy as np
+
+        L, ctx, batch = self.L, self.ctx, self.batch
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        rows = ctypes.c_float * self.n_vocab
+        last = []
         for s in range(n_seq):
-            ptr = L.llama_get_logits_ith(ctx, s)
-            tok = int(np.frombuffer(rows.from_address(ctypes.addressof(ptr.contents)), np.float32).argmax())
-            last[s] = (tok, last[s][1] + 1)
-    rate = n_seq * n_tokens / (time.perf_counter() - t0)
-    L.llama_batch_free(batch)
-    L.llama_free(ctx)
-    L.llama_model_free(model)
-    return rate
+            text = CHAT.format(f"Write a long story about {TOPICS[(topic + s) % len(TOPICS)]}.").encode()
+            arr = (L.llama_token * 512)()
+            n = L.llama_tokenize(self.vocab, text, len(text), arr, 512, False, True)
+            batch.n_tokens = n
+            for i in range(n):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = arr[i], i, 1
+                batch.seq_id[i][0], batch.logits[i] = s, i == n - 1
+            assert L.llama_decode(ctx, batch) == 0
+            logits = np.frombuffer(rows.from_address(ctypes.addressof(L.llama_get_logits_ith(ctx, n - 1).contents)), np.float32)
+            last.append((int(logits.argmax()), n))
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            batch.n_tokens = n_seq
+            for s, (tok, pos) in enumerate(last):
+                batch.token[s], batch.pos[s], batch.n_seq_id[s] = tok, pos, 1
+                batch.seq_id[s][0], batch.logits[s] = s, 1
+            assert L.llama_decode(ctx, batch) == 0
+            for s in range(n_seq):
+                ptr = L.llama_get_logits_ith(ctx, s)
+                tok = int(np.frombuffer(rows.from_address(ctypes.addressof(ptr.contents)), np.float32).argmax())
+                last[s] = (tok, last[s][1] + 1)
+        return n_seq * n_tokens / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_free(self.ctx)
+        self.L.llama_model_free(self.model)
 
 
 # -- HTTP clients ---------------------------------------------------------------------------
@@ -157,19 +171,31 @@ def window_rate(all_events: list[list[tuple[float, int]]]) -> float:
     return n / (end - start)
 
 
-async def http_benchmarks(server: KodkodServer, tokens: int, clients: int) -> dict[str, float]:
+async def http_benchmarks(server: KodkodServer, raw: RawLoop, tokens: int, clients: int,
+                          pairs: int) -> dict[str, float]:
+    """Server measurements; the raw loop runs right before each one it is compared with (the
+    machine's speed drifts over minutes), and each `*_ratio` is kodkod / that raw run."""
     res: dict[str, float] = {}
     port, key = server.port, server.api_key
     await stream_completion(port, key, CHAT.format("Warm up."), 8)
-    single = await stream_completion(port, key, CHAT.format("Write a long story about a dragon."), tokens)
-    res["single"] = decode_rate(single)
+    ratios = []
+    for i in range(pairs):  # one stream, each with its own prompt, each paired with a raw run
+        raw1 = raw.run(1, tokens, topic=i)
+        prompt = CHAT.format(f"Write a long story about {TOPICS[i % len(TOPICS)]}.")
+        rate = decode_rate(await stream_completion(port, key, prompt, tokens))
+        ratios.append(rate / raw1)
+    res["single"], res["single_ratio"], res["raw1"] = rate, statistics.median(ratios), raw1
+    res["single_ratios"] = ratios  # type: ignore[assignment]
     # regenerating the same reply (a chat front end's swipe): each earlier reply stays cached
     for _ in range(3):
         again = await stream_completion(port, key, CHAT.format("Write a long story about a dragon."), tokens)
     res["regenerated"] = decode_rate(again)
+    res["regenerated_ratio"] = res["regenerated"] / raw.run(1, tokens)
     prompts = [CHAT.format(f"Tell me everything about {TOPICS[i % len(TOPICS)]}, in detail.") for i in range(clients)]
+    res["rawn"] = raw.run(clients, tokens)
     many = await asyncio.gather(*(stream_completion(port, key, p, tokens) for p in prompts))
     res["many"] = window_rate(many)
+    res["many_ratio"] = res["many"] / res["rawn"]
     gaps = sorted(b[0] - a[0] for evs in many for a, b in zip(evs, evs[1:]))
     res["itl_p50_ms"] = 1000 * statistics.median(gaps)
     res["itl_p99_ms"] = 1000 * gaps[int(0.99 * (len(gaps) - 1))]
@@ -197,8 +223,10 @@ async def http_benchmarks(server: KodkodServer, tokens: int, clients: int) -> di
             filler = f"Document {salt}-{i}: " + " ".join(f"entry {i}.{k} reads {k * 3}" for k in range(160))
             r = await c.post("/v1/completions", json={"prompt": filler, "max_tokens": 1})
             assert r.status_code == 200, r.text
+    raw1 = raw.run(1, tokens)
     busy = await stream_completion(port, key, CHAT.format("Write a long story about a lighthouse."), tokens)
     res["single_after_fill"] = decode_rate(busy)
+    res["fill_ratio"] = res["single_after_fill"] / raw1
     return res
 
 
@@ -206,47 +234,48 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3, help="raw/server rounds, interleaved; medians reported")
+    ap.add_argument("--rounds", type=int, default=3, help="server starts; medians over rounds reported")
+    ap.add_argument("--pairs", type=int, default=3, help="raw/server single-stream pairs per round")
     ap.add_argument("--host-cache-mb", type=int, default=1024,
                     help="memory.sysmem_kv_cache of the server (the sample config's 1024; 0: no host tier)")
     args = ap.parse_args()
     threads = available_threads()
     print(f"model {DEFAULT_GGUF.name}, {threads} threads, {args.tokens} tokens, {args.clients} clients, "
-          f"{args.rounds} rounds, host KV tier {args.host_cache_mb} MB")
-    raws1, rawsn, runs = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.rounds):
-            raws1.append(raw_loop(1, args.tokens, threads))
-            rawsn.append(raw_loop(args.clients, args.tokens, threads))
-            server = KodkodServer.start(Path(tmp), {
-                "model": {"max_batch_size": max(8, args.clients), "n_threads": threads},
-                "memory": {"sysmem_kv_cache": args.host_cache_mb},
-            })
-            try:
-                runs.append(asyncio.run(http_benchmarks(server, args.tokens, args.clients)))
-            finally:
-                server.stop()
+          f"{args.rounds} rounds x {args.pairs} single-stream pairs, host KV tier {args.host_cache_mb} MB")
+    runs = []
+    raw = RawLoop(threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(args.rounds):
+                server = KodkodServer.start(Path(tmp), {
+                    "model": {"max_batch_size": max(8, args.clients), "n_threads": threads},
+                    "memory": {"sysmem_kv_cache": args.host_cache_mb},
+                })
+                try:
+                    runs.append(asyncio.run(http_benchmarks(server, raw, args.tokens, args.clients, args.pairs)))
+                finally:
+                    server.stop()
+    finally:
+        raw.close()
     med = statistics.median
-    raw1, rawn = med(raws1), med(rawsn)
-    r = {k: med(run[k] for run in runs) for k in runs[0]}
-    single_ratio = med(run["single"] / a for run, a in zip(runs, raws1))
-    many_ratio = med(run["many"] / b for run, b in zip(runs, rawsn))
-    ttft_ratio = med(run["ttft_second_s"] / run["ttft_first_s"] for run in runs)
-    fill_ratio = med(run["single_after_fill"] / a for run, a in zip(runs, raws1))
-    regen_ratio = med(run["regenerated"] / a for run, a in zip(runs, raws1))
-    print(f"raw llama.cpp loop:  1 seq {raw1:7.1f} tok/s | {args.clients} seqs {rawn:7.1f} tok/s ({rawn / raw1:.2f}x)")
-    print(f"kodkod single stream {r['single']:7.1f} tok/s  ratio {single_ratio:.3f} (target >= 0.95)")
-    print(f"kodkod single stream, 4th regeneration {r['regenerated']:7.1f} tok/s  ratio {regen_ratio:.3f}")
-    print(f"kodkod {args.clients} streams     {r['many']:7.1f} tok/s  ratio {many_ratio:.3f} (target >= 0.90)")
+    r = {k: med(run[k] for run in runs) for k in runs[0] if k != "single_ratios"}
+    every_single = [x for run in runs for x in run["single_ratios"]]
+    print(f"raw llama.cpp loop:  1 seq {r['raw1']:7.1f} tok/s | {args.clients} seqs {r['rawn']:7.1f} tok/s "
+          f"({r['rawn'] / r['raw1']:.2f}x)")
+    print(f"kodkod single stream {r['single']:7.1f} tok/s  ratio {med(every_single):.3f} (target >= 0.95; "
+          f"median of {len(every_single)} pairs, range {min(every_single):.3f}-{max(every_single):.3f})")
+    print(f"kodkod single stream, 4th regeneration {r['regenerated']:7.1f} tok/s  ratio {r['regenerated_ratio']:.3f}")
+    print(f"kodkod {args.clients} streams     {r['many']:7.1f} tok/s  ratio {r['many_ratio']:.3f} (target >= 0.90)")
     print(f"inter-token latency under {args.clients} clients: p50 {r['itl_p50_ms']:.1f} ms, p99 {r['itl_p99_ms']:.1f} ms")
+    ttft_ratio = med(run["ttft_second_s"] / run["ttft_first_s"] for run in runs)
     print(f"prefix reuse ({r['prefix_tokens']:.0f}-token shared prefix): TTFT {r['ttft_first_s']*1000:.0f} ms -> "
           f"{r['ttft_second_s']*1000:.0f} ms  ratio {ttft_ratio:.3f} (target <= 0.15)")
     print(f"single stream after ~6k cells of idle cached prompts {r['single_after_fill']:7.1f} tok/s  "
-          f"ratio {fill_ratio:.3f}")
+          f"ratio {r['fill_ratio']:.3f}")
     print(f"engine overhead outside llama_decode: {r['overhead_ms']:.3f} ms/step, mean over the single and "
           f"{args.clients}-stream phases' steps (median over rounds)")
-    print("per round (single, many):", ", ".join(f"{run['single'] / a:.3f}/{run['many'] / b:.3f}"
-                                               for run, a, b in zip(runs, raws1, rawsn)))
+    print("per round: single pairs", "; ".join(" ".join(f"{x:.3f}" for x in run["single_ratios"]) for run in runs),
+          "| many", " ".join(f"{run['many_ratio']:.3f}" for run in runs))
 
 
 if __name__ == "__main__":
