@@ -4,11 +4,11 @@
 
 1. Raw baseline (no server): a minimal low-level llama.cpp decode loop with argmax sampling on
    the same model, threads and context settings — 1 sequence, and N sequences in one batch.
-   It stays loaded in this process and runs right before each server measurement it is
-   compared with, so the machine's drift over minutes does not land on one side only.
+   It stays loaded in this process; a single stream is compared with the mean of raw runs
+   right before and right after it, so the machine's drift over minutes cancels out.
 2. The kodkod server (a subprocess) over HTTP with streaming clients (httpx):
    - single stream: decode tok/s between the first and last token (--pairs of them, each with
-     its own prompt and its own raw run);
+     its own prompt, each between two raw runs);
    - the same request three more times (a regenerated reply), the last one's tok/s;
    - N concurrent streams: aggregate tok/s over the window in which all N are decoding;
    - p50 / p99 inter-token latency per stream under N clients;
@@ -179,11 +179,13 @@ async def http_benchmarks(server: KodkodServer, raw: RawLoop, tokens: int, clien
     port, key = server.port, server.api_key
     await stream_completion(port, key, CHAT.format("Warm up."), 8)
     ratios = []
-    for i in range(pairs):  # one stream, each with its own prompt, each paired with a raw run
-        raw1 = raw.run(1, tokens, topic=i)
+    raw1 = raw.run(1, tokens, topic=0)
+    for i in range(pairs):  # one stream each with its own prompt, between two raw runs
         prompt = CHAT.format(f"Write a long story about {TOPICS[i % len(TOPICS)]}.")
         rate = decode_rate(await stream_completion(port, key, prompt, tokens))
-        ratios.append(rate / raw1)
+        after = raw.run(1, tokens, topic=i)
+        ratios.append(rate / ((raw1 + after) / 2))  # the mean of the runs before and after
+        raw1 = after
     res["single"], res["single_ratio"], res["raw1"] = rate, statistics.median(ratios), raw1
     res["single_ratios"] = ratios  # type: ignore[assignment]
     # regenerating the same reply (a chat front end's swipe): each earlier reply stays cached
