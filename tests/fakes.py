@@ -138,11 +138,11 @@ class FakeBackend:
         else:  # a range inside: the positions become holes (None) until a kv_copy fills them
             self.kv[slot][p0:p1] = [None] * (p1 - p0)
 
-    def kv_save(self, slot: int) -> bytes:
+    def kv_save(self, slot: int) -> bytearray:
         self.saves = getattr(self, "saves", 0) + 1
-        return bytes(json.dumps(self.kv[slot]), "utf-8")
+        return bytearray(json.dumps(self.kv[slot]), "utf-8")
 
-    def kv_restore(self, slot: int, data: bytes) -> None:
+    def kv_restore(self, slot: int, data: bytearray) -> None:
         assert not self.kv[slot], "restore into a non-empty slot"
         self.kv[slot] = list(json.loads(data))
         self.restores = getattr(self, "restores", 0) + 1

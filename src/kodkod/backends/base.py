@@ -188,11 +188,11 @@ class Backend(Protocol):
 
     def kv_clear(self) -> None: ...
 
-    def kv_save(self, slot: int) -> bytes:
+    def kv_save(self, slot: int) -> bytearray:
         """The slot's KV as bytes (host-RAM prefix tier)."""
         ...
 
-    def kv_restore(self, slot: int, data: bytes) -> None:
+    def kv_restore(self, slot: int, data: bytearray) -> None:
         """Load kv_save() bytes into an empty slot."""
         ...
 

@@ -4,7 +4,7 @@ Why: llama.cpp's unified KV pool makes every decode attend over every occupied c
 cells are skipped, but still visited), so idle cached prefixes slow down everyone who is
 decoding — measured here: a single stream drops from ~100 to ~77 tok/s with a full 8k pool of
 idle prefixes. So while anything runs, the scheduler keeps idle cached cells under a small
-budget; prefixes pushed out are saved here (`llama_state_seq_get_data`, ~16 µs per token) and,
+budget; prefixes pushed out are saved here (`llama_state_seq_get_data`, ~3–5 µs per token) and,
 when a later request shares them, restored into a free slot (`llama_state_seq_set_data`,
 the same KV bytes) instead of being recomputed (~4 ms per token of prefill on 2 cores).
 
@@ -26,7 +26,7 @@ MIN_TOKENS = 64  # shorter prefixes are cheaper to recompute than to keep
 class HostEntry:
     tokens: list[int]
     adapter_key: tuple = ()
-    data: bytes | None = None  # filled by the engine loop when the Offload op runs
+    data: bytearray | None = None  # filled by the engine loop when the Offload op runs
     last_used: int = 0
 
 
@@ -72,7 +72,7 @@ class HostPrefixCache:
         self.entries.append(entry)
         return entry
 
-    def stored(self, entry: HostEntry, data: bytes) -> None:
+    def stored(self, entry: HostEntry, data: bytearray) -> None:
         """The engine saved `entry`'s KV: account for it and keep within the budget."""
         entry.data = data
         if entry not in self.entries:  # superseded by a longer entry meanwhile

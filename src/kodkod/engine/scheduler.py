@@ -72,10 +72,10 @@ class SchedulerConfig:
 # order (results move in the last bits, like another batch shape would). The floor keeps small
 # pools untrimmed, so their KV placement depends only on the requests.
 MIN_BUSY_CACHE_CELLS = 2048
-# With a host-RAM tier, keeping a prefix live is the worse deal: restoring it costs ~16 µs per
-# token once, keeping N idle cells costs ~0.5 µs × N on every decode step, so the two break even
-# after ~32 steps. Measured (7 regenerations of one prompt, 256 tokens each): 104–108 tok/s with
-# the 2048-cell budget, 113–119 with none.
+# With a host-RAM tier, keeping a prefix live is the worse deal: saving and restoring it costs
+# ~6 µs per token once (default model), keeping N idle cells costs ~0.5 µs × N on every decode
+# step, so the two break even after ~12 steps. Measured (7 regenerations of one prompt, 256
+# tokens each): 104–108 tok/s with the 2048-cell budget, 113–119 with none.
 HOST_BUSY_CACHE_CELLS = 0
 HOST_MIN_GAIN = 32  # restore from host RAM only when it reuses this many more tokens
 

@@ -189,19 +189,24 @@ class LlamaCppBackend:
     def kv_clear(self) -> None:
         L.llama_memory_clear(self._mem, True)
 
-    def kv_save(self, slot: int) -> bytes:
-        """The slot's KV (positions and K/V data) as bytes, for the host-RAM prefix tier."""
+    def kv_save(self, slot: int) -> bytearray:
+        """The slot's KV (positions and K/V data), for the host-RAM prefix tier. llama.cpp
+        writes straight into the returned buffer (a ctypes array plus a bytes() copy took
+        ~8 ms for 1,000 tokens of the default model here, this 3.4–4.7 ms)."""
         size = int(L.llama_state_seq_get_size(self._ctx, slot))
-        buf = (ctypes.c_uint8 * size)()
-        written = int(L.llama_state_seq_get_data(self._ctx, buf, size, slot))
+        data = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(data)
+        written = int(L.llama_state_seq_get_data(self._ctx, view, size, slot))
+        del view  # releases the export, so the bytearray may be resized or freed later
         if written != size:
             raise BackendError(f"could not save the KV of slot {slot} ({written}/{size} bytes)")
-        return bytes(buf)
+        return data
 
-    def kv_restore(self, slot: int, data: bytes) -> None:
-        """Load bytes from kv_save() into an empty slot (the same KV bytes; the cells may sit
-        elsewhere in the pool, which moves the attention sums' last bits)."""
-        src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    def kv_restore(self, slot: int, data: bytearray) -> None:
+        """Load kv_save() data into an empty slot, read in place (~2.3 ms for 1,000 tokens; with
+        a copy first it was ~5.3). The same KV bytes, but the cells may sit elsewhere in the
+        pool, which moves the attention sums' last bits."""
+        src = (ctypes.c_uint8 * len(data)).from_buffer(data)
         if int(L.llama_state_seq_set_data(self._ctx, src, len(data), slot)) != len(data):
             raise BackendError(f"could not restore a cached prefix into slot {slot}")
 
