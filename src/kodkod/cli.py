@@ -4,6 +4,9 @@
     kodkod models fetch [--gemma] [--embedding] [--all]       put the offline models in model_dir
     kodkod models list                                        list the models in model_dir
     kodkod models derive NAME --type f32|f16|q8_0 [--name N]  another precision of a model
+    kodkod check [server flags] [--force]                     one decode of the startup model in a
+                                                              child process (start.sh runs it)
+    kodkod build-info                                         how llama.cpp was built, and for what
     kodkod export-config [--export-path PATH]                 write config_sample.yml
     kodkod export-openapi [--export-path PATH]                write the OpenAPI schema
 
@@ -122,6 +125,44 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+def check_command(argv: list[str]) -> int:
+    """Decode once with the startup model in a child process; non-zero if llama.cpp crashes."""
+    from kodkod.settings import add_cli_arguments
+
+    parser = argparse.ArgumentParser(prog="kodkod check", description="check the llama.cpp build")
+    add_cli_arguments(parser)
+    parser.add_argument("--force", action="store_true", help="check even if it passed before")
+    settings, ns = _load(argv, parser)
+    name = settings.model.model_name
+    if not name:
+        print("kodkod check: no startup model (model.model_name) to check")
+        return 0
+
+    from kodkod.models.registry import discover
+    from kodkod.smoke_check import check
+
+    entry = next((e for e in discover(Path(settings.model.model_dir)) if e.name == name), None)
+    if entry is None:
+        print(f"kodkod check: the startup model {name!r} is not in {settings.model.model_dir}; "
+              "the server will say so")
+        return 0
+    result = check(entry.gguf, force=ns.force)
+    if not result.ok:
+        return _fail(result.message, 3)
+    print(f"kodkod check: {result.message}", flush=True)
+    return 0
+
+
+def build_info_command() -> int:
+    from kodkod.backends.llamacpp.system import library_version, system_info
+    from kodkod.buildinfo import describe, read_record
+
+    print(f"kodkod {__version__}, llama-cpp-python {library_version()}")
+    print(describe(read_record()))
+    print(f"llama.cpp system info: {system_info()}")
+    return 0
+
+
 def models_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kodkod models")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -214,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args and args[0] == "models":
         return models_command(args[1:])
+    if args and args[0] == "check":
+        return check_command(args[1:])
+    if args and args[0] == "build-info":
+        return build_info_command()
     if args and args[0] in ("export-config", "export-openapi"):
         return export_command(args[0], args[1:])
     if args and args[0] == "serve":
