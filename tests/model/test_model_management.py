@@ -182,31 +182,54 @@ def test_load_needs_admin_and_valid_types(server: KodkodServer, admin: httpx.Cli
     assert admin.post("/v1/model/load", json={"model_name": DEFAULT_MODEL, "max_seq_len": "x"}).status_code == 422
 
 
-def _stream_until_end(server: KodkodServer, started: threading.Event, out: list[Any]) -> None:
-    body = {"prompt": "Once upon a time", "max_tokens": 1800, "stream": True, "ignore_eos": True,
-            "temperature": 0}
+def _stream_until_end(
+    server: KodkodServer, started: threading.Event, out: list[Any], max_tokens: int = 1800
+) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True, "temperature": 0}
     with server.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
                 out.append(line[5:].strip())
                 started.set()
+    out.append("stream ended")
     started.set()
 
 
 def test_switch_models_while_a_client_streams(server: KodkodServer, admin: httpx.Client) -> None:
+    """`skip_queue: true` cancels the running stream with an error event naming the reason."""
     load(admin, {"model_name": DEFAULT_MODEL})
     for target, name_in_error in ((GEMMA_MODEL, DEFAULT_MODEL), (DEFAULT_MODEL, GEMMA_MODEL)):
         started, out = threading.Event(), []
         t = threading.Thread(target=_stream_until_end, args=(server, started, out))
         t.start()
         assert started.wait(60)
-        load(admin, {"model_name": target})
+        load(admin, {"model_name": target, "skip_queue": True})
         t.join(60)
+        assert out.pop() == "stream ended"
         assert out and out[-1] != "[DONE]"
         error = json.loads(out[-1])["error"]
         assert name_in_error in error["message"] and "unloaded" in error["message"]
         with server.client() as c:
             assert complete(c, prompt="Hello")["model"] == target
+
+
+def test_load_waits_for_the_running_stream(server: KodkodServer, admin: httpx.Client) -> None:
+    """Without skip_queue a load lets the running generation finish (reference §11.3)."""
+    load(admin, {"model_name": DEFAULT_MODEL})
+    started, out = threading.Event(), []
+    t = threading.Thread(target=_stream_until_end, args=(server, started, out, 40))
+    t.start()
+    assert started.wait(60)
+    load(admin, {"model_name": GEMMA_MODEL})
+    t.join(60)
+    assert out[-2:] == ["[DONE]", "stream ended"], out[-2:]  # not cancelled by the load
+    chunks = [json.loads(x) for x in out[:-2]]
+    assert all(ch["model"] == DEFAULT_MODEL for ch in chunks)
+    assert sum(len(ch["choices"][0]["text"]) > 0 for ch in chunks) > 1
+    with server.client() as c:
+        assert complete(c, prompt="Hello")["model"] == GEMMA_MODEL
+    load(admin, {"model_name": DEFAULT_MODEL})
 
 
 # -- inline loading --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kodkod.backends.base import ModelClosedError
 from kodkod.chat import TemplateError
 from kodkod.engine.client import RequestError
 from kodkod.models.manager import NoModelLoaded
@@ -101,6 +102,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(NoModelLoaded)
     async def _no_model(_: Request, exc: NoModelLoaded) -> JSONResponse:
+        return error_response(503, str(exc), code="model_not_loaded")
+
+    @app.exception_handler(ModelClosedError)
+    async def _model_closed(_: Request, exc: ModelClosedError) -> JSONResponse:
         return error_response(503, str(exc), code="model_not_loaded")
 
     @app.exception_handler(RequestError)

@@ -41,6 +41,16 @@ class AdapterError(BackendError):
     """A LoRA adapter could not be loaded or is not loaded; the message says why."""
 
 
+class ModelClosedError(BackendError):
+    """The model's native handles were freed (it was unloaded); nothing may use it any more.
+
+    Requests hold a lease on their model so this is not reached in normal operation; it turns
+    a use after close into a clean error (→ 503) instead of a dangling pointer."""
+
+    def __init__(self, message: str = "the model was unloaded") -> None:
+        super().__init__(message)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     """Facts about a loaded model that the API and engine need."""

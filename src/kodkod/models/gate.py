@@ -1,10 +1,15 @@
 """Who may use the loaded model, and when it may be replaced: leases with serialised switching.
 
-A generation holds a `Lease` on the model it runs on until its HTTP exchange ends; a switch to
+A request holds a `Lease` on the model it runs on until its HTTP exchange ends; a switch to
 another model (inline loading, reference §11.6) waits until no lease on the old model is left,
 so requests in flight finish on the model they started on and nothing ever runs on the wrong
-model. Administrative loads and unloads do not wait for leases (they end in-flight requests
-with an error instead); every load, unload and switch holds `lock`, so they are serialised.
+model. Leases are counted per *generation* (one per `install`), and the owner of a model frees
+its native handles only once its generation has no lease left (`wait_released`,
+`when_released`): a lease is the promise that the model's tokenizer, templates and engine stay
+usable for the whole request. Every load, unload and switch holds `lock`, so they are
+serialised; an administrative load or unload also sets a *refusal* (`refusing`), and while it
+is set new requests are refused at once (503) instead of waiting (reference §13.1: later eras
+answer 503 until the new model is installed).
 
 Waiters are served in epochs, which keeps switching both safe and cheap:
 
@@ -25,8 +30,8 @@ wait that follows it cannot miss a wake-up (`_changed` is replaced on every noti
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -77,6 +82,8 @@ class ModelGate(Generic[M]):
         self._barrier = 0  # waiters with seq >= barrier queue behind the designated switch
         self._next_seq = 0
         self._changed = asyncio.Event()
+        self._refusal: str | None = None
+        self._on_released: dict[int, list[Callable[[], None]]] = {}
 
     # -- state ------------------------------------------------------------------------------
 
@@ -93,9 +100,52 @@ class ModelGate(Generic[M]):
     def pending_switch(self) -> bool:
         return self._designated is not None
 
-    def leases(self) -> int:
-        """Leases held on the current model."""
-        return self._leases.get(self._generation, 0)
+    @property
+    def generation(self) -> int:
+        """The current model's generation (leases are counted per generation)."""
+        return self._generation
+
+    @property
+    def refusal(self) -> str | None:
+        """Why new requests are refused right now (an admin load or unload), or None."""
+        return self._refusal
+
+    def leases(self, generation: int | None = None) -> int:
+        """Leases held on the current model (or on `generation`'s)."""
+        return self._leases.get(self._generation if generation is None else generation, 0)
+
+    @contextmanager
+    def refusing(self, message: str) -> Iterator[None]:
+        """Refuse new requests (acquire raises its `no_model()`) while the block runs."""
+        self._refusal = message
+        self._notify()
+        try:
+            yield
+        finally:
+            self._refusal = None
+            self._notify()
+
+    async def wait_released(self, generation: int, timeout_s: float | None = None) -> bool:
+        """Wait until `generation` has no lease left; False if `timeout_s` ran out first."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while self.leases(generation):
+            changed = self._changed
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                return not self.leases(generation)
+        return True
+
+    def when_released(self, generation: int, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the event loop) once `generation` has no lease left."""
+        if not self.leases(generation):
+            callback()
+            return
+        self._on_released.setdefault(generation, []).append(callback)
 
     def install(self, model: M | None) -> None:
         """Make `model` current (None: nothing loaded). Leases on the old one stay counted
@@ -137,6 +187,8 @@ class ModelGate(Generic[M]):
             self._leases[lease.generation] = left
         else:
             self._leases.pop(lease.generation, None)
+            for callback in self._on_released.pop(lease.generation, []):
+                callback()
         self._notify()
 
     # -- operations -------------------------------------------------------------------------
@@ -171,6 +223,8 @@ class ModelGate(Generic[M]):
         try:
             while True:
                 changed = self._changed
+                if self._refusal is not None:
+                    raise no_model()
                 if not self.lock.locked():
                     lease = await self._step(w, switch, no_model)
                     if lease is not None:

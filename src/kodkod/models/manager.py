@@ -6,14 +6,23 @@ worker thread (the HTTP loop keeps serving), sizes the context from the model's 
 draft → model, as the progress stream reports it (reference §11.3); a draft's vocabulary is
 checked against the model's before any weights are read.
 
-Who may use the model is decided by a `ModelGate` (`models/gate.py`): generations take a lease
-with `acquire()`; an inline switch (`acquire()` naming another model) waits until the old
-model's leases are released and its engine is idle, then replaces it. Administrative `load()`
-and `unload()` do not wait: every pending and running request ends with an error event naming
-the reason. Unloading stops the engine, frees every C handle and hands freed heap back to the
-OS (`malloc_trim`), so the process's RSS returns near its pre-load level. Each loaded model gets
-a `LoraLibrary` for the adapters in `lora_dir` (`models/lora.py`); the adapters themselves
-belong to the backend and are freed with it.
+Who may use the model is decided by a `ModelGate` (`models/gate.py`): every request that
+touches the model (generation, tokenization, templating) takes a lease with `acquire()`; an
+inline switch (`acquire()` naming another model) waits until the old model's leases are
+released and its engine is idle, then replaces it. Administrative `load()` and `unload()` follow
+TabbyAPI (reference §11.3, §11.4, §13.1): new requests are refused (503) from the moment they
+start until the new model is installed; a load first lets the running generations finish
+(`skip_queue` cancels them instead), an unload cancels them at once (their streams end with an
+error event naming the reason).
+
+Native handles are never freed under a lease (`models/lifetime.py`): after the engine has
+stopped, the model is freed once its last lease is released. Requests normally end right after
+their engine stream does; if some still hold a lease after `unload_grace_s`, the swap goes on
+and the old model is freed when the last of them ends. Unloading frees every C handle and hands freed heap back to the OS
+(`malloc_trim`), so the process's RSS returns near its pre-load level. Native loads and frees
+are serialised by one thread lock. Each loaded model gets a `LoraLibrary` for the adapters in
+`lora_dir` (`models/lora.py`); the adapters themselves belong to the backend and are freed with
+it.
 
 The concrete backend is injected (`backend_loader`), so this module never imports llama.cpp.
 """
@@ -26,6 +35,7 @@ import ctypes.util
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +56,7 @@ from kodkod.models.draft import (
     spec_config,
 )
 from kodkod.models.gate import Lease, ModelGate, SwitchRefused
+from kodkod.models.lifetime import Retirer
 from kodkod.models.lora import LoraLibrary, attach_library
 from kodkod.models.params import LoadPlan, ModelLoadParams
 from kodkod.models.progress import LoadProgress
@@ -155,13 +166,16 @@ class ModelManager:
         gpu_available: bool | None = None,
         lora_dir: Path | None = None,
         host_cache_mb: int = 0,
+        unload_grace_s: float = 10.0,
     ) -> None:
         self._loader = backend_loader
+        self._native = threading.Lock()  # one native load or free at a time
         self._host_cache_bytes = max(0, host_cache_mb) * 1024 * 1024
         self._lora_dir = lora_dir
         self._templates_dir = templates_dir
         self._on_fatal = on_fatal
         self.gate: ModelGate[LoadedModel] = ModelGate(lambda m: m.key)
+        self._retirer = Retirer(self.gate, unload_grace_s, self._free)
         self.vocab = VocabProbe(backend_loader)
         self.gpu_available = _probe_gpu(backend_loader) if gpu_available is None else gpu_available
         self.loading: str | None = None
@@ -205,7 +219,7 @@ class ModelManager:
                 await self._switch(plan)
 
         def no_model() -> Exception:
-            return NoModelLoaded("No models are currently loaded")
+            return NoModelLoaded(self.gate.refusal or "No models are currently loaded")
 
         return await self.gate.acquire(want, switch, no_model)
 
@@ -217,14 +231,24 @@ class ModelManager:
     # -- loading ----------------------------------------------------------------------------
 
     async def load(
-        self, plan: LoadPlan, progress: LoadProgress | None = None, *, reason: str | None = None
+        self,
+        plan: LoadPlan,
+        progress: LoadProgress | None = None,
+        *,
+        reason: str | None = None,
+        skip_queue: bool = False,
     ) -> LoadedModel:
-        """Replace whatever is loaded (its requests end with an error) by plan's model."""
+        """Replace whatever is loaded by plan's model. Its running generations finish first
+        (`skip_queue`: they end with an error naming `reason`); new requests get 503 until
+        the new model is installed."""
+        refusal = f"the model {plan.entry.name!r} is being loaded; retry when it is ready"
         async with self.gate.exclusive():
-            await self._unload_locked(
-                reason or f"the model was unloaded because {plan.entry.name!r} is being loaded"
-            )
-            return await self._load_locked(plan, progress)
+            with self.gate.refusing(refusal):
+                await self._unload_locked(
+                    reason or f"the model was unloaded because {plan.entry.name!r} is being loaded",
+                    wait=not skip_queue,
+                )
+                return await self._load_locked(plan, progress)
 
     async def _switch(self, plan: LoadPlan) -> None:
         """Inline switch (lock held, no leases left): let the old engine finish, then load."""
@@ -248,6 +272,10 @@ class ModelManager:
         return loaded
 
     def _load_blocking(self, plan: LoadPlan, progress: LoadProgress) -> LoadedModel:
+        with self._native:
+            return self._load_native(plan, progress)
+
+    def _load_native(self, plan: LoadPlan, progress: LoadProgress) -> LoadedModel:
         t0 = time.perf_counter()
         params, entry = plan.params, plan.entry
         n_threads = params.n_threads or available_threads()
@@ -323,25 +351,31 @@ class ModelManager:
     # -- unloading --------------------------------------------------------------------------
 
     async def unload(self, message: str = "the model was unloaded") -> bool:
+        """Unload the model: its running generations end with `message` (reference §11.4)."""
         async with self.gate.exclusive():
-            return await self._unload_locked(message)
+            with self.gate.refusing("the model is being unloaded"):
+                return await self._unload_locked(message)
 
-    async def _unload_locked(self, message: str) -> bool:
+    async def _unload_locked(self, message: str, *, wait: bool = False) -> bool:
+        """Stop and free the current model (lock held; `models/lifetime.py`). `wait`: let its
+        generations finish first; else they end with an error event carrying `message`."""
         model = self.current
         if model is None:
             return False
+        generation = self.gate.generation
+        if wait:
+            await self._retirer.wait_for_generations(model, generation)
         self.gate.install(None)
         await model.engine.shutdown(message)
-        await asyncio.to_thread(self._free, model)
-        log.info("unloaded %s", model.name)
+        await self._retirer.free_when_released(model, generation)
         return True
 
-    @staticmethod
-    def _free(model: LoadedModel) -> None:
-        model.engine.close_backend()
-        if model.draft is not None:
-            model.draft.close()
-        release_heap()
+    def _free(self, model: LoadedModel) -> None:
+        with self._native:
+            model.engine.close_backend()
+            if model.draft is not None:
+                model.draft.close()
+            release_heap()
 
     def shutdown_sync(self) -> None:
         """Process exit: stop the engine and free the model without an event loop."""

@@ -1,7 +1,7 @@
 """The `model` section of config.yml: the main model and how it is loaded.
 
-Besides the upstream TabbyAPI keys it has two kodkod extensions, `n_threads` and
-`flash_attention`, and helpers that turn nulls into the values kodkod actually uses.
+Besides the upstream TabbyAPI keys it has three kodkod extensions, `n_threads`,
+`flash_attention` and `unload_grace_s`, and helpers that turn nulls into the values kodkod actually uses.
 """
 
 from __future__ import annotations
@@ -165,6 +165,13 @@ class ModelSettings(SectionModel):
     )
     flash_attention: bool = Field(
         True, description="kodkod extension: use flash attention in llama.cpp."
+    )
+    unload_grace_s: float = Field(
+        10.0, ge=0,
+        description="kodkod extension: when a model is unloaded or replaced and its generations "
+        "have ended, how long to wait for requests that still use it (tokenizing, sending their "
+        "last chunks) before the swap goes on anyway; the old model is then freed when the last "
+        "of them ends.",
     )
 
     @field_validator("cache_size")

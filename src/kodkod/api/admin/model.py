@@ -7,9 +7,13 @@ Then the stream reports progress events (§11.3, `models/progress.py`) and close
 main model's `finished` event, or with an error event if the load fails. The load runs as its
 own task: a client that goes away does not stop it (E3 2026-07 behaviour).
 
-Loading a different model, or the same one with different parameters, replaces the loaded one;
-its in-flight requests end with an error event naming the reason. The same model with the same
-parameters is "already loaded": two 1/1 events and nothing else (E3 2026-07).
+Loading a different model, or the same one with different parameters, replaces the loaded one:
+its running generations finish first (reference §11.3), or with `skip_queue: true` end at once
+with an error event naming the reason (upstream ignores `skip_queue` for model loads, §15 quirk
+13; kodkod honours it as for LoRA loads). From the start of a load or unload until the new model
+is installed, new requests are answered 503 (§13.1). An unload cancels the running generations
+(§11.4). The same model with the same parameters is "already loaded": two 1/1 events and
+nothing else (E3 2026-07).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ class ModelLoadRequest(BaseModel):
     draft_model: DraftLoadRequest | None = Field(
         None, validation_alias=AliasChoices("draft_model", "draft")
     )
-    skip_queue: bool = False  # model swaps never wait here: in-flight requests are ended
+    skip_queue: bool = False  # cancel the old model's running generations instead of waiting
 
 
 def _request_fields(req: ModelLoadRequest) -> dict[str, Any]:
@@ -130,7 +134,7 @@ async def load(req: ModelLoadRequest, request: Request) -> Any:
             yield _event(ProgressEvent("model", 1, 1, "finished"))
 
         return sse_response(already())
-    return sse_response(_load_stream(state, plan))
+    return sse_response(_load_stream(state, plan, req.skip_queue))
 
 
 def _log_outcome(name: str, task: asyncio.Task[Any]) -> None:
@@ -140,7 +144,7 @@ def _log_outcome(name: str, task: asyncio.Task[Any]) -> None:
         log.error("loading %s failed: %s", name, task.exception())
 
 
-async def _load_stream(state: AppState, plan: LoadPlan) -> AsyncIterator[str]:
+async def _load_stream(state: AppState, plan: LoadPlan, skip_queue: bool) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[ProgressEvent | None] = asyncio.Queue()
 
@@ -156,7 +160,9 @@ async def _load_stream(state: AppState, plan: LoadPlan) -> AsyncIterator[str]:
             f"{plan.entry.name!r}"
         )
     # The load continues even if this client goes away (reference §11.3, E3 2026-07).
-    task = asyncio.ensure_future(state.models.load(plan, progress, reason=reason))
+    task = asyncio.ensure_future(
+        state.models.load(plan, progress, reason=reason, skip_queue=skip_queue)
+    )
     task.add_done_callback(lambda t: _log_outcome(plan.entry.name, t))
     task.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
     while (ev := await queue.get()) is not None:

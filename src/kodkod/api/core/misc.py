@@ -1,4 +1,8 @@
-"""Small core endpoints: /health, /.well-known/serviceinfo, /v1/auth/permission, tokens."""
+"""Small core endpoints: /health, /.well-known/serviceinfo, /v1/auth/permission, tokens.
+
+The token endpoints lease the model (`api/admin/inline.py`) like generations do, so an unload
+never frees the vocabulary they are reading.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kodkod import __version__
+from kodkod.api.admin.inline import hold_model
 from kodkod.api.deps import API
 from kodkod.api.errors import ApiError
-from kodkod.api.state import get_model, get_state
+from kodkod.api.state import get_state
 from kodkod.auth import AuthError
 from kodkod.chat import TemplateError, strip_leading_bos
 
@@ -92,7 +97,7 @@ class DecodeRequest(TokenFlags):
 
 @router.post("/v1/token/encode", dependencies=[API])
 async def encode(req: EncodeRequest, request: Request) -> dict[str, Any]:
-    model = get_model(request)
+    model = await hold_model(request)  # leased: not unloaded while it is used
     info = model.info
     text = req.text
     if isinstance(text, list):
@@ -115,7 +120,7 @@ async def encode(req: EncodeRequest, request: Request) -> dict[str, Any]:
 
 @router.post("/v1/token/decode", dependencies=[API])
 async def decode(req: DecodeRequest, request: Request) -> dict[str, str]:
-    model = get_model(request)
+    model = await hold_model(request)  # leased: not unloaded while it is used
     n_vocab = model.info.n_vocab
     bad = [t for t in req.tokens if not 0 <= t < n_vocab]
     if bad:

@@ -240,7 +240,7 @@ async def check(request: Request) -> dict[str, Any]:
 
 @extra.post("/tokencount", dependencies=[API])
 async def tokencount(req: TokenCountRequest, request: Request) -> dict[str, Any]:
-    model = get_model(request)
+    model = await hold_model(request)  # leased: not unloaded while it is used
     ids = tokenize_prompt(model.tokenizer, req.prompt, add_bos=req.special, bos_id=model.info.bos_id)
     return {"value": len(ids), "ids": ids}
 

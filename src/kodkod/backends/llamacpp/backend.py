@@ -23,6 +23,7 @@ from kodkod.backends.base import (
     BatchRow,
     ContextConfig,
     KVCacheFullError,
+    ModelClosedError,
     ModelInfo,
     ModelLoadError,
     ModelSource,
@@ -144,6 +145,8 @@ class LlamaCppBackend:
     def decode(self, rows: Sequence[BatchRow]) -> list[list[int]]:
         batch = self._batch
         if batch is None:
+            if self._model.closed:
+                raise ModelClosedError()
             raise BackendError("the model was loaded for tokenizing only")
         token, pos, n_seq, seq_id, want = (
             batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits

@@ -80,6 +80,7 @@ class LlgGrammar:
 
 def build_tokenizer(model: LlamaModel) -> llg.LLTokenizer:
     """The llguidance tokenizer for a llama.cpp vocabulary (≈0.3 s for 49k tokens)."""
+    model.check_open()
     vocab = model.vocab
     control = L.LLAMA_TOKEN_ATTR_CONTROL
     user_defined = L.LLAMA_TOKEN_ATTR_USER_DEFINED
@@ -135,6 +136,7 @@ class LlgCompiler:
             return self._tokenizer
 
     def compile(self, spec: GrammarSpec) -> LlgGrammar:
+        self._model.check_open()  # ModelClosedError once the model was unloaded
         with self._lock:
             hit = self._cache.get(spec)
             if hit is not None:

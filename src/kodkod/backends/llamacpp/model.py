@@ -2,8 +2,9 @@
 
 `LlamaModel.load()` wraps `llama_model_load_from_file` (split GGUFs load from their first part)
 and reports real progress through llama.cpp's progress callback. The object owns the model
-handle; `close()` frees it. Token pieces are cached per token, so detokenizing is a list lookup
-after the first time a token is seen.
+handle; `close()` frees it, and from then on every method that would reach llama.cpp raises
+`ModelClosedError` (the vocabulary pointer dies with the model). Token pieces are cached per
+token, so detokenizing is a list lookup after the first time a token is seen.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import llama_cpp as L
 
-from kodkod.backends.base import ModelInfo, ModelLoadError
+from kodkod.backends.base import ModelClosedError, ModelInfo, ModelLoadError
 
 if TYPE_CHECKING:
     from kodkod.backends.llamacpp.grammar import LlgCompiler
@@ -182,7 +183,17 @@ class LlamaModel:
 
     # -- tokenizer --------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        return self.handle is None
+
+    def check_open(self) -> None:
+        """Raise ModelClosedError once `close()` has run."""
+        if self.handle is None:
+            raise ModelClosedError(f"the model {self.info.name!r} was unloaded")
+
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
+        self.check_open()
         data = text.encode("utf-8")
         n_max = len(data) + 8
         while True:
@@ -194,6 +205,7 @@ class LlamaModel:
 
     def piece(self, token_id: int, *, special: bool) -> bytes:
         """The bytes of one token; special tokens render as text only when `special`."""
+        self.check_open()
         cache = self._special_pieces if special else self._pieces
         if 0 <= token_id < self.n_vocab:
             cached = cache[token_id]
@@ -221,6 +233,7 @@ class LlamaModel:
 
     def grammar_compiler(self) -> LlgCompiler:
         """The model's grammar compiler (`backends.base.SupportsGrammar`), made on first use."""
+        self.check_open()
         if self._grammar is None:
             from kodkod.backends.llamacpp.grammar import LlgCompiler
 
@@ -229,6 +242,7 @@ class LlamaModel:
 
     def vocab_fingerprint(self) -> str:
         """sha256 over every token's stored text: equal for models sharing a vocabulary."""
+        self.check_open()
         h = hashlib.sha256()
         for t in range(self.n_vocab):
             h.update(L.llama_vocab_get_text(self.vocab, t) or b"")
@@ -240,5 +254,6 @@ class LlamaModel:
             self._grammar.close()
             self._grammar = None
         if self.handle:
-            L.llama_model_free(self.handle)
-            self.handle = None  # type: ignore[assignment]
+            handle, self.handle = self.handle, None  # type: ignore[assignment]
+            self.vocab = None  # type: ignore[assignment]  # owned by the model: dies with it
+            L.llama_model_free(handle)
