@@ -184,10 +184,12 @@ def export_command(kind: str, argv: list[str]) -> int:
     parser.add_argument("--export-path", default=default)
     parser.add_argument("--api-servers", nargs="+", default=["OAI", "kobold"])
     ns = parser.parse_args(argv)
+    from kodkod.fsutil import atomic_write
+
     if kind == "export-config":
         from kodkod.settings import render_sample_config
 
-        Path(ns.export_path).write_text(render_sample_config(), encoding="utf-8")
+        atomic_write(Path(ns.export_path), render_sample_config())
     else:
         from kodkod.app import create_app
         from kodkod.auth import KeyStore
@@ -196,7 +198,7 @@ def export_command(kind: str, argv: list[str]) -> int:
         settings = Settings.model_validate({"network": {"api_servers": ns.api_servers}})
         app = create_app(settings, keys=KeyStore(Path("api_tokens.yml"), disabled=True),
                          backend_loader=_no_backend)
-        Path(ns.export_path).write_text(json.dumps(app.openapi(), indent=2), encoding="utf-8")
+        atomic_write(Path(ns.export_path), json.dumps(app.openapi(), indent=2))
     print(f"wrote {ns.export_path}")
     return 0
 
