@@ -344,6 +344,21 @@ class KeyStore:
             raise AuthError("Invalid admin key")
         return Permission.ADMIN
 
+    def caller_id(self, headers: Mapping[str, str]) -> str | None:
+        """Who sent a request that passed `check_api`: a digest (never the key) of the key it
+        presented, read with `check_api`'s header precedence. None with auth disabled."""
+        if self.disabled:
+            return None
+        presented = headers.get("x-api-key")
+        if presented is None:
+            authorization = headers.get("authorization")
+            if authorization is not None:
+                presented = _bearer_token(authorization) or ""
+            else:
+                presented = headers.get("x-admin-key", "")
+        return hashlib.sha256(b"kodkod-caller:" + presented.encode("utf-8", "surrogateescape")
+                              ).hexdigest()
+
     def permission_of(self, headers: Mapping[str, str]) -> Permission:
         """The permission of the first present of x-admin-key, x-api-key, authorization."""
         if self.disabled:
