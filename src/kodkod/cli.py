@@ -109,6 +109,9 @@ def serve(argv: list[str]) -> int:
         access_log=settings.logging.log_requests, log_level="info", lifespan="on",
     )
     server = uvicorn.Server(config)
+    from kodkod.api.request_log import install_access_log_redaction
+
+    install_access_log_redaction()  # uvicorn's access lines show no key from a query string
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler
     # that was installed before it: make that a no-op, so a graceful stop exits with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,7 +1,8 @@
 """What the `logging` config section logs: requests, prompts and responses, sampler settings.
 
 - `log_requests`: one line per HTTP request (method, path and query, client address, headers)
-  from `RequestLogMiddleware`, next to uvicorn's access line (status). Bodies are not logged
+  from `RequestLogMiddleware`, next to uvicorn's access line (status; `RedactAccessLog`
+  redacts its query string). Bodies are not logged
   here: the part of a body worth reading is the prompt, which `log_prompt` logs as the model
   sees it.
 - `log_prompt`: each generation's prompt as the model receives it (chat template applied,
@@ -59,6 +60,25 @@ def redact_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, st
         value = REDACTED if name in SECRET_HEADERS else raw_value.decode("latin-1")
         out.append((name, value))
     return out
+
+
+class RedactAccessLog(logging.Filter):
+    """On uvicorn's access logger: secret-looking query parameters are redacted there too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            path, sep, query = args[2].partition("?")
+            if sep:
+                record.args = (*args[:2], f"{path}?{redact_query(query)}", *args[3:])
+        return True
+
+
+def install_access_log_redaction() -> None:
+    """Redact uvicorn's access lines (call after uvicorn configured its loggers)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactAccessLog) for f in access.filters):
+        access.addFilter(RedactAccessLog())
 
 
 class RequestLogMiddleware:
