@@ -209,8 +209,6 @@ class KeyStore:
 
     def _create(self, keys: Keys) -> None:
         """Write a new key file (atomically, mode 0600); FileExistsError if one is there."""
-        if self.path.exists():
-            raise FileExistsError(self.path)
         try:
             atomic_write(self.path, render_keys(keys), mode=0o600, exclusive=True)
             st = os.stat(self.path)

@@ -13,6 +13,7 @@ another local user could create it first and plant files we would then load.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Mapping
@@ -69,12 +70,26 @@ def atomic_write(
         finally:
             os.close(fd)
         if exclusive:
-            os.link(tmp, path)  # fails with FileExistsError instead of replacing
+            _link_no_clobber(tmp, path)
         else:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(folder)
+
+
+def _link_no_clobber(tmp: Path, path: Path) -> None:
+    """Put `tmp` in place as `path` unless `path` exists (FileExistsError then)."""
+    try:
+        os.link(tmp, path)  # atomic, and fails instead of replacing
+    except FileExistsError:
+        raise
+    except OSError as exc:  # a file system without hard links: check, then rename
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.replace(tmp, path)
 
 
 def _secure_dir(folder: Path) -> Path:
