@@ -133,12 +133,18 @@ class NetworkSettings(SectionModel):
 class LoggingSettings(SectionModel):
     """Section `logging`."""
 
-    log_prompt: bool = Field(False, description="Log every prompt and the generated text.")
+    log_prompt: bool = Field(
+        False,
+        description="Log every prompt as the model sees it (chat template applied) and the "
+        "text generated for it.",
+    )
     log_generation_params: bool = Field(
-        False, description="Log the sampling parameters of every generation request."
+        False, description="Log the sampling parameters and limits of every generation request."
     )
     log_requests: bool = Field(
-        False, description="Log method, URL, headers and body of every HTTP request."
+        False,
+        description="Log method, URL and headers of every HTTP request, plus uvicorn's access "
+        "line. API keys and other secrets are shown as <redacted>; prompts are log_prompt's.",
     )
     log_chat_completion_requests: bool = Field(
         False,
