@@ -9,6 +9,7 @@ refused, prompts stay out of the log.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,11 @@ def wait_for_log(server: KodkodServer, text: str, timeout_s: float = 30.0) -> st
         if text in log or time.monotonic() > deadline:
             return log
         time.sleep(0.1)
+
+
+def after_banner(log: str) -> str:
+    """The log after the start-up banner (which shows the keys once, by design)."""
+    return log.split("Admin key: ", 1)[1].split("\n", 1)[1]
 
 
 # -- Host and Origin ---------------------------------------------------------------------------
@@ -154,9 +160,7 @@ def test_log_prompt_and_params_are_logged_and_keys_never(locked: KodkodServer) -
         assert c.get("/v1/model", headers={"authorization": f"Bearer {WRONG_KEY}"}
                      ).status_code == 401
         assert c.get(f"/v1/model?api_key={API_KEY}").status_code == 200
-    log = wait_for_log(locked, "response ")
-    # The startup banner shows the keys once, by design; nothing after it may.
-    log = log.split("Admin key: ", 1)[1].split("\n", 1)[1]
+    log = after_banner(wait_for_log(locked, "response "))
     assert marker in log  # the prompt (log_prompt)
     assert "temperature=0.5" in log and "max_tokens=4" in log  # log_generation_params
     assert "response " in log and repr(reply)[1:-1] in log  # the generated text (log_prompt)
@@ -173,3 +177,37 @@ def test_prompts_stay_out_of_the_log_when_log_prompt_is_off(opened: KodkodServer
     assert r.status_code == 200
     assert marker not in opened.log()
     assert "prompt " not in opened.log() and "generation params" not in opened.log()
+
+
+# -- key revocation (last: it removes the key file for a moment) -------------------------------
+
+
+def _wait_status(client: httpx.Client, path: str, status: int, timeout_s: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = client.get(path).status_code
+        if got == status or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def test_deleting_the_key_file_revokes_every_key_until_it_is_back(locked: KodkodServer) -> None:
+    tokens = locked.workdir / "api_tokens.yml"
+    saved = tokens.read_bytes()
+    try:
+        with locked.client() as c, locked.client(admin=True) as admin:
+            assert c.get("/v1/model").status_code == 200
+            tokens.unlink()
+            assert _wait_status(c, "/v1/model", 401) == 401
+            assert admin.get("/v1/model/list").status_code == 401
+            assert c.get("/health").status_code == 200  # open routes stay open
+    finally:
+        tmp = tokens.with_suffix(".new")
+        tmp.write_bytes(saved)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, tokens)
+    with locked.client() as c:
+        assert _wait_status(c, "/v1/model", 200) == 200
+    log = after_banner(locked.log())
+    assert log.count("every key is refused") == 1
+    assert API_KEY not in log and ADMIN_KEY not in log
