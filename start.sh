@@ -5,7 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup.sh
-[ -f config.yml ] || cp config_sample.yml config.yml
+if [ ! -e config.yml ]; then
+    # Atomically: write a temp file beside it, flush it, then hard-link it into place (never
+    # replaces a config.yml that appeared meanwhile, never leaves a half-written one).
+    tmp="$(mktemp ./.config.yml.XXXXXX)"
+    cp config_sample.yml "$tmp" && chmod 0644 "$tmp" && sync "$tmp" && { ln "$tmp" config.yml || true; }
+    rm -f "$tmp"
+fi
 .venv/bin/kodkod models fetch
 .venv/bin/kodkod check "$@"
 exec .venv/bin/kodkod "$@"

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from kodkod import __version__
 from kodkod.api.admin import lora as admin_lora
@@ -25,7 +24,9 @@ from kodkod.api.admin.inline import LeaseMiddleware
 from kodkod.api.admin.overrides import PresetError, apply_preset
 from kodkod.api.core import misc, models
 from kodkod.api.errors import install_error_handlers
+from kodkod.api.guard import HostOriginGuard, HostPolicy, PolicyCORSMiddleware
 from kodkod.api.openai import chat, completions
+from kodkod.api.request_log import RequestLogMiddleware
 from kodkod.api.state import AppState
 from kodkod.auth import KeyStore
 from kodkod.models.manager import BackendLoader, ModelManager
@@ -93,11 +94,12 @@ def create_app(
     state_box["state"] = state
     app.state.kodkod = state
     app.state.keys = keys
-    app.add_middleware(
-        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
-        allow_credentials=True,
-    )
+    policy = HostPolicy.from_settings(settings.network)
+    app.add_middleware(PolicyCORSMiddleware, policy=policy)  # no credentials, see api/guard.py
     app.add_middleware(LeaseMiddleware)  # model leases end with the HTTP exchange
+    if settings.logging.log_requests:
+        app.add_middleware(RequestLogMiddleware)  # method, URL, headers (keys redacted)
+    app.add_middleware(HostOriginGuard, policy=policy)  # outermost: DNS rebinding, foreign pages
     install_error_handlers(app)
     for module in (misc, models, admin_model, admin_lora, admin_templates, admin_overrides,
                    unavailable):

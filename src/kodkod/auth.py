@@ -1,10 +1,13 @@
 """API and admin keys: the `api_tokens.yml` key file and the header checks.
 
 `KeyStore` owns the key file. `load_or_create()` runs once at startup: it creates the file with
-two fresh random keys (mode 0600) or reads the existing one; `banner()` is the text the server
+two fresh random keys (written atomically, mode 0600 from the first byte, never replacing a
+file that appeared meanwhile) or reads the existing one; `banner()` is the text the server
 prints once afterwards, and the only place key material is ever rendered. Checks re-stat the
-file at most every `reload_interval_s` and re-read it when its mtime or size changed; a broken
-edit keeps the previous keys and logs one warning (never the keys).
+file at most every `reload_interval_s` and re-read it when its mtime or size changed. Deleting
+the file, or leaving it unreadable or invalid, revokes every key: each check then fails with a
+401 until a valid file is back (fail closed, so deleting the file is a way to lock the server).
+Each such state is logged once, as a warning that never shows the keys.
 
 Checks take a header mapping and look up lower-case names (Starlette's `Headers` is
 case-insensitive; a plain dict must already be lower-case):
@@ -35,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kodkod.fsutil import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +184,7 @@ class KeyStore:
         self.reload_interval_s = reload_interval_s
         self._clock = clock
         self._keys: Keys | None = None
+        self._revoked = False  # the file vanished or broke after startup: no key passes
         self._stamp: _FileStamp | None = None
         self._last_stat_s = 0.0
         self._created = False
@@ -202,20 +208,14 @@ class KeyStore:
         return self._created
 
     def _create(self, keys: Keys) -> None:
-        """Write a new key file with mode 0600; FileExistsError if one is already there."""
+        """Write a new key file (atomically, mode 0600); FileExistsError if one is there."""
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            atomic_write(self.path, render_keys(keys), mode=0o600, exclusive=True)
+            st = os.stat(self.path)
         except FileExistsError:
             raise
         except OSError as exc:
             raise AuthConfigError(f"{self.path}: cannot create key file: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(render_keys(keys))
-            st = os.stat(self.path)
-        except OSError as exc:
-            self.path.unlink(missing_ok=True)
-            raise AuthConfigError(f"{self.path}: cannot write key file: {exc.strerror}") from None
         self._keys = keys
         self._stamp = _FileStamp(st.st_mtime_ns, st.st_size)
 
@@ -245,7 +245,8 @@ class KeyStore:
     def reload_if_changed(self) -> bool:
         """Re-read the file if its mtime or size changed. True if new keys took effect.
 
-        A failed reload keeps the previous keys and logs one warning per file version.
+        A missing, unreadable or invalid file revokes every key (one warning per file version)
+        until a valid file is back.
         """
         if self.disabled:
             return False
@@ -254,13 +255,13 @@ class KeyStore:
             st = os.stat(self.path)
             stamp = _FileStamp(st.st_mtime_ns, st.st_size)
         except OSError as exc:
-            if self._stamp is not None:
+            if not self._revoked or self._stamp is not None:
                 logger.warning(
-                    "Key file %s is unavailable (%s); keeping the previous keys",
+                    "Key file %s is unavailable (%s); every key is refused until it is back",
                     self.path,
                     exc.strerror,
                 )
-                self._stamp = None
+            self._revoke(None)
             return False
         if stamp == self._stamp:
             return False
@@ -268,16 +269,28 @@ class KeyStore:
             keys, stamp = self._read()
         except AuthConfigError as exc:
             # Remember the broken version so it is reported once, not on every poll.
-            self._stamp = stamp
-            logger.warning("Reloading keys failed, keeping the previous keys: %s", exc)
+            logger.warning("Reloading keys failed, every key is refused until the file is "
+                           "valid again: %s", exc)
+            self._revoke(stamp)
             return False
-        self._keys, self._stamp = keys, stamp
+        self._keys, self._stamp, self._revoked = keys, stamp, False
         logger.info("Reloaded keys from %s", self.path)
         return True
+
+    def _revoke(self, stamp: _FileStamp | None) -> None:
+        # The last good keys stay for banner(); no check passes while revoked.
+        self._stamp, self._revoked = stamp, True
+
+    @property
+    def revoked(self) -> bool:
+        """True while the key file is missing or invalid (every key is refused)."""
+        return self._revoked
 
     def _current_keys(self) -> Keys:
         if self._clock() - self._last_stat_s > self.reload_interval_s:
             self.reload_if_changed()
+        if self._revoked:
+            raise AuthError("No key is accepted: the server's key file is missing or invalid")
         return self._require_keys()
 
     def _require_keys(self) -> Keys:
@@ -328,6 +341,21 @@ class KeyStore:
         if presented is None or _classify(keys, presented) is not Permission.ADMIN:
             raise AuthError("Invalid admin key")
         return Permission.ADMIN
+
+    def caller_id(self, headers: Mapping[str, str]) -> str | None:
+        """Who sent a request that passed `check_api`: a digest (never the key) of the key it
+        presented, read with `check_api`'s header precedence. None with auth disabled."""
+        if self.disabled:
+            return None
+        presented = headers.get("x-api-key")
+        if presented is None:
+            authorization = headers.get("authorization")
+            if authorization is not None:
+                presented = _bearer_token(authorization) or ""
+            else:
+                presented = headers.get("x-admin-key", "")
+        return hashlib.sha256(b"kodkod-caller:" + presented.encode("utf-8", "surrogateescape")
+                              ).hexdigest()
 
     def permission_of(self, headers: Mapping[str, str]) -> Permission:
         """The permission of the first present of x-admin-key, x-api-key, authorization."""

@@ -112,6 +112,9 @@ def serve(argv: list[str]) -> int:
         access_log=settings.logging.log_requests, log_level="info", lifespan="on",
     )
     server = uvicorn.Server(config)
+    from kodkod.api.request_log import install_access_log_redaction
+
+    install_access_log_redaction()  # uvicorn's access lines show no key from a query string
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler
     # that was installed before it: make that a no-op, so a graceful stop exits with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -225,10 +228,12 @@ def export_command(kind: str, argv: list[str]) -> int:
     parser.add_argument("--export-path", default=default)
     parser.add_argument("--api-servers", nargs="+", default=["OAI", "kobold"])
     ns = parser.parse_args(argv)
+    from kodkod.fsutil import atomic_write
+
     if kind == "export-config":
         from kodkod.settings import render_sample_config
 
-        Path(ns.export_path).write_text(render_sample_config(), encoding="utf-8")
+        atomic_write(Path(ns.export_path), render_sample_config())
     else:
         from kodkod.app import create_app
         from kodkod.auth import KeyStore
@@ -237,7 +242,7 @@ def export_command(kind: str, argv: list[str]) -> int:
         settings = Settings.model_validate({"network": {"api_servers": ns.api_servers}})
         app = create_app(settings, keys=KeyStore(Path("api_tokens.yml"), disabled=True),
                          backend_loader=_no_backend)
-        Path(ns.export_path).write_text(json.dumps(app.openapi(), indent=2), encoding="utf-8")
+        atomic_write(Path(ns.export_path), json.dumps(app.openapi(), indent=2))
     print(f"wrote {ns.export_path}")
     return 0
 

@@ -115,7 +115,7 @@ def test_kobold_routes_are_mounted_when_configured(
     app = create_app(
         settings, keys=keys, backend_loader=None, base_dir=tmp_path  # type: ignore[arg-type]
     )
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         for path in ("/api/v1/info/version", "/api/latest/info/version", "/api/extra/version"):
             assert (c.get(path).status_code == 200) is mounted, path
         if mounted:  # and no model is loaded

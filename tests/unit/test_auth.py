@@ -247,8 +247,8 @@ def test_reload_if_changed(tmp_path: Path) -> None:
         store.check_admin({"x-admin-key": ADMIN_KEY})
 
 
-def test_broken_edit_keeps_old_keys_and_warns_once(tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_broken_edit_revokes_every_key_and_warns_once(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     store = make_store(tmp_path, clock=clock)
     store.path.write_text("api_key: [broken\n")
@@ -256,7 +256,10 @@ def test_broken_edit_keeps_old_keys_and_warns_once(tmp_path: Path,
     with caplog.at_level(logging.WARNING, logger="kodkod.auth"):
         for _ in range(3):
             clock.advance(5.0)
-            assert store.check_api({"x-api-key": API_KEY}) is Permission.API
+            with pytest.raises(AuthError):
+                store.check_api({"x-api-key": API_KEY})
+            with pytest.raises(AuthError):
+                store.check_admin({"x-admin-key": ADMIN_KEY})
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     # Fixing the file makes the new keys take effect.
     write_keys(store.path, API_KEY_2, ADMIN_KEY)
@@ -431,3 +434,73 @@ def test_route_permission_nested_and_included_routers() -> None:
     # The router's own routes carry their router-level dependencies too.
     direct = {r.path: route_permission(r) for r in router.routes if isinstance(r, APIRoute)}
     assert direct == {"/nested": Permission.ADMIN, "/plain": Permission.API}
+
+
+def test_deleted_key_file_revokes_every_key_until_it_is_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    store = make_store(tmp_path, clock=clock)
+    assert store.check_api({"x-api-key": API_KEY}) is Permission.API
+    store.path.unlink()
+    with caplog.at_level(logging.WARNING, logger="kodkod.auth"):
+        for _ in range(3):
+            clock.advance(5.0)
+            for check, headers in (
+                (store.check_api, {"x-api-key": API_KEY}),
+                (store.check_api, {"authorization": f"Bearer {ADMIN_KEY}"}),
+                (store.check_admin, {"x-admin-key": ADMIN_KEY}),
+                (store.permission_of, {"x-api-key": API_KEY}),
+            ):
+                with pytest.raises(AuthError):
+                    check(headers)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert API_KEY not in warnings[0] and ADMIN_KEY not in warnings[0]
+    assert store.revoked
+    # The file is back (with other keys): those work, the deleted ones stay revoked.
+    write_keys(store.path, API_KEY_2, ADMIN_KEY)
+    clock.advance(5.0)
+    assert store.check_api({"x-api-key": API_KEY_2}) is Permission.API
+    assert store.check_admin({"x-admin-key": ADMIN_KEY}) is Permission.ADMIN
+    with pytest.raises(AuthError):
+        store.check_api({"x-api-key": API_KEY})
+    assert not store.revoked
+
+
+def test_changed_key_file_revokes_the_old_keys(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = make_store(tmp_path, clock=clock)
+    write_keys(store.path, [API_KEY_2], "e" * 32)
+    os.utime(store.path, ns=(10**18, 10**18))
+    clock.advance(5.0)
+    with pytest.raises(AuthError):
+        store.check_api({"x-api-key": API_KEY})
+    with pytest.raises(AuthError):
+        store.check_admin({"x-admin-key": ADMIN_KEY})
+    assert store.check_api({"x-api-key": API_KEY_2}) is Permission.API
+
+
+def test_revoked_store_gives_401_over_http(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = make_store(tmp_path, clock=clock)
+    app = FastAPI()
+    app.state.keys = store
+
+    @app.get("/secret", dependencies=[API])
+    async def secret() -> dict[str, bool]:
+        return {"ok": True}
+
+    async def go() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            codes = [(await client.get("/secret", headers={"x-api-key": API_KEY})).status_code]
+            store.path.unlink()
+            clock.advance(5.0)
+            codes.append((await client.get("/secret", headers={"x-api-key": API_KEY})).status_code)
+            write_keys(store.path, API_KEY, ADMIN_KEY)
+            clock.advance(5.0)
+            codes.append((await client.get("/secret", headers={"x-api-key": API_KEY})).status_code)
+            return codes
+
+    assert asyncio.run(go()) == [200, 401, 200]

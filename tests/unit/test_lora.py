@@ -230,6 +230,21 @@ def test_the_conversion_is_cached_and_redone_when_the_source_changes(tmp_path: P
                           adapter(seed=2).pairs["blk.0.attn_v.weight"][0])
 
 
+def test_an_unwritable_adapter_folder_caches_in_the_private_user_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    write_peft_adapter(tmp_path / "p", adapter(seed=3), HEADS)
+    # A folder where the beside-the-adapter file would go: that write fails (as in a
+    # read-only folder), so the conversion lands in ~/.cache/kodkod/lora, private to the user.
+    (tmp_path / "p" / f"adapter_model.{BASE.arch}.gguf").mkdir()
+    path = ensure_gguf(tmp_path / "p", BASE, "p")
+    assert path.parent == tmp_path / "cache" / "kodkod" / "lora"
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
+    assert ensure_gguf(tmp_path / "p", BASE, "p") == path  # found again in the cache
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp left
+
+
 def test_library_checks_request_adapters(tmp_path: Path) -> None:
     model = tmp_path / "model.gguf"
     write_gguf_tensors(model, "llama", {n: np.zeros(tuple(reversed(s)), np.float32)

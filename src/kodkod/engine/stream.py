@@ -36,6 +36,7 @@ class RequestStream:
 
     __slots__ = (
         "request_id", "_loop", "_lock", "_pending", "_wake_pending", "_ready", "_done", "_on_close",
+        "_tap",
     )
 
     def __init__(
@@ -52,6 +53,7 @@ class RequestStream:
         self._ready = asyncio.Event()
         self._done = False
         self._on_close = on_close
+        self._tap: Callable[[list[Event]], None] | None = None
 
     # engine thread ---------------------------------------------------------------------------
 
@@ -105,6 +107,8 @@ class RequestStream:
                 merged = merge_tokens(events)
                 if isinstance(merged[-1], FinishEvent | ErrorEvent):
                     self._done = True
+                if self._tap is not None:
+                    self._tap(merged)
                 yield merged
         finally:
             self.close()
@@ -135,6 +139,11 @@ class RequestStream:
                 final = ev
         assert final is not None
         return TokenEvent("".join(text), ids, logprobs if any_logprobs else None), final
+
+    def set_tap(self, tap: Callable[[list[Event]], None]) -> None:
+        """Also hand every batch the consumer takes to `tap` (on the consumer's event loop;
+        used by the request log)."""
+        self._tap = tap
 
     @property
     def finished(self) -> bool:

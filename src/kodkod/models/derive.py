@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kodkod.fsutil import fsync_file
 from kodkod.models.registry import ModelEntry, resolve
 
 # llama_ftype values (llama.h) and the name part each derived file gets
@@ -73,6 +74,7 @@ def derive(
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{out.name}.part"
     _quantize(entry.gguf, tmp, FTYPES[kind][0], n_threads)
+    fsync_file(tmp)  # the whole file is on disk before it takes the final name
     os.replace(tmp, out)
     return Derived(name, out, True)
 

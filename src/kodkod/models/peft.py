@@ -20,8 +20,9 @@ Not supported, with a LoraError saying so: DoRA, trained biases, `modules_to_sav
 embedding targets, `fan_in_fan_out` (Conv1D) models, architectures outside `ARCHS` (convert
 with llama.cpp's convert_lora_to_gguf.py and use the GGUF instead).
 
-The GGUF is cached beside the adapter as `adapter_model.<arch>.gguf` (or in the system temp
-directory when the folder is read-only) with a fingerprint of its sources and of the model's
+The GGUF is cached beside the adapter as `adapter_model.<arch>.gguf` (or, when the folder is
+read-only, in the user's private cache folder `~/.cache/kodkod/lora`, see `kodkod.fsutil`;
+never a shared temp folder) with a fingerprint of its sources and of the model's
 head layout, and is rebuilt when they change.
 """
 
@@ -34,13 +35,14 @@ import math
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+
+from kodkod.fsutil import fsync_file, private_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -260,19 +262,20 @@ def ensure_gguf(folder: Path, base: BaseFacts, name: str) -> Path:
         fp = fingerprint(folder, base)
     except OSError as exc:
         raise LoraError(f"LoRA {name!r} could not be read: {exc}") from None
-    candidates = [
-        folder / f"adapter_model.{base.arch}.gguf",
-        Path(tempfile.gettempdir()) / "kodkod-lora" / f"{fp}.gguf",
-    ]
+    candidates = [folder / f"adapter_model.{base.arch}.gguf"]
+    try:
+        candidates.append(private_cache_dir(None, "lora") / f"{fp}.gguf")
+    except OSError as exc:
+        log.warning("the private cache folder is unusable: %s", exc)
     for path in candidates:
         if _cached(path, fp):
             return path
     for path in candidates:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
             try:
                 convert(folder, base, tmp, fp)
+                fsync_file(tmp)
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)

@@ -7,11 +7,14 @@ the help of the CLI flag. Sections drop unknown keys; the loader warns about the
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 API_SERVERS = ("oai", "kobold")
+_HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])")
+_ORIGIN = re.compile(r"https?://([a-z0-9_.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
 
 
 class SectionModel(BaseModel):
@@ -73,6 +76,47 @@ class NetworkSettings(SectionModel):
         "0 turns them off.",
     )
 
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names (without port) that requests may address in their Host "
+        "header, besides localhost, 127.x.x.x and [::1]; '*.example.com' also matches its "
+        "subdomains, '*' allows any. Empty: on a loopback address only loopback names are "
+        "accepted (a web page cannot reach the server by DNS rebinding), on any other address "
+        "every Host is. List the names a proxy or load balancer in front of the server uses.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Web page origins (scheme://host[:port]) whose browser scripts may call "
+        "the server, besides pages on localhost / 127.x.x.x / [::1] and the server's own "
+        "pages; 'null' admits pages opened from a file, '*' any origin. A request from any "
+        "other origin is refused with 403. Credentials (cookies) are never shared: clients "
+        "send their key in a header.",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: list[str]) -> list[str]:
+        out = []
+        for name in value:
+            host = name.strip().lower().rstrip(".")
+            if host != "*" and not _HOST_NAME.fullmatch(host):
+                raise ValueError(f"expected a host name without scheme or port, got {name!r}")
+            out.append(host)
+        return out
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, value: list[str]) -> list[str]:
+        out = []
+        for origin in value:
+            text = origin.strip().lower().rstrip("/")
+            if text not in ("*", "null") and not _ORIGIN.fullmatch(text):
+                raise ValueError(
+                    f"expected an origin like https://example.com:8080, 'null' or '*', got {origin!r}"
+                )
+            out.append(text)
+        return out
+
     @field_validator("api_servers")
     @classmethod
     def _check_api_servers(cls, value: list[str]) -> list[str]:
@@ -89,12 +133,18 @@ class NetworkSettings(SectionModel):
 class LoggingSettings(SectionModel):
     """Section `logging`."""
 
-    log_prompt: bool = Field(False, description="Log every prompt and the generated text.")
+    log_prompt: bool = Field(
+        False,
+        description="Log every prompt as the model sees it (chat template applied) and the "
+        "text generated for it.",
+    )
     log_generation_params: bool = Field(
-        False, description="Log the sampling parameters of every generation request."
+        False, description="Log the sampling parameters and limits of every generation request."
     )
     log_requests: bool = Field(
-        False, description="Log method, URL, headers and body of every HTTP request."
+        False,
+        description="Log method, URL and headers of every HTTP request, plus uvicorn's access "
+        "line. API keys and other secrets are shown as <redacted>; prompts are log_prompt's.",
     )
     log_chat_completion_requests: bool = Field(
         False,

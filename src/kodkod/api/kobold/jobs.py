@@ -9,6 +9,11 @@ request then finishes normally with the text generated until then.
 Keys are the client's: two requests may share a genkey (KoboldAI Lite reuses one). `abort`
 stops every job with the key; `latest` finds the newest one.
 
+A job belongs to the key that started it (`owner`, a digest of the key; None with auth
+disabled): abort and check only see the caller's own jobs, so another key's genkey behaves
+exactly like an unknown one (nothing leaks, nothing is aborted). With auth disabled every
+caller is None and sees every job.
+
 A request without a genkey is "anonymous" (SillyTavern's KoboldAI Classic mode never sends one,
 and on Stop it POSTs /api/extra/abort with no body). An abort or check without a genkey acts on
 the anonymous jobs of the same client address only — never on other clients' work.
@@ -35,6 +40,7 @@ class KoboldJob:
     client_host: str | None
     anonymous: bool  # the request sent no genkey
     engine: EngineClient
+    owner: str | None = None  # KeyStore.caller_id of the starter (None: auth disabled)
     pieces: list[str] = field(default_factory=list)
     aborted: bool = False
 
@@ -70,24 +76,32 @@ class JobTable:
     def remove(self, job: KoboldJob) -> None:
         self._jobs.pop(job.request_id, None)
 
-    def _matching(self, genkey: str | None, client_host: str | None) -> Iterator[KoboldJob]:
+    def _matching(
+        self, genkey: str | None, client_host: str | None, owner: str | None
+    ) -> Iterator[KoboldJob]:
         for job in self._jobs.values():
+            if job.owner != owner:
+                continue
             if genkey:
                 if job.genkey == genkey:
                     yield job
             elif job.anonymous and job.client_host == client_host:
                 yield job
 
-    def latest(self, genkey: str | None, client_host: str | None) -> KoboldJob | None:
-        """The newest job with this genkey (no genkey: this client's newest anonymous job)."""
+    def latest(
+        self, genkey: str | None, client_host: str | None, owner: str | None = None
+    ) -> KoboldJob | None:
+        """The caller's newest job with this genkey (no genkey: this client's newest
+        anonymous job)."""
         found = None
-        for job in self._matching(genkey, client_host):
+        for job in self._matching(genkey, client_host, owner):
             found = job
         return found
 
-    def abort(self, genkey: str | None, client_host: str | None) -> int:
-        """Abort every job with this genkey (no genkey: this client's anonymous jobs)."""
-        jobs = list(self._matching(genkey, client_host))
+    def abort(self, genkey: str | None, client_host: str | None, owner: str | None = None) -> int:
+        """Abort the caller's jobs with this genkey (no genkey: this client's anonymous
+        jobs)."""
+        jobs = list(self._matching(genkey, client_host, owner))
         for job in jobs:
             job.abort()
         return len(jobs)

@@ -32,12 +32,13 @@ from starlette.types import Receive, Scope, Send
 
 from kodkod.api.admin.inline import hold_model
 from kodkod.api.convert import new_request_id, tokenize_prompt
-from kodkod.api.deps import API
+from kodkod.api.deps import API, get_keys
 from kodkod.api.errors import ApiError, stream_error
 from kodkod.api.generation import SSE_HEADERS, error_for, fan_in, sse_ping
 from kodkod.api.kobold.convert import finish_reason, kobold_generation
 from kodkod.api.kobold.jobs import JobTable, KoboldJob, get_jobs
 from kodkod.api.kobold.schemas import KoboldGenerateRequest, TokenCountRequest
+from kodkod.api.request_log import log_generation
 from kodkod.api.state import get_model, get_state
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import ErrorEvent, ErrorKind, FinishEvent, TokenEvent
@@ -66,6 +67,12 @@ def _client_host(request: Request) -> str | None:
     return request.client.host if request.client is not None else None
 
 
+def _caller(request: Request) -> str | None:
+    """Who is asking: a digest of the key that authenticated the request (None without
+    auth). Jobs are visible to, and abortable by, their starter only."""
+    return get_keys(request).caller_id(request.headers)
+
+
 async def _start(
     request: Request, req: KoboldGenerateRequest
 ) -> tuple[KoboldJob, RequestStream, JobTable]:
@@ -76,12 +83,14 @@ async def _start(
     gen = await kobold_generation(req, request_id, model, state.overrides)
     await model.engine.prepare(gen)
     stream = model.engine.submit(gen)  # RequestError (context overflow, …) → 400
+    log_generation(state.settings.logging, gen, stream, model.tokenizer)
     job = KoboldJob(
         genkey=req.genkey or request_id,
         request_id=request_id,
         client_host=_client_host(request),
         anonymous=not req.genkey,
         engine=model.engine,
+        owner=_caller(request),
     )
     jobs = get_jobs(state)
     jobs.add(job)
@@ -218,9 +227,10 @@ async def _genkey(request: Request) -> str | None:
 
 @extra.post("/abort", dependencies=[API])
 async def abort(request: Request) -> dict[str, bool]:
-    """Abort the jobs with this genkey (no genkey: this client's jobs that sent none)."""
+    """Abort the caller's jobs with this genkey (no genkey: this client's jobs that sent
+    none). Another key's job is left alone, and the answer is the same as for no job."""
     genkey = await _genkey(request)
-    get_jobs(get_state(request)).abort(genkey, _client_host(request))
+    get_jobs(get_state(request)).abort(genkey, _client_host(request), _caller(request))
     return {"success": True}
 
 
@@ -231,7 +241,7 @@ async def check(request: Request) -> dict[str, Any]:
     empty (KoboldCpp's shape; clients read `results[0].text`); `{"results": []}` when there is
     no such job (unknown key, or finished: a job leaves the table when it ends)."""
     genkey = await _genkey(request)
-    job = get_jobs(get_state(request)).latest(genkey, _client_host(request))
+    job = get_jobs(get_state(request)).latest(genkey, _client_host(request), _caller(request))
     return {"results": [{"text": job.text}]} if job is not None else {"results": []}
 
 

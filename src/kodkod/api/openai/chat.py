@@ -62,7 +62,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
                          processors=[budget()] if budget is not None else None, choice=k)
         for k in range(req.n)
     ]
-    streams = await submit_all(model, gens)
+    streams = await submit_all(model, gens, state.settings.logging)
     created = int(time.time())
     head = {"id": f"chatcmpl-{rid}", "created": created, "model": model.name}
     if req.stream and not state.settings.developer.disable_request_streaming:

@@ -8,10 +8,12 @@ from typing import Any
 from fastapi import Request
 
 from kodkod.api.admin.inline import model_for_request
+from kodkod.api.request_log import log_generation
 from kodkod.engine.client import RequestError
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import FinishEvent, FinishReason, GenerationRequest, TokenLogprob, Usage
 from kodkod.models.manager import LoadedModel
+from kodkod.settings.sections import LoggingSettings
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +117,12 @@ def logprobs_chat(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
     }
 
 
-async def submit_all(model: LoadedModel, gens: list[GenerationRequest]) -> list[RequestStream]:
-    """Submit every choice; if one is refused, the others are withdrawn."""
+async def submit_all(
+    model: LoadedModel, gens: list[GenerationRequest],
+    log_settings: LoggingSettings | None = None
+) -> list[RequestStream]:
+    """Submit every choice; if one is refused, the others are withdrawn. Each is logged as
+    `log_settings` ask (kodkod.api.request_log)."""
     for g in gens[:1]:
         await model.engine.prepare(g)  # slow checks (first use of an adapter) off the loop
     streams: list[RequestStream] = []
@@ -127,6 +133,9 @@ async def submit_all(model: LoadedModel, gens: list[GenerationRequest]) -> list[
         for s in streams:
             s.close()
         raise
+    if log_settings is not None:
+        for g, s in zip(gens, streams, strict=True):
+            log_generation(log_settings, g, s, model.tokenizer)
     return streams
 
 

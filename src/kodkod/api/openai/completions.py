@@ -72,7 +72,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
                 f"{rid}-{pi * req.n + k}", ids, values, model.info.n_vocab, logprobs=logprobs,
                 constraint=plan.new() if plan is not None else None, choice=k,
             ))
-    streams = await submit_all(model, gens)
+    streams = await submit_all(model, gens, state.settings.logging)
     created = int(time.time())
     prefix = {i: (prompts[i // req.n][0] if req.echo else "") for i in range(len(gens))}
     if req.stream and not state.settings.developer.disable_request_streaming:
