@@ -84,13 +84,29 @@ def test_allowed_hosts_admit_a_proxy_name(opened: KodkodServer) -> None:
 
 
 def test_foreign_preflight_gets_no_wildcard_credentials(locked: KodkodServer) -> None:
+    """Keys on, no cors_origins: a page elsewhere (hosted KoboldAI Lite) may call with its
+    user's key, but never with credentials; the key is still required."""
     r = httpx.options(f"{locked.base_url}/v1/chat/completions", timeout=10,
+                      headers={"origin": "https://lite.example", **PREFLIGHT})
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "*"  # no credentials, so * is safe
+    assert r.headers.get("access-control-allow-credentials") is None
+    r = httpx.get(f"{locked.base_url}/v1/model", timeout=10,
+                  headers={"origin": "https://lite.example"})
+    assert r.status_code == 401
+    r = httpx.get(f"{locked.base_url}/v1/model", timeout=10,
+                  headers={"origin": "https://lite.example", **locked.headers()})
+    assert r.status_code == 200
+
+
+def test_a_page_from_elsewhere_is_refused_without_auth(opened: KodkodServer) -> None:
+    r = httpx.options(f"{opened.base_url}/v1/chat/completions", timeout=10,
                       headers={"origin": "https://evil.example", **PREFLIGHT})
     assert r.status_code == 403
     assert r.headers.get("access-control-allow-origin") is None
     assert r.headers.get("access-control-allow-credentials") is None
     # A page served from this machine (another port) may call it, without credentials.
-    r = httpx.options(f"{locked.base_url}/v1/chat/completions", timeout=10,
+    r = httpx.options(f"{opened.base_url}/v1/chat/completions", timeout=10,
                       headers={"origin": "http://localhost:8000", **PREFLIGHT})
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == "http://localhost:8000"

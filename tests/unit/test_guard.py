@@ -69,6 +69,13 @@ def test_settings_reject_malformed_entries() -> None:
     assert ok.cors_origins == ["https://lite.example", "null"]
 
 
+def test_origins_default_to_any_page_only_when_keys_are_required() -> None:
+    assert policy().origin_allowed("https://lite.example")
+    opened = policy(disable_auth=True)
+    assert opened.origin_allowed("http://localhost:8080")
+    assert not opened.origin_allowed("https://lite.example")
+
+
 def test_origins() -> None:
     p = policy(cors_origins=["https://lite.example"])
     assert p.origin_allowed("http://localhost:8080") and p.origin_allowed("http://127.0.0.1")
@@ -77,7 +84,7 @@ def test_origins() -> None:
     assert not p.origin_allowed("file://localhost") and not p.origin_allowed("garbage")
     # The server's own pages (e.g. /docs on a LAN name) are same-origin.
     assert policy("0.0.0.0").request_allowed("http://box.lan:5000", "box.lan:5000")
-    assert not policy("0.0.0.0").request_allowed("http://evil.example", "box.lan:5000")
+    assert not policy("0.0.0.0", disable_auth=True).request_allowed("http://evil.example", "box.lan:5000")
     assert policy(cors_origins=["*"]).origin_allowed("https://anything.example")
 
 
@@ -94,7 +101,7 @@ def _app(p: HostPolicy) -> TestClient:
 
 
 def test_guard_refuses_foreign_host_and_origin_with_openai_errors() -> None:
-    client = _app(policy())
+    client = _app(policy(disable_auth=True))
     assert client.post("/v1/thing").json() == {"ok": True}
     r = client.post("/v1/thing", headers={"host": "evil.example:5000"})
     assert r.status_code == 400 and "allowed_hosts" in r.json()["error"]["message"]

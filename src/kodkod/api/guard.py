@@ -9,15 +9,21 @@ address accepts any Host unless `allowed_hosts` is set, then loopback names and 
 request without a Host header (HTTP/1.0; browsers always send one) passes. Refused: 400.
 
 Cross-site requests: a browser sends `Origin` with every cross-origin request and with
-same-origin POSTs. A request whose Origin is not allowed is refused with 403 — also "simple"
-requests (a form POST needs no preflight, so CORS headers alone would not stop it). Allowed:
-the server's own origin (Origin's host:port equals the Host header: /docs), pages on loopback
-origins (KoboldAI Lite or another front end served on another local port), and
-`network.cors_origins` ('null' for pages opened from a file, '*' for any). Requests without
-Origin (curl, SDKs, server-side front ends such as SillyTavern or OpenWebUI's backend) are
-not affected. CORS answers reflect the allowed origin and never allow credentials (kodkod uses
-no cookies; keys travel in headers, which CORS permits without credentials), and answer
-Chrome's private-network preflight for allowed origins only.
+same-origin POSTs. Which origins may call:
+- `network.cors_origins` set: only those ('null' for pages opened from a file, '*' for any),
+  pages on loopback origins and the server's own pages (Origin's host:port equals the Host
+  header: /docs).
+- not set, keys required (the default): any page. A page can only use the server with a key its
+  user typed into it (KoboldAI Lite, a hosted chat UI), exactly like a script; the key travels
+  in a header, never in a cookie, so a foreign page gains nothing a script would not have.
+- not set, `disable_auth: true`: pages on loopback origins and the server's own pages only, since
+  nothing else would stop a page the user merely visits from using the server.
+A request whose Origin is not allowed is refused with 403 — also "simple" requests (a form POST
+needs no preflight, so CORS headers alone would not stop it). Requests without Origin (curl,
+SDKs, server-side front ends such as SillyTavern or OpenWebUI's backend) are not affected. CORS
+answers reflect the allowed origin and never allow credentials (kodkod uses no cookies; keys
+travel in headers, which CORS permits without credentials), and answer Chrome's private-network
+preflight for allowed origins only.
 """
 
 from __future__ import annotations
@@ -67,10 +73,11 @@ class HostPolicy:
     def from_settings(cls, network: NetworkSettings) -> HostPolicy:
         hosts = frozenset(h.strip("[]") for h in network.allowed_hosts)
         any_host = "*" in hosts or (not hosts and not is_loopback_host(network.host))
+        keys_guard_pages = not network.cors_origins and not network.disable_auth
         return cls(
             any_host=any_host,
             hosts=hosts,
-            any_origin="*" in network.cors_origins,
+            any_origin="*" in network.cors_origins or keys_guard_pages,
             origins=frozenset(network.cors_origins),
         )
 

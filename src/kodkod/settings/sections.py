@@ -89,8 +89,9 @@ class NetworkSettings(SectionModel):
         description="Web page origins (scheme://host[:port]) whose browser scripts may call "
         "the server, besides pages on localhost / 127.x.x.x / [::1] and the server's own "
         "pages; 'null' admits pages opened from a file, '*' any origin. A request from any "
-        "other origin is refused with 403. Credentials (cookies) are never shared: clients "
-        "send their key in a header.",
+        "other origin is refused with 403. Empty: any page when keys are required (a page "
+        "needs its user's key, like a script), only those local pages with disable_auth. "
+        "Credentials (cookies) are never shared: clients send their key in a header.",
     )
 
     @field_validator("allowed_hosts")
