@@ -24,6 +24,7 @@ from kodkod.api.admin.inline import LeaseMiddleware
 from kodkod.api.admin.overrides import PresetError, apply_preset
 from kodkod.api.core import misc, models
 from kodkod.api.errors import install_error_handlers
+from kodkod.api.auth_gate import AuthGate
 from kodkod.api.guard import HostOriginGuard, HostPolicy, PolicyCORSMiddleware
 from kodkod.api.openai import chat, completions
 from kodkod.api.request_log import RequestLogMiddleware
@@ -95,6 +96,7 @@ def create_app(
     app.state.kodkod = state
     app.state.keys = keys
     policy = HostPolicy.from_settings(settings.network)
+    app.add_middleware(AuthGate, keys=keys, routes_app=app)  # keys before the body is read
     app.add_middleware(PolicyCORSMiddleware, policy=policy)  # no credentials, see api/guard.py
     app.add_middleware(LeaseMiddleware)  # model leases end with the HTTP exchange
     if settings.logging.log_requests:

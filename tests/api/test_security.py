@@ -10,6 +10,7 @@ refused, prompts stay out of the log.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,3 +228,33 @@ def test_deleting_the_key_file_revokes_every_key_until_it_is_back(locked: Kodkod
     log = after_banner(locked.log())
     assert log.count("every key is refused") == 1
     assert API_KEY not in log and ADMIN_KEY not in log
+
+
+# -- keys before bodies ------------------------------------------------------------------------
+
+
+def _raw_post_head(port: int, path: str, headers: dict[str, str], length: int) -> str:
+    """Send only the head of a POST (and 10 body bytes) announcing `length` bytes; return what
+    the server answers before the rest of the body would arrive."""
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
+             f"Content-Length: {length}", *(f"{k}: {v}" for k, v in headers.items())]
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + b'{"prompt":')
+        return s.recv(4096).decode("latin-1")
+
+
+def test_keys_are_checked_before_the_body_is_read(locked: KodkodServer) -> None:
+    """A request without a valid key is refused with 401 before its body arrives (the server
+    does not wait for, read or parse it); with a key the server waits for the body."""
+    head = _raw_post_head(locked.port, "/v1/completions", {"Authorization": f"Bearer {WRONG_KEY}"},
+                          1_000_000)
+    assert head.startswith("HTTP/1.1 401"), head
+    head = _raw_post_head(locked.port, "/v1/completions", {}, 1_000_000)
+    assert head.startswith("HTTP/1.1 401"), head
+    with pytest.raises(TimeoutError):  # a valid key: the server waits for the rest of the body
+        with socket.create_connection(("127.0.0.1", locked.port), timeout=2) as s:
+            s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       f"Authorization: Bearer {API_KEY}\r\nContent-Length: 1000000\r\n\r\n").encode())
+            s.recv(4096)
+    with locked.client() as c:  # and the server is fine
+        assert c.get("/v1/model").status_code == 200
