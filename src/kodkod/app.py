@@ -87,6 +87,7 @@ def create_app(
         backend_loader, base / "templates", on_fatal=lambda exc: state_box["state"].record_fatal(exc),
         lora_dir=lora_dir if lora_dir.is_absolute() else base / lora_dir,
         host_cache_mb=settings.memory.sysmem_kv_cache,
+        engine_stall_timeout_s=settings.limits.engine_stall_timeout_s,
     )
     state = AppState(settings=settings, keys=keys, models=manager, base_dir=base)
     state_box["state"] = state
