@@ -12,9 +12,10 @@ on its own:
     probe). If even that fails, the backend itself is broken: `EngineFault`. Otherwise the
     suspects are the culprits (their tokens, not the backend, are the problem).
 
-`isolate_failure()` fails the culprits' sequences and returns the remaining rows, which the engine
-decodes again as one batch; the prefix cache is kept. `EngineHealth` is what the watchdog reads. `EngineFault` is the one failure the engine does not recover from: it ends
-every request and the server reports itself unhealthy (see `EngineLoop.problem`).
+`isolate_failure()` fails the culprits' sequences and decodes the remaining rows again as one
+batch; the prefix cache is kept. `EngineFault` is the one failure the engine does not recover
+from: it ends every request and the server reports itself unhealthy. `EngineHealth` holds what
+`EngineLoop.problem()` and the watchdog read (fatal reason, failed steps, step start time).
 """
 
 from __future__ import annotations
