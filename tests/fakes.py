@@ -4,7 +4,8 @@ Its "model" is a lookup: the next token after token t is `script.get(t, (t + 1) 
 Token t's text is `pieces.get(t, f"<{t}>")` as UTF-8 bytes (raw bytes allowed, to test
 byte-fallback tokens). It mirrors llama.cpp's KV semantics per slot (positions must be
 contiguous; decode into a position that is already filled is an error), records every batch,
-and counts live samplers so tests can check nothing leaks.
+and counts live samplers so tests can check nothing leaks. `fail_tokens` makes a decode fail
+like llama.cpp's does: rows before the first bad one have already written their KV.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class FakeBackend:
     second: dict[int, int] = field(default_factory=dict)
     pieces: dict[int, bytes] = field(default_factory=dict)
     fail_decode: bool = False
+    fail_tokens: set[int] = field(default_factory=set)  # a batch holding one of these fails
     delay_s: float = 0.0  # sleep per decode, to make requests last
 
     def __post_init__(self) -> None:
@@ -98,6 +100,12 @@ class FakeBackend:
             raise RuntimeError("simulated decode failure")
         if self.delay_s:
             time.sleep(self.delay_s)
+        bad = next((i for i, r in enumerate(rows) if self.fail_tokens.intersection(r.tokens)), None)
+        if bad is not None:
+            for row in rows[:bad]:  # written before the failing part, left behind
+                self.kv[row.slot].extend(row.tokens)
+            self.failed_decodes = getattr(self, "failed_decodes", 0) + 1
+            raise RuntimeError("simulated decode failure: llama_decode failed with status -1")
         self.batches.append(list(rows))
         self._logits = []
         out: list[list[int]] = []

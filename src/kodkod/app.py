@@ -90,6 +90,7 @@ def create_app(
         lora_dir=lora_dir if lora_dir.is_absolute() else base / lora_dir,
         host_cache_mb=settings.memory.sysmem_kv_cache,
         unload_grace_s=settings.model.unload_grace_s,
+        engine_stall_timeout_s=settings.limits.engine_stall_timeout_s,
     )
     state = AppState(settings=settings, keys=keys, models=manager, base_dir=base)
     state_box["state"] = state

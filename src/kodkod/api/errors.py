@@ -110,7 +110,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return error_response(400, exc.message, code=exc.code)
+        return error_response(exc.status, exc.message, code=exc.code, param=exc.param)
 
     @app.exception_handler(TemplateError)
     async def _template_error(_: Request, exc: TemplateError) -> JSONResponse:

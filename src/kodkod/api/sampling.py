@@ -21,7 +21,9 @@ Where the reference is silent or upstream is an accident, we chose:
 - `frequency_penalty`/`presence_penalty` accept OpenAI's negative range (down to -2).
 - `top_n_sigma` (Kobold `nsigma`) is supported; `smoothing_curve` shapes smoothing as in
   text-generation-webui/KoboldCpp (1 = exl2's quadratic).
-- `logit_bias` keys must be token ids (422 otherwise); ids outside the vocabulary are skipped.
+- `logit_bias` keys must be token ids (422 otherwise). Token ids outside the vocabulary, in
+  `logit_bias`, `banned_tokens`, `allowed_tokens` or `stop`, are a 400 naming the field and id
+  (like OpenAI's "invalid logit_bias key"; upstream skips them silently).
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
 """The asyncio face of the engine: submit, abort, exclusive work, stats.
 
-`submit()` validates a request against the context limits synchronously (so the API can answer
-400 before it commits to a 200 stream), then hands it to the engine thread and returns a
-`RequestStream`. Closing or abandoning the stream aborts the request within one step.
+`submit()` validates a request synchronously (so the API can answer 400 before it commits to a
+200 stream): context limits, and every token id it carries against the model's vocabulary (an
+id outside it would make llama.cpp fail or read out of bounds). It refuses at once (503) while
+the engine cannot serve (`problem`: fatal fault, dead thread, step stuck past the stall
+timeout). Then it hands the request to the engine thread and returns a `RequestStream`. Closing
+or abandoning the stream aborts the request within one step. A `Watchdog` thread reports an
+engine that dies or stalls (`engine/watchdog.py`).
 """
 
 from __future__ import annotations
@@ -15,17 +19,30 @@ from kodkod.backends.base import Backend
 from kodkod.engine.loop import EngineConfig, EngineLoop, EngineStats
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import GenerationRequest
+from kodkod.engine.watchdog import Watchdog
 
 T = TypeVar("T")
 
 
 class RequestError(Exception):
-    """A request that can never run (shown to the client as a 400)."""
+    """A request that can never run (shown to the client as a 400, `status`)."""
 
-    def __init__(self, message: str, code: str = "invalid_request_error") -> None:
+    status = 400
+
+    def __init__(self, message: str, code: str = "invalid_request_error", param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.param = param
+
+
+class EngineUnavailableError(RequestError):
+    """The engine cannot serve requests now (fatal fault, dead thread, stuck step): a 503."""
+
+    status = 503
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "engine_unavailable")
 
 
 class ContextLengthError(RequestError):
@@ -33,9 +50,27 @@ class ContextLengthError(RequestError):
         super().__init__(message, "context_length_exceeded")
 
 
+def check_token_ids(request: GenerationRequest, n_vocab: int) -> None:
+    """RequestError naming the field and the first token id outside 0..n_vocab-1."""
+    s = request.sampling
+    fields: tuple[tuple[str, object], ...] = (
+        ("prompt", request.prompt_ids), ("stop", request.stop_token_ids),
+        ("logit_bias", s.logit_bias), ("banned_tokens", s.banned_token_ids),
+        ("allowed_tokens", s.allowed_token_ids), ("negative_prompt", request.negative_prompt_ids or ()),
+    )
+    for name, ids in fields:
+        if not ids or (min(ids) >= 0 and max(ids) < n_vocab):  # type: ignore[call-overload]
+            continue
+        bad = next(t for t in ids if not 0 <= t < n_vocab)  # type: ignore[attr-defined]
+        raise RequestError(
+            f"{name}: token id {bad} is not in this model's vocabulary (0..{n_vocab - 1})", param=name
+        )
+
+
 class EngineClient:
-    def __init__(self, engine: EngineLoop) -> None:
+    def __init__(self, engine: EngineLoop, watchdog: Watchdog | None = None) -> None:
         self._engine = engine
+        self._watchdog = watchdog
         # Checks a request's named LoRA adapters (raises RequestError); set by the model
         # manager (models/lora.py) so unknown or incompatible adapters are a 400 up front.
         self.adapter_check: Callable[[tuple[tuple[str, float], ...]], None] | None = None
@@ -51,7 +86,9 @@ class EngineClient:
         """`draft`: a draft model's backend for speculative decoding (the caller frees it)."""
         engine = EngineLoop(backend, config, on_fatal, draft)
         engine.start()
-        return cls(engine)
+        watchdog = Watchdog(engine, on_fatal)
+        watchdog.start()
+        return cls(engine, watchdog)
 
     @property
     def config(self) -> EngineConfig:
@@ -65,8 +102,17 @@ class EngineClient:
     def alive(self) -> bool:
         return self._engine.alive
 
+    @property
+    def problem(self) -> str | None:
+        """Why the engine cannot serve requests now; None when it can."""
+        return self._engine.problem()
+
     def check(self, request: GenerationRequest) -> None:
-        """Raise RequestError if the request can never fit."""
+        """Raise RequestError if the request can never run, EngineUnavailableError (503) if
+        the engine cannot run anything now."""
+        problem = self._engine.problem()
+        if problem is not None:
+            raise EngineUnavailableError(f"the engine cannot serve requests: {problem}")
         n_prompt = len(request.prompt_ids)
         max_len = self._engine.config.max_seq_len
         if n_prompt == 0:
@@ -83,6 +129,7 @@ class EngineClient:
             )
         if request.min_tokens and request.max_tokens is not None and request.min_tokens > request.max_tokens:
             raise RequestError("min_tokens must not exceed max_tokens")
+        check_token_ids(request, self._engine.backend.info.n_vocab)
         if request.adapters and self.adapter_check is not None:
             self.adapter_check(request.adapters)
 
@@ -110,6 +157,8 @@ class EngineClient:
 
     async def shutdown(self, message: str = "the model was unloaded") -> None:
         """End every request with an error event and stop the engine thread."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if not self._engine.alive:
             return
         await asyncio.wrap_future(self._engine.shutdown(message))
@@ -122,6 +171,8 @@ class EngineClient:
         self._engine.backend.close()
 
     def shutdown_sync(self, message: str, timeout_s: float = 10.0) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if self._engine.alive:
             self._engine.shutdown(message).result(timeout_s)
             self._engine.join(timeout_s)

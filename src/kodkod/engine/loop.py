@@ -7,9 +7,11 @@ work, shutdown). When there is nothing to do the thread blocks on that queue. `l
 releases the GIL, so the HTTP event loop keeps serving while a step computes.
 
 Lifetime rules: every sequence ends with exactly one FinishEvent or ErrorEvent; every sampler
-is closed when its sequence ends; a failing step fails only the sequences in it... and since the
-KV state may then be unknown, the cache is cleared and the others recompute (preemption). On
-shutdown every pending request gets an ErrorEvent.
+is closed when its sequence ends. A failed batched decode fails only the sequences whose rows
+fail alone (`engine/faults.py`); the rest decode again, the prefix cache is kept. Any other step
+failure fails the running sequences and clears the cache. What cannot recover (no decode works,
+the thread dies, steps keep failing) is fatal: every request ends, the thread stops and
+`problem()` says why. On shutdown every pending request gets an ErrorEvent.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from kodkod.engine.adapters import refresh_waiting, use_adapters
 from kodkod.engine.build import new_sequence
 from kodkod.engine.commands import Abort, Command, Exclusive, Shutdown, Submit
 from kodkod.engine.compaction import compact, plan_compaction
+from kodkod.engine.faults import EngineFault, EngineHealth, isolate_failure
 from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.output import Finish, Rewind, emit, next_token
 from kodkod.engine.replay import replay_kv_ops
@@ -61,6 +64,7 @@ class EngineConfig:
     speculative: SpecConfig = SpecConfig()  # drafting (engine/speculative/)
     host_cache_bytes: int = 0  # second prefix-cache tier in host RAM (0: off)
     busy_cache_cells: int | None = None  # idle live cells while running (scheduler.py)
+    stall_timeout_s: float = 300.0  # one step taking longer is reported as stuck (problem())
 
 
 class EngineLoop:
@@ -101,6 +105,8 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="kodkod-engine", daemon=True)
         self._closed_lock = threading.Lock()
         self._closed_message: str | None = None  # set once the thread stops taking commands
+        self.health = EngineHealth(config.stall_timeout_s)  # read by the watchdog
+        self._inflight: Command | None = None  # the command being handled (answered if we die)
 
     # -- public (any thread) ----------------------------------------------------------------
 
@@ -143,11 +149,15 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def problem(self) -> str | None:
+        """Why this engine cannot serve requests right now (None: it can). Any thread."""
+        return self.health.problem(self._thread, self._stopping is not None)
+
     # -- engine thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            while self._stopping is None:
+            while self._stopping is None and self.health.fatal is None:
                 idle = not self._sched.has_work and not self._exclusive
                 if idle:
                     self._maybe_compact()
@@ -157,6 +167,10 @@ class EngineLoop:
                 self._run_exclusive_if_ready()
                 if self._sched.has_work:
                     self._safe_step()
+        except BaseException as exc:  # outside the guarded step: the loop itself is broken
+            log.exception("the engine thread failed")
+            self.health.declare(EngineFault(f"the engine thread failed: {type(exc).__name__}: {exc}"),
+                                self._on_fatal)
         finally:
             self._close_all()
 
@@ -166,7 +180,9 @@ class EngineLoop:
         except queue.Empty:
             return
         while True:
+            self._inflight = cmd
             self._handle(cmd)
+            self._inflight = None
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
@@ -228,16 +244,22 @@ class EngineLoop:
         replay_kv_ops(self.backend, ops, self._host, mirror)
 
     def _safe_step(self) -> None:
+        health = self.health
+        health.step_started_s = time.monotonic()  # the watchdog's one cost per step
         try:
             self._step()
+            health.failed_steps = 0
+        except EngineFault as fault:
+            health.declare(fault, self._on_fatal)
         except Exception as exc:
             log.exception("engine step failed")
-            if self._on_fatal is not None:
-                self._on_fatal(exc)
             for seq in list(self._sched.running):
                 if not seq.is_shadow:
                     self._fail(seq, f"generation failed: {exc}", ErrorKind.INTERNAL)
             self._reset_cache()
+            health.step_failed(exc, self._on_fatal)
+        finally:
+            health.step_started_s = 0.0
 
     def _maybe_compact(self) -> None:
         """Idle: pack the cached prefixes into the low cells (engine/compaction.py)."""
@@ -286,7 +308,13 @@ class EngineLoop:
         ]
         t1 = time.perf_counter()
         use_adapters(self.backend, plan.entries[0].seq.adapter_key)  # one LoRA set per plan
-        indices = self.backend.decode(rows)
+        try:
+            indices = self.backend.decode(rows)
+        except Exception as exc:  # fail the rows responsible, decode the others again
+            speculating = False  # the retries' time says nothing about the cost model
+            plan, indices = isolate_failure(
+                self.backend, plan, rows, exc, lambda s, m: self._fail(s, m, ErrorKind.BAD_REQUEST),
+                lambda: self._apply_kv_ops(sched.drain_ops()))
         t2 = time.perf_counter()
         if speculating:
             spec.observe_target(plan.num_tokens, t2 - t1)
@@ -363,7 +391,10 @@ class EngineLoop:
         seq.close()
 
     def _close_all(self) -> None:
-        message = self._stopping.message if self._stopping else "the engine stopped"
+        message = self._stopping.message if self._stopping else (self.health.fatal or "the engine stopped")
+        cmd = self._inflight  # the command the thread died handling: answer it below
+        if cmd is not None and not (isinstance(cmd, Submit) and cmd.request.request_id in self._seqs):
+            self._commands.put(cmd)
         for seq in list(self._seqs.values()):
             self._fail(seq, message, ErrorKind.UNLOADED)
         for cmd in self._exclusive:

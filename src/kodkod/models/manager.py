@@ -167,9 +167,11 @@ class ModelManager:
         lora_dir: Path | None = None,
         host_cache_mb: int = 0,
         unload_grace_s: float = 10.0,
+        engine_stall_timeout_s: float = 300.0,
     ) -> None:
         self._loader = backend_loader
         self._native = threading.Lock()  # one native load or free at a time
+        self._stall_timeout_s = engine_stall_timeout_s
         self._host_cache_bytes = max(0, host_cache_mb) * 1024 * 1024
         self._lora_dir = lora_dir
         self._templates_dir = templates_dir
@@ -192,8 +194,11 @@ class ModelManager:
 
     def require(self) -> LoadedModel:
         model = self.current
-        if model is None or not model.engine.alive:
+        if model is None:
             raise NoModelLoaded("No models are currently loaded")
+        if not model.engine.alive:
+            why = model.engine.problem or "its engine has stopped"
+            raise NoModelLoaded(f"the model {model.name!r} cannot serve requests: {why}")
         return model
 
     def is_loaded(self, plan: LoadPlan, *, same_params: bool) -> bool:
@@ -323,7 +328,8 @@ class ModelManager:
                 backend,
                 EngineConfig(ctx.max_seq_len, ctx.max_batch_size, ctx.chunk_size,
                              spec_config(params.draft, draft is not None),
-                             host_cache_bytes=self._host_cache_bytes),
+                             host_cache_bytes=self._host_cache_bytes,
+                             stall_timeout_s=self._stall_timeout_s),
                 self._on_fatal,
                 draft.backend if draft is not None else None,  # speculative decoding
             )

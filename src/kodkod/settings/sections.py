@@ -256,6 +256,17 @@ class MemorySettings(SectionModel):
     cuda_malloc_async: bool = Field(True, description="Use CUDA's asynchronous allocator.")
 
 
+class LimitsSettings(SectionModel):
+    """Section `limits`: bounds that keep one request or one fault from hurting the others."""
+
+    engine_stall_timeout_s: float = Field(
+        300.0, gt=0,
+        description="Seconds one engine step (one batched decode) may take before the server "
+        "reports the engine as stuck: /health answers 503 and new generation requests are "
+        "refused with 503 until it moves again.",
+    )
+
+
 class DeveloperSettings(SectionModel):
     """Section `developer`."""
 

@@ -6,6 +6,7 @@ never frees the vocabulary they are reading.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -27,8 +28,12 @@ router = APIRouter()
 async def health(request: Request) -> JSONResponse:
     state = get_state(request)
     issues = [{"time": i.time, "description": i.description} for i in state.health_issues]
-    body: dict[str, Any] = {"status": "unhealthy" if issues else "healthy", "issues": issues}
     current = state.models.current
+    problem = current.engine.problem if current is not None else None
+    if problem is not None and not any(problem in i["description"] for i in issues):
+        # the watchdog records it within a second; say it now
+        issues.append({"time": datetime.now(timezone.utc).isoformat(), "description": problem})
+    body: dict[str, Any] = {"status": "unhealthy" if issues else "healthy", "issues": issues}
     if current is not None:
         s = current.engine.stats
         body["engine"] = {
