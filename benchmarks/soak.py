@@ -123,7 +123,7 @@ class Soak:
                     payload = b"".join(chunks)
             self.tally.record(path, body, r.status_code, payload)
             for line in payload.split(b"\n"):
-                if line.startswith(b"data: {\"error\"") and drop_after is None and b"model_unloaded" not in line:
+                if line.startswith(b"data: {\"error\"") and drop_after is None and b"unloaded" not in line:
                     self.tally.unexpected.append(f"stream error {path} <- {body[:200]!r}: {line[:300]!r}")
         except httpx.HTTPError as exc:
             if self.srv.proc.poll() is not None:
