@@ -40,6 +40,7 @@ from tests.server import DEFAULT_GGUF, DEFAULT_MODEL, KodkodServer, wait_idle  #
 
 EXPECTED_5XX = {501: {"not_implemented"}, 503: {"model_not_loaded", "model_unloaded"}}
 LORA_NAME = "soak"
+RSS_SAMPLE_S = 15.0
 TOPICS = ["the sea", "a dragon", "robots", "winter", "a small cat", "the moon", "trains"]
 
 
@@ -86,6 +87,7 @@ class Tally:
     kinds: Counter[str] = field(default_factory=Counter)
     unexpected: list[str] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
+    rss_series: list[tuple[int, int]] = field(default_factory=list)  # (VmRSS, RssAnon) KiB
 
     def record(self, path: str, body: bytes, status: int, payload: bytes) -> None:
         self.served += 1
@@ -182,9 +184,14 @@ class Soak:
                 await self.admin_swap()
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+def rss_kib(pid: int, field_name: str = "VmRSS") -> int:
+    """A memory field of /proc/<pid>/status in KiB (VmRSS, RssAnon, RssFile); 0 if gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(f"{field_name}:"):
             return int(line.split()[1])
     return 0
 
@@ -205,7 +212,12 @@ def make_lora(root: Path) -> bool:
 async def watch(soak: Soak, root: Path, config: dict[str, Any], deadline: float) -> None:
     """Restart the server if it died (recording the crash with its log tail)."""
     restarts = 0
+    next_sample = time.monotonic() + RSS_SAMPLE_S
     while time.monotonic() < deadline:
+        if time.monotonic() >= next_sample:
+            pid = soak.srv.proc.pid
+            soak.tally.rss_series.append((rss_kib(pid), rss_kib(pid, "RssAnon")))
+            next_sample += RSS_SAMPLE_S
         if soak.srv.proc.poll() is not None:
             soak.tally.crashes.append(f"exit {soak.srv.proc.returncode}:\n{soak.srv.log()[-2500:]}")
             restarts += 1
@@ -240,6 +252,7 @@ def main() -> int:
             with srv.client() as c:  # warm-up, so start RSS includes the loaded model's working set
                 c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8})
             pid0, rss0, host0 = srv.proc.pid, rss_kib(srv.proc.pid), health_engine(srv).get("host_cache_bytes", 0)
+            anon0 = rss_kib(pid0, "RssAnon")
             soak = Soak(srv, Tally(), random.Random(ns.seed), asyncio.Lock(), has_lora)
             t0 = time.monotonic()
             asyncio.run(run(soak, root, config, ns.minutes, ns.clients))
@@ -250,19 +263,19 @@ def main() -> int:
                 with srv.client() as c:
                     ok = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8}).status_code
                 stats = health_engine(srv)
-                rss1 = rss_kib(srv.proc.pid)
+                rss1, anon1 = rss_kib(srv.proc.pid), rss_kib(srv.proc.pid, "RssAnon")
             else:
-                ok, stats, rss1 = 0, {}, 0
-            print_report(soak.tally, elapsed, ns, (pid0, rss0, host0), (srv.proc.pid, rss1, stats), ok)
+                ok, stats, rss1, anon1 = 0, {}, 0, 0
+            print_report(soak.tally, elapsed, ns, (pid0, rss0, anon0, host0), (srv.proc.pid, rss1, anon1, stats), ok)
             return 1 if soak.tally.unexpected or soak.tally.crashes or ok != 200 else 0
         finally:
             srv.stop()
 
 
-def print_report(t: Tally, elapsed: float, ns: argparse.Namespace, start: tuple[int, int, int],
-                 end: tuple[int, int, dict[str, Any]], ok: int) -> None:
-    pid0, rss0, host0 = start
-    pid1, rss1, stats = end
+def print_report(t: Tally, elapsed: float, ns: argparse.Namespace, start: tuple[int, int, int, int],
+                 end: tuple[int, int, int, dict[str, Any]], ok: int) -> None:
+    pid0, rss0, anon0, host0 = start
+    pid1, rss1, anon1, stats = end
     host1 = int(stats.get("host_cache_bytes", 0))
     budget_kib = ns.host_cache_mb * 1024
     print(f"soak: {elapsed / 60:.1f} min, {ns.clients} clients, seed {ns.seed}")
@@ -277,7 +290,11 @@ def print_report(t: Tally, elapsed: float, ns: argparse.Namespace, start: tuple[
     for crash in t.crashes:
         print("  " + crash.replace("\n", "\n  "))
     same = " (a restarted process: not comparable)" if pid1 != pid0 else ""
-    print(f"server RSS: start {rss0 / 1024:.1f} MiB, end {rss1 / 1024:.1f} MiB{same}")
+    print(f"server RSS: start {rss0 / 1024:.1f} MiB, end {rss1 / 1024:.1f} MiB{same}; "
+          f"RssAnon (heap, KV buffers): start {anon0 / 1024:.1f} MiB, end {anon1 / 1024:.1f} MiB")
+    series = ", ".join(f"{v / 1024:.0f}/{a / 1024:.0f}" for v, a in t.rss_series)
+    print(f"RSS every {RSS_SAMPLE_S:.0f} s (VmRSS/RssAnon MiB; growth after the first samples is the "
+          f"leak signal, early growth is the KV pool's pages being touched): {series}")
     print(f"host KV tier: start {host0 / 2**20:.1f} MiB, end {host1 / 2**20:.1f} MiB "
           f"(budget {ns.host_cache_mb} MiB, {stats.get('host_cache_entries', '?')} entries)")
     growth_kib = rss1 - rss0 - (host1 - host0) // 1024
