@@ -23,6 +23,7 @@ from kodkod.settings import Settings
 class HealthIssue:
     time: str
     description: str
+    at: float = 0.0  # time.time() when recorded
 
 
 @dataclass(slots=True)
@@ -66,8 +67,17 @@ class AppState:
 
     def record_fatal(self, exc: BaseException) -> None:
         stamp = datetime.now(timezone.utc).isoformat()
-        self.health_issues.append(HealthIssue(stamp, f"{type(exc).__name__}: {exc}"))
+        self.health_issues.append(HealthIssue(stamp, f"{type(exc).__name__}: {exc}", time.time()))
         del self.health_issues[:-100]
+
+
+def split_issues(
+    issues: list[HealthIssue], loaded_at: float | None
+) -> tuple[list[HealthIssue], list[HealthIssue]]:
+    """(current, resolved): a fatal fault belongs to the engine it happened in, so issues
+    recorded before the current model was loaded are resolved (the server serves again)."""
+    since = loaded_at if loaded_at is not None else 0.0
+    return [i for i in issues if i.at >= since], [i for i in issues if i.at < since]
 
 
 def get_state(request: Request) -> AppState:

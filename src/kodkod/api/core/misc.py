@@ -17,7 +17,7 @@ from kodkod import __version__
 from kodkod.api.admin.inline import hold_model
 from kodkod.api.deps import API
 from kodkod.api.errors import ApiError
-from kodkod.api.state import get_state
+from kodkod.api.state import get_state, split_issues
 from kodkod.auth import AuthError
 from kodkod.chat import TemplateError, strip_leading_bos
 
@@ -27,13 +27,19 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     state = get_state(request)
-    issues = [{"time": i.time, "description": i.description} for i in state.health_issues]
     current = state.models.current
+    current_issues, resolved_issues = split_issues(
+        state.health_issues, current.loaded_at if current is not None else None
+    )
+    issues = [{"time": i.time, "description": i.description} for i in current_issues]
+    resolved = [{"time": i.time, "description": i.description} for i in resolved_issues]
     problem = current.engine.problem if current is not None else None
     if problem is not None and not any(problem in i["description"] for i in issues):
         # the watchdog records it within a second; say it now
         issues.append({"time": datetime.now(timezone.utc).isoformat(), "description": problem})
     body: dict[str, Any] = {"status": "unhealthy" if issues else "healthy", "issues": issues}
+    if resolved:
+        body["resolved_issues"] = resolved
     if current is not None:
         s = current.engine.stats
         body["engine"] = {
