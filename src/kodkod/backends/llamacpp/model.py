@@ -194,7 +194,8 @@ class LlamaModel:
 
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
         self.check_open()
-        data = text.encode("utf-8")
+        # a lone surrogate (JSON allows "\ud800") has no UTF-8 form: it becomes "?"
+        data = text.encode("utf-8", "replace")
         n_max = len(data) + 8
         while True:
             arr = (L.llama_token * n_max)()
