@@ -107,6 +107,8 @@ def serve(argv: list[str]) -> int:
     config = uvicorn.Config(
         app, host=host, port=port, loop="uvloop", http="httptools",
         access_log=settings.logging.log_requests, log_level="info", lifespan="on",
+        timeout_keep_alive=settings.limits.keep_alive_timeout_s,
+        limit_concurrency=settings.limits.max_concurrent_connections or None,
     )
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler

@@ -4,7 +4,8 @@ Every error body carries both shapes clients read: OpenAI's `{"error": {message,
 code}}` (the `openai` package, OpenWebUI) and FastAPI's `{"detail": ...}` (TabbyAPI clients,
 SillyTavern, which also reads `error.message`). Validation errors keep FastAPI's 422 detail list.
 Status codes follow reference §3: 400 bad request / context overflow, 401 keys, 404 unknown
-resource, 422 validation, 503 no model loaded, 500 anything unhandled (never a traceback).
+resource, 413 body too large, 422 validation, 429 generation queue full (with Retry-After),
+503 no model loaded, 500 anything unhandled (never a traceback).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
+    413: "invalid_request_error",
     422: "invalid_request_error",
+    429: "rate_limit_exceeded",
     500: "server_error",
     501: "not_implemented_error",
     503: "service_unavailable",
@@ -43,13 +46,15 @@ class ApiError(Exception):
     """An error with a status code and a user-facing message."""
 
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, param: str | None = None
+        self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        self.headers = headers
 
 
 def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None,
@@ -85,7 +90,10 @@ def _summarise(errors: list[dict[str, Any]]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, code=exc.code, param=exc.param)
+        return JSONResponse(
+            error_body(exc.status, exc.message, code=exc.code, param=exc.param),
+            status_code=exc.status, headers=exc.headers,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -121,5 +129,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, ValueError) and "null byte" in str(exc):
+            # a NUL in a name that reached a path (the OS refuses it): the client's mistake
+            return error_response(400, "names must not contain a NUL character")
         log.exception("unhandled error")
         return error_response(500, f"internal server error: {type(exc).__name__}")

@@ -20,6 +20,7 @@ from kodkod.settings.sections import (
     DraftModelSettings,
     EmbeddingsSettings,
     LoggingSettings,
+    LimitsSettings,
     LoraSettings,
     MemorySettings,
     NetworkSettings,
@@ -53,6 +54,10 @@ class Settings(BaseModel):
     )
     memory: MemorySettings = Field(
         default_factory=MemorySettings, description="Host-RAM caches."
+    )
+    limits: LimitsSettings = Field(
+        default_factory=LimitsSettings,
+        description="Bounds on request sizes, queues and slow clients.",
     )
     developer: DeveloperSettings = Field(
         default_factory=DeveloperSettings, description="Options for debugging and development."

@@ -9,11 +9,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kodkod import __version__
+from kodkod.api.admin.inline import hold_model
+from kodkod.api.convert import run_sized
 from kodkod.api.deps import API
 from kodkod.api.errors import ApiError
 from kodkod.api.state import get_model, get_state
 from kodkod.auth import AuthError
 from kodkod.chat import TemplateError, strip_leading_bos
+from kodkod.models.manager import LoadedModel
 
 router = APIRouter()
 
@@ -92,7 +95,13 @@ class DecodeRequest(TokenFlags):
 
 @router.post("/v1/token/encode", dependencies=[API])
 async def encode(req: EncodeRequest, request: Request) -> dict[str, Any]:
-    model = get_model(request)
+    model = await hold_model(request)  # leased: a worker thread may tokenize under the lease
+    offload_chars = get_state(request).settings.limits.offload_tokenize_chars
+    size = len(req.text) if isinstance(req.text, str) else len(str(req.text))
+    return await run_sized(size, offload_chars, lambda: _encode(req, model))
+
+
+def _encode(req: EncodeRequest, model: LoadedModel) -> dict[str, Any]:
     info = model.info
     text = req.text
     if isinstance(text, list):
