@@ -11,6 +11,7 @@ resource, 413 body too large, 422 validation, 429 generation queue full (with Re
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -87,6 +88,18 @@ def _summarise(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and ±Infinity (echoed back as the offending `input`) as text: JSON has no such
+    numbers, and the 422 answering them must not fail to serialise."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -104,7 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors())
+        errors = _json_safe(jsonable_encoder(exc.errors()))
         return JSONResponse(error_body(422, _summarise(errors), detail=errors), status_code=422)
 
     @app.exception_handler(NoModelLoaded)
