@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kodkod.api.deps import ADMIN, API, current_permission
 from kodkod.api.errors import ApiError
