@@ -24,6 +24,7 @@ from tests.server import KodkodServer, engine_stats, wait_idle
 
 BODY_LIMIT = 4 * 1024 * 1024
 STALL_S = 2.0
+HEADER_TIMEOUT_S = 2.0
 PROMPT = "The history of the lighthouse begins"
 STREAM_BODY = {"prompt": PROMPT, "max_tokens": 48, "temperature": 0, "ignore_eos": True,
                "stream": True}
@@ -33,7 +34,8 @@ STREAM_BODY = {"prompt": PROMPT, "max_tokens": 48, "temperature": 0, "ignore_eos
 def server(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterator[KodkodServer]:
     srv = KodkodServer.start(tmp_path_factory.mktemp("limits"), {
         "network": {"api_servers": ["OAI", "Kobold"]},
-        "limits": {"max_request_body_bytes": BODY_LIMIT, "stalled_stream_timeout_s": STALL_S},
+        "limits": {"max_request_body_bytes": BODY_LIMIT, "stalled_stream_timeout_s": STALL_S,
+                   "header_timeout_s": HEADER_TIMEOUT_S},
     })
     yield srv
     srv.stop()
@@ -189,6 +191,23 @@ def test_oversized_chunked_body_is_cut_off_at_the_limit(server: KodkodServer) ->
     assert_error(r, 413, "limit")
     with server.client() as api:
         assert api.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_a_client_that_never_finishes_its_headers_is_disconnected(server: KodkodServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and nothing more
+        assert s.recv(65536) == b""  # the server closed it (recv times out otherwise)
+    with server.client() as api:  # a prompt client on a new connection is served
+        assert api.get("/health").status_code == 200
+
+
+def test_oversized_headers_get_431(server: KodkodServer) -> None:
+    head = (b"GET /health HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 1000) for i in range(100)) + b"\r\n")
+    status, body = http_exchange(server.port, head)
+    assert status == 431 and body["error"]["code"] == "headers_too_large"
+    with server.client() as api:  # ordinary headers are fine
+        assert api.get("/health", headers={"X-Pad": "p" * 4000}).status_code == 200
 
 
 def test_a_stalled_stream_reader_loses_its_sequences(server: KodkodServer) -> None:

@@ -37,6 +37,7 @@ _TYPES = {
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_exceeded",
+    431: "invalid_request_error",
     500: "server_error",
     501: "not_implemented_error",
     503: "service_unavailable",

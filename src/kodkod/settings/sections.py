@@ -213,6 +213,16 @@ class LimitsSettings(SectionModel):
         description="Largest HTTP request body in bytes; a bigger one is refused with 413 before "
         "it is read (and before the API key is checked).",
     )
+    header_timeout_s: float = Field(
+        30.0, gt=0,
+        description="Seconds a client has to send a request's line and headers after it "
+        "connects (or starts the next request on a kept-alive connection); slower ones are "
+        "disconnected.",
+    )
+    max_header_bytes: int = Field(
+        65536, ge=1024,
+        description="Largest request line plus headers in bytes; a bigger one is refused with 431.",
+    )
     keep_alive_timeout_s: int = Field(
         5, ge=1,
         description="Seconds an idle keep-alive connection stays open between requests.",
