@@ -18,7 +18,15 @@ from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
 from kodkod.engine.stopping import StopStringMatcher, partial_match_len
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import EosReason, FinishEvent, FinishReason, GenerationRequest, TokenEvent, Usage
+from kodkod.engine.types import (
+    EosReason,
+    ErrorEvent,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+    Usage,
+)
 from kodkod.settings import LimitsSettings, Settings
 from tests.fakes import FakeBackend
 
@@ -154,6 +162,10 @@ def test_stream_aborts_when_output_sits_unread_past_the_timeout(
         assert aborted == ["r"] and s.stalled  # the oldest unread event is 61 s old
         s.push(TokenEvent("d", [4]))
         assert aborted == ["r"]  # once
+        s.push(FinishEvent(FinishReason.ABORT, EosReason.ABORTED, Usage(1, 4)))  # the abort
+        events = [ev async for ev in s]  # a reader that comes back sees an error, not an end
+        assert [type(ev) for ev in events] == [TokenEvent, ErrorEvent]
+        assert events[0].text == "abc" and "unread" in events[1].message
 
     asyncio.run(main())
 

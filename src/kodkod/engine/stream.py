@@ -9,7 +9,8 @@ bigger pieces, never an unbounded queue, and never slows the engine.
 A reader that stops reading altogether (an SSE client that keeps its connection open but no
 longer reads: the socket fills and the response's send blocks) would hold its sequence and KV
 until max_tokens. With `stall_timeout_s`, once output has sat unconsumed that long while the
-engine keeps producing, the request is aborted (`on_close`), which frees its sequence.
+engine keeps producing, the request is aborted (`on_close`), which frees its sequence, and an
+error event is queued for the reader in case it ever resumes.
 `on_end` is called exactly once, when the request ends (final event pushed, or closed).
 """
 
@@ -21,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from kodkod.engine.types import ErrorEvent, Event, FinishEvent, TokenEvent
+from kodkod.engine.types import ErrorEvent, ErrorKind, Event, FinishEvent, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,13 @@ class RequestStream:
             ):
                 self._stalled = stalled = True
             self._pending.append(event)
+            if stalled:  # what a reader that comes back sees: no silent, normal-looking end
+                self._pending.append(ErrorEvent(
+                    f"the request was aborted: its output went unread for over "
+                    f"{self._stall_timeout_s} s", ErrorKind.INTERNAL))
             wake = not self._wake_pending
             self._wake_pending = True
-        if isinstance(event, FinishEvent | ErrorEvent):
+        if stalled or isinstance(event, FinishEvent | ErrorEvent):
             self._end()
         if stalled:
             log.warning("request %s: output unread for over %s s, aborting it",
@@ -152,8 +157,11 @@ class RequestStream:
                         await self._ready.wait()
                         continue
                 merged = merge_tokens(events)
-                if isinstance(merged[-1], FinishEvent | ErrorEvent):
-                    self._done = True
+                for i, ev in enumerate(merged):
+                    if isinstance(ev, FinishEvent | ErrorEvent):  # the end: nothing after it
+                        merged = merged[: i + 1]
+                        self._done = True
+                        break
                 yield merged
         finally:
             self.close()
