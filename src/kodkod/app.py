@@ -22,6 +22,7 @@ from kodkod.api.admin import templates as admin_templates
 from kodkod.api.admin import unavailable
 from kodkod.api.admin.inline import LeaseMiddleware
 from kodkod.api.admin.overrides import PresetError, apply_preset
+from kodkod.api.body_limit import BodySizeLimitMiddleware
 from kodkod.api.core import misc, models
 from kodkod.api.errors import install_error_handlers
 from kodkod.api.auth_gate import AuthGate
@@ -102,7 +103,9 @@ def create_app(
     app.add_middleware(LeaseMiddleware)  # model leases end with the HTTP exchange
     if settings.logging.log_requests:
         app.add_middleware(RequestLogMiddleware)  # method, URL, headers (keys redacted)
-    app.add_middleware(HostOriginGuard, policy=policy)  # outermost: DNS rebinding, foreign pages
+    app.add_middleware(HostOriginGuard, policy=policy)  # DNS rebinding, foreign pages
+    # added last = outermost: an oversized body is refused before auth or anything reads it
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.limits.max_request_body_bytes)
     install_error_handlers(app)
     for module in (misc, models, admin_model, admin_lora, admin_templates, admin_overrides,
                    unavailable):

@@ -97,6 +97,7 @@ def serve(argv: list[str]) -> int:
 
     from kodkod.app import create_app
     from kodkod.backends.llamacpp.backend import LlamaCppBackend
+    from kodkod.http_protocol import bounded_http_protocol
 
     startup_errors: list[str] = []
 
@@ -107,9 +108,13 @@ def serve(argv: list[str]) -> int:
     app = create_app(
         settings, keys=keys, backend_loader=LlamaCppBackend.load, on_startup_error=startup_failed
     )
+    limits = settings.limits
     config = uvicorn.Config(
-        app, host=host, port=port, loop="uvloop", http="httptools",
+        app, host=host, port=port, loop="uvloop",
+        http=bounded_http_protocol(limits.header_timeout_s, limits.max_header_bytes),
         access_log=settings.logging.log_requests, log_level="info", lifespan="on",
+        timeout_keep_alive=limits.keep_alive_timeout_s,
+        limit_concurrency=limits.max_concurrent_connections or None,
     )
     server = uvicorn.Server(config)
     from kodkod.api.request_log import install_access_log_redaction

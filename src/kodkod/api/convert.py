@@ -16,7 +16,8 @@ import asyncio
 import json
 import logging
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kodkod.api.errors import ApiError
 from kodkod.api.sampling import FALLBACKS, SamplerRequest, apply_override, sampler_problem
@@ -26,6 +27,7 @@ from kodkod.engine.constraints import ConstraintFactory, GrammarError, GrammarKi
 from kodkod.engine.types import Constraint, GenerationRequest, LogitsProcessor, SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def new_request_id() -> str:
@@ -265,3 +267,13 @@ def tokenize_prompt(tokenizer: Tokenizer, text: str, *, add_bos: bool | None, bo
     if bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
         ids = ids[1:]
     return ids
+
+
+async def run_sized(size_chars: int, offload_chars: int, fn: Callable[[], T]) -> T:
+    """Run `fn` (tokenizing, chat templating) in a worker thread when its input is bigger than
+    `offload_chars` (`limits.offload_tokenize_chars`), so a big prompt never stalls the event
+    loop and every stream on it; small inputs run inline (a thread hop costs more). The caller
+    must hold the model's lease (nothing is closed under the worker)."""
+    if size_chars > offload_chars:
+        return await asyncio.to_thread(fn)
+    return fn()

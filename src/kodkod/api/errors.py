@@ -4,12 +4,14 @@ Every error body carries both shapes clients read: OpenAI's `{"error": {message,
 code}}` (the `openai` package, OpenWebUI) and FastAPI's `{"detail": ...}` (TabbyAPI clients,
 SillyTavern, which also reads `error.message`). Validation errors keep FastAPI's 422 detail list.
 Status codes follow reference §3: 400 bad request / context overflow, 401 keys, 404 unknown
-resource, 422 validation, 503 no model loaded, 500 anything unhandled (never a traceback).
+resource, 413 body too large, 422 validation, 429 generation queue full (with Retry-After),
+503 no model loaded, 500 anything unhandled (never a traceback).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,7 +35,10 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
+    413: "invalid_request_error",
     422: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    431: "invalid_request_error",
     500: "server_error",
     501: "not_implemented_error",
     503: "service_unavailable",
@@ -44,13 +49,15 @@ class ApiError(Exception):
     """An error with a status code and a user-facing message."""
 
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, param: str | None = None
+        self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        self.headers = headers
 
 
 def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None,
@@ -83,10 +90,25 @@ def _summarise(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and ±Infinity (echoed back as the offending `input`) as text: JSON has no such
+    numbers, and the 422 answering them must not fail to serialise."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, code=exc.code, param=exc.param)
+        return JSONResponse(
+            error_body(exc.status, exc.message, code=exc.code, param=exc.param),
+            status_code=exc.status, headers=exc.headers,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -97,7 +119,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors())
+        errors = _json_safe(jsonable_encoder(exc.errors()))
         return JSONResponse(error_body(422, _summarise(errors), detail=errors), status_code=422)
 
     @app.exception_handler(NoModelLoaded)
@@ -126,5 +148,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, ValueError) and "null byte" in str(exc):
+            # a NUL in a name that reached a path (the OS refuses it): the client's mistake
+            return error_response(400, "names must not contain a NUL character")
         log.exception("unhandled error")
         return error_response(500, f"internal server error: {type(exc).__name__}")

@@ -43,15 +43,20 @@ async def fan_in(
         async for batch in streams[0].batches(idle_s):
             yield (0, batch) if batch else (-1, [])
         return
-    queue: asyncio.Queue[tuple[int, list[Event]] | None] = asyncio.Queue()
+    # Bounded: while the response is not being sent (a client that stopped reading), the pumps
+    # block and events wait, merged, in each RequestStream, whose stall timeout then applies.
+    queue: asyncio.Queue[tuple[int, list[Event]] | None] = asyncio.Queue(maxsize=len(streams))
 
     async def pump(i: int, s: RequestStream) -> None:
         async for batch in s.batches():
             await queue.put((i, batch))
 
+    async def pump_all() -> None:
+        await asyncio.wait(tasks)
+        await queue.put(None)  # after every pump's last item
+
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    done_task = asyncio.create_task(asyncio.wait(tasks))
-    done_task.add_done_callback(lambda _: queue.put_nowait(None))
+    done_task = asyncio.create_task(pump_all())
     try:
         while True:
             try:

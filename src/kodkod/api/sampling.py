@@ -31,7 +31,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from kodkod.api.validation import REQUEST_CONFIG, Name
+
+
+INT32_MAX = 2**31 - 1
 
 
 def _alias(*names: str) -> Any:
@@ -41,15 +54,15 @@ def _alias(*names: str) -> Any:
 class RequestLora(BaseModel):
     """One LoRA adapter a request runs with (kodkod extension; see engine/adapters.py)."""
 
-    model_config = ConfigDict(extra="ignore")
-    name: str = Field(min_length=1)
+    model_config = REQUEST_CONFIG
+    name: Name = Field(min_length=1)
     scaling: float = Field(1.0, ge=0.0)
 
 
 class SamplerRequest(BaseModel):
     """Generation fields common to /v1/completions, /v1/chat/completions and Kobold."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True)
 
     max_tokens: int | None = Field(
         None, ge=0, validation_alias=AliasChoices("max_tokens", "max_length", "max_completion_tokens")
@@ -122,6 +135,15 @@ class SamplerRequest(BaseModel):
     # kodkod extension: this request's LoRA adapters from lora_dir with their scaling, instead
     # of the active ones (/v1/lora/load); [] = the base model.
     loras: list[RequestLora] | None = None
+
+    @field_validator("*")
+    @classmethod
+    def _int32(cls, v: Any, info: ValidationInfo) -> Any:
+        """Integers reach llama.cpp as C ints: one that does not fit is a 422, not a crash."""
+        if isinstance(v, int) and not isinstance(v, bool) and info.field_name != "seed":
+            if not -INT32_MAX <= v <= INT32_MAX:
+                raise ValueError(f"must be between {-INT32_MAX} and {INT32_MAX}")
+        return v
 
     @field_validator("top_k")
     @classmethod

@@ -36,9 +36,10 @@ class BannedStringGuard:
         self._starts: list[tuple[int, int]] = []  # (output token index, offset in _held)
 
     def feed(self, token_index: int, text: str) -> GuardResult:
-        self._starts.append((token_index, len(self._held)))
+        old_len = len(self._held)  # holds no complete banned string (it would have hit)
+        self._starts.append((token_index, old_len))
         self._held += text
-        hit = self._first_hit()
+        hit = self._first_hit(old_len)
         if hit is not None:
             k = self._token_at(hit)
             rewind_to = self._starts[k][0]
@@ -52,10 +53,11 @@ class BannedStringGuard:
         self._starts.clear()
         return held
 
-    def _first_hit(self) -> int | None:
+    def _first_hit(self, old_len: int) -> int | None:
+        """Earliest banned string, searched only where one could end inside the new text."""
         best: int | None = None
         for b in self._banned:
-            i = self._held.find(b)
+            i = self._held.find(b, max(0, old_len - len(b) + 1))
             if i != -1 and (best is None or i < best):
                 best = i
         return best

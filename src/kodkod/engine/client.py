@@ -7,11 +7,16 @@ the engine cannot serve (`problem`: fatal fault, dead thread, step stuck past th
 timeout). Then it hands the request to the engine thread and returns a `RequestStream`. Closing
 or abandoning the stream aborts the request within one step. A `Watchdog` thread reports an
 engine that dies or stalls (`engine/watchdog.py`).
+
+The client counts the requests it has submitted that have not ended (`in_flight`, exact, under
+a lock: a request ends when its final event is pushed or its stream is closed); those beyond
+`max_batch_size` are waiting for a place in the batch (`queued`), which the API bounds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -74,6 +79,8 @@ class EngineClient:
         # Checks a request's named LoRA adapters (raises RequestError); set by the model
         # manager (models/lora.py) so unknown or incompatible adapters are a 400 up front.
         self.adapter_check: Callable[[tuple[tuple[str, float], ...]], None] | None = None
+        self._count_lock = threading.Lock()
+        self._in_flight = 0
 
     @classmethod
     def start(
@@ -107,6 +114,20 @@ class EngineClient:
         """Why the engine cannot serve requests now; None when it can."""
         return self._engine.problem()
 
+    @property
+    def in_flight(self) -> int:
+        """Submitted requests (each choice is one) that have not ended."""
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        """Requests in flight beyond the batch's places: those waiting to run."""
+        return max(0, self._in_flight - self._engine.config.max_batch_size)
+
+    def _ended(self, _request_id: str) -> None:
+        with self._count_lock:
+            self._in_flight -= 1
+
     def check(self, request: GenerationRequest) -> None:
         """Raise RequestError if the request can never run, EngineUnavailableError (503) if
         the engine cannot run anything now."""
@@ -139,9 +160,17 @@ class EngineClient:
         if request.adapters and self.adapter_check is not None:
             await asyncio.to_thread(self.adapter_check, request.adapters)
 
-    def submit(self, request: GenerationRequest) -> RequestStream:
+    def submit(
+        self, request: GenerationRequest, *, stall_timeout_s: float | None = None
+    ) -> RequestStream:
+        """`stall_timeout_s`: abort the request once its output sat unread that long."""
         self.check(request)
-        stream = RequestStream(request.request_id, asyncio.get_running_loop(), self._engine.abort)
+        stream = RequestStream(
+            request.request_id, asyncio.get_running_loop(), self._engine.abort,
+            on_end=self._ended, stall_timeout_s=stall_timeout_s,
+        )
+        with self._count_lock:
+            self._in_flight += 1
         self._engine.submit(request, stream)
         return stream
 

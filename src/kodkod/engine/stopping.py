@@ -3,6 +3,11 @@
 Text is held back while its tail could still grow into a stop string; once the tail can no
 longer match, it is released. When a stop string appears, the text before it is released and
 the match is reported; nothing after it is ever emitted.
+
+Work per fed piece is bounded by the tail that could still match, never by the text generated so
+far: the held text is shorter than the longest stop string, a search for a complete stop string
+starts where one could first end inside the new text, and the hold-back check tries only tail
+positions where a stop string's first character occurs, comparing in C (`str.startswith`).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ class StopStringMatcher:
         if not self._stops:
             return text, None
         buf = self._held + text
+        held_len = len(self._held)  # holds no complete stop string (it would have hit)
         hit_at = -1
         hit: str | None = None
         for stop in self._stops:
-            i = buf.find(stop)
+            i = buf.find(stop, max(0, held_len - len(stop) + 1))
             if i != -1 and (hit_at == -1 or i < hit_at):
                 hit_at, hit = i, stop
         if hit is not None:
@@ -51,12 +57,26 @@ class StopStringMatcher:
 
 def partial_match_len(text: str, needles: list[str], max_len: int) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of one of `needles`
-    (`max_len` = the longest needle): the text that must wait to see if a needle completes."""
-    longest = 0
+    (`max_len` = the longest needle): the text that must wait to see if a needle completes.
+
+    Only the last `max_len - 1` characters are looked at. For each needle, the candidate
+    suffixes are those starting with the needle's first character, longest first; each is
+    compared once in C, so there is no per-length loop and no quadratic slicing.
+    """
     upper = min(len(text), max_len - 1)
+    if upper <= 0:
+        return 0
+    tail = text[-upper:]
+    longest = 0
     for needle in needles:
-        for n in range(min(upper, len(needle) - 1), longest, -1):
-            if text.endswith(needle[:n]):
-                longest = n
+        limit = min(upper, len(needle) - 1)  # the longest proper prefix that can fit
+        if limit <= longest:
+            continue
+        first = needle[0]
+        i = tail.find(first, upper - limit)
+        while i != -1 and upper - i > longest:
+            if needle.startswith(tail[i:]):
+                longest = upper - i
                 break
+            i = tail.find(first, i + 1)
     return longest

@@ -5,15 +5,26 @@ and the consumer's event loop is woken with `call_soon_threadsafe` only when no 
 already pending — so one wake-up per consumer turn, however fast tokens come. The consumer
 takes everything pending at once and merges consecutive `TokenEvent`s: a slow reader gets
 bigger pieces, never an unbounded queue, and never slows the engine.
+
+A reader that stops reading altogether (an SSE client that keeps its connection open but no
+longer reads: the socket fills and the response's send blocks) would hold its sequence and KV
+until max_tokens. With `stall_timeout_s`, once output has sat unconsumed that long while the
+engine keeps producing, the request is aborted (`on_close`), which frees its sequence, and an
+error event is queued for the reader in case it ever resumes.
+`on_end` is called exactly once, when the request ends (final event pushed, or closed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
-from kodkod.engine.types import ErrorEvent, Event, FinishEvent, TokenEvent
+from kodkod.engine.types import ErrorEvent, ErrorKind, Event, FinishEvent, TokenEvent
+
+log = logging.getLogger(__name__)
 
 
 def merge_tokens(events: list[Event]) -> list[Event]:
@@ -36,7 +47,7 @@ class RequestStream:
 
     __slots__ = (
         "request_id", "_loop", "_lock", "_pending", "_wake_pending", "_ready", "_done", "_on_close",
-        "_tap",
+        "_tap", "_on_end", "_ended", "_stall_timeout_s", "_pending_since_s", "_stalled",
     )
 
     def __init__(
@@ -44,6 +55,9 @@ class RequestStream:
         request_id: str,
         loop: asyncio.AbstractEventLoop,
         on_close: Callable[[str], None] | None = None,
+        *,
+        on_end: Callable[[str], None] | None = None,
+        stall_timeout_s: float | None = None,
     ) -> None:
         self.request_id = request_id
         self._loop = loop
@@ -54,19 +68,58 @@ class RequestStream:
         self._done = False
         self._on_close = on_close
         self._tap: Callable[[list[Event]], None] | None = None
+        self._on_end = on_end
+        self._ended = False
+        self._stall_timeout_s = stall_timeout_s
+        self._pending_since_s = 0.0  # when the oldest unconsumed event was pushed
+        self._stalled = False
 
     # engine thread ---------------------------------------------------------------------------
 
     def push(self, event: Event) -> None:
+        stalled = False
         with self._lock:
+            if not self._pending:
+                self._pending_since_s = time.monotonic()
+            elif (
+                self._stall_timeout_s is not None
+                and not self._stalled
+                and time.monotonic() - self._pending_since_s > self._stall_timeout_s
+            ):
+                self._stalled = stalled = True
             self._pending.append(event)
-            if self._wake_pending:
-                return
+            if stalled:  # what a reader that comes back sees: no silent, normal-looking end
+                self._pending.append(ErrorEvent(
+                    f"the request was aborted: its output went unread for over "
+                    f"{self._stall_timeout_s} s", ErrorKind.INTERNAL))
+            wake = not self._wake_pending
             self._wake_pending = True
+        if stalled or isinstance(event, FinishEvent | ErrorEvent):
+            self._end()
+        if stalled:
+            log.warning("request %s: output unread for over %s s, aborting it",
+                        self.request_id, self._stall_timeout_s)
+            if self._on_close is not None:
+                self._on_close(self.request_id)
+        if not wake:
+            return
         try:
             self._loop.call_soon_threadsafe(self._ready.set)
         except RuntimeError:  # the consumer's loop is closed: nobody is listening
             pass
+
+    def _end(self) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        if self._on_end is not None:
+            self._on_end(self.request_id)
+
+    @property
+    def stalled(self) -> bool:
+        """True once the request was aborted because its output went unread."""
+        return self._stalled
 
     # consumer side ---------------------------------------------------------------------------
 
@@ -105,8 +158,11 @@ class RequestStream:
                         await self._ready.wait()
                         continue
                 merged = merge_tokens(events)
-                if isinstance(merged[-1], FinishEvent | ErrorEvent):
-                    self._done = True
+                for i, ev in enumerate(merged):
+                    if isinstance(ev, FinishEvent | ErrorEvent):  # the end: nothing after it
+                        merged = merged[: i + 1]
+                        self._done = True
+                        break
                 if self._tap is not None:
                     self._tap(merged)
                 yield merged
@@ -155,3 +211,4 @@ class RequestStream:
             self._done = True
             if self._on_close is not None:
                 self._on_close(self.request_id)
+        self._end()

@@ -56,7 +56,8 @@ class Settings(BaseModel):
         default_factory=MemorySettings, description="Host-RAM caches."
     )
     limits: LimitsSettings = Field(
-        default_factory=LimitsSettings, description="Limits that protect the server and its users."
+        default_factory=LimitsSettings,
+        description="Bounds on request sizes, queues, slow clients and a stuck engine.",
     )
     developer: DeveloperSettings = Field(
         default_factory=DeveloperSettings, description="Options for debugging and development."

@@ -257,8 +257,75 @@ class MemorySettings(SectionModel):
 
 
 class LimitsSettings(SectionModel):
-    """Section `limits`: bounds that keep one request or one fault from hurting the others."""
+    """Section `limits`: bounds on what one client can make the server hold or do."""
 
+    max_request_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024,
+        description="Largest HTTP request body in bytes; a bigger one is refused with 413 before "
+        "it is read (and before the API key is checked).",
+    )
+    header_timeout_s: float = Field(
+        30.0, gt=0,
+        description="Seconds a client has to send a request's line and headers after it "
+        "connects (or starts the next request on a kept-alive connection); slower ones are "
+        "disconnected.",
+    )
+    max_header_bytes: int = Field(
+        65536, ge=1024,
+        description="Largest request line plus headers in bytes; a bigger one is refused with 431.",
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1,
+        description="Seconds an idle keep-alive connection stays open between requests.",
+    )
+    max_concurrent_connections: int = Field(
+        1024, ge=0,
+        description="Open connections plus running HTTP exchanges the server accepts at once; "
+        "beyond that new requests get 503. 0 means no limit.",
+    )
+    max_choices_per_request: int = Field(
+        128, ge=1,
+        description="Most choices one completion request may ask for (number of prompts times "
+        "n); more is refused with 400.",
+    )
+    max_waiting_requests: int = Field(
+        512, ge=0,
+        description="Most generation requests (each choice counts) that may wait for a place "
+        "in the batch (beyond model.max_batch_size running ones); more are refused with 429 "
+        "and a Retry-After header.",
+    )
+    queue_full_retry_after_s: int = Field(
+        1, ge=0,
+        description="Seconds the Retry-After header of a 429 (queue full) answer suggests.",
+    )
+    max_logprobs: int = Field(
+        20, ge=0,
+        description="Most alternatives per token a request may ask for with logprobs / "
+        "top_logprobs; more is refused with 400.",
+    )
+    max_stop_strings: int = Field(
+        64, ge=0, description="Most stop strings (stop) one request may send; more is a 400."
+    )
+    max_stop_string_chars: int = Field(
+        1000, ge=1, description="Longest stop string in characters; a longer one is a 400."
+    )
+    max_banned_strings: int = Field(
+        256, ge=0, description="Most banned strings one request may send; more is a 400."
+    )
+    max_banned_string_chars: int = Field(
+        1000, ge=1, description="Longest banned string in characters; a longer one is a 400."
+    )
+    stalled_stream_timeout_s: float = Field(
+        60.0, gt=0,
+        description="Seconds a streaming client may leave generated output unread (it keeps "
+        "the connection but stops reading) before its request is aborted and its KV freed.",
+    )
+    offload_tokenize_chars: int = Field(
+        4096, ge=0,
+        description="Prompts longer than this (characters) are tokenized and chat templates "
+        "with more text are rendered in a worker thread, so other streams never stall; 0 "
+        "always uses a worker thread.",
+    )
     engine_stall_timeout_s: float = Field(
         300.0, gt=0,
         description="Seconds one engine step (one batched decode) may take before the server "

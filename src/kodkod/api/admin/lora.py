@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kodkod.api.deps import ADMIN, API, current_permission
 from kodkod.api.errors import ApiError
 from kodkod.api.state import AppState, get_model, get_state
+from kodkod.api.validation import REQUEST_CONFIG, Name
 from kodkod.auth import Permission
 from kodkod.backends.base import AdapterError, Backend
 from kodkod.models.lora import LoraError, LoraLibrary, discover_loras
@@ -45,8 +46,8 @@ OWNER = "tabbyAPI"
 
 
 class LoraItem(BaseModel):
-    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
-    name: str | None = None
+    model_config = ConfigDict(REQUEST_CONFIG, coerce_numbers_to_str=True)
+    name: Name | None = None
     scaling: float = Field(1.0, ge=0)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import traceback
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,6 +32,7 @@ from kodkod.api.deps import ADMIN
 from kodkod.api.errors import ApiError, stream_error
 from kodkod.api.generation import sse, sse_response
 from kodkod.api.state import AppState, get_state
+from kodkod.api.validation import REQUEST_CONFIG, Name
 from kodkod.models.loading import plan_load
 from kodkod.models.params import LoadPlan
 from kodkod.models.progress import LoadProgress, ProgressEvent
@@ -40,11 +42,11 @@ router = APIRouter()
 
 
 class DraftLoadRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    draft_model_name: str = Field(validation_alias=AliasChoices("draft_model_name", "name"))
+    model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True)
+    draft_model_name: Name = Field(validation_alias=AliasChoices("draft_model_name", "name"))
     draft_rope_scale: float | None = Field(None, gt=0)
     draft_rope_alpha: float | str | None = None
-    draft_cache_mode: str | None = None
+    draft_cache_mode: Name | None = None
     draft_gpu_split: list[float] | None = None
     draft_mode: str | None = None
     draft_num_tokens: int | None = Field(None, ge=1, le=32)
@@ -55,18 +57,18 @@ class DraftLoadRequest(BaseModel):
 class ModelLoadRequest(BaseModel):
     """Every field of reference §11.2, with the old aliases (`name`, `draft`)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
-    model_name: str = Field(validation_alias=AliasChoices("model_name", "name"))
+    model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True, protected_namespaces=())
+    model_name: Name = Field(validation_alias=AliasChoices("model_name", "name"))
     backend: str | None = None
     max_seq_len: int | None = Field(None, ge=-1)
     override_base_seq_len: int | None = None  # [24] only; accepted and ignored
     cache_size: int | None = Field(None, gt=0)
-    cache_mode: str | None = None
+    cache_mode: Name | None = None
     chunk_size: int | None = Field(None, gt=0)
     max_batch_size: int | None = Field(None, ge=1, le=256)  # kodkod honours it (config-only upstream)
     rope_scale: float | None = Field(None, gt=0)
     rope_alpha: float | str | None = None
-    prompt_template: str | None = None
+    prompt_template: Name | None = None
     vision: bool | None = None
     tensor_parallel: bool | None = None
     tensor_parallel_backend: str | None = None
@@ -96,9 +98,12 @@ def _alpha(value: str) -> float | str:
     if text == "auto":
         return "auto"
     try:
-        return float(text)
+        alpha = float(text)
     except ValueError:
-        raise ApiError(400, f"rope_alpha must be a number or 'auto', not {value!r}") from None
+        alpha = math.nan
+    if not math.isfinite(alpha):
+        raise ApiError(400, f"rope_alpha must be a number or 'auto', not {value!r}")
+    return alpha
 
 
 def make_plan(state: AppState, name: str, fields: dict[str, Any], *, startup: bool) -> LoadPlan:

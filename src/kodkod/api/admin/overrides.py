@@ -21,12 +21,13 @@ from typing import Any
 
 import yaml
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kodkod.api.deps import ADMIN, API, current_permission
 from kodkod.api.errors import ApiError
 from kodkod.api.sampling import SamplerRequest, alias_map
 from kodkod.api.state import OverrideState, get_state
+from kodkod.api.validation import REQUEST_CONFIG, Name
 from kodkod.auth import Permission
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ def apply_preset(state: OverrideState, directory: Path, name: str) -> None:
 
 
 class OverrideSwitchRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    preset: str | None = None
+    model_config = REQUEST_CONFIG
+    preset: Name | None = None
     overrides: dict[str, Any] | None = None
 
 

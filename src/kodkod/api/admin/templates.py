@@ -10,6 +10,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from kodkod.api.deps import ADMIN, API, current_permission
 from kodkod.api.errors import ApiError
 from kodkod.api.state import get_model, get_state
+from kodkod.api.validation import REQUEST_CONFIG, Name
 from kodkod.auth import Permission
 from kodkod.chat import TemplateError, TemplateFileError, list_templates, load_named_template
 
@@ -17,8 +18,8 @@ router = APIRouter()
 
 
 class TemplateSwitchRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    prompt_template_name: str = Field(validation_alias=AliasChoices("prompt_template_name", "name"))
+    model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True)
+    prompt_template_name: Name = Field(validation_alias=AliasChoices("prompt_template_name", "name"))
 
 
 @router.get("/v1/templates", dependencies=[API])

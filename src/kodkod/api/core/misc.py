@@ -15,11 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kodkod import __version__
 from kodkod.api.admin.inline import hold_model
+from kodkod.api.convert import run_sized
 from kodkod.api.deps import API
 from kodkod.api.errors import ApiError
 from kodkod.api.state import get_state, split_issues
 from kodkod.auth import AuthError
 from kodkod.chat import TemplateError, strip_leading_bos
+from kodkod.models.manager import LoadedModel
 
 router = APIRouter()
 
@@ -108,7 +110,13 @@ class DecodeRequest(TokenFlags):
 
 @router.post("/v1/token/encode", dependencies=[API])
 async def encode(req: EncodeRequest, request: Request) -> dict[str, Any]:
-    model = await hold_model(request)  # leased: not unloaded while it is used
+    model = await hold_model(request)  # leased: a worker thread may tokenize under the lease
+    offload_chars = get_state(request).settings.limits.offload_tokenize_chars
+    size = len(req.text) if isinstance(req.text, str) else len(str(req.text))
+    return await run_sized(size, offload_chars, lambda: _encode(req, model))
+
+
+def _encode(req: EncodeRequest, model: LoadedModel) -> dict[str, Any]:
     info = model.info
     text = req.text
     if isinstance(text, list):

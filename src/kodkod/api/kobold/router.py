@@ -31,7 +31,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from kodkod.api.admin.inline import hold_model
-from kodkod.api.convert import new_request_id, tokenize_prompt
+from kodkod.api.convert import new_request_id, run_sized, tokenize_prompt
 from kodkod.api.deps import API, get_keys
 from kodkod.api.errors import ApiError, stream_error
 from kodkod.api.generation import SSE_HEADERS, error_for, fan_in, sse_ping
@@ -40,6 +40,7 @@ from kodkod.api.kobold.jobs import JobTable, KoboldJob, get_jobs
 from kodkod.api.kobold.schemas import KoboldGenerateRequest, TokenCountRequest
 from kodkod.api.request_log import log_generation
 from kodkod.api.state import get_model, get_state
+from kodkod.api.validation import check_queue
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import ErrorEvent, ErrorKind, FinishEvent, TokenEvent
 from kodkod.models.manager import NoModelLoaded
@@ -80,9 +81,11 @@ async def _start(
     state = get_state(request)
     model = await hold_model(request)  # leased until the exchange (stream included) ends
     request_id = new_request_id()
-    gen = await kobold_generation(req, request_id, model, state.overrides)
+    limits = state.settings.limits
+    gen = await kobold_generation(req, request_id, model, state.overrides, limits)
     await model.engine.prepare(gen)
-    stream = model.engine.submit(gen)  # RequestError (context overflow, …) → 400
+    check_queue(model.engine, 1, limits)  # 429 when too many wait; no await before submit
+    stream = model.engine.submit(gen, stall_timeout_s=limits.stalled_stream_timeout_s)
     log_generation(state.settings.logging, gen, stream, model.tokenizer)
     job = KoboldJob(
         genkey=req.genkey or request_id,
@@ -250,8 +253,10 @@ async def check(request: Request) -> dict[str, Any]:
 
 @extra.post("/tokencount", dependencies=[API])
 async def tokencount(req: TokenCountRequest, request: Request) -> dict[str, Any]:
-    model = await hold_model(request)  # leased: not unloaded while it is used
-    ids = tokenize_prompt(model.tokenizer, req.prompt, add_bos=req.special, bos_id=model.info.bos_id)
+    model = await hold_model(request)  # leased: the worker thread tokenizes under the lease
+    offload_chars = get_state(request).settings.limits.offload_tokenize_chars
+    ids = await run_sized(len(req.prompt), offload_chars, lambda: tokenize_prompt(
+        model.tokenizer, req.prompt, add_bos=req.special, bos_id=model.info.bos_id))
     return {"value": len(ids), "ids": ids}
 
 

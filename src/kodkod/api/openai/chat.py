@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from kodkod.api.convert import build_generation, new_request_id, resolve_fields
+from kodkod.api.convert import build_generation, new_request_id, resolve_fields, run_sized
 from kodkod.api.deps import API
 from kodkod.api.errors import stream_error
 from kodkod.api.generation import SSE_DONE, collect, fan_in, sse, sse_ping, sse_response
@@ -35,6 +35,7 @@ from kodkod.api.openai.constrain import output_spec, plan_constraint, tool_choic
 from kodkod.api.openai.reasoning import budget_factory
 from kodkod.api.openai.schemas import ChatCompletionRequest
 from kodkod.api.state import get_state
+from kodkod.api.validation import check_choices, check_generation_limits
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, TokenLogprob, Usage
 
@@ -44,10 +45,14 @@ router = APIRouter()
 @router.post("/v1/chat/completions", dependencies=[API])
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
+    limits = state.settings.limits
+    check_choices(req.n, limits)
     model = await inline_model(request, req.model)
     choice = tool_choice(req.tools, req.tool_choice)
-    prompt = build_prompt(req, model, choice)
     values = resolve_fields(req, state.overrides)
+    check_generation_limits(values, limits)
+    prompt = await run_sized(_size_chars(req), limits.offload_tokenize_chars,
+                             lambda: build_prompt(req, model, choice))
     spec = output_spec(values, req.response_format, (req.tools, choice) if choice.forced else None)
     split = prompt.split  # a reply that starts inside reasoning is constrained after it
     wait_for = split.reasoning[1] if split.reasoning and split.start_in_reasoning else None
@@ -62,7 +67,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
                          processors=[budget()] if budget is not None else None, choice=k)
         for k in range(req.n)
     ]
-    streams = await submit_all(model, gens, state.settings.logging)
+    streams = await submit_all(model, gens, limits, state.settings.logging)
     created = int(time.time())
     head = {"id": f"chatcmpl-{rid}", "created": created, "model": model.name}
     if req.stream and not state.settings.developer.disable_request_streaming:
@@ -88,6 +93,15 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         })
         add_usage(total, final.usage, first=i == 0)
     return {**head, "object": "chat.completion", "choices": choices, "usage": usage_dict(total)}
+
+
+def _size_chars(req: ChatCompletionRequest) -> int:
+    """Roughly how much text the template will render (decides where it runs)."""
+    size = 0
+    for m in req.messages:
+        content = m.content
+        size += len(content) if isinstance(content, str) else len(str(content or ""))
+    return size + len(str(req.tools or ""))
 
 
 def _chunk(head: dict[str, Any], index: int, delta: dict[str, Any], *,

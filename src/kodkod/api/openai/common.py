@@ -9,11 +9,13 @@ from fastapi import Request
 
 from kodkod.api.admin.inline import model_for_request
 from kodkod.api.request_log import log_generation
+from kodkod.api.validation import check_queue
 from kodkod.engine.client import RequestError
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import FinishEvent, FinishReason, GenerationRequest, TokenLogprob, Usage
 from kodkod.models.manager import LoadedModel
 from kodkod.settings.sections import LoggingSettings
+from kodkod.settings import LimitsSettings
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +120,19 @@ def logprobs_chat(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
 
 
 async def submit_all(
-    model: LoadedModel, gens: list[GenerationRequest],
-    log_settings: LoggingSettings | None = None
+    model: LoadedModel, gens: list[GenerationRequest], limits: LimitsSettings,
+    log_settings: LoggingSettings | None = None,
 ) -> list[RequestStream]:
-    """Submit every choice; if one is refused, the others are withdrawn. Each is logged as
+    """Submit every choice; if one is refused, the others are withdrawn. 429 when the engine's
+    waiting queue is full (checked and submitted with no await in between). Each is logged as
     `log_settings` ask (kodkod.api.request_log)."""
     for g in gens[:1]:
         await model.engine.prepare(g)  # slow checks (first use of an adapter) off the loop
+    check_queue(model.engine, len(gens), limits)
     streams: list[RequestStream] = []
     try:
         for g in gens:
-            streams.append(model.engine.submit(g))
+            streams.append(model.engine.submit(g, stall_timeout_s=limits.stalled_stream_timeout_s))
     except RequestError:
         for s in streams:
             s.close()

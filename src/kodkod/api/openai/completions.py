@@ -14,7 +14,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from kodkod.api.convert import build_generation, new_request_id, resolve_fields, tokenize_prompt
+from kodkod.api.convert import (
+    build_generation,
+    new_request_id,
+    resolve_fields,
+    run_sized,
+    tokenize_prompt,
+)
 from kodkod.api.deps import API
 from kodkod.api.errors import stream_error
 from kodkod.api.generation import SSE_DONE, collect, fan_in, sse, sse_ping, sse_response
@@ -30,21 +36,25 @@ from kodkod.api.openai.common import (
 from kodkod.api.openai.constrain import output_spec, plan_constraint
 from kodkod.api.openai.schemas import CompletionRequest
 from kodkod.api.state import get_state
+from kodkod.api.validation import check_choices, check_generation_limits
 from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, Usage
 
 router = APIRouter()
 
 
-def _prompts(req: CompletionRequest, model: Any) -> list[tuple[str, list[int]]]:
-    """(text, ids) per prompt."""
-    tok = model.tokenizer
+def _items(req: CompletionRequest) -> list[Any]:
+    """The prompts of a request: each a string or a list of token ids."""
     p = req.prompt
     if isinstance(p, str):
-        items: list[Any] = [p]
-    elif p and all(isinstance(x, int) for x in p):
-        items = [p]
-    else:
-        items = list(p)
+        return [p]
+    if p and all(isinstance(x, int) for x in p):
+        return [p]
+    return list(p)
+
+
+def _prompts(req: CompletionRequest, model: Any, items: list[Any]) -> list[tuple[str, list[int]]]:
+    """(text, ids) per prompt."""
+    tok = model.tokenizer
     out = []
     for item in items:
         if isinstance(item, str):
@@ -59,12 +69,18 @@ def _prompts(req: CompletionRequest, model: Any) -> list[tuple[str, list[int]]]:
 @router.post("/v1/completions", dependencies=[API])
 async def completions(req: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
+    limits = state.settings.limits
+    items = _items(req)
+    check_choices(len(items) * req.n, limits)
     model = await inline_model(request, req.model)
     values = resolve_fields(req, state.overrides)
+    check_generation_limits(values, limits)
     logprobs = requested_logprobs(values["logprobs"], values["top_logprobs"], chat=False)
     plan = await plan_constraint(model.tokenizer, output_spec(values, req.response_format))
     rid = new_request_id()
-    prompts = _prompts(req, model)
+    size = sum(len(x) for x in items)
+    prompts = await run_sized(size, limits.offload_tokenize_chars,
+                              lambda: _prompts(req, model, items))
     gens = []
     for pi, (_, ids) in enumerate(prompts):
         for k in range(req.n):
@@ -72,7 +88,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
                 f"{rid}-{pi * req.n + k}", ids, values, model.info.n_vocab, logprobs=logprobs,
                 constraint=plan.new() if plan is not None else None, choice=k,
             ))
-    streams = await submit_all(model, gens, state.settings.logging)
+    streams = await submit_all(model, gens, limits, state.settings.logging)
     created = int(time.time())
     prefix = {i: (prompts[i // req.n][0] if req.echo else "") for i in range(len(gens))}
     if req.stream and not state.settings.developer.disable_request_streaming:

@@ -11,21 +11,22 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from kodkod.api.sampling import SamplerRequest
+from kodkod.api.validation import REQUEST_CONFIG, Name
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     include_usage: bool = False
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     type: str = "text"
     json_schema: Any = None
 
 
 class CommonCompletionRequest(SamplerRequest):
-    model: str | None = None
+    model: Name | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -62,7 +63,7 @@ class ToolSpec(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: str = "user"
     content: str | list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -72,7 +73,7 @@ class ChatMessage(BaseModel):
 
 
 class ReasoningOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     effort: str | None = None
     enabled: bool | None = None
     max_tokens: int | None = None
@@ -80,7 +81,7 @@ class ReasoningOptions(BaseModel):
 
 class ChatCompletionRequest(CommonCompletionRequest):
     messages: list[ChatMessage]
-    prompt_template: str | None = None
+    prompt_template: Name | None = None
     add_generation_prompt: bool = True
     template_vars: dict[str, Any] = Field(
         default_factory=dict, validation_alias=AliasChoices("template_vars", "chat_template_kwargs")

@@ -141,12 +141,12 @@ class NativeSampler:
             case S.LogitBias(biases):
                 smpl = _logit_bias(biases, n_vocab)
             case S.Penalties(last_n, repeat, freq, present, _, output_only):
-                window = n_ctx if last_n < 0 else last_n
+                window = _window(last_n, n_ctx)
                 smpl = L.llama_sampler_init_penalties(n_vocab, window, repeat, freq, present)
                 # output-only penalties see just the generated part (kept output after a rewind)
                 feed = history[self._num_prompt:][-window:] if output_only else history[-window:]
             case S.Dry(last_n=last_n):
-                window = n_ctx if last_n < 0 else last_n
+                window = _window(last_n, n_ctx)
                 smpl = _dry(stage, vocab, window)
                 feed = history[-window:]
             case _:
@@ -199,3 +199,10 @@ class NativeSampler:
             L.llama_sampler_free(self._chain)
             self._chain = None
         self._custom.clear()
+
+
+def _window(last_n: int, n_ctx: int) -> int:
+    """A penalty / DRY window in tokens: -1 (whole context) and anything longer than the
+    context are the context length, so a huge client value never sizes llama.cpp's ring
+    buffer beyond what a sequence can hold."""
+    return n_ctx if last_n < 0 or last_n > n_ctx else last_n
