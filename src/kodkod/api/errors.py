@@ -90,15 +90,24 @@ def _summarise(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN and ±Infinity (echoed back as the offending `input`) as text: JSON has no such
-    numbers, and the 422 answering them must not fail to serialise."""
+def _json_safe(value: Any, depth: int = 0) -> Any:
+    """The offending `input` a 422 echoes back, made encodable: NaN and ±Infinity as text (JSON
+    has no such numbers), lone surrogates replaced (they have no UTF-8 form), and nesting cut
+    short, so the 422 answering them never fails to serialise."""
+    if depth > 32:
+        return "..."
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+        return value
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {_json_safe(k, depth + 1): _json_safe(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [_json_safe(v, depth + 1) for v in value]
     return value
 
 

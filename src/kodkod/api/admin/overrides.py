@@ -88,10 +88,15 @@ def normalise_overrides(data: Any, source: str) -> dict[str, dict[str, Any]]:
 
 
 def load_preset(directory: Path, name: str) -> dict[str, dict[str, Any]]:
-    if not name or "/" in name or "\\" in name or ".." in name:
-        raise PresetError(f"invalid preset name {name!r}")
+    if (not name or "/" in name or "\\" in name or ".." in name or "\x00" in name
+            or len(name.encode("utf-8", "replace")) > 200):
+        raise PresetError(f"invalid preset name {name[:100]!r}")
     path = directory / f"{name}.yml"
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
         raise PresetError(f"sampler override preset {name!r} was not found in {directory.name}/")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

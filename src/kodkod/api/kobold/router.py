@@ -221,7 +221,7 @@ async def _genkey(request: Request) -> str | None:
     if raw.strip():
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
             data = None
         if isinstance(data, dict) and isinstance(data.get("genkey"), str) and data["genkey"]:
             key = data["genkey"]
