@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -84,7 +84,7 @@ class HealthLog:
     issues: list[HealthIssue] = field(default_factory=list)
 
     def record_fatal(self, exc: BaseException) -> None:
-        stamp = datetime.now(timezone.utc).isoformat()
+        stamp = datetime.now(UTC).isoformat()
         self.issues.append(HealthIssue(stamp, f"{type(exc).__name__}: {exc}", time.time()))
         del self.issues[:-HEALTH_ISSUES_KEPT]
 

@@ -19,8 +19,8 @@ from kodkod.api.errors import ApiError
 from kodkod.api.state import AppSettings, Models, Paths, get_model
 from kodkod.auth import Permission
 from kodkod.models.manager import DraftModel, LoadedModel
-from kodkod.settings import Settings
 from kodkod.models.registry import discover
+from kodkod.settings import Settings
 
 router = APIRouter()
 

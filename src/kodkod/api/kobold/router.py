@@ -36,13 +36,13 @@ from kodkod.api.generation import error_for
 from kodkod.api.kobold.convert import finish_reason, kobold_generation
 from kodkod.api.kobold.jobs import JobTable, KoboldJob
 from kodkod.api.kobold.schemas import KoboldGenerateRequest, TokenCountRequest
+from kodkod.api.presets import SamplerPresets
 from kodkod.api.request_log import log_generation
 from kodkod.api.state import AppSettings, KoboldJobs, Presets, get_model
 from kodkod.api.streaming import event_stream, until_done
 from kodkod.api.validation import check_queue
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import ErrorEvent, ErrorKind, FinishEvent, TokenEvent
-from kodkod.api.presets import SamplerPresets
 from kodkod.models.manager import NoModelLoaded
 from kodkod.settings import Settings
 

@@ -110,7 +110,7 @@ class _ChatFrames:
     """The SSE chunks of a streamed chat completion (a `StreamSurface`): a role chunk per
     choice, deltas, a finish chunk per choice, the usage chunk if asked, then `[DONE]`."""
 
-    __slots__ = ("_head", "_prompt", "_include_usage", "_outs", "_pending", "_total")
+    __slots__ = ("_head", "_include_usage", "_outs", "_pending", "_prompt", "_total")
 
     def __init__(self, head: dict[str, Any], prompt: ChatPrompt, n: int, include_usage: bool) -> None:
         self._head = head
