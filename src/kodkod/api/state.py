@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,8 +27,10 @@ from kodkod.models.params import LoadPlan
 from kodkod.settings import Settings
 
 __all__ = [
-    "AppState", "HealthIssue", "HealthLog", "OverrideState", "ServerPaths", "TemplateLibrary",
-    "get_model", "get_state", "split_issues",
+    "HEALTH_ISSUES_KEPT", "AppSettings", "AppState", "Health", "HealthIssue", "HealthLog",
+    "KoboldJobs", "Models", "OverrideState", "Paths", "Presets", "ServerPaths", "State",
+    "TemplateLibrary", "Templates", "get_health", "get_kobold_jobs", "get_model", "get_models",
+    "get_paths", "get_presets", "get_settings", "get_state", "get_templates", "split_issues",
 ]
 
 HEALTH_ISSUES_KEPT = 100  # the newest fatal faults /health reports
