@@ -16,7 +16,9 @@ Streams use Kobold's framing (KoboldCpp's, which KoboldAI Lite parses strictly):
 event carries `finish_reason` ("stop" | "length") and an empty token, and the stream then
 closes. Keep-alives are SSE comments (`: ping`), which Lite's and SillyTavern's parsers skip.
 A client that disconnects aborts its job (streaming: the response's cleanup closes the engine
-stream; non-streaming: a disconnect poll, answered with 422 like the OpenAI endpoints).
+stream; non-streaming: a disconnect poll, answered with 422 like the OpenAI endpoints). Both
+loops are the shared ones of `kodkod.api.streaming`; this module only gives Kobold's frames
+(`_KoboldFrames`).
 """
 
 from __future__ import annotations
