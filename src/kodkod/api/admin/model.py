@@ -25,15 +25,14 @@ import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from kodkod.api.deps import ADMIN
 from kodkod.api.errors import ApiError, stream_error
 from kodkod.api.generation import sse, sse_response
-from kodkod.api.state import AppState, get_state
+from kodkod.api.state import AppState, Models, State
 from kodkod.api.validation import REQUEST_CONFIG, Name
-from kodkod.models.loading import plan_load
 from kodkod.models.params import LoadPlan
 from kodkod.models.progress import LoadProgress, ProgressEvent
 
@@ -109,11 +108,7 @@ def _alpha(value: str) -> float | str:
 def make_plan(state: AppState, name: str, fields: dict[str, Any], *, startup: bool) -> LoadPlan:
     if not name or not name.strip():
         raise ApiError(400, "model_name is required")
-    return plan_load(
-        state.settings, state.model_dir,
-        state.resolve_path(state.settings.draft_model.draft_model_dir),
-        name, fields, startup=startup, gpu_available=state.models.gpu_available,
-    )
+    return state.load_plan(name, fields, startup=startup)
 
 
 async def load_startup_model(state: AppState, name: str) -> None:
@@ -128,8 +123,7 @@ def _event(ev: ProgressEvent) -> str:
 
 
 @router.post("/v1/model/load", dependencies=[ADMIN])
-async def load(req: ModelLoadRequest, request: Request) -> Any:
-    state = get_state(request)
+async def load(req: ModelLoadRequest, state: State) -> Any:
     plan = make_plan(state, req.model_name, _request_fields(req), startup=False)
     await state.models.check_draft(plan)  # 400 naming both models before the stream starts
     if state.models.is_loaded(plan, same_params=True):
@@ -182,8 +176,7 @@ async def _load_stream(state: AppState, plan: LoadPlan, skip_queue: bool) -> Asy
 
 
 @router.post("/v1/model/unload", dependencies=[ADMIN])
-async def unload(request: Request) -> None:
-    state = get_state(request)
-    if not await state.models.unload("the model was unloaded by an administrator"):
+async def unload(models: Models) -> None:
+    if not await models.unload("the model was unloaded by an administrator"):
         raise ApiError(503, "No models are currently loaded", code="model_not_loaded")
     return None
