@@ -22,10 +22,10 @@ from kodkod.api.admin import templates as admin_templates
 from kodkod.api.admin import unavailable
 from kodkod.api.admin.inline import LeaseMiddleware
 from kodkod.api.admin.overrides import PresetError, apply_preset
+from kodkod.api.auth_gate import AuthGate
 from kodkod.api.body_limit import BodySizeLimitMiddleware
 from kodkod.api.core import misc, models
 from kodkod.api.errors import install_error_handlers
-from kodkod.api.auth_gate import AuthGate
 from kodkod.api.guard import HostOriginGuard, HostPolicy, PolicyCORSMiddleware
 from kodkod.api.openai import chat, completions
 from kodkod.api.request_log import RequestLogMiddleware

@@ -69,7 +69,7 @@ def test_eight_concurrent_streams_finish_with_the_text_each_gets_alone(
             return await asyncio.gather(*(stream_text(c, b) for b in bodies))
 
     results = asyncio.run(run())
-    for (text, final, _), ref in zip(results, refs):
+    for (text, final, _), ref in zip(results, refs, strict=True):
         assert final is not None and final["finish_reason"] in ("length", "stop")
         assert text == ref
     stats = wait_idle(srv)
@@ -79,7 +79,11 @@ def test_eight_concurrent_streams_finish_with_the_text_each_gets_alone(
 def test_disconnect_mid_stream_frees_the_slot(srv: KodkodServer) -> None:
     before = engine_stats(srv)["generated_tokens"]
     with srv.client() as c:
-        body = {**greedy("Write a very long story about a dragon.", 1500), "stream": True, "ban_eos_token": True}
+        body = {
+            **greedy("Write a very long story about a dragon.", 1500),
+            "stream": True,
+            "ban_eos_token": True,
+        }
         with c.stream("POST", "/v1/completions", json=body) as r:
             seen = 0
             for line in r.iter_lines():
@@ -111,7 +115,7 @@ def test_stop_string_split_across_tokens_never_leaks(srv: KodkodServer) -> None:
         async with srv.async_client() as c:
             return await stream_text(c, {**body, "stop": [stop]})
 
-    text, final, events = asyncio.run(run())
+    text, final, _events = asyncio.run(run())
     assert text == expected
     assert stop not in text
     assert final is not None and final["finish_reason"] == "stop" and final["stop_str"] == stop
@@ -161,7 +165,9 @@ def test_n_choices_share_the_prompt_prefill(srv: KodkodServer) -> None:
     before = engine_stats(srv)
     prompt = CHAT.format("List three colours. " * 20)
     with srv.client() as c:
-        r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, "n": 3, "temperature": 1.0, "seed": 1})
+        r = c.post(
+            "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "n": 3, "temperature": 1.0, "seed": 1}
+        )
         assert r.status_code == 200
         body = r.json()
         n_prompt = body["usage"]["prompt_tokens"]

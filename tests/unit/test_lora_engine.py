@@ -144,7 +144,7 @@ def test_concurrent_requests_with_different_adapters_each_get_their_own_output()
             GenerationRequest("zero", [10, 11], max_tokens=8, adapters=(("a", 0.0),)),
         ]
         results = await asyncio.gather(*(client.submit(r).collect() for r in reqs))
-        for (tokens, final), shift in zip(results, (3, 6, 0, 0)):
+        for (tokens, final), shift in zip(results, (3, 6, 0, 0), strict=True):
             assert isinstance(final, FinishEvent)
             assert tokens.token_ids == expected(11, shift, 8)
         # every decode ran with one set; several sets were in use

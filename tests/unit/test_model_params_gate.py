@@ -23,7 +23,7 @@ class Harness:
         self.switches: list[str] = []
         self.fail: set[str] = set()
 
-    def switcher(self, target: str):  # noqa: ANN201
+    def switcher(self, target: str):
         async def switch() -> None:
             assert self.gate.busy
             self.gate.install(None)
@@ -40,7 +40,7 @@ class Harness:
         return await self.gate.acquire(want, switch, NoModel)
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):
     return asyncio.run(coro)
 
 

@@ -260,7 +260,9 @@ def _string_list(value: Any) -> list[str]:
     return [str(v) for v in value if v]
 
 
-def tokenize_prompt(tokenizer: Tokenizer, text: str, *, add_bos: bool | None, bos_id: int | None) -> list[int]:
+def tokenize_prompt(
+    tokenizer: Tokenizer, text: str, *, add_bos: bool | None, bos_id: int | None
+) -> list[int]:
     """Tokenize a raw prompt. add_bos None/True: the tokenizer adds BOS if its model uses one;
     False: never. A BOS already written in the text is not doubled."""
     ids = tokenizer.tokenize(text, add_bos=add_bos is not False, parse_special=True)

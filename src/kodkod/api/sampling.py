@@ -43,7 +43,6 @@ from pydantic import (
 
 from kodkod.api.validation import REQUEST_CONFIG, Name
 
-
 INT32_MAX = 2**31 - 1
 
 
@@ -106,9 +105,11 @@ class SamplerRequest(BaseModel):
     dry_multiplier: float | None = Field(None, ge=0.0)
     dry_base: float | None = Field(None, ge=0.0)
     dry_allowed_length: int | None = Field(None, ge=0)
-    dry_range: int | None = Field(None, ge=-1, validation_alias=AliasChoices("dry_range", "dry_penalty_last_n"))
+    dry_range: int | None = Field(None, ge=-1,
+                                  validation_alias=AliasChoices("dry_range", "dry_penalty_last_n"))
     dry_sequence_breakers: list[str] | str | None = None
-    mirostat_mode: int | None = Field(None, ge=0, le=2, validation_alias=AliasChoices("mirostat_mode", "mirostat"))
+    mirostat_mode: int | None = Field(None, ge=0, le=2,
+                                      validation_alias=AliasChoices("mirostat_mode", "mirostat"))
     mirostat_tau: float | None = Field(None, ge=0.0)
     mirostat_eta: float | None = Field(None, ge=0.0)
     max_temp: float | None = Field(None, ge=0.0, validation_alias=AliasChoices("max_temp", "dynatemp_high"))
@@ -140,9 +141,9 @@ class SamplerRequest(BaseModel):
     @classmethod
     def _int32(cls, v: Any, info: ValidationInfo) -> Any:
         """Integers reach llama.cpp as C ints: one that does not fit is a 422, not a crash."""
-        if isinstance(v, int) and not isinstance(v, bool) and info.field_name != "seed":
-            if not -INT32_MAX <= v <= INT32_MAX:
-                raise ValueError(f"must be between {-INT32_MAX} and {INT32_MAX}")
+        if (isinstance(v, int) and not isinstance(v, bool) and info.field_name != "seed"
+                and not -INT32_MAX <= v <= INT32_MAX):
+            raise ValueError(f"must be between {-INT32_MAX} and {INT32_MAX}")
         return v
 
     @field_validator("top_k")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class AppState:
         return path if path.is_absolute() else self.base_dir / path
 
     def record_fatal(self, exc: BaseException) -> None:
-        stamp = datetime.now(timezone.utc).isoformat()
+        stamp = datetime.now(UTC).isoformat()
         self.health_issues.append(HealthIssue(stamp, f"{type(exc).__name__}: {exc}", time.time()))
         del self.health_issues[:-100]
 

@@ -73,7 +73,7 @@ class ChatTemplate:
                     f"syntax error in chat template {self.name!r} at line {exc.lineno}: "
                     f"{exc.message}"
                 ) from None
-            except Exception as exc:  # noqa: BLE001 - any compile failure is a template error
+            except Exception as exc:  # any compile failure is a template error
                 raise TemplateError(
                     f"chat template {self.name!r} could not be compiled: "
                     f"{type(exc).__name__}: {exc}"
@@ -189,7 +189,7 @@ class ChatTemplate:
                     )
                 )
                 break
-            except Exception as exc:  # noqa: BLE001 - metadata is best effort
+            except Exception as exc:  # metadata is best effort
                 logger.debug("template %r: metadata evaluation failed: %s", self.name, exc)
         if module is None:
             return TemplateMetadata()
@@ -209,7 +209,7 @@ class ChatTemplate:
             raise TemplateError(
                 f"chat template {self.name!r} failed: recursion too deep"
             ) from None
-        except Exception as exc:  # noqa: BLE001 - every render failure is the template's
+        except Exception as exc:  # every render failure is the template's
             raise TemplateError(
                 f"chat template {self.name!r} failed: {type(exc).__name__}: {exc}"
             ) from None

@@ -197,7 +197,7 @@ def parse_tool_calls(fmt: ToolFormat, inner: str) -> list[ToolCall]:
     """Calls found in the text between a format's tags ([] when nothing parses)."""
     try:
         found = fmt.parse(inner)
-    except Exception:  # noqa: BLE001 - parse failures never become errors
+    except Exception:  # parse failures never become errors
         log.debug("tool call text did not parse: %r", inner[:200])
         return []
     calls = []

@@ -34,13 +34,14 @@ for the engine loop to replay on the backend before the decode.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 
 from kodkod.engine.adapters import pick_group
 from kodkod.engine.host_cache import HostEntry, HostPrefixCache
 from kodkod.engine.kv import KVPool, SlotState, SlotTable, common_prefix_len
-from kodkod.engine.plan import (  # noqa: F401  (re-exported: the plan types live in plan.py)
+from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     Admission,
     CopyPrefix,
     Entry,
@@ -51,7 +52,7 @@ from kodkod.engine.plan import (  # noqa: F401  (re-exported: the plan types liv
     StepPlan,
     Truncate,
 )
-from kodkod.engine.sequence import Sequence, SeqStatus
+from kodkod.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +123,8 @@ class Scheduler:
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished or aborted); its computed KV stays as a cached prefix."""
         if seq.status is SeqStatus.WAITING:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
-            except ValueError:
-                pass
         elif seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self._release(seq, keep=True)

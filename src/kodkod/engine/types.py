@@ -15,7 +15,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Protocol
 
-
 AdapterKey = tuple[tuple[int, float], ...]
 """The LoRA set a sequence runs with: (adapter id, scale) pairs sorted by id, zero scales left
 out; () is the base model. Equal keys mean identical weights, so the key also scopes the prefix
@@ -147,7 +146,7 @@ class LogitsProcessor(Protocol):
     Used for token masks (grammars, min_tokens EOS bans) and stages llama.cpp lacks.
     """
 
-    def process(self, row: "object", output_ids: list[int]) -> None: ...
+    def process(self, row: object, output_ids: list[int]) -> None: ...
 
     def accept(self, token_id: int) -> None: ...
 
@@ -155,7 +154,7 @@ class LogitsProcessor(Protocol):
 class Constraint(Protocol):
     """A grammar-like constraint: a processor that can also say the output is complete."""
 
-    def process(self, row: "object", output_ids: list[int]) -> None: ...
+    def process(self, row: object, output_ids: list[int]) -> None: ...
 
     def accept(self, token_id: int) -> None: ...
 

@@ -18,11 +18,11 @@ error event naming the reason).
 Native handles are never freed under a lease (`models/lifetime.py`): after the engine has
 stopped, the model is freed once its last lease is released. Requests normally end right after
 their engine stream does; if some still hold a lease after `unload_grace_s`, the swap goes on
-and the old model is freed when the last of them ends. Unloading frees every C handle and hands freed heap back to the OS
-(`malloc_trim`), so the process's RSS returns near its pre-load level. Native loads and frees
-are serialised by one thread lock. Each loaded model gets a `LoraLibrary` for the adapters in
-`lora_dir` (`models/lora.py`); the adapters themselves belong to the backend and are freed with
-it.
+and the old model is freed when the last of them ends. Unloading frees every C handle and hands
+freed heap back to the OS (`malloc_trim`), so the process's RSS returns near its pre-load
+level. Native loads and frees are serialised by one thread lock. Each loaded model gets a
+`LoraLibrary` for the adapters in `lora_dir` (`models/lora.py`); the adapters themselves belong
+to the backend and are freed with it.
 
 The concrete backend is injected (`backend_loader`), so this module never imports llama.cpp.
 """
@@ -30,6 +30,7 @@ The concrete backend is injected (`backend_loader`), so this module never import
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -139,10 +140,8 @@ def release_heap() -> None:
     name = ctypes.util.find_library("c")
     if not name:
         return
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _probe_gpu(loader: BackendLoader) -> bool:

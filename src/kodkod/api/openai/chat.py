@@ -2,10 +2,11 @@
 
 Flow: normalise `tool_choice` → render the prompt (`chat_prompt`) → pick and compile the output
 constraint (`constrain`: response_format, json_schema / regex_pattern / grammar_string, or a
-forced tool call; else the reasoning budget, `reasoning`) → submit `n` engine requests (one parser per choice) → split each choice's
-text into content, reasoning and tool calls (`chat_output`) → one JSON body, or SSE chunks:
-a role chunk per choice, content / reasoning / tool-call deltas, a finish chunk per choice
-(`finish_reason`, `stop_str`, `eos_reason`), the usage chunk if asked, then `[DONE]`.
+forced tool call; else the reasoning budget, `reasoning`) → submit `n` engine requests (one
+parser per choice) → split each choice's text into content, reasoning and tool calls
+(`chat_output`) → one JSON body, or SSE chunks: a role chunk per choice, content / reasoning /
+tool-call deltas, a finish chunk per choice (`finish_reason`, `stop_str`, `eos_reason`), the
+usage chunk if asked, then `[DONE]`.
 """
 
 from __future__ import annotations

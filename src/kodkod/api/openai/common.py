@@ -14,8 +14,8 @@ from kodkod.engine.client import RequestError
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import FinishEvent, FinishReason, GenerationRequest, TokenLogprob, Usage
 from kodkod.models.manager import LoadedModel
-from kodkod.settings.sections import LoggingSettings
 from kodkod.settings import LimitsSettings
+from kodkod.settings.sections import LoggingSettings
 
 log = logging.getLogger(__name__)
 

@@ -115,7 +115,7 @@ def grammar_source(spec: GrammarSpec) -> str:
             return str(llg.LLMatcher.grammar_from_regex(spec.text))
         text = any_to_lark(spec.text) if spec.kind is GrammarKind.GBNF else spec.text
         return str(llg.LLMatcher.grammar_from_lark(text))
-    except Exception as exc:  # noqa: BLE001 - the GBNF converter raises bare Exceptions
+    except Exception as exc:  # the GBNF converter raises bare Exceptions
         raise GrammarError(f"invalid {spec.kind.value}: {exc}") from None
 
 
