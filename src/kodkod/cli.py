@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from kodkod import __version__
 
@@ -251,7 +252,7 @@ def export_command(kind: str, argv: list[str]) -> int:
     return 0
 
 
-def _no_backend(*_: object) -> None:  # pragma: no cover - never called when exporting
+def _no_backend(*_: object, **__: object) -> NoReturn:  # pragma: no cover - never called when exporting
     raise RuntimeError("no backend while exporting")
 
 

@@ -147,7 +147,10 @@ def test_shutdown_ends_running_requests_with_an_error_event() -> None:
     async def main() -> None:
         client = EngineClient.start(backend, EngineConfig(max_seq_len=200, max_batch_size=4, chunk_size=8))
         streams = [client.submit(GenerationRequest(f"x{i}", [1], max_tokens=190)) for i in range(3)]
-        await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while client.stats.running < 3:  # all three are generating
+            assert time.monotonic() < deadline, client.stats
+            await asyncio.sleep(0.005)
         await client.shutdown("the model was unloaded")
         finals = [(await s.collect())[1] for s in streams]
         for f in finals:

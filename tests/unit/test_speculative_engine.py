@@ -56,11 +56,18 @@ def run(
         config = EngineConfig(200, max_batch, 8, spec or SpecConfig())
         client = EngineClient.start(target, config, None, draft)
         try:
+            generated = 0
             if spec is not None and warm_up:
-                await client.submit(GenerationRequest("warm-up", [1, 2], max_tokens=12)).collect()
+                tokens, _ = await client.submit(GenerationRequest("warm-up", [1, 2], max_tokens=12)).collect()
+                generated += len(tokens.token_ids)
             results = await asyncio.gather(*(client.submit(r).collect() for r in reqs))
-            await asyncio.sleep(0.05)
-            return [Outcome(t.token_ids, t.text, f) for t, f in results], client.stats
+            generated += sum(len(t.token_ids) for t, _ in results)
+            # the stats snapshot the engine publishes once the last request is done
+            deadline = asyncio.get_running_loop().time() + 10
+            while not ((s := client.stats).running == s.waiting == 0 and s.generated_tokens >= generated):
+                assert asyncio.get_running_loop().time() < deadline, f"stats never caught up: {s}"
+                await asyncio.sleep(0.005)
+            return [Outcome(t.token_ids, t.text, f) for t, f in results], s
         finally:
             await client.shutdown("test over")
 

@@ -1,7 +1,7 @@
-"""The generation-parameter schema shared by the OpenAI and Kobold APIs (reference §9.2).
+"""The generation-parameter schema shared by the OpenAI and Kobold APIs.
 
 Every field defaults to None, meaning "not sent": the value used is then the sampler override
-preset's (§9.4) or the fallback in `FALLBACKS`. Aliases are accepted in one place here
+preset's or the fallback in `FALLBACKS`. Aliases are accepted in one place here
 (`validation_alias`). Range violations are 422s. Unknown fields are ignored, like TabbyAPI.
 Every known field is honoured (stage order: `engine.sampling.stages`); combinations that
 contradict each other are 400s naming the field (`sampler_problem`).
@@ -61,7 +61,7 @@ class RequestLora(BaseModel):
 class SamplerRequest(BaseModel):
     """Generation fields common to /v1/completions, /v1/chat/completions and Kobold."""
 
-    model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True)
+    model_config = ConfigDict(**REQUEST_CONFIG, populate_by_name=True)
 
     max_tokens: int | None = Field(
         None, ge=0, validation_alias=AliasChoices("max_tokens", "max_length", "max_completion_tokens")
@@ -88,7 +88,7 @@ class SamplerRequest(BaseModel):
     skew: float | None = None
     xtc_probability: float | None = Field(None, ge=0.0, le=1.0)
     xtc_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    # TabbyAPI rejects negative values (§15 quirk 8); we accept OpenAI's -2 floor, no ceiling.
+    # TabbyAPI rejects negative values; we accept OpenAI's -2 floor, no ceiling (docs/compatibility.md).
     frequency_penalty: float | None = Field(None, ge=-2.0)
     presence_penalty: float | None = Field(None, ge=-2.0)
     repetition_penalty: float | None = Field(
@@ -293,7 +293,7 @@ def _as_list(name: str, value: Any) -> list[Any]:
 
 
 def apply_override(name: str, sent: Any, rule: dict[str, Any]) -> Any:
-    """One field's value under a preset rule (§9.4); `sent` is None when the request left it out.
+    """One field's value under a preset rule; `sent` is None when the request left it out.
 
     Forced: the override, whatever was sent — a forced 0, false, [] or "" is still forced
     (upstream skips falsy forced values; we don't). Additive (not forced): a list override is

@@ -28,7 +28,7 @@ class HealthIssue:
 
 @dataclass(slots=True)
 class OverrideState:
-    """Sampler override presets (reference §9.4): param → {override, force, additive}."""
+    """Sampler override presets: param → {override, force, additive}."""
 
     selected_preset: str | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -81,7 +81,7 @@ def split_issues(
 
 
 def get_state(request: Request) -> AppState:
-    return request.app.state.kodkod  # type: ignore[no-any-return]
+    return request.app.state.kodkod
 
 
 def get_model(request: Request) -> LoadedModel:

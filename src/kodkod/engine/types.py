@@ -76,7 +76,7 @@ class FinishReason(str, enum.Enum):
 
 
 class EosReason(str, enum.Enum):
-    """Why generation ended, as reported in `eos_reason` (reference §7.5)."""
+    """Why generation ended, as reported in `eos_reason`."""
 
     STOP_TOKEN = "stop_token"
     STOP_STRING = "stop_string"
@@ -185,7 +185,6 @@ class GenerationRequest:
     cfg_scale: float = 1.0  # classifier-free guidance; != 1 decodes negative_prompt_ids alongside
     negative_prompt: str | None = None  # CFG negative prompt text; None: just BOS
     negative_prompt_ids: list[int] | None = None  # or already tokenized
-    priority: int = 0
     # LoRA adapters as (name, scale): None = the model's active adapters (/v1/lora/load),
     # () = none (the base model). See engine/adapters.py.
     adapters: tuple[tuple[str, float], ...] | None = None

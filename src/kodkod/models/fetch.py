@@ -94,7 +94,6 @@ MINILM = ModelSpec(
         )
     ),
 )
-ALL_SPECS = {s.key: s for s in (SMOLLM2, GEMMA3, MINILM)}
 
 
 def sha256_of(path: Path) -> str:

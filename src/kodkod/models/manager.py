@@ -3,14 +3,14 @@
 One main model (+ an optional draft) at a time. A load runs llama.cpp's blocking loader in a
 worker thread (the HTTP loop keeps serving), sizes the context from the model's metadata
 (`models/context.py`), finds its chat template and starts an engine thread for it. The order is
-draft → model, as the progress stream reports it (reference §11.3); a draft's vocabulary is
+draft → model, as the progress stream reports it; a draft's vocabulary is
 checked against the model's before any weights are read.
 
 Who may use the model is decided by a `ModelGate` (`models/gate.py`): every request that
 touches the model (generation, tokenization, templating) takes a lease with `acquire()`; an
 inline switch (`acquire()` naming another model) waits until the old model's leases are
 released and its engine is idle, then replaces it. Administrative `load()` and `unload()` follow
-TabbyAPI (reference §11.3, §11.4, §13.1): new requests are refused (503) from the moment they
+TabbyAPI: new requests are refused (503) from the moment they
 start until the new model is installed; a load first lets the running generations finish
 (`skip_queue` cancels them instead), an unload cancels them at once (their streams end with an
 error event naming the reason).
@@ -122,7 +122,8 @@ class LoadedModel:
 
 def model_key(entry: ModelEntry) -> str:
     """Identity of a model for "is it loaded?": its resolved folder, or file when it has no
-    folder (reference §11.6, 2026-08: names that resolve to the same path are the same model).
+    folder (as in TabbyAPI since August 2026: names that resolve to the same path are the same
+model).
     Two folders linking one GGUF stay different models: their tabby_config.yml may differ."""
     return str((entry.folder or entry.gguf).resolve())
 
@@ -356,7 +357,7 @@ class ModelManager:
     # -- unloading --------------------------------------------------------------------------
 
     async def unload(self, message: str = "the model was unloaded") -> bool:
-        """Unload the model: its running generations end with `message` (reference §11.4)."""
+        """Unload the model: its running generations end with `message`."""
         async with self.gate.exclusive():
             with self.gate.refusing("the model is being unloaded"):
                 return await self._unload_locked(message)

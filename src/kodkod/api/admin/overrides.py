@@ -1,4 +1,4 @@
-"""Sampler override presets (reference §6.12, §9.4): list (api), switch / unload (admin).
+"""Sampler override presets: list (api), switch / unload (admin).
 
 A preset is `sampler_overrides/<name>.yml`: a mapping of sampler field name → block with
 `override` (the value), `force` (replace the client's value, even with 0/false/[]) and
@@ -9,7 +9,7 @@ Loading validates every value with the request schema (a bad value is a 400 on s
 warning at startup) and stores it normalised, so a forced value is as valid as a sent one.
 Null values are dropped; request aliases (`rep_pen`, `typical_p`, …) are accepted as keys;
 unknown keys are skipped with a warning. `sampling.override_preset` in config.yml selects a
-preset at startup (app.py). Unlike upstream (§15 quirk 11), unload and an inline `overrides`
+preset at startup (app.py). Unlike upstream (docs/compatibility.md), unload and an inline `overrides`
 switch clear `selected_preset`, so the list endpoint never names a preset that is not active.
 """
 

@@ -162,7 +162,6 @@ Stage = (
     | TopP | TopA | MinP | TailFree | Typical | Xtc | Mirostat | AdaptiveP | Greedy | SkewDraw
     | Draw
 )
-SELECTORS = (Greedy, Mirostat, AdaptiveP, SkewDraw, Draw)
 
 
 def sub_seed(seed: int, k: int) -> int:
