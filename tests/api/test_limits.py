@@ -261,25 +261,25 @@ def test_a_full_waiting_queue_answers_429_with_retry_after(tiny_queue: KodkodSer
     long_body = {"prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True, "stream": True}
 
     async def main() -> None:
-        async with tiny_queue.async_client() as api:
-            async with api.stream("POST", "/v1/completions", json=long_body) as running, \
-                    api.stream("POST", "/v1/completions", json=long_body) as waiting:
-                assert running.status_code == waiting.status_code == 200
-                deadline = time.monotonic() + 60
-                while not (engine_stats(tiny_queue).get("running") == 1
-                           and engine_stats(tiny_queue).get("waiting") == 1):
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
-                for path, body in (
-                    ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
-                    ("/v1/chat/completions",
-                     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
-                    ("/api/v1/generate", {"prompt": "hi", "max_length": 2}),
-                ):
-                    r = await api.post(path, json=body)
-                    assert_error(r, 429, "retry", path)
-                    assert r.headers["Retry-After"] == "3"
-                    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        async with tiny_queue.async_client() as api, \
+                api.stream("POST", "/v1/completions", json=long_body) as running, \
+                api.stream("POST", "/v1/completions", json=long_body) as waiting:
+            assert running.status_code == waiting.status_code == 200
+            deadline = time.monotonic() + 60
+            while not (engine_stats(tiny_queue).get("running") == 1
+                       and engine_stats(tiny_queue).get("waiting") == 1):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            for path, body in (
+                ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                ("/v1/chat/completions",
+                 {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                ("/api/v1/generate", {"prompt": "hi", "max_length": 2}),
+            ):
+                r = await api.post(path, json=body)
+                assert_error(r, 429, "retry", path)
+                assert r.headers["Retry-After"] == "3"
+                assert r.json()["error"]["code"] == "rate_limit_exceeded"
         wait_idle(tiny_queue, 60)
         async with tiny_queue.async_client() as api:
             r = await api.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})

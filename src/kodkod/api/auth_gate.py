@@ -3,8 +3,9 @@
 FastAPI reads and parses a request's body before it runs the route's auth dependency, so
 without this gate anyone could make the server read and parse a large JSON body. The gate looks
 the request's path up among the app's routes that need a key and checks that an API or admin key
-is present and valid before the body is read; a failure is the same 401 (OpenAI's shape plus FastAPI's `detail`) the route would give.
-The route's own dependency still decides API versus admin level. Open routes (`/health`, the
+is present and valid before the body is read; a failure is the same 401 (OpenAI's shape plus
+FastAPI's `detail`) the route would give. The route's own dependency still decides API versus
+admin level. Open routes (`/health`, the
 Kobold probes...) and unknown paths pass through untouched.
 """
 

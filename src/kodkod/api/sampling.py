@@ -1,7 +1,7 @@
-"""The generation-parameter schema shared by the OpenAI and Kobold APIs (reference §9.2).
+"""The generation-parameter schema shared by the OpenAI and Kobold APIs.
 
 Every field defaults to None, meaning "not sent": the value used is then the sampler override
-preset's (§9.4) or the fallback in `FALLBACKS`. Aliases are accepted in one place here
+preset's or the fallback in `FALLBACKS`. Aliases are accepted in one place here
 (`validation_alias`). Range violations are 422s. Unknown fields are ignored, like TabbyAPI.
 Every known field is honoured (stage order: `engine.sampling.stages`); combinations that
 contradict each other are 400s naming the field (`sampler_problem`).
@@ -43,7 +43,6 @@ from pydantic import (
 
 from kodkod.api.validation import REQUEST_CONFIG, Name
 
-
 INT32_MAX = 2**31 - 1
 
 
@@ -62,7 +61,7 @@ class RequestLora(BaseModel):
 class SamplerRequest(BaseModel):
     """Generation fields common to /v1/completions, /v1/chat/completions and Kobold."""
 
-    model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True)
+    model_config = ConfigDict(**REQUEST_CONFIG, populate_by_name=True)
 
     max_tokens: int | None = Field(
         None, ge=0, validation_alias=AliasChoices("max_tokens", "max_length", "max_completion_tokens")
@@ -89,7 +88,7 @@ class SamplerRequest(BaseModel):
     skew: float | None = None
     xtc_probability: float | None = Field(None, ge=0.0, le=1.0)
     xtc_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    # TabbyAPI rejects negative values (§15 quirk 8); we accept OpenAI's -2 floor, no ceiling.
+    # TabbyAPI rejects negative values; we accept OpenAI's -2 floor, no ceiling (docs/compatibility.md).
     frequency_penalty: float | None = Field(None, ge=-2.0)
     presence_penalty: float | None = Field(None, ge=-2.0)
     repetition_penalty: float | None = Field(
@@ -106,9 +105,11 @@ class SamplerRequest(BaseModel):
     dry_multiplier: float | None = Field(None, ge=0.0)
     dry_base: float | None = Field(None, ge=0.0)
     dry_allowed_length: int | None = Field(None, ge=0)
-    dry_range: int | None = Field(None, ge=-1, validation_alias=AliasChoices("dry_range", "dry_penalty_last_n"))
+    dry_range: int | None = Field(None, ge=-1,
+                                  validation_alias=AliasChoices("dry_range", "dry_penalty_last_n"))
     dry_sequence_breakers: list[str] | str | None = None
-    mirostat_mode: int | None = Field(None, ge=0, le=2, validation_alias=AliasChoices("mirostat_mode", "mirostat"))
+    mirostat_mode: int | None = Field(None, ge=0, le=2,
+                                      validation_alias=AliasChoices("mirostat_mode", "mirostat"))
     mirostat_tau: float | None = Field(None, ge=0.0)
     mirostat_eta: float | None = Field(None, ge=0.0)
     max_temp: float | None = Field(None, ge=0.0, validation_alias=AliasChoices("max_temp", "dynatemp_high"))
@@ -140,9 +141,9 @@ class SamplerRequest(BaseModel):
     @classmethod
     def _int32(cls, v: Any, info: ValidationInfo) -> Any:
         """Integers reach llama.cpp as C ints: one that does not fit is a 422, not a crash."""
-        if isinstance(v, int) and not isinstance(v, bool) and info.field_name != "seed":
-            if not -INT32_MAX <= v <= INT32_MAX:
-                raise ValueError(f"must be between {-INT32_MAX} and {INT32_MAX}")
+        if (isinstance(v, int) and not isinstance(v, bool) and info.field_name != "seed"
+                and not -INT32_MAX <= v <= INT32_MAX):
+            raise ValueError(f"must be between {-INT32_MAX} and {INT32_MAX}")
         return v
 
     @field_validator("top_k")
@@ -292,7 +293,7 @@ def _as_list(name: str, value: Any) -> list[Any]:
 
 
 def apply_override(name: str, sent: Any, rule: dict[str, Any]) -> Any:
-    """One field's value under a preset rule (§9.4); `sent` is None when the request left it out.
+    """One field's value under a preset rule; `sent` is None when the request left it out.
 
     Forced: the override, whatever was sent — a forced 0, false, [] or "" is still forced
     (upstream skips falsy forced values; we don't). Additive (not forced): a list override is

@@ -135,7 +135,7 @@ class AppState:
 
 
 def get_state(request: Request) -> AppState:
-    return request.app.state.kodkod  # type: ignore[no-any-return]
+    return request.app.state.kodkod
 
 
 def get_settings(request: Request) -> Settings:

@@ -1,6 +1,6 @@
-"""Which model a generation request runs on: inline loading (reference §11.6) and leases.
+"""Which model a generation request runs on: inline loading and leases.
 
-`model_for_request(request, name)` decides, following §11.6:
+`model_for_request(request, name)` decides, following TabbyAPI's inline loading rules:
 
 1. no name, or the loaded model's name → the loaded model;
 2. `model.inline_model_loading` off → the loaded model (the name is ignored; logged for admins);

@@ -1,4 +1,4 @@
-"""LoRA adapters at run time (reference §6.8, §12.2 `lora`): list, load with scaling, unload.
+"""LoRA adapters at run time (config section `lora`): list, load with scaling, unload.
 
 * `/v1/loras`, `/v1/lora/list`: admin key → every adapter in `lora.lora_dir` (discovery rules
   in `models/lora.py`); API key → the active adapters.
@@ -46,7 +46,7 @@ OWNER = "tabbyAPI"
 
 
 class LoraItem(BaseModel):
-    model_config = ConfigDict(REQUEST_CONFIG, coerce_numbers_to_str=True)
+    model_config = ConfigDict(**REQUEST_CONFIG, coerce_numbers_to_str=True)
     name: Name | None = None
     scaling: float = Field(1.0, ge=0)
 
@@ -93,7 +93,7 @@ async def _swap(
             host.activate(specs)
         else:
             host.clear()
-        return host.active  # type: ignore[no-any-return]
+        return host.active
 
     async with models.gate.exclusive():
         if models.current is not model:
@@ -110,7 +110,7 @@ async def _swap(
 async def apply_loras(
     models: ModelManager, model: LoadedModel, items: Sequence[LoraItem], *, skip_queue: bool
 ) -> dict[str, list[str | None]]:
-    """Check every named adapter, then replace the active set (reference §6.8)."""
+    """Check every named adapter, then replace the active set."""
     library = _library(model)
     if not items:
         raise ApiError(400, "loras must name at least one adapter", param="loras")

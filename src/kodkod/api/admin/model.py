@@ -1,19 +1,19 @@
-"""Admin model management: /v1/model/load (SSE progress) and /v1/model/unload (reference §11).
+"""Admin model management: /v1/model/load (SSE progress) and /v1/model/unload.
 
 A load request is checked completely before the stream starts — name inside model_dir, every
 field (pydantic), the merged parameters (`models/loading.py`: use_as_default < request <
 tabby_config.yml), GPU fields, the draft's vocabulary — so mistakes are plain 400/422 answers.
-Then the stream reports progress events (§11.3, `models/progress.py`) and closes after the
+Then the stream reports progress events (`models/progress.py`) and closes after the
 main model's `finished` event, or with an error event if the load fails. The load runs as its
-own task: a client that goes away does not stop it (E3 2026-07 behaviour).
+own task: a client that goes away does not stop it (as in TabbyAPI since July 2026).
 
 Loading a different model, or the same one with different parameters, replaces the loaded one:
-its running generations finish first (reference §11.3), or with `skip_queue: true` end at once
-with an error event naming the reason (upstream ignores `skip_queue` for model loads, §15 quirk
-13; kodkod honours it as for LoRA loads). From the start of a load or unload until the new model
-is installed, new requests are answered 503 (§13.1). An unload cancels the running generations
-(§11.4). The same model with the same parameters is "already loaded": two 1/1 events and
-nothing else (E3 2026-07).
+its running generations finish first, or with `skip_queue: true` end at once with an error
+event naming the reason (upstream ignores `skip_queue` for model loads; kodkod honours it as
+for LoRA loads: docs/compatibility.md). From the start of a load or unload until the new model
+is installed, new requests are answered 503. An unload cancels the running generations. The
+same model with the same parameters is "already loaded": two 1/1 events and nothing else (as in
+TabbyAPI since July 2026).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ router = APIRouter()
 
 
 class DraftLoadRequest(BaseModel):
-    model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True)
+    model_config = ConfigDict(**REQUEST_CONFIG, populate_by_name=True)
     draft_model_name: Name = Field(validation_alias=AliasChoices("draft_model_name", "name"))
     draft_rope_scale: float | None = Field(None, gt=0)
     draft_rope_alpha: float | str | None = None
@@ -54,9 +54,9 @@ class DraftLoadRequest(BaseModel):
 
 
 class ModelLoadRequest(BaseModel):
-    """Every field of reference §11.2, with the old aliases (`name`, `draft`)."""
+    """Every field of TabbyAPI's load request, with the old aliases (`name`, `draft`)."""
 
-    model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(**REQUEST_CONFIG, populate_by_name=True, protected_namespaces=())
     model_name: Name = Field(validation_alias=AliasChoices("model_name", "name"))
     backend: str | None = None
     max_seq_len: int | None = Field(None, ge=-1)
@@ -112,7 +112,7 @@ def make_plan(state: AppState, name: str, fields: dict[str, Any], *, startup: bo
 
 
 async def load_startup_model(state: AppState, name: str) -> None:
-    """The config's `model.model_name`, with the whole model/draft_model sections (§11.1)."""
+    """The config's `model.model_name`, with the whole model/draft_model sections."""
     plan = make_plan(state, name, {}, startup=True)
     await state.models.check_draft(plan)
     await state.models.load(plan)
@@ -158,7 +158,7 @@ async def _load_stream(state: AppState, plan: LoadPlan, skip_queue: bool) -> Asy
             f"the model {current.name!r} was unloaded: an administrator is loading "
             f"{plan.entry.name!r}"
         )
-    # The load continues even if this client goes away (reference §11.3, E3 2026-07).
+    # The load continues even if this client goes away (as in TabbyAPI since July 2026).
     task = asyncio.ensure_future(
         state.models.load(plan, progress, reason=reason, skip_queue=skip_queue)
     )

@@ -1,4 +1,4 @@
-"""Sampler override presets (reference §6.12, §9.4): list (api), switch / unload (admin).
+"""Sampler override presets: list (api), switch / unload (admin).
 
 The routes translate HTTP to the `SamplerPresets` service (`kodkod.api.presets`, which has the
 preset file format and its validation): a bad preset or override value is a 400.

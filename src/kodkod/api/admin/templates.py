@@ -1,4 +1,4 @@
-"""Prompt-template endpoints: list (api), switch and unload (admin) — reference §6.11."""
+"""Prompt-template endpoints: list (api), switch and unload (admin)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ router = APIRouter()
 
 
 class TemplateSwitchRequest(BaseModel):
-    model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True)
+    model_config = ConfigDict(**REQUEST_CONFIG, populate_by_name=True)
     prompt_template_name: Name = Field(validation_alias=AliasChoices("prompt_template_name", "name"))
 
 

@@ -6,7 +6,7 @@ never frees the vocabulary they are reading.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -37,7 +37,7 @@ async def health(models: Models, health_log: Health) -> JSONResponse:
     problem = current.engine.problem if current is not None else None
     if problem is not None and not any(problem in i["description"] for i in issues):
         # the watchdog records it within a second; say it now
-        issues.append({"time": datetime.now(timezone.utc).isoformat(), "description": problem})
+        issues.append({"time": datetime.now(UTC).isoformat(), "description": problem})
     body: dict[str, Any] = {"status": "unhealthy" if issues else "healthy", "issues": issues}
     if resolved:
         body["resolved_issues"] = resolved

@@ -1,6 +1,6 @@
 """Model listing and information: /v1/models, /v1/model, /v1/model/list, drafts, /props.
 
-Lists follow reference §6.2: an admin key sees every model in model_dir (minus the draft
+Lists follow TabbyAPI: an admin key sees every model in model_dir (minus the draft
 directory when it sits inside it) or draft_model_dir; an API key sees only what is loaded (the
 model, or its draft). `/v1/model` is the loaded model's card with its effective parameters,
 including the nested draft card.
@@ -32,7 +32,7 @@ def card(name: str, **extra: Any) -> dict[str, Any]:
 
 
 def draft_card(draft: DraftModel) -> dict[str, Any]:
-    """The nested draft card of /v1/model (reference §6.1)."""
+    """The nested draft card of /v1/model."""
     return card(
         draft.name,
         parameters={

@@ -1,7 +1,7 @@
 """The Kobold job table: running Kobold generations by `genkey`, for abort and check.
 
 Every /api/v1/generate and /api/extra/generate/stream request registers a `KoboldJob` while it
-runs (reference §10) and removes it when it ends, however it ends. A job keeps the text its
+runs and removes it when it ends, however it ends. A job keeps the text its
 consumer has passed on so far (what /api/extra/generate/check returns) and knows its engine
 request, so /api/extra/abort stops it within one engine step (`EngineClient.abort`); the
 request then finishes normally with the text generated until then.

@@ -1,8 +1,8 @@
-"""The KoboldAI API (reference §5.3, §10), served by the same engine as the OpenAI endpoints.
+"""The KoboldAI API, served by the same engine as the OpenAI endpoints.
 
 `mount(app)` adds three groups: `/api/v1/...` (also at `/api/latest/...`, hidden from the
 schema) and `/api/extra/...`. Generation endpoints need an API key; the version endpoints and
-soft-prompt stubs are open (§2.5) because clients probe them before they send a key.
+soft-prompt stubs are open because clients probe them before they send a key.
 
 A generate request leases the loaded model for its whole HTTP exchange (like the OpenAI
 endpoints; Kobold has no `model` field, so never switches models), is converted by

@@ -1,11 +1,12 @@
-"""POST /v1/chat/completions (reference §7.3–7.4, §8): template → prompt → engine → chunks.
+"""POST /v1/chat/completions: template → prompt → engine → chunks.
 
 Flow: normalise `tool_choice` → render the prompt (`chat_prompt`) → pick and compile the output
 constraint (`constrain`: response_format, json_schema / regex_pattern / grammar_string, or a
-forced tool call; else the reasoning budget, `reasoning`) → submit `n` engine requests (one parser per choice) → split each choice's
-text into content, reasoning and tool calls (`chat_output`) → one JSON body, or SSE chunks:
-a role chunk per choice, content / reasoning / tool-call deltas, a finish chunk per choice
-(`finish_reason`, `stop_str`, `eos_reason`), the usage chunk if asked, then `[DONE]`.
+forced tool call; else the reasoning budget, `reasoning`) → submit `n` engine requests (one
+parser per choice) → split each choice's text into content, reasoning and tool calls
+(`chat_output`) → one JSON body, or SSE chunks: a role chunk per choice, content / reasoning /
+tool-call deltas, a finish chunk per choice (`finish_reason`, `stop_str`, `eos_reason`), the
+usage chunk if asked, then `[DONE]`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ async def chat_completions(
     check_generation_limits(values, limits)
     prompt = await run_sized(_size_chars(req), limits.offload_tokenize_chars,
                              lambda: build_prompt(req, model, choice))
-    spec = output_spec(values, req.response_format, (req.tools, choice) if choice.forced else None)
+    spec = output_spec(values, req.response_format, (req.tools or [], choice) if choice.forced else None)
     split = prompt.split  # a reply that starts inside reasoning is constrained after it
     wait_for = split.reasoning[1] if split.reasoning and split.start_in_reasoning else None
     plan = await plan_constraint(model.tokenizer, spec, wait_for=wait_for)
@@ -90,7 +91,7 @@ async def chat_completions(
             "eos_reason": final.eos_reason.value,
             "message": out.message(),
             "logprobs": logprobs_chat(content_logprobs_of(prompt.split, prompt.tool_format,
-                                                          tokens.logprobs))
+                                                          tokens.logprobs or []))
             if logprobs is not None else None,
         })
         add_usage(total, final.usage, first=i == 0)

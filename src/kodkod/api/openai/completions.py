@@ -1,4 +1,4 @@
-"""POST /v1/completions (reference §7.2), streamed or not.
+"""POST /v1/completions, streamed or not.
 
 A prompt may be a string, a list of strings (each its own prompt, E3 behaviour), a list of
 token ids or a list of token-id lists. Each prompt gets `n` choices; choice index is
