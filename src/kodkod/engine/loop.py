@@ -379,8 +379,9 @@ class EngineLoop:
         if seq.partner is not None:
             self._sched.remove(seq.partner)
         self._seqs.pop(seq.request_id, None)
-        seq.sink.push(FinishEvent(finish.reason, finish.eos_reason, seq.usage(), finish.stop_str))
-        seq.close()
+        event = FinishEvent(finish.reason, finish.eos_reason, seq.usage(), finish.stop_str)
+        seq.close()  # before the final event: a client that saw its end holds nothing native
+        seq.sink.push(event)
 
     def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> None:
         self._spec.detach(seq)
@@ -388,8 +389,8 @@ class EngineLoop:
         if seq.partner is not None:
             self._sched.remove(seq.partner)
         self._seqs.pop(seq.request_id, None)
-        seq.sink.push(ErrorEvent(message, kind))
         seq.close()
+        seq.sink.push(ErrorEvent(message, kind))
 
     def _close_all(self) -> None:
         message = self._stopping.message if self._stopping else (self.health.fatal or "the engine stopped")
@@ -412,6 +413,8 @@ class EngineLoop:
                 cmd.sink.push(ErrorEvent(message, ErrorKind.UNLOADED))
             elif isinstance(cmd, Exclusive):
                 cmd.future.set_exception(RuntimeError(message))
+            elif isinstance(cmd, Shutdown):  # a shutdown that raced the engine's own stop
+                cmd.future.set_result(None)
         self._publish()
         if self._stopping is not None:
             self._stopping.future.set_result(None)
