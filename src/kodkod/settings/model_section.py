@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from kodkod.settings.load_bounds import LOAD_BOUNDS, bounds
 from kodkod.settings.sections import SectionModel, lower_choice
 
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -47,7 +48,7 @@ class ModelSettings(SectionModel):
         None, description="Inference backend; null picks it automatically (llama.cpp)."
     )
     max_seq_len: int | None = Field(
-        None, ge=-1,
+        None, **bounds("max_seq_len"),
         description="Longest context (prompt plus output) of one request, in tokens. "
         "Null uses the model's own context length; -1 forces it.",
     )
@@ -55,7 +56,7 @@ class ModelSettings(SectionModel):
         None, description="Legacy key from older TabbyAPI versions; accepted and ignored."
     )
     cache_size: int | None = Field(
-        None,
+        None, **bounds("cache_size"),
         description="Total tokens in the KV cache shared by all running requests; a positive "
         "multiple of 256. Null makes it max_seq_len.",
     )
@@ -80,23 +81,25 @@ class ModelSettings(SectionModel):
         description="Gigabytes of VRAM to use on each GPU, in order; turns off gpu_split_auto.",
     )
     cpu_moe_offload_layers: int = Field(
-        0, ge=0,
+        0, **bounds("cpu_moe_offload_layers"),
         description="Number of mixture-of-experts layers whose experts run on the CPU "
         "(999 means all).",
     )
-    rope_scale: float = Field(1.0, description="Linear RoPE scaling factor.")
+    rope_scale: float = Field(
+        1.0, **bounds("rope_scale"), description="Linear RoPE scaling factor (positive)."
+    )
     rope_alpha: float | Literal["auto"] | None = Field(
         None, description="NTK RoPE alpha: a number, or auto/null to derive it from max_seq_len."
     )
     chunk_size: int = Field(
-        2048, gt=0, description="Most prompt tokens processed in one step (chunked prefill)."
+        2048, **bounds("chunk_size"), description="Most prompt tokens processed in one step (chunked prefill)."
     )
     output_chunking: bool = Field(
         True, description="Grow each request's output cache in chunk_size steps."
     )
     max_batch_size: int | None = Field(
-        None, ge=1,
-        description="Most requests generated at the same time. Null means "
+        None, **bounds("max_batch_size"),
+        description="Most requests generated at the same time (1 to 256). Null means "
         f"{DEFAULT_MAX_BATCH_SIZE} in kodkod.",
     )
     prompt_template: str | None = Field(
@@ -159,7 +162,7 @@ class ModelSettings(SectionModel):
         None, description="Use the Muse Glimmer reply format; null detects it."
     )
     n_threads: int | None = Field(
-        None, ge=1,
+        None, **bounds("n_threads"),
         description="kodkod extension: CPU threads for llama.cpp; null uses every CPU this "
         "process may run on.",
     )
@@ -177,9 +180,7 @@ class ModelSettings(SectionModel):
     @field_validator("cache_size")
     @classmethod
     def _check_cache_size(cls, value: int | None) -> int | None:
-        if value is not None and (value <= 0 or value % 256):
-            raise ValueError(f"expected a positive multiple of 256, got {value}")
-        return value
+        return LOAD_BOUNDS["cache_size"].check_multiple(value)  # type: ignore[no-any-return]
 
     @field_validator("rope_alpha", mode="before")
     @classmethod
