@@ -5,9 +5,9 @@ their CLI flags and environment variables, which are parsed by the same section 
 `/v1/model/load` request, and a model folder's `tabby_config.yml`. All of them take their
 bounds from `LOAD_BOUNDS`:
 
-- the config sections and the load request pass `bound.field_kwargs()` to pydantic's `Field`
-  (a violation is a config error naming the key, or a 422), and call `bound.check_multiple`
-  in a validator for `multiple_of`;
+- the config sections and the load request annotate the field with the bounded type below
+  (`MaxSeqLen`, …: `Annotated[int, bound.interval()]`; a violation is a config error naming the
+  key, or a 422), and call `bound.check_multiple` in a validator for `multiple_of`;
 - `models.loading` checks the merged `tabby_config.yml` values with `bound.check` (a 400).
 
 One rule per key where the surfaces used to differ (reference §11.2, §12.2): `cache_size` is a
@@ -19,7 +19,9 @@ it up), `rope_scale`/`draft_rope_scale` are positive in the config too, and `max
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from annotated_types import Interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +35,12 @@ class LoadBound:
     le: float | None = None
     multiple_of: int | None = None
 
-    def field_kwargs(self) -> dict[str, Any]:
-        """`ge`/`gt`/`le` for pydantic's `Field` (only the ones set). With `multiple_of`,
-        positivity is `check_multiple`'s (one message for both)."""
-        pairs = (("ge", self.ge), ("gt", self.gt), ("le", self.le))
+    def interval(self) -> Interval:
+        """`ge`/`gt`/`le` as pydantic metadata (`Annotated[int, bound.interval()]`). With
+        `multiple_of`, positivity is `check_multiple`'s (one message for both)."""
         if self.multiple_of is not None:
-            pairs = (("le", self.le),)
-        return {k: v for k, v in pairs if v is not None}
+            return Interval(le=self.le)
+        return Interval(ge=self.ge, gt=self.gt, le=self.le)
 
     def describe(self) -> str:
         noun = "an integer" if self.kind is int else "a number"
@@ -95,6 +96,18 @@ LOAD_BOUNDS: dict[str, LoadBound] = {
 }
 
 
-def bounds(name: str) -> dict[str, Any]:
-    """Shorthand for `Field(..., **bounds(name))`."""
-    return LOAD_BOUNDS[name].field_kwargs()
+def _at(name: str) -> Interval:
+    return LOAD_BOUNDS[name].interval()
+
+
+# Field types carrying the bounds above (use as `MaxSeqLen | None`).
+MaxSeqLen = Annotated[int, _at("max_seq_len")]
+CacheSize = Annotated[int, _at("cache_size")]
+ChunkSize = Annotated[int, _at("chunk_size")]
+MaxBatchSize = Annotated[int, _at("max_batch_size")]
+NThreads = Annotated[int, _at("n_threads")]
+CpuMoeOffloadLayers = Annotated[int, _at("cpu_moe_offload_layers")]
+RopeScale = Annotated[float, _at("rope_scale")]
+DraftRopeScale = Annotated[float, _at("draft_rope_scale")]
+DraftNumTokens = Annotated[int, _at("draft_num_tokens")]
+NgramMatchMin = Annotated[int, _at("ngram_match_min")]

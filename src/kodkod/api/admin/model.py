@@ -36,7 +36,17 @@ from kodkod.api.validation import REQUEST_CONFIG, Name
 from kodkod.models.loading import plan_load
 from kodkod.models.params import LoadPlan
 from kodkod.models.progress import LoadProgress, ProgressEvent
-from kodkod.settings.load_bounds import LOAD_BOUNDS, bounds
+from kodkod.settings.load_bounds import (
+    LOAD_BOUNDS,
+    CacheSize,
+    ChunkSize,
+    DraftNumTokens,
+    DraftRopeScale,
+    MaxBatchSize,
+    MaxSeqLen,
+    NgramMatchMin,
+    RopeScale,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -45,14 +55,14 @@ router = APIRouter()
 class DraftLoadRequest(BaseModel):
     model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True)
     draft_model_name: Name = Field(validation_alias=AliasChoices("draft_model_name", "name"))
-    draft_rope_scale: float | None = Field(None, **bounds("draft_rope_scale"))
+    draft_rope_scale: DraftRopeScale | None = None
     draft_rope_alpha: float | str | None = None
     draft_cache_mode: Name | None = None
     draft_gpu_split: list[float] | None = None
     draft_mode: str | None = None
-    draft_num_tokens: int | None = Field(None, **bounds("draft_num_tokens"))
+    draft_num_tokens: DraftNumTokens | None = None
     dynamic_draft: bool | None = None
-    ngram_match_min: int | None = Field(None, **bounds("ngram_match_min"))
+    ngram_match_min: NgramMatchMin | None = None
 
 
 class ModelLoadRequest(BaseModel):
@@ -61,14 +71,14 @@ class ModelLoadRequest(BaseModel):
     model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True, protected_namespaces=())
     model_name: Name = Field(validation_alias=AliasChoices("model_name", "name"))
     backend: str | None = None
-    max_seq_len: int | None = Field(None, **bounds("max_seq_len"))
+    max_seq_len: MaxSeqLen | None = None
     override_base_seq_len: int | None = None  # [24] only; accepted and ignored
-    cache_size: int | None = Field(None, **bounds("cache_size"))
+    cache_size: CacheSize | None = None
     cache_mode: Name | None = None
-    chunk_size: int | None = Field(None, **bounds("chunk_size"))
+    chunk_size: ChunkSize | None = None
     # kodkod honours max_batch_size (config-only upstream)
-    max_batch_size: int | None = Field(None, **bounds("max_batch_size"))
-    rope_scale: float | None = Field(None, **bounds("rope_scale"))
+    max_batch_size: MaxBatchSize | None = None
+    rope_scale: RopeScale | None = None
     rope_alpha: float | str | None = None
     prompt_template: Name | None = None
     vision: bool | None = None
