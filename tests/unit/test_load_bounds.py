@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from kodkod.api.admin.model import DraftLoadRequest, ModelLoadRequest
-from kodkod.models.loading import _DRAFT_KEYS, _PARAM_KEYS, build_params
+from kodkod.models.loading import _DRAFT_KEYS, _EXTRA_KEYS, _PARAM_KEYS, build_params
 from kodkod.models.params import LoadParamError
 from kodkod.models.registry import ModelEntry
 from kodkod.settings import ConfigError, Settings, load_settings
@@ -132,3 +132,22 @@ def test_cache_size_is_a_multiple_of_256_on_every_surface() -> None:
         ModelLoadRequest.model_validate({"model_name": "m", "cache_size": 1000})
     with pytest.raises(ValidationError, match="multiple of 256"):
         Settings.model_validate({"model": {"cache_size": 1000}})
+
+
+def test_request_and_tabby_config_keys_are_config_keys() -> None:
+    """The load request and tabby_config.yml name nothing the config sections do not declare
+    (so a key has one meaning and, via LOAD_BOUNDS, one set of bounds everywhere)."""
+    assert set(ModelLoadRequest.model_fields) - set(ModelSettings.model_fields) == {
+        "skip_queue", "draft_model"}
+    assert set(DraftLoadRequest.model_fields) <= set(DraftModelSettings.model_fields)
+    assert _PARAM_KEYS | _EXTRA_KEYS <= set(ModelSettings.model_fields)
+    assert _DRAFT_KEYS <= set(DraftModelSettings.model_fields)
+    numeric = {name for name, info in {**ModelSettings.model_fields,
+                                       **DraftModelSettings.model_fields}.items()
+               if "int" in str(info.annotation) or "float" in str(info.annotation)}
+    unbounded = numeric - set(LOAD_BOUNDS)
+    # Keys with no bound: ignored legacy keys, rope_alpha ("auto" too), GPU lists, the grace
+    # period (config only, checked >= 0 there), reasoning budget (negative = no limit).
+    assert unbounded == {"override_base_seq_len", "num_experts_per_token", "rope_alpha",
+                         "draft_rope_alpha", "autosplit_reserve", "gpu_split", "draft_gpu_split",
+                         "unload_grace_s", "reasoning_budget_tokens"}, unbounded
