@@ -21,11 +21,26 @@ from typing import Any, TypeVar
 
 from kodkod.api.errors import ApiError
 from kodkod.api.sampler_table import SAMPLER_TABLE, engine_kwargs
-from kodkod.api.sampling import FALLBACKS, SamplerRequest, apply_override, sampler_problem
+from kodkod.api.sampling import (
+    FALLBACKS,
+    SamplerRequest,
+    apply_override,
+    sampler_problem,
+)
 from kodkod.api.state import OverrideState
 from kodkod.backends.base import Tokenizer
-from kodkod.engine.constraints import ConstraintFactory, GrammarError, GrammarKind, GrammarSpec
-from kodkod.engine.types import Constraint, GenerationRequest, LogitsProcessor, SamplingParams
+from kodkod.engine.constraints import (
+    ConstraintFactory,
+    GrammarError,
+    GrammarKind,
+    GrammarSpec,
+)
+from kodkod.engine.types import (
+    Constraint,
+    GenerationRequest,
+    LogitsProcessor,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -14,7 +14,12 @@ import types
 import typing
 from typing import Annotated, Literal, Union
 
-from kodkod.settings.schema import FieldKind, cli_flag_table, field_kind, section_classes
+from kodkod.settings.schema import (
+    FieldKind,
+    cli_flag_table,
+    field_kind,
+    section_classes,
+)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
