@@ -67,9 +67,11 @@ def main() -> None:
                 server.stop()
     alone, batched = results
     diverged = []
-    for i, (a, b) in enumerate(zip(alone, batched)):
+    for i, (a, b) in enumerate(zip(alone, batched, strict=True)):
         if a != b:
-            first = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            first = next(
+                (k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+            )
             diverged.append((WORDS[i], first))
     print(f"{len(bodies)} greedy prompts x {args.tokens} tokens, alone vs {args.clients} concurrent:")
     print(f"  identical: {len(bodies) - len(diverged)}/{len(bodies)}")

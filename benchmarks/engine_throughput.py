@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import itertools
 import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -95,7 +94,9 @@ class RawLoop:
                 batch.token[i], batch.pos[i], batch.n_seq_id[i] = arr[i], i, 1
                 batch.seq_id[i][0], batch.logits[i] = s, i == n - 1
             assert L.llama_decode(ctx, batch) == 0
-            logits = np.frombuffer(rows.from_address(ctypes.addressof(L.llama_get_logits_ith(ctx, n - 1).contents)), np.float32)
+            logits = np.frombuffer(
+                rows.from_address(ctypes.addressof(L.llama_get_logits_ith(ctx, n - 1).contents)), np.float32
+            )
             last.append((int(logits.argmax()), n))
         t0 = time.perf_counter()
         for _ in range(n_tokens):
@@ -106,7 +107,9 @@ class RawLoop:
             assert L.llama_decode(ctx, batch) == 0
             for s in range(n_seq):
                 ptr = L.llama_get_logits_ith(ctx, s)
-                tok = int(np.frombuffer(rows.from_address(ctypes.addressof(ptr.contents)), np.float32).argmax())
+                tok = int(
+                    np.frombuffer(rows.from_address(ctypes.addressof(ptr.contents)), np.float32).argmax()
+                )
                 last[s] = (tok, last[s][1] + 1)
         return n_seq * n_tokens / (time.perf_counter() - t0)
 
@@ -120,13 +123,15 @@ class RawLoop:
 # A lean HTTP/1.1 client on asyncio streams: the benchmark measures the server, so the client
 # (which shares the machine's 2 cores) should cost as little CPU per event as possible.
 
+
 async def post_stream(port: int, key: str, path: str, body: dict) -> list[tuple[float, str]]:
     """POST with a streamed response; (receive time, payload) for each `data:` line."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     data = json.dumps(body).encode()
     writer.write(
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data
     )
     await writer.drain()
     status = await reader.readline()
@@ -153,8 +158,13 @@ async def post_stream(port: int, key: str, path: str, body: dict) -> list[tuple[
 
 async def stream_completion(port: int, key: str, prompt: str, max_tokens: int) -> list[tuple[float, int]]:
     """(receive time, 1) for each streamed event carrying text."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ban_eos_token": True,
-            "stream": True}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ban_eos_token": True,
+        "stream": True,
+    }
     events = await post_stream(port, key, "/v1/completions", body)
     return [(t, 1) for t, payload in events if '"text":"' in payload and '"text":""' not in payload]
 
@@ -171,8 +181,9 @@ def window_rate(all_events: list[list[tuple[float, int]]]) -> float:
     return n / (end - start)
 
 
-async def http_benchmarks(server: KodkodServer, raw: RawLoop, tokens: int, clients: int,
-                          pairs: int) -> dict[str, float]:
+async def http_benchmarks(
+    server: KodkodServer, raw: RawLoop, tokens: int, clients: int, pairs: int
+) -> dict[str, float]:
     """Server measurements; the raw loop runs right before each one it is compared with (the
     machine's speed drifts over minutes), and each `*_ratio` is kodkod / that raw run."""
     res: dict[str, float] = {}
@@ -193,25 +204,36 @@ async def http_benchmarks(server: KodkodServer, raw: RawLoop, tokens: int, clien
         again = await stream_completion(port, key, CHAT.format("Write a long story about a dragon."), tokens)
     res["regenerated"] = decode_rate(again)
     res["regenerated_ratio"] = res["regenerated"] / raw.run(1, tokens)
-    prompts = [CHAT.format(f"Tell me everything about {TOPICS[i % len(TOPICS)]}, in detail.") for i in range(clients)]
+    prompts = [
+        CHAT.format(f"Tell me everything about {TOPICS[i % len(TOPICS)]}, in detail.") for i in range(clients)
+    ]
     res["rawn"] = raw.run(clients, tokens)
     many = await asyncio.gather(*(stream_completion(port, key, p, tokens) for p in prompts))
     res["many"] = window_rate(many)
     res["many_ratio"] = res["many"] / res["rawn"]
-    gaps = sorted(b[0] - a[0] for evs in many for a, b in zip(evs, evs[1:]))
+    gaps = sorted(b[0] - a[0] for evs in many for a, b in itertools.pairwise(evs))
     res["itl_p50_ms"] = 1000 * statistics.median(gaps)
     res["itl_p99_ms"] = 1000 * gaps[int(0.99 * (len(gaps) - 1))]
     async with server.async_client(timeout=600) as c:
         health = (await c.get("/health")).json()["engine"]
         res["steps"] = health["steps"]
-        res["overhead_ms"] = 1000 * (health["step_time_s"] - health["decode_time_s"]) / max(1, health["steps"])
+        res["overhead_ms"] = (
+            1000 * (health["step_time_s"] - health["decode_time_s"]) / max(1, health["steps"])
+        )
         # prefix reuse: two requests sharing a ~1,500-token prefix (fresh prefix each round)
         salt = f"{time.time_ns()}"
-        shared = f"Notes {salt}. " + " ".join(f"Fact {i}: the number {i} is written as {i}." for i in range(110))
+        shared = f"Notes {salt}. " + " ".join(
+            f"Fact {i}: the number {i} is written as {i}." for i in range(110)
+        )
         res["prefix_tokens"] = (await c.post("/v1/token/encode", json={"text": shared})).json()["length"]
     ttft = []
     for question in ("What is fact 7?", "What is fact 99?"):
-        body = {"prompt": CHAT.format(shared + "\n" + question), "max_tokens": 2, "temperature": 0, "stream": True}
+        body = {
+            "prompt": CHAT.format(shared + "\n" + question),
+            "max_tokens": 2,
+            "temperature": 0,
+            "stream": True,
+        }
         t0 = time.perf_counter()
         events = await post_stream(port, key, "/v1/completions", body)
         first = next(t for t, p in events if '"text":"' in p and '"text":""' not in p)
@@ -238,23 +260,34 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3, help="server starts; medians over rounds reported")
     ap.add_argument("--pairs", type=int, default=3, help="raw/server single-stream pairs per round")
-    ap.add_argument("--host-cache-mb", type=int, default=1024,
-                    help="memory.sysmem_kv_cache of the server (the sample config's 1024; 0: no host tier)")
+    ap.add_argument(
+        "--host-cache-mb",
+        type=int,
+        default=1024,
+        help="memory.sysmem_kv_cache of the server (the sample config's 1024; 0: no host tier)",
+    )
     args = ap.parse_args()
     threads = available_threads()
-    print(f"model {DEFAULT_GGUF.name}, {threads} threads, {args.tokens} tokens, {args.clients} clients, "
-          f"{args.rounds} rounds x {args.pairs} single-stream pairs, host KV tier {args.host_cache_mb} MB")
+    print(
+        f"model {DEFAULT_GGUF.name}, {threads} threads, {args.tokens} tokens, {args.clients} clients, "
+        f"{args.rounds} rounds x {args.pairs} single-stream pairs, host KV tier {args.host_cache_mb} MB"
+    )
     runs = []
     raw = RawLoop(threads)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(args.rounds):
-                server = KodkodServer.start(Path(tmp), {
-                    "model": {"max_batch_size": max(8, args.clients), "n_threads": threads},
-                    "memory": {"sysmem_kv_cache": args.host_cache_mb},
-                })
+                server = KodkodServer.start(
+                    Path(tmp),
+                    {
+                        "model": {"max_batch_size": max(8, args.clients), "n_threads": threads},
+                        "memory": {"sysmem_kv_cache": args.host_cache_mb},
+                    },
+                )
                 try:
-                    runs.append(asyncio.run(http_benchmarks(server, raw, args.tokens, args.clients, args.pairs)))
+                    runs.append(
+                        asyncio.run(http_benchmarks(server, raw, args.tokens, args.clients, args.pairs))
+                    )
                 finally:
                     server.stop()
     finally:
@@ -262,22 +295,46 @@ def main() -> None:
     med = statistics.median
     r = {k: med(run[k] for run in runs) for k in runs[0] if k != "single_ratios"}
     every_single = [x for run in runs for x in run["single_ratios"]]
-    print(f"raw llama.cpp loop:  1 seq {r['raw1']:7.1f} tok/s | {args.clients} seqs {r['rawn']:7.1f} tok/s "
-          f"({r['rawn'] / r['raw1']:.2f}x)")
-    print(f"kodkod single stream {r['single']:7.1f} tok/s  ratio {med(every_single):.3f} (target >= 0.95; "
-          f"median of {len(every_single)} pairs, range {min(every_single):.3f}-{max(every_single):.3f})")
-    print(f"kodkod single stream, 4th regeneration {r['regenerated']:7.1f} tok/s  ratio {r['regenerated_ratio']:.3f}")
-    print(f"kodkod {args.clients} streams     {r['many']:7.1f} tok/s  ratio {r['many_ratio']:.3f} (target >= 0.90)")
-    print(f"inter-token latency under {args.clients} clients: p50 {r['itl_p50_ms']:.1f} ms, p99 {r['itl_p99_ms']:.1f} ms")
+    print(
+        f"raw llama.cpp loop:  1 seq {r['raw1']:7.1f} tok/s | {args.clients} seqs {r['rawn']:7.1f} tok/s "
+        f"({r['rawn'] / r['raw1']:.2f}x)"
+    )
+    print(
+        f"kodkod single stream {r['single']:7.1f} tok/s  ratio {med(every_single):.3f} (target >= 0.95; "
+        f"median of {len(every_single)} pairs, range {min(every_single):.3f}-{max(every_single):.3f})"
+    )
+    print(
+        f"kodkod single stream, 4th regeneration {r['regenerated']:7.1f} tok/s  "
+        f"ratio {r['regenerated_ratio']:.3f}"
+    )
+    print(
+        f"kodkod {args.clients} streams     {r['many']:7.1f} tok/s  "
+        f"ratio {r['many_ratio']:.3f} (target >= 0.90)"
+    )
+    print(
+        f"inter-token latency under {args.clients} clients: "
+        f"p50 {r['itl_p50_ms']:.1f} ms, p99 {r['itl_p99_ms']:.1f} ms"
+    )
     ttft_ratio = med(run["ttft_second_s"] / run["ttft_first_s"] for run in runs)
-    print(f"prefix reuse ({r['prefix_tokens']:.0f}-token shared prefix): TTFT {r['ttft_first_s']*1000:.0f} ms -> "
-          f"{r['ttft_second_s']*1000:.0f} ms  ratio {ttft_ratio:.3f} (target <= 0.15)")
-    print(f"single stream after ~6k cells of idle cached prompts {r['single_after_fill']:7.1f} tok/s  "
-          f"ratio {r['fill_ratio']:.3f}")
-    print(f"engine overhead outside llama_decode: {r['overhead_ms']:.3f} ms/step, mean over the single and "
-          f"{args.clients}-stream phases' steps (median over rounds)")
-    print("per round: single pairs", "; ".join(" ".join(f"{x:.3f}" for x in run["single_ratios"]) for run in runs),
-          "| many", " ".join(f"{run['many_ratio']:.3f}" for run in runs))
+    print(
+        f"prefix reuse ({r['prefix_tokens']:.0f}-token shared prefix): "
+        f"TTFT {r['ttft_first_s'] * 1000:.0f} ms -> "
+        f"{r['ttft_second_s'] * 1000:.0f} ms  ratio {ttft_ratio:.3f} (target <= 0.15)"
+    )
+    print(
+        f"single stream after ~6k cells of idle cached prompts {r['single_after_fill']:7.1f} tok/s  "
+        f"ratio {r['fill_ratio']:.3f}"
+    )
+    print(
+        f"engine overhead outside llama_decode: {r['overhead_ms']:.3f} ms/step, mean over the single and "
+        f"{args.clients}-stream phases' steps (median over rounds)"
+    )
+    print(
+        "per round: single pairs",
+        "; ".join(" ".join(f"{x:.3f}" for x in run["single_ratios"]) for run in runs),
+        "| many",
+        " ".join(f"{run['many_ratio']:.3f}" for run in runs),
+    )
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ def run(repeats: int, max_seq_len: int | None, n_threads: int | None) -> list[di
                     before = vmrss_mb(pid)
                     times.append(load(server, {**base_body, "cache_mode": mode}))
                     with server.client() as c:
-                        c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4}).raise_for_status()
+                        c.post(
+                            "/v1/completions", json={"prompt": "Hello", "max_tokens": 4}
+                        ).raise_for_status()
                         p = c.get("/v1/model").json()["parameters"]
                     types = f"{p['cache_types'][0]}/{p['cache_types'][1]}"
                     after_load = vmrss_mb(pid)
@@ -83,11 +85,17 @@ def run(repeats: int, max_seq_len: int | None, n_threads: int | None) -> list[di
                     loaded.append(after_load)
                     added.append(after_load - before)
                     left.append(vmrss_mb(pid) - before)
-                rows.append({
-                    "mode": mode, "types": types, "ctx": p["cache_size"],
-                    "load_s": statistics.median(times), "rss": statistics.median(loaded),
-                    "added": statistics.median(added), "left": statistics.median(left),
-                })
+                rows.append(
+                    {
+                        "mode": mode,
+                        "types": types,
+                        "ctx": p["cache_size"],
+                        "load_s": statistics.median(times),
+                        "rss": statistics.median(loaded),
+                        "added": statistics.median(added),
+                        "left": statistics.median(left),
+                    }
+                )
         finally:
             server.stop()
     return rows
@@ -100,12 +108,20 @@ def main() -> None:
     parser.add_argument("--n-threads", type=int, default=None)
     args = parser.parse_args()
     rows = run(args.repeats, args.max_seq_len, args.n_threads)
-    print(f"{DEFAULT_MODEL}, cache of {rows[0]['ctx']} tokens, median of {args.repeats} loads, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
-    print("| cache_mode | llama.cpp K/V | load time (s) | RSS loaded (MB) | added by load (MB) | left after unload (MB) |")
+    print(
+        f"{DEFAULT_MODEL}, cache of {rows[0]['ctx']} tokens, median of {args.repeats} loads, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n"
+    )
+    print(
+        "| cache_mode | llama.cpp K/V | load time (s) | RSS loaded (MB) | added by load (MB) "
+        "| left after unload (MB) |"
+    )
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['mode']} | {r['types']} | {r['load_s']:.2f} | {r['rss']:.0f} | {r['added']:.0f} | {r['left']:.1f} |")
+        print(
+            f"| {r['mode']} | {r['types']} | {r['load_s']:.2f} | {r['rss']:.0f} "
+            f"| {r['added']:.0f} | {r['left']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -111,21 +111,25 @@ class Soak:
     has_lora: bool
     lora_loaded: bool = False
 
-    async def post(self, path: str, body: bytes, *, admin: bool = False, drop_after: int | None = None) -> None:
+    async def post(
+        self, path: str, body: bytes, *, admin: bool = False, drop_after: int | None = None
+    ) -> None:
         headers = {**self.srv.headers(admin), "Content-Type": "application/json"}
         try:
-            async with httpx.AsyncClient(base_url=self.srv.base_url, timeout=120.0) as c:
-                async with c.stream("POST", path, content=body, headers=headers) as r:
-                    chunks, seen = [], 0
-                    async for chunk in r.aiter_bytes():
-                        chunks.append(chunk)
-                        seen += 1
-                        if drop_after is not None and seen >= drop_after:
-                            break  # closing the connection mid-stream
-                    payload = b"".join(chunks)
+            async with (
+                httpx.AsyncClient(base_url=self.srv.base_url, timeout=120.0) as c,
+                c.stream("POST", path, content=body, headers=headers) as r,
+            ):
+                chunks, seen = [], 0
+                async for chunk in r.aiter_bytes():
+                    chunks.append(chunk)
+                    seen += 1
+                    if drop_after is not None and seen >= drop_after:
+                        break  # closing the connection mid-stream
+                payload = b"".join(chunks)
             self.tally.record(path, body, r.status_code, payload)
             for line in payload.split(b"\n"):
-                if line.startswith(b"data: {\"error\"") and drop_after is None and b"unloaded" not in line:
+                if line.startswith(b'data: {"error"') and drop_after is None and b"unloaded" not in line:
                     self.tally.unexpected.append(f"stream error {path} <- {body[:200]!r}: {line[:300]!r}")
         except httpx.HTTPError as exc:
             if self.srv.proc.poll() is not None:
@@ -161,12 +165,22 @@ class Soak:
                 if self.lora_loaded:
                     await self.post("/v1/lora/unload", b"{}", admin=True)
                 else:
-                    await self.post("/v1/lora/load", j({"loras": [{"name": LORA_NAME, "scaling": 0.5}]}), admin=True)
+                    await self.post(
+                        "/v1/lora/load", j({"loras": [{"name": LORA_NAME, "scaling": 0.5}]}), admin=True
+                    )
                 self.lora_loaded = not self.lora_loaded
             elif action == "template":
-                await self.post("/v1/template/switch", j({"prompt_template_name": self.rng.choice(["chatml", "alpaca"])}), admin=True)
+                await self.post(
+                    "/v1/template/switch",
+                    j({"prompt_template_name": self.rng.choice(["chatml", "alpaca"])}),
+                    admin=True,
+                )
             else:
-                await self.post("/v1/sampling/override/switch", j({"preset": self.rng.choice(["safe_defaults", "sample_preset"])}), admin=True)
+                await self.post(
+                    "/v1/sampling/override/switch",
+                    j({"preset": self.rng.choice(["safe_defaults", "sample_preset"])}),
+                    admin=True,
+                )
 
     async def client(self, deadline: float, bad: list[tuple[str, bytes]]) -> None:
         while time.monotonic() < deadline:
@@ -205,7 +219,9 @@ def make_lora(root: Path) -> bool:
         from tests.lora_fixtures import make_adapter, write_gguf_adapter
     except ImportError:
         return False
-    write_gguf_adapter(root / "loras" / f"{LORA_NAME}.gguf", make_adapter(DEFAULT_GGUF, seed=7, strength=0.05))
+    write_gguf_adapter(
+        root / "loras" / f"{LORA_NAME}.gguf", make_adapter(DEFAULT_GGUF, seed=7, strength=0.05)
+    )
     return True
 
 
@@ -229,8 +245,9 @@ async def watch(soak: Soak, root: Path, config: dict[str, Any], deadline: float)
 async def run(soak: Soak, root: Path, config: dict[str, Any], minutes: float, clients: int) -> None:
     deadline = time.monotonic() + minutes * 60
     bad = bad_bodies()
-    await asyncio.gather(watch(soak, root, config, deadline),
-                         *(soak.client(deadline, bad) for _ in range(clients)))
+    await asyncio.gather(
+        watch(soak, root, config, deadline), *(soak.client(deadline, bad) for _ in range(clients))
+    )
 
 
 def main() -> int:
@@ -243,15 +260,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         has_lora = make_lora(root / "srv")
-        config = {"network": {"api_servers": ["OAI", "Kobold"]},
-                  "model": {"max_seq_len": 2048},
-                  "lora": {"lora_dir": str(root / "srv" / "loras")},
-                  "memory": {"sysmem_kv_cache": ns.host_cache_mb}}
+        config = {
+            "network": {"api_servers": ["OAI", "Kobold"]},
+            "model": {"max_seq_len": 2048},
+            "lora": {"lora_dir": str(root / "srv" / "loras")},
+            "memory": {"sysmem_kv_cache": ns.host_cache_mb},
+        }
         srv = KodkodServer.start(root / "srv", config)
         try:
             with srv.client() as c:  # warm-up, so start RSS includes the loaded model's working set
                 c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8})
-            pid0, rss0, host0 = srv.proc.pid, rss_kib(srv.proc.pid), health_engine(srv).get("host_cache_bytes", 0)
+            pid0, rss0, host0 = (
+                srv.proc.pid,
+                rss_kib(srv.proc.pid),
+                health_engine(srv).get("host_cache_bytes", 0),
+            )
             anon0 = rss_kib(pid0, "RssAnon")
             soak = Soak(srv, Tally(), random.Random(ns.seed), asyncio.Lock(), has_lora)
             t0 = time.monotonic()
@@ -266,14 +289,22 @@ def main() -> int:
                 rss1, anon1 = rss_kib(srv.proc.pid), rss_kib(srv.proc.pid, "RssAnon")
             else:
                 ok, stats, rss1, anon1 = 0, {}, 0, 0
-            print_report(soak.tally, elapsed, ns, (pid0, rss0, anon0, host0), (srv.proc.pid, rss1, anon1, stats), ok)
+            print_report(
+                soak.tally, elapsed, ns, (pid0, rss0, anon0, host0), (srv.proc.pid, rss1, anon1, stats), ok
+            )
             return 1 if soak.tally.unexpected or soak.tally.crashes or ok != 200 else 0
         finally:
             srv.stop()
 
 
-def print_report(t: Tally, elapsed: float, ns: argparse.Namespace, start: tuple[int, int, int, int],
-                 end: tuple[int, int, int, dict[str, Any]], ok: int) -> None:
+def print_report(
+    t: Tally,
+    elapsed: float,
+    ns: argparse.Namespace,
+    start: tuple[int, int, int, int],
+    end: tuple[int, int, int, dict[str, Any]],
+    ok: int,
+) -> None:
     pid0, rss0, anon0, host0 = start
     pid1, rss1, anon1, stats = end
     host1 = int(stats.get("host_cache_bytes", 0))
@@ -290,19 +321,29 @@ def print_report(t: Tally, elapsed: float, ns: argparse.Namespace, start: tuple[
     for crash in t.crashes:
         print("  " + crash.replace("\n", "\n  "))
     same = " (a restarted process: not comparable)" if pid1 != pid0 else ""
-    print(f"server RSS: start {rss0 / 1024:.1f} MiB, end {rss1 / 1024:.1f} MiB{same}; "
-          f"RssAnon (heap, KV buffers): start {anon0 / 1024:.1f} MiB, end {anon1 / 1024:.1f} MiB")
+    print(
+        f"server RSS: start {rss0 / 1024:.1f} MiB, end {rss1 / 1024:.1f} MiB{same}; "
+        f"RssAnon (heap, KV buffers): start {anon0 / 1024:.1f} MiB, end {anon1 / 1024:.1f} MiB"
+    )
     series = ", ".join(f"{v / 1024:.0f}/{a / 1024:.0f}" for v, a in t.rss_series)
-    print(f"RSS every {RSS_SAMPLE_S:.0f} s (VmRSS/RssAnon MiB; growth after the first samples is the "
-          f"leak signal, early growth is the KV pool's pages being touched): {series}")
-    print(f"host KV tier: start {host0 / 2**20:.1f} MiB, end {host1 / 2**20:.1f} MiB "
-          f"(budget {ns.host_cache_mb} MiB, {stats.get('host_cache_entries', '?')} entries)")
+    print(
+        f"RSS every {RSS_SAMPLE_S:.0f} s (VmRSS/RssAnon MiB; growth after the first samples is the "
+        f"leak signal, early growth is the KV pool's pages being touched): {series}"
+    )
+    print(
+        f"host KV tier: start {host0 / 2**20:.1f} MiB, end {host1 / 2**20:.1f} MiB "
+        f"(budget {ns.host_cache_mb} MiB, {stats.get('host_cache_entries', '?')} entries)"
+    )
     growth_kib = rss1 - rss0 - (host1 - host0) // 1024
-    print(f"RSS growth not explained by the host KV tier: {growth_kib / 1024:.1f} MiB; "
-          f"beyond the host-tier budget: {max(0, rss1 - rss0 - budget_kib) / 1024:.1f} MiB")
-    print(f"engine at the end: running {stats.get('running')}, waiting {stats.get('waiting')}, "
-          f"free KV cells {stats.get('free_kv_cells')}/{stats.get('kv_capacity')}; "
-          f"a normal completion afterwards: {ok}")
+    print(
+        f"RSS growth not explained by the host KV tier: {growth_kib / 1024:.1f} MiB; "
+        f"beyond the host-tier budget: {max(0, rss1 - rss0 - budget_kib) / 1024:.1f} MiB"
+    )
+    print(
+        f"engine at the end: running {stats.get('running')}, waiting {stats.get('waiting')}, "
+        f"free KV cells {stats.get('free_kv_cells')}/{stats.get('kv_capacity')}; "
+        f"a normal completion afterwards: {ok}"
+    )
 
 
 if __name__ == "__main__":

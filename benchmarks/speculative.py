@@ -143,7 +143,8 @@ def main() -> None:
                     print(f"  round: story {row['story_draft'] / row['story_plain']:.2f}x "
                           f"({fmt(row['story_spec'])}), copy {row['copy_ngram'] / row['copy_plain']:.2f}x "
                           f"({fmt(row['copy_spec'])}), {args.clients} streams "
-                          f"{row['many_draft'] / row['many_plain']:.2f}x ({fmt(row['many_spec'])})", flush=True)
+                          f"{row['many_draft'] / row['many_plain']:.2f}x ({fmt(row['many_spec'])})",
+                          flush=True)
         finally:
             plain.stop()
             draft.stop()
@@ -155,16 +156,22 @@ def main() -> None:
     story = med(r["story_draft"] / r["story_plain"] for r in rows)
     copy = med(r["copy_ngram"] / r["copy_plain"] for r in rows)
     many = med(r["many_draft"] / r["many_plain"] for r in rows)
-    print(f"story, draft model:   {med(r['story_plain'] for r in rows):6.1f} -> "
-          f"{med(r['story_draft'] for r in rows):6.1f} tok/s  ratio {story:.2f} (target >= 1.4); "
-          f"{fmt(total('story_spec'))}")
-    print(f"copy/edit, n-gram:    {med(r['copy_plain'] for r in rows):6.1f} -> "
-          f"{med(r['copy_ngram'] for r in rows):6.1f} tok/s  ratio {copy:.2f} (target >= 1.8); "
-          f"{fmt(total('copy_spec'))}; {rows[0]['copy_tokens']} tokens, "
-          f"output identical: {all(r['copy_same'] for r in rows)}")
-    print(f"{args.clients} streams, draft model: {med(r['many_plain'] for r in rows):6.1f} -> "
-          f"{med(r['many_draft'] for r in rows):6.1f} tok/s aggregate  ratio {many:.2f} "
-          f"(target >= 0.95); {fmt(total('many_spec'))}")
+    print(
+        f"story, draft model:   {med(r['story_plain'] for r in rows):6.1f} -> "
+        f"{med(r['story_draft'] for r in rows):6.1f} tok/s  ratio {story:.2f} (target >= 1.4); "
+        f"{fmt(total('story_spec'))}"
+    )
+    print(
+        f"copy/edit, n-gram:    {med(r['copy_plain'] for r in rows):6.1f} -> "
+        f"{med(r['copy_ngram'] for r in rows):6.1f} tok/s  ratio {copy:.2f} (target >= 1.8); "
+        f"{fmt(total('copy_spec'))}; {rows[0]['copy_tokens']} tokens, "
+        f"output identical: {all(r['copy_same'] for r in rows)}"
+    )
+    print(
+        f"{args.clients} streams, draft model: {med(r['many_plain'] for r in rows):6.1f} -> "
+        f"{med(r['many_draft'] for r in rows):6.1f} tok/s aggregate  ratio {many:.2f} "
+        f"(target >= 0.95); {fmt(total('many_spec'))}"
+    )
 
 
 if __name__ == "__main__":

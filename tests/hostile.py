@@ -157,11 +157,14 @@ def garbage_body() -> st.SearchStrategy[bytes]:
     )
 
 
-def _weighted(valid: st.SearchStrategy[Any], hostile: st.SearchStrategy[Any], one_in: int) -> st.SearchStrategy[Any]:
+def _weighted(
+    valid: st.SearchStrategy[Any], hostile: st.SearchStrategy[Any], one_in: int
+) -> st.SearchStrategy[Any]:
     return st.integers(0, one_in - 1).flatmap(lambda i: hostile if i == 0 else valid)
 
 
 # -- schema-driven values -------------------------------------------------------------------
+
 
 def _string(schema: dict[str, Any]) -> st.SearchStrategy[str]:
     return st.text(max_size=min(int(schema.get("maxLength", 24)), 24))
@@ -175,25 +178,29 @@ def _integer(schema: dict[str, Any]) -> st.SearchStrategy[int]:
 
 def _number(schema: dict[str, Any]) -> st.SearchStrategy[float]:
     lo, hi = schema.get("minimum"), schema.get("maximum")
-    return st.floats(min_value=lo, max_value=hi if hi is not None else 100.0, allow_nan=False,
-                     allow_infinity=False)
+    return st.floats(
+        min_value=lo, max_value=hi if hi is not None else 100.0, allow_nan=False, allow_infinity=False
+    )
 
 
-def value_strategy(schema: dict[str, Any], defs: dict[str, Any], depth: int = 0,
-                   hostile_one_in: int = 5) -> st.SearchStrategy[Any]:
+def value_strategy(
+    schema: dict[str, Any], defs: dict[str, Any], depth: int = 0, hostile_one_in: int = 5
+) -> st.SearchStrategy[Any]:
     """A value of `schema`, swapped for a hostile one about once in `hostile_one_in`."""
     valid = _valid_strategy(_resolve(schema, defs), defs, depth, hostile_one_in)
     return _weighted(valid, hostile_value(), hostile_one_in)
 
 
-def _valid_strategy(schema: dict[str, Any], defs: dict[str, Any], depth: int,
-                    one_in: int) -> st.SearchStrategy[Any]:
+def _valid_strategy(
+    schema: dict[str, Any], defs: dict[str, Any], depth: int, one_in: int
+) -> st.SearchStrategy[Any]:
     if depth > 4:
         return st.none()
     for key in ("anyOf", "oneOf"):
         if key in schema:
-            return st.one_of(*(_valid_strategy(_resolve(s, defs), defs, depth + 1, one_in)
-                               for s in schema[key]))
+            return st.one_of(
+                *(_valid_strategy(_resolve(s, defs), defs, depth + 1, one_in) for s in schema[key])
+            )
     if "allOf" in schema:
         return _valid_strategy(_resolve(schema["allOf"][0], defs), defs, depth + 1, one_in)
     if "const" in schema:
@@ -216,15 +223,18 @@ def _valid_strategy(schema: dict[str, Any], defs: dict[str, Any], depth: int,
     return st.one_of(st.none(), st.booleans(), st.integers(-5, 100), st.text(max_size=12))
 
 
-def object_strategy(schema: dict[str, Any], defs: dict[str, Any], depth: int = 0,
-                    one_in: int = 5, max_optional: int = 5) -> st.SearchStrategy[dict[str, Any]]:
+def object_strategy(
+    schema: dict[str, Any], defs: dict[str, Any], depth: int = 0, one_in: int = 5, max_optional: int = 5
+) -> st.SearchStrategy[dict[str, Any]]:
     """An object with every required property and a few optional ones (a handful, so that a
     body is often valid enough to reach the handler), sometimes with unknown keys."""
     props = dict(schema.get("properties") or {})
     required = [k for k in schema.get("required", []) if k in props]
     optional = sorted(k for k in props if k not in required)
     req = st.fixed_dictionaries({k: value_strategy(props[k], defs, depth, one_in) for k in required})
-    picks = st.lists(st.sampled_from(optional), max_size=max_optional, unique=True) if optional else st.just([])
+    picks = (
+        st.lists(st.sampled_from(optional), max_size=max_optional, unique=True) if optional else st.just([])
+    )
 
     def with_optional(keys: list[str]) -> st.SearchStrategy[dict[str, Any]]:
         return st.fixed_dictionaries({k: value_strategy(props[k], defs, depth, one_in) for k in keys})

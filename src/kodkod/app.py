@@ -1,8 +1,11 @@
-"""The app factory: state, routers, error handlers, and the lifespan that loads the model.
+"""The app factory: services, routers, error handlers, and the lifespan that loads the model.
 
 `create_app()` is the one place concrete classes are chosen (the llama.cpp backend loader is
-passed in by the CLI or by tests). Routers are mounted per `network.api_servers`: the core and
-admin routes always, the OpenAI ones for `oai`, the Kobold ones for `kobold`.
+passed in by the CLI or by tests) and the one place services are built: `build_state()` makes
+every service (model manager, sampler presets, templates, Kobold job table, health log) into
+the typed `AppState` that routes reach through the dependencies of `kodkod.api.state`.
+Routers are mounted per `network.api_servers`: the core and admin routes always, the OpenAI
+ones for `oai`, the Kobold ones for `kobold`.
 """
 
 from __future__ import annotations
@@ -21,15 +24,16 @@ from kodkod.api.admin import overrides as admin_overrides
 from kodkod.api.admin import templates as admin_templates
 from kodkod.api.admin import unavailable
 from kodkod.api.admin.inline import LeaseMiddleware
-from kodkod.api.admin.overrides import PresetError, apply_preset
+from kodkod.api.auth_gate import AuthGate
 from kodkod.api.body_limit import BodySizeLimitMiddleware
 from kodkod.api.core import misc, models
 from kodkod.api.errors import install_error_handlers
-from kodkod.api.auth_gate import AuthGate
 from kodkod.api.guard import HostOriginGuard, HostPolicy, PolicyCORSMiddleware
+from kodkod.api.kobold.jobs import JobTable
 from kodkod.api.openai import chat, completions
+from kodkod.api.presets import PresetError, SamplerPresets
 from kodkod.api.request_log import RequestLogMiddleware
-from kodkod.api.state import AppState
+from kodkod.api.state import AppState, HealthLog, ServerPaths, TemplateLibrary
 from kodkod.auth import KeyStore
 from kodkod.models.manager import BackendLoader, ModelManager
 from kodkod.settings import Settings
@@ -39,6 +43,31 @@ log = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """The startup model (or its `lora.loras` adapters) could not be loaded (one-line message)."""
+
+
+def build_state(
+    settings: Settings, keys: KeyStore, backend_loader: BackendLoader, base_dir: Path
+) -> AppState:
+    """Every service of one server (nothing runs yet: the lifespan loads the model)."""
+    paths = ServerPaths.resolve_all(settings, base_dir)
+    health = HealthLog()
+    manager = ModelManager(
+        backend_loader, paths.templates_dir, on_fatal=health.record_fatal,
+        lora_dir=paths.lora_dir,
+        host_cache_mb=settings.memory.sysmem_kv_cache,
+        unload_grace_s=settings.model.unload_grace_s,
+        engine_stall_timeout_s=settings.limits.engine_stall_timeout_s,
+    )
+    return AppState(
+        settings=settings,
+        paths=paths,
+        keys=keys,
+        models=manager,
+        presets=SamplerPresets(paths.overrides_dir),
+        templates=TemplateLibrary(paths.templates_dir),
+        kobold_jobs=JobTable(),
+        health=health,
+    )
 
 
 def create_app(
@@ -51,16 +80,14 @@ def create_app(
 ) -> FastAPI:
     """The app. If the startup model fails to load, `on_startup_error(message)` is called (the
     CLI stops the server and prints the one-line message); without it, StartupError is raised."""
-    base = (base_dir or Path.cwd()).resolve()
-    state_box: dict[str, AppState] = {}
+    state = build_state(settings, keys, backend_loader, (base_dir or Path.cwd()).resolve())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = state_box["state"]
         preset = settings.sampling.override_preset
         if preset:
             try:
-                apply_preset(state.overrides, state.overrides_dir, preset)
+                state.presets.select(preset)
             except PresetError as exc:
                 log.warning("sampler override preset not applied: %s", exc)
         name = settings.model.model_name
@@ -85,18 +112,8 @@ def create_app(
             await state.models.unload("the server is shutting down")
 
     app = FastAPI(title="kodkod", version=__version__, lifespan=lifespan)
-    lora_dir = Path(settings.lora.lora_dir).expanduser()
-    manager = ModelManager(
-        backend_loader, base / "templates", on_fatal=lambda exc: state_box["state"].record_fatal(exc),
-        lora_dir=lora_dir if lora_dir.is_absolute() else base / lora_dir,
-        host_cache_mb=settings.memory.sysmem_kv_cache,
-        unload_grace_s=settings.model.unload_grace_s,
-        engine_stall_timeout_s=settings.limits.engine_stall_timeout_s,
-    )
-    state = AppState(settings=settings, keys=keys, models=manager, base_dir=base)
-    state_box["state"] = state
     app.state.kodkod = state
-    app.state.keys = keys
+    app.state.keys = keys  # the auth dependencies (kodkod.api.deps) read it here
     policy = HostPolicy.from_settings(settings.network)
     app.add_middleware(AuthGate, keys=keys, routes_app=app)  # keys before the body is read
     app.add_middleware(PolicyCORSMiddleware, policy=policy)  # no credentials, see api/guard.py

@@ -17,6 +17,7 @@ load) end with one clear line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from kodkod import __version__
 
@@ -35,14 +37,14 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _load(argv: list[str], parser: argparse.ArgumentParser):  # noqa: ANN202
+def _load(argv: list[str], parser: argparse.ArgumentParser):
     from kodkod.settings import ConfigError, cli_overrides_from_namespace, load_settings
 
     ns = parser.parse_args(argv)
     try:
         result = load_settings(None, cli_overrides_from_namespace(ns), os.environ)
     except ConfigError as exc:
-        raise SystemExit(_fail(str(exc)))
+        raise SystemExit(_fail(str(exc))) from None
     for warning in result.warnings:
         log.warning("%s", warning)
     return result.settings, ns
@@ -124,10 +126,8 @@ def serve(argv: list[str]) -> int:
     # that was installed before it: make that a no-op, so a graceful stop exits with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.run()
-    except KeyboardInterrupt:
-        pass
     if startup_errors:
         return _fail(startup_errors[0], 1)
     return 0
@@ -252,7 +252,7 @@ def export_command(kind: str, argv: list[str]) -> int:
     return 0
 
 
-def _no_backend(*_: object) -> None:  # pragma: no cover - never called when exporting
+def _no_backend(*_: object, **__: object) -> NoReturn:  # pragma: no cover - never called when exporting
     raise RuntimeError("no backend while exporting")
 
 

@@ -13,6 +13,7 @@ another local user could create it first and plant files we would then load.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -94,10 +95,8 @@ def _link_no_clobber(tmp: Path, path: Path) -> None:
 
 def _secure_dir(folder: Path) -> Path:
     """Create `folder` (0700) if missing; refuse one we do not own; tighten a loose one."""
-    try:
+    with contextlib.suppress(FileExistsError):
         folder.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
     st = os.lstat(folder)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise CacheDirError(f"{folder} is not a plain folder; refusing to use it as a cache")

@@ -37,7 +37,7 @@ def requests() -> list[tuple[str, dict[str, Any]]]:
     common = {"max_tokens": MAX_TOKENS, "ban_eos_token": True, "temperature": 0.8, "stream": True}
     kinds = itertools.cycle(["completion", "chat", "kobold"])
     out = []
-    for i, kind in zip(range(N_REQUESTS), kinds):
+    for i, kind in zip(range(N_REQUESTS), kinds, strict=False):
         text = f"Story {i}: write a very long tale about item number {i}."
         if kind == "completion":
             out.append(("/v1/completions", {**common, "prompt": text}))

@@ -105,7 +105,8 @@ def test_model_card_and_lists(srv: KodkodServer) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["Hello 👋 wörld! 你好，世界 🧑‍🚀", "", "  leading spaces\n\ttabs", "<|im_start|>user\nhi<|im_end|>"],
+    ["Hello 👋 wörld! 你好，世界 🧑‍🚀",  # noqa: RUF001 - a full-width comma on purpose
+     "", "  leading spaces\n\ttabs", "<|im_start|>user\nhi<|im_end|>"],
 )
 def test_token_round_trip(srv: KodkodServer, text: str) -> None:
     with srv.client() as c:
@@ -122,9 +123,11 @@ def test_special_tokens_flags(srv: KodkodServer) -> None:
     with srv.client() as c:
         special = c.post("/v1/token/encode", json={"text": "<|im_end|>"}).json()["tokens"]
         assert special == [2]
-        plain = c.post("/v1/token/encode", json={"text": "<|im_end|>", "encode_special_tokens": False}).json()["tokens"]
+        body = {"text": "<|im_end|>", "encode_special_tokens": False}
+        plain = c.post("/v1/token/encode", json=body).json()["tokens"]
         assert plain != [2] and len(plain) > 1
-        hidden = c.post("/v1/token/decode", json={"tokens": [2], "decode_special_tokens": False}).json()["text"]
+        hidden_body = {"tokens": [2], "decode_special_tokens": False}
+        hidden = c.post("/v1/token/decode", json=hidden_body).json()["text"]
         assert hidden == ""
         assert c.post("/v1/token/decode", json={"tokens": [10**9]}).status_code == 400
 

@@ -12,8 +12,8 @@ for "no model loaded" — no streamed response ends in an error event of the ser
 making, the server never dies, and afterwards /health is 200 and a normal completion works.
 Before the fuzz, a fixed list of bodies that got a 5xx from earlier code is replayed, and a
 request with out-of-range prompt token ids must get its own 400 without failing a request
-streaming next to it. Generation bodies get a small max_tokens when they set none, and the server's max_seq_len is
-small, so every generation stays short. Runs are reproducible (derandomize=True); set
+streaming next to it. Generation bodies get a small max_tokens when they set none, and the
+server's max_seq_len is small, so every generation stays short. Runs are reproducible (derandomize=True); set
 KODKOD_FUZZ_EXAMPLES to change the number of bodies per route, KODKOD_FUZZ_SEED to draw others.
 """
 
@@ -149,13 +149,21 @@ def send(client: httpx.Client, path: str, raw: bytes) -> tuple[int, bytes, list[
         return r.status_code, b"".join(chunks), errors
 
 
-def fuzz_route(srv: KodkodServer, route: PostRoute, admin: bool, statuses: Counter[int | str]) -> list[Finding]:
+def fuzz_route(
+    srv: KodkodServer, route: PostRoute, admin: bool, statuses: Counter[int | str]
+) -> list[Finding]:
     findings: list[Finding] = []
     sent: set[bytes] = set()  # hypothesis draws some bodies more than once: send each once
 
     @seed(int(SEED or 0))
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, database=None,
-              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=SEED is None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(body=body_strategy(route))
     def check(body: Any) -> None:
         raw = encode(body)
@@ -208,7 +216,9 @@ KNOWN_HOSTILE: list[tuple[str, bytes]] = [
 ]
 
 
-@pytest.mark.parametrize("path,raw", KNOWN_HOSTILE, ids=[f"{p}-{i}" for i, (p, _) in enumerate(KNOWN_HOSTILE)])
+@pytest.mark.parametrize(
+    "path,raw", KNOWN_HOSTILE, ids=[f"{p}-{i}" for i, (p, _) in enumerate(KNOWN_HOSTILE)]
+)
 def test_known_hostile_bodies_get_no_5xx(box: ServerBox, path: str, raw: bytes) -> None:
     srv = box.alive()
     with srv.client(admin=PERMISSIONS.get(path) is Permission.ADMIN) as c:
@@ -223,8 +233,13 @@ def test_bad_token_ids_fail_only_their_own_request(box: ServerBox) -> None:
     """A request with out-of-range prompt ids, sent while another request streams, gets its
     own 4xx; the streaming request finishes normally and /health stays 200."""
     srv = box.alive()
-    body = {"prompt": "Write a long story about the sea.", "max_tokens": 100, "ban_eos_token": True,
-            "temperature": 0, "stream": True}
+    body = {
+        "prompt": "Write a long story about the sea.",
+        "max_tokens": 100,
+        "ban_eos_token": True,
+        "temperature": 0,
+        "stream": True,
+    }
     finish, errors = None, []
     with srv.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -233,8 +248,10 @@ def test_bad_token_ids_fail_only_their_own_request(box: ServerBox) -> None:
             if line.startswith("data: {"):
                 break  # the good request is decoding: now the bad one joins the batch
         with srv.client() as other:
-            bad = [other.post("/v1/completions", json={"prompt": ids, "max_tokens": 2})
-                   for ids in ([-3, 100], [50_000], [2**31 - 1])]
+            bad = [
+                other.post("/v1/completions", json={"prompt": ids, "max_tokens": 2})
+                for ids in ([-3, 100], [50_000], [2**31 - 1])
+            ]
         for line in lines:
             if line.startswith("data: {"):
                 event = json.loads(line[6:])
@@ -250,8 +267,13 @@ def test_bad_token_ids_fail_only_their_own_request(box: ServerBox) -> None:
 
 def test_routes_were_derived_from_the_app() -> None:
     paths = {r.path for r in ROUTES}
-    assert {"/v1/completions", "/v1/chat/completions", "/v1/token/encode",
-            "/api/v1/generate", "/api/extra/generate/stream"} <= paths
+    assert {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/token/encode",
+        "/api/v1/generate",
+        "/api/extra/generate/stream",
+    } <= paths
     assert "/v1/model/load" not in paths and "/v1/model/unload" not in paths
 
 
@@ -277,8 +299,7 @@ def test_server_still_serves_after_the_fuzz(box: ServerBox) -> None:
     with srv.client() as c:
         health = c.get("/health")
         assert health.status_code == 200, health.text
-        r = c.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 4,
-                                            "temperature": 0})
+        r = c.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
         assert choice["finish_reason"] in ("length", "stop") and isinstance(choice["text"], str)

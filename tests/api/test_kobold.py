@@ -8,6 +8,7 @@ Lite parses them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -192,7 +193,7 @@ def test_check_returns_a_growing_prefix_of_the_stream(
                 assert res["text"].startswith(received)
                 seen.append(res["text"])
     assert len(seen) >= 3 and seen[-1]
-    for earlier, later in zip(seen, seen[1:], strict=False):
+    for earlier, later in itertools.pairwise(seen):
         assert later.startswith(earlier)
     assert all(received.startswith(s) for s in seen)
     # the job is gone once its stream has ended
@@ -244,7 +245,7 @@ def test_abort_without_body_stops_this_clients_anonymous_jobs(
     del body["genkey"]  # SillyTavern Classic sends none
     count = 0
     with client.stream("POST", "/api/extra/generate/stream", json=body) as r:
-        for event in iter_events(r):
+        for _event in iter_events(r):
             count += 1
             if count == 3:
                 # SillyTavern's Stop: POST /api/extra/abort with no body at all

@@ -171,7 +171,7 @@ def http_exchange(port: int, head: bytes, body: bytes = b"") -> tuple[int, dict[
 
 def test_oversized_body_is_refused_before_authentication(server: KodkodServer) -> None:
     # no API key, a declared body of 100 MiB of which nothing is sent: 413, not 401, not a hang
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 104857600\r\n\r\n")
     status, body = http_exchange(server.port, head)
     assert status == 413
@@ -195,14 +195,14 @@ def test_oversized_chunked_body_is_cut_off_at_the_limit(server: KodkodServer) ->
 
 def test_a_client_that_never_finishes_its_headers_is_disconnected(server: KodkodServer) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and nothing more
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and nothing more
         assert s.recv(65536) == b""  # the server closed it (recv times out otherwise)
     with server.client() as api:  # a prompt client on a new connection is served
         assert api.get("/health").status_code == 200
 
 
 def test_oversized_headers_get_431(server: KodkodServer) -> None:
-    head = (b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    head = (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 1000) for i in range(100)) + b"\r\n")
     status, body = http_exchange(server.port, head)
     assert status == 431 and body["error"]["code"] == "headers_too_large"
@@ -217,7 +217,7 @@ def test_a_stalled_stream_reader_loses_its_sequences(server: KodkodServer) -> No
         "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "n": n,
         "logprobs": True, "top_logprobs": 20,  # big chunks: the socket buffers fill sooner
     }).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     wait_idle(server)
     before = engine_stats(server)["generated_tokens"]
@@ -261,25 +261,25 @@ def test_a_full_waiting_queue_answers_429_with_retry_after(tiny_queue: KodkodSer
     long_body = {"prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True, "stream": True}
 
     async def main() -> None:
-        async with tiny_queue.async_client() as api:
-            async with api.stream("POST", "/v1/completions", json=long_body) as running, \
-                    api.stream("POST", "/v1/completions", json=long_body) as waiting:
-                assert running.status_code == waiting.status_code == 200
-                deadline = time.monotonic() + 60
-                while not (engine_stats(tiny_queue).get("running") == 1
-                           and engine_stats(tiny_queue).get("waiting") == 1):
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
-                for path, body in (
-                    ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
-                    ("/v1/chat/completions",
-                     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
-                    ("/api/v1/generate", {"prompt": "hi", "max_length": 2}),
-                ):
-                    r = await api.post(path, json=body)
-                    assert_error(r, 429, "retry", path)
-                    assert r.headers["Retry-After"] == "3"
-                    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        async with tiny_queue.async_client() as api, \
+                api.stream("POST", "/v1/completions", json=long_body) as running, \
+                api.stream("POST", "/v1/completions", json=long_body) as waiting:
+            assert running.status_code == waiting.status_code == 200
+            deadline = time.monotonic() + 60
+            while not (engine_stats(tiny_queue).get("running") == 1
+                       and engine_stats(tiny_queue).get("waiting") == 1):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            for path, body in (
+                ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                ("/v1/chat/completions",
+                 {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                ("/api/v1/generate", {"prompt": "hi", "max_length": 2}),
+            ):
+                r = await api.post(path, json=body)
+                assert_error(r, 429, "retry", path)
+                assert r.headers["Retry-After"] == "3"
+                assert r.json()["error"]["code"] == "rate_limit_exceeded"
         wait_idle(tiny_queue, 60)
         async with tiny_queue.async_client() as api:
             r = await api.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})

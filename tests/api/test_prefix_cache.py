@@ -32,7 +32,9 @@ def ask(question: str) -> str:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path):
-    s = KodkodServer.start(tmp_path_factory.mktemp("prefix"), {"model": LOAD, "memory": {"sysmem_kv_cache": 256}})
+    s = KodkodServer.start(
+        tmp_path_factory.mktemp("prefix"), {"model": LOAD, "memory": {"sysmem_kv_cache": 256}}
+    )
     yield s
     s.stop()
 

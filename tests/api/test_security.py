@@ -251,10 +251,10 @@ def test_keys_are_checked_before_the_body_is_read(locked: KodkodServer) -> None:
     assert head.startswith("HTTP/1.1 401"), head
     head = _raw_post_head(locked.port, "/v1/completions", {}, 1_000_000)
     assert head.startswith("HTTP/1.1 401"), head
-    with pytest.raises(TimeoutError):  # a valid key: the server waits for the rest of the body
-        with socket.create_connection(("127.0.0.1", locked.port), timeout=2) as s:
-            s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                       f"Authorization: Bearer {API_KEY}\r\nContent-Length: 1000000\r\n\r\n").encode())
-            s.recv(4096)
+    # a valid key: the server waits for the rest of the body
+    with pytest.raises(TimeoutError), socket.create_connection(("127.0.0.1", locked.port), timeout=2) as s:
+        s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   f"Authorization: Bearer {API_KEY}\r\nContent-Length: 1000000\r\n\r\n").encode())
+        s.recv(4096)
     with locked.client() as c:  # and the server is fine
         assert c.get("/v1/model").status_code == 200

@@ -12,7 +12,9 @@ import pytest
 from tests.server import MODELS, free_port
 
 
-def run_kodkod(cwd: Path, config: str | None, tokens: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+def run_kodkod(
+    cwd: Path, config: str | None, tokens: str | None, *args: str
+) -> subprocess.CompletedProcess[str]:
     if config is not None:
         (cwd / "config.yml").write_text(config, encoding="utf-8")
     if tokens is not None:
@@ -20,7 +22,11 @@ def run_kodkod(cwd: Path, config: str | None, tokens: str | None, *args: str) ->
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TABBY_", "KODKOD_"))}
     return subprocess.run(
         [sys.executable, "-m", "kodkod", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=120, env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 
@@ -84,11 +90,17 @@ def test_unknown_key_is_only_a_warning(workdir: Path) -> None:
         f"network:\n  port: {port}\n  colour: blue\nmodel:\n  model_dir: models\n", encoding="utf-8"
     )
     (workdir / "api_tokens.yml").write_text(GOOD_TOKENS, encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "kodkod"], cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kodkod"],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        import httpx
         import time
+
+        import httpx
 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

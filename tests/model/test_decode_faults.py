@@ -71,7 +71,7 @@ def test_a_bad_prompt_that_reaches_the_engine_fails_alone(backend: LlamaCppBacke
         backend.kv_clear()
         client = EngineClient.start(backend, EngineConfig(max_seq_len=512, max_batch_size=4, chunk_size=64))
         fatal: list[BaseException] = []
-        client._engine._on_fatal = fatal.append  # noqa: SLF001
+        client._engine._on_fatal = fatal.append
         try:
             await client.submit(good("warm")).collect()
             alone, _ = await client.submit(good("alone")).collect()  # from the cached prefix too
@@ -81,7 +81,7 @@ def test_a_bad_prompt_that_reaches_the_engine_fails_alone(backend: LlamaCppBacke
             assert isinstance(first, TokenEvent)
             # around client.check, which would refuse it with a 400
             bad = RequestStream("bad", asyncio.get_running_loop())
-            client._engine.submit(GenerationRequest("bad", [1, BAD], sampling=greedy, max_tokens=4), bad)  # noqa: SLF001
+            client._engine.submit(GenerationRequest("bad", [1, BAD], sampling=greedy, max_tokens=4), bad)
             _, bad_final = await bad.collect()
             assert isinstance(bad_final, ErrorEvent) and bad_final.kind is ErrorKind.BAD_REQUEST
             ids_out = list(first.token_ids)

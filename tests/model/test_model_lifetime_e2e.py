@@ -163,7 +163,7 @@ def test_swaps_under_streaming_load_never_crash_or_truncate(server: KodkodServer
         def admin() -> None:
             try:
                 ops.extend(_admin_ops(server))
-            except BaseException as exc:  # noqa: BLE001 - re-raised by the test
+            except BaseException as exc:  # re-raised by the test
                 failure.append(exc)
 
         thread = threading.Thread(target=admin)

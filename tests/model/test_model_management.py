@@ -179,14 +179,20 @@ def test_load_needs_admin_and_valid_types(server: KodkodServer, admin: httpx.Cli
     with server.client() as api:
         assert api.post("/v1/model/load", json={"model_name": DEFAULT_MODEL}).status_code == 401
         assert api.post("/v1/model/unload").status_code == 401
-    assert admin.post("/v1/model/load", json={"model_name": DEFAULT_MODEL, "max_seq_len": "x"}).status_code == 422
+    bad_load = {"model_name": DEFAULT_MODEL, "max_seq_len": "x"}
+    assert admin.post("/v1/model/load", json=bad_load).status_code == 422
 
 
 def _stream_until_end(
     server: KodkodServer, started: threading.Event, out: list[Any], max_tokens: int = 1800
 ) -> None:
-    body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True,
-            "ignore_eos": True, "temperature": 0}
+    body = {
+        "prompt": "Once upon a time",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     with server.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
@@ -255,16 +261,24 @@ def test_inline_switching_is_serialised(server: KodkodServer, admin: httpx.Clien
         async with server.async_client(admin=True) as c:
             for i in range(20):
                 want = first if i % 2 == 0 else second
-                r = await c.post("/v1/completions", json={
-                    "model": want, "prompt": PROMPT, "max_tokens": 2, "temperature": 0,
-                })
+                r = await c.post(
+                    "/v1/completions",
+                    json={
+                        "model": want,
+                        "prompt": PROMPT,
+                        "max_tokens": 2,
+                        "temperature": 0,
+                    },
+                )
                 assert r.status_code == 200, r.text
                 body = r.json()
                 seen.append((want, body["model"], body["usage"]["prompt_tokens"]))
         return seen
 
     async def both() -> list[list[tuple[str, str, int]]]:
-        return list(await asyncio.gather(client(DEFAULT_MODEL, GEMMA_MODEL), client(GEMMA_MODEL, DEFAULT_MODEL)))
+        return list(
+            await asyncio.gather(client(DEFAULT_MODEL, GEMMA_MODEL), client(GEMMA_MODEL, DEFAULT_MODEL))
+        )
 
     results = asyncio.run(both())
     assert sum(len(r) for r in results) == 40

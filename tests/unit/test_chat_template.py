@@ -284,7 +284,7 @@ def test_raise_exception_message_is_kept() -> None:
 
 
 def test_syntax_error_is_template_error() -> None:
-    with pytest.raises(TemplateError, match="syntax error .* line 2"):
+    with pytest.raises(TemplateError, match=r"syntax error .* line 2"):
         ChatTemplate.compile("broken", "ok\n{% for m in messages %}")
 
 

@@ -8,11 +8,11 @@ import asyncio
 
 import pytest
 
+import kodkod.engine.loop as loop_module
 from kodkod.engine.client import EngineClient
 from kodkod.engine.compaction import COMPACT_AFTER_EVICTED, Move, compact, plan_compaction
-import kodkod.engine.loop as loop_module
-from kodkod.engine.loop import EngineConfig
 from kodkod.engine.host_cache import HostPrefixCache
+from kodkod.engine.loop import EngineConfig
 from kodkod.engine.scheduler import CopyPrefix, Scheduler, SchedulerConfig, Truncate
 from kodkod.engine.types import FinishEvent, GenerationRequest
 from tests.fakes import FakeBackend
@@ -133,14 +133,14 @@ def test_engine_compacts_when_idle_and_keeps_serving(monkeypatch: pytest.MonkeyP
                 reqs = [GenerationRequest(f"r{i}-{k}", p, max_tokens=6) for k, p in enumerate(prompts)]
                 results = await asyncio.gather(*(client.submit(r).collect() for r in reqs))
                 assert all(isinstance(final, FinishEvent) for _, final in results)
-                last = [(p, tokens.token_ids) for p, (tokens, _) in zip(prompts, results)]
+                last = [(p, tokens.token_ids) for p, (tokens, _) in zip(prompts, results, strict=True)]
             await wait_idle(client)
             assert client.stats.compactions >= 1  # it happened along the way
             # once more, right now: mark enough evicted cells and let one small request pass
             sched = client._engine._sched  # idle: the engine thread waits for commands
             before = client.stats.compactions
             sched.evicted_since_compaction = COMPACT_AFTER_EVICTED
-            _, final = await client.submit(GenerationRequest("wake", common + [40], max_tokens=2)).collect()
+            _, final = await client.submit(GenerationRequest("wake", [*common, 40], max_tokens=2)).collect()
             assert isinstance(final, FinishEvent)
             for _ in range(100):
                 if client.stats.compactions > before:
@@ -153,7 +153,8 @@ def test_engine_compacts_when_idle_and_keeps_serving(monkeypatch: pytest.MonkeyP
             # the newest prefixes survived compaction intact (shared parts included): asking
             # again reuses them, and the fake backend refuses any position without KV
             for k, (prompt, out) in enumerate(last):
-                tokens, final = await client.submit(GenerationRequest(f"again{k}", prompt, max_tokens=6)).collect()
+                again = GenerationRequest(f"again{k}", prompt, max_tokens=6)
+                tokens, final = await client.submit(again).collect()
                 assert isinstance(final, FinishEvent) and tokens.token_ids == out
                 assert final.usage.cached_tokens == len(prompt) - 1
         finally:

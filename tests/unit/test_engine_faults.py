@@ -67,7 +67,9 @@ def test_a_decode_failing_because_of_one_sequence_fails_only_that_sequence() -> 
             assert isinstance(final, FinishEvent)
 
             started = asyncio.Event()
-            good = asyncio.ensure_future(drain(client.submit(GenerationRequest("good", [1, 2], max_tokens=30)), started))
+            good = asyncio.ensure_future(
+                drain(client.submit(GenerationRequest("good", [1, 2], max_tokens=30)), started)
+            )
             await started.wait()  # "good" is decoding: "bad" joins its batches
             bad = client.submit(GenerationRequest("bad", [44], max_tokens=20))
             (tokens, good_final), (bad_tokens, bad_final) = await asyncio.gather(good, bad.collect())
@@ -117,7 +119,10 @@ def test_a_decode_that_always_fails_is_fatal_and_new_requests_are_refused_at_onc
         client = EngineClient.start(backend, CONFIG, fatal.append)
         try:
             results = await asyncio.gather(
-                *(client.submit(GenerationRequest(f"r{i}", [1 + i], max_tokens=5)).collect() for i in range(2))
+                *(
+                    client.submit(GenerationRequest(f"r{i}", [1 + i], max_tokens=5)).collect()
+                    for i in range(2)
+                )
             )
             for _, final in results:
                 assert isinstance(final, ErrorEvent) and final.kind is ErrorKind.UNLOADED
@@ -140,7 +145,7 @@ def test_a_dead_engine_thread_is_reported_and_its_requests_end() -> None:
 
     async def main() -> None:
         client = EngineClient.start(backend, CONFIG, fatal.append)
-        engine = client._engine  # noqa: SLF001 - break the loop outside the guarded step
+        engine = client._engine  # break the loop outside the guarded step
 
         def broken(cmd: object) -> None:
             raise RuntimeError("loop bug")
@@ -222,7 +227,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_naming_field_and_id(
             assert err.value.status == 400 and err.value.param == field
             assert err.value.message.startswith(f"{field}: token id ")
             assert "(0..63)" in err.value.message
-            tokens, final = await client.submit(GenerationRequest("ok", [1, 2], max_tokens=3)).collect()
+            _tokens, final = await client.submit(GenerationRequest("ok", [1, 2], max_tokens=3)).collect()
             assert isinstance(final, FinishEvent)
             assert backend.batches and all(t < 64 for b in backend.batches for r in b for t in r.tokens)
         finally:

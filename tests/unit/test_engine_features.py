@@ -61,7 +61,9 @@ def test_banned_string_never_reaches_the_client_and_is_resampled() -> None:
     # main path: 1 "The" → 2 " cat" → 3 " sat" ...; " cat" is banned, runner-up of 1 is 9 " dog"
     pieces = {1: b"The", 2: b" cat", 3: b" sat", 9: b" dog", 10: b" ran", 11: b"."}
     backend = FakeBackend(pieces=pieces, script={9: 10, 10: 11, 11: 0}, second={1: 9}, eos=0)
-    [(texts, final, ids)] = collect_all(backend, GenerationRequest("b", [5, 1], max_tokens=8, banned_strings=["cat"]))
+    [(texts, final, _ids)] = collect_all(
+        backend, GenerationRequest("b", [5, 1], max_tokens=8, banned_strings=["cat"])
+    )
     text = "".join(texts)
     assert "cat" not in text
     assert all("cat" not in t for t in texts)
@@ -83,12 +85,16 @@ def test_loop_detector() -> None:
     assert looping and len(out) >= 12 + 5 - 3
     d = LoopDetector(12, every=1)
     out = []
-    assert not any(d.add(out := out + [t]) for t in range(40))
+    for t in range(40):
+        out = [*out, t]
+        assert not d.add(out)
 
 
 def test_loop_detection_stops_generation() -> None:
     backend = FakeBackend(script={5: 6, 6: 7, 7: 5}, eos=63)
-    [(_, final, ids)] = collect_all(backend, GenerationRequest("l", [1, 4], max_tokens=150, loop_detect_window=30))
+    [(_, final, ids)] = collect_all(
+        backend, GenerationRequest("l", [1, 4], max_tokens=150, loop_detect_window=30)
+    )
     assert isinstance(final, FinishEvent) and final.eos_reason is EosReason.LOOP_DETECTED
     assert len(ids) < 60
 
@@ -110,6 +116,8 @@ def test_token_healing_regenerates_the_last_prompt_token() -> None:
     # without healing the model would continue after "Fra" with 24 ("nce"); with healing the
     # last prompt token is dropped and the first token must start with "Fra"
     backend = FakeBackend(pieces=pieces, script={19: 21, 20: 24, 21: 23, 23: 0}, eos=0)
-    [(texts, final, ids)] = collect_all(backend, GenerationRequest("h", [19, 20], max_tokens=5, token_healing=True))
+    [(texts, _final, ids)] = collect_all(
+        backend, GenerationRequest("h", [19, 20], max_tokens=5, token_healing=True)
+    )
     assert ids[0] == 21
     assert "".join(texts) == "nce is"

@@ -49,7 +49,9 @@ async def wait_idle(client: EngineClient, timeout_s: float = 5.0) -> None:
 
 def test_concurrent_requests_each_finish_once_and_nothing_leaks() -> None:
     async def body(client: EngineClient, backend: FakeBackend) -> None:
-        streams = [client.submit(GenerationRequest(f"r{i}", [10 + i, 11 + i], max_tokens=12)) for i in range(8)]
+        streams = [
+            client.submit(GenerationRequest(f"r{i}", [10 + i, 11 + i], max_tokens=12)) for i in range(8)
+        ]
         results = await asyncio.gather(*(s.collect() for s in streams))
         for i, (tokens, final) in enumerate(results):
             assert isinstance(final, FinishEvent)
@@ -78,7 +80,7 @@ def test_eos_stops_with_stop_str_and_is_not_emitted() -> None:
 def test_min_tokens_bans_eos_until_reached() -> None:
     async def body(client: EngineClient, backend: FakeBackend) -> None:
         req = GenerationRequest("m", [5], max_tokens=6, min_tokens=4)
-        tokens, final = await client.submit(req).collect()
+        tokens, _final = await client.submit(req).collect()
         # EOS (0) would come right after 6; banned, the fake's argmax falls to token 1 instead
         assert len(tokens.token_ids) >= 4
         assert tokens.token_ids[0] != 0
@@ -145,7 +147,10 @@ def test_shutdown_ends_running_requests_with_an_error_event() -> None:
     async def main() -> None:
         client = EngineClient.start(backend, EngineConfig(max_seq_len=200, max_batch_size=4, chunk_size=8))
         streams = [client.submit(GenerationRequest(f"x{i}", [1], max_tokens=190)) for i in range(3)]
-        await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while client.stats.running < 3:  # all three are generating
+            assert time.monotonic() < deadline, client.stats
+            await asyncio.sleep(0.005)
         await client.shutdown("the model was unloaded")
         finals = [(await s.collect())[1] for s in streams]
         for f in finals:

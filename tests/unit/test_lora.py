@@ -16,7 +16,13 @@ from safetensors.numpy import save_file
 from kodkod.engine.client import RequestError
 from kodkod.models.lora import LoraLibrary, check_adapter, discover_loras, resolve_lora
 from kodkod.models.peft import BaseFacts, LoraError, ensure_gguf, permute_rows, read_safetensors
-from tests.lora_fixtures import Adapter, hf_row_order, write_gguf_adapter, write_gguf_tensors, write_peft_adapter
+from tests.lora_fixtures import (
+    Adapter,
+    hf_row_order,
+    write_gguf_adapter,
+    write_gguf_tensors,
+    write_peft_adapter,
+)
 
 # A tiny "llama" model: hidden 8, 2 heads of 4, 1 KV head (shapes are GGUF ne: in, out).
 BASE = BaseFacts(

@@ -144,7 +144,7 @@ def test_concurrent_requests_with_different_adapters_each_get_their_own_output()
             GenerationRequest("zero", [10, 11], max_tokens=8, adapters=(("a", 0.0),)),
         ]
         results = await asyncio.gather(*(client.submit(r).collect() for r in reqs))
-        for (tokens, final), shift in zip(results, (3, 6, 0, 0)):
+        for (tokens, final), shift in zip(results, (3, 6, 0, 0), strict=True):
             assert isinstance(final, FinishEvent)
             assert tokens.token_ids == expected(11, shift, 8)
         # every decode ran with one set; several sets were in use
@@ -169,14 +169,17 @@ def test_waiting_requests_follow_a_swap() -> None:
 
     async def body(client: EngineClient, backend: AdapterBackend) -> None:
         long = client.submit(GenerationRequest("long", [10, 11], max_tokens=30))
-        await asyncio.sleep(0.05)
+        deadline = asyncio.get_running_loop().time() + 10
+        while client.stats.running < 1:  # `long` is generating
+            assert asyncio.get_running_loop().time() < deadline, client.stats
+            await asyncio.sleep(0.005)
 
         def swap(b: Any) -> None:
             b.adapters.loaded.pop("b")
             b.adapters.activate([("a", None, 1.0)])
 
         swapped = asyncio.ensure_future(client.run_exclusive(swap))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one turn of the loop: the swap's command is queued
         follows = client.submit(GenerationRequest("follows", [20, 21], max_tokens=4))
         names_b = client.submit(GenerationRequest("names_b", [20, 21], max_tokens=4,
                                                   adapters=(("b", 1.0),)))

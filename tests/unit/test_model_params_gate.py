@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -14,20 +15,36 @@ class NoModel(Exception):
     pass
 
 
+async def until(cond: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
+    """Poll `cond` until it holds; fail after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not cond():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
 class Harness:
-    """A gate over string "models" whose switches are counted and take a moment."""
+    """A gate over string "models" whose switches are counted and take a moment (or, when
+    `proceed` is set, wait for it)."""
 
     def __init__(self, initial: str | None = "A") -> None:
         self.gate: ModelGate[str] = ModelGate(lambda m: m)
         self.gate.install(initial)
+        self.entered: list[str] = []  # switches that have started
         self.switches: list[str] = []
         self.fail: set[str] = set()
+        self.proceed: asyncio.Event | None = None
 
-    def switcher(self, target: str):  # noqa: ANN201
+    def switcher(self, target: str):
         async def switch() -> None:
             assert self.gate.busy
             self.gate.install(None)
-            await asyncio.sleep(0.01)
+            self.entered.append(target)
+            if self.proceed is not None:
+                await self.proceed.wait()
+            else:
+                await asyncio.sleep(0.01)
             if target in self.fail:
                 raise RuntimeError(f"cannot load {target}")
             self.switches.append(target)
@@ -40,7 +57,7 @@ class Harness:
         return await self.gate.acquire(want, switch, NoModel)
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):
     return asyncio.run(coro)
 
 
@@ -64,15 +81,16 @@ def test_switch_waits_for_leases_on_the_old_model() -> None:
         h = Harness()
         held = await h.lease("A")
         task = asyncio.create_task(h.lease("B"))
-        await asyncio.sleep(0.05)
+        await until(lambda: h.gate.pending_switch, "the switch to B to be elected")
         assert not task.done() and h.switches == []  # A is still in use
         late_a = asyncio.create_task(h.lease("A"))  # arrives after the switch was elected
-        await asyncio.sleep(0.02)
+        # One turn of the loop: the new waiter runs until it blocks (or is served).
+        await asyncio.sleep(0)
         assert not late_a.done()
         held.release()
         b = await task
         assert b.model == "B" and h.switches == ["B"]
-        await asyncio.sleep(0.02)
+        await until(lambda: h.gate.pending_switch, "the switch back to A to be elected")
         assert not late_a.done()  # waits for B's lease
         b.release()
         a = await late_a
@@ -114,9 +132,13 @@ def test_refusal_and_failed_switch() -> None:
 def test_any_model_waiter_waits_for_a_pending_switch() -> None:
     async def main() -> None:
         h = Harness(initial=None)
+        h.proceed = asyncio.Event()
         switching = asyncio.create_task(h.lease("B"))
-        await asyncio.sleep(0)
+        await until(lambda: h.entered, "the switch to start")
         anyone = asyncio.create_task(h.lease(None))
+        await asyncio.sleep(0)  # one turn of the loop: `anyone` runs until it blocks
+        assert not anyone.done()
+        h.proceed.set()
         assert (await switching).model == "B"
         assert (await anyone).model == "B"
 
@@ -155,11 +177,13 @@ def test_alternating_clients_never_interleave() -> None:
 def test_a_cancelled_switcher_does_not_cancel_the_switch() -> None:
     async def main() -> None:
         h = Harness()
+        h.proceed = asyncio.Event()
         task = asyncio.create_task(h.lease("B"))
-        await asyncio.sleep(0.001)  # inside the switch now
+        await until(lambda: h.entered, "the switch to start")  # inside the switch now
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        h.proceed.set()
         async with h.gate.lock:  # the switch still finishes, holding the lock until done
             assert h.gate.current == "B" and h.switches == ["B"]
         assert (await h.lease(None)).model == "B"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from kodkod.api.admin.overrides import PresetError, apply_preset, load_preset, normalise_overrides
 from kodkod.api.convert import resolve_fields
+from kodkod.api.presets import PresetError, apply_preset, load_preset, normalise_overrides
 from kodkod.api.sampling import FALLBACKS, SamplerRequest, apply_override, sampler_problem
 from kodkod.api.state import OverrideState
 

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from kodkod.api.admin.overrides import PresetError, normalise_overrides
 from kodkod.api.convert import sampling_params
 from kodkod.api.kobold.schemas import KoboldGenerateRequest
 from kodkod.api.openai.schemas import ChatCompletionRequest, CompletionRequest
+from kodkod.api.presets import PresetError, normalise_overrides
 from kodkod.api.sampler_table import INT32_MAX, SAMPLER_TABLE, SamplerParam, Surface
 from kodkod.api.sampling import FALLBACKS, SamplerRequest
 from kodkod.engine.types import SamplingParams

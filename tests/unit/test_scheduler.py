@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from kodkod.engine.detokenizer import IncrementalDetokenizer
-from kodkod.engine.kv import KVPool, SlotState, common_prefix_len
 from kodkod.engine.host_cache import HostPrefixCache
+from kodkod.engine.kv import KVPool, SlotState, common_prefix_len
 from kodkod.engine.scheduler import (
     CopyPrefix,
     Offload,
@@ -17,7 +17,7 @@ from kodkod.engine.scheduler import (
     StepKind,
     Truncate,
 )
-from kodkod.engine.sequence import Sequence, SeqStatus
+from kodkod.engine.sequence import SeqStatus, Sequence
 from kodkod.engine.stopping import StopStringMatcher
 from kodkod.engine.types import GenerationRequest
 
@@ -68,7 +68,7 @@ def test_common_prefix_len() -> None:
     assert common_prefix_len([1, 2, 3], [1, 2, 3, 4]) == 3
     assert common_prefix_len([], [1]) == 0
     a = list(range(5000))
-    b = a[:3333] + [-1] + a[3334:]
+    b = [*a[:3333], -1, *a[3334:]]
     assert common_prefix_len(a, b) == 3333
 
 
@@ -126,7 +126,7 @@ def test_exact_cached_prefix_is_adopted_without_copy() -> None:
     slot_a = sched.slots.slots[0]
     assert slot_a.state is SlotState.CACHED
     # the follow-up turn extends exactly what is cached
-    b = make_seq("b", a.tokens[:21] + [99, 98])
+    b = make_seq("b", [*a.tokens[:21], 99, 98])
     sched.add(b)
     plan = sched.schedule()
     assert b.slot == 0 and b.num_computed == 21
@@ -141,7 +141,7 @@ def test_partial_prefix_is_shared_into_a_new_slot_and_cache_kept() -> None:
     run_step(sched)
     sched.remove(a)
     free_before = sched.pool.free_cells
-    b = make_seq("b", list(range(25)) + [500, 501, 502])
+    b = make_seq("b", [*range(25), 500, 501, 502])
     sched.add(b)
     plan = sched.schedule()
     assert plan is not None
@@ -201,7 +201,7 @@ def test_preemption_when_decode_has_no_room() -> None:
         run_step(sched)
     # fill the pool with decode steps until something must give
     for _ in range(40):
-        plan = run_step(sched)
+        run_step(sched)
         if sched.num_preemptions:
             break
     assert sched.num_preemptions >= 1
@@ -271,7 +271,7 @@ def test_idle_cache_is_trimmed_while_running_and_offloaded_to_host() -> None:
     host.stored(offloads[0].entry, b"kv")  # what the engine loop does when it replays the op
     sched.commit(plan)
     # the conversation continues: its prefix comes back from host RAM
-    follow = make_seq("c", list(range(300)) + [7, 8, 9])
+    follow = make_seq("c", [*range(300), 7, 8, 9])
     sched.add(follow)
     plan = sched.schedule()
     restores = [op for op in plan.kv_ops if isinstance(op, Restore)]

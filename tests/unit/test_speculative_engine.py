@@ -56,11 +56,18 @@ def run(
         config = EngineConfig(200, max_batch, 8, spec or SpecConfig())
         client = EngineClient.start(target, config, None, draft)
         try:
+            generated = 0
             if spec is not None and warm_up:
-                await client.submit(GenerationRequest("warm-up", [1, 2], max_tokens=12)).collect()
+                tokens, _ = await client.submit(GenerationRequest("warm-up", [1, 2], max_tokens=12)).collect()
+                generated += len(tokens.token_ids)
             results = await asyncio.gather(*(client.submit(r).collect() for r in reqs))
-            await asyncio.sleep(0.05)
-            return [Outcome(t.token_ids, t.text, f) for t, f in results], client.stats
+            generated += sum(len(t.token_ids) for t, _ in results)
+            # the stats snapshot the engine publishes once the last request is done
+            deadline = asyncio.get_running_loop().time() + 10
+            while not ((s := client.stats).running == s.waiting == 0 and s.generated_tokens >= generated):
+                assert asyncio.get_running_loop().time() < deadline, f"stats never caught up: {s}"
+                await asyncio.sleep(0.005)
+            return [Outcome(t.token_ids, t.text, f) for t, f in results], s
         finally:
             await client.shutdown("test over")
 
@@ -87,7 +94,8 @@ NGRAM = SpecConfig(SpecMode.NGRAM)
 
 
 def same(a: list[Outcome], b: list[Outcome]) -> None:
-    for x, y in zip(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
         assert x.ids == y.ids
         assert x.text == y.text
         assert isinstance(x.final, FinishEvent) and isinstance(y.final, FinishEvent)
@@ -99,7 +107,7 @@ def same(a: list[Outcome], b: list[Outcome]) -> None:
 def test_draft_model_and_ngram_outputs_equal_plain_decoding() -> None:
     plain, s0, _, _ = run(requests(max_tokens=90), None)
     model, s1, _, _ = run(requests(max_tokens=90), MODEL, draft_script=DRAFT_SCRIPT)
-    ngram, s2, _, _ = run(requests(max_tokens=90), NGRAM)
+    ngram, _s2, _, _ = run(requests(max_tokens=90), NGRAM)
     same(plain, model)
     same(plain, ngram)
     assert s0.drafted_tokens == 0
@@ -123,7 +131,7 @@ def test_stop_string_inside_an_accepted_run_stops_at_the_same_place() -> None:
                     GenerationRequest("t", [10, 11], max_tokens=30, stop_strings=["<16>"],
                                       include_stop_str_in_output=True)]
     plain, _, _, _ = run(reqs(), None)
-    model, stats, _, _ = run(reqs(), MODEL, draft_script={})
+    model, _stats, _, _ = run(reqs(), MODEL, draft_script={})
     assert plain[0].text == "<12><13><14><15>" and plain[1].text.endswith("<15><16>")
     same(plain, model)
     assert model[0].final.eos_reason is EosReason.STOP_STRING
@@ -143,7 +151,7 @@ def test_max_tokens_and_eos_inside_drafts() -> None:
 def test_banned_string_rewinds_in_the_middle_of_a_run() -> None:
     reqs = lambda: [GenerationRequest("b", [10], max_tokens=12, banned_strings=["<14>"])]  # noqa: E731
     plain, _, _, _ = run(reqs(), None)
-    model, stats, _, _ = run(reqs(), MODEL, draft_script={})
+    model, _stats, _, _ = run(reqs(), MODEL, draft_script={})
     ngram, _, _, _ = run(reqs(), NGRAM)
     assert "<14>" not in plain[0].text
     same(plain, model)
@@ -169,7 +177,7 @@ def test_logits_processors_see_exactly_the_emitted_tokens() -> None:
     reqs = [GenerationRequest("p", [2], max_tokens=15, processors=[procs[0]])]
     plain, _, _, _ = run(reqs, None)
     reqs = [GenerationRequest("p", [2], max_tokens=15, processors=[procs[1]])]
-    model, stats, _, _ = run(reqs, MODEL, draft_script={})
+    model, _stats, _, _ = run(reqs, MODEL, draft_script={})
     same(plain, model)
     assert all(t % 2 == 0 for t in model[0].ids)
     assert procs[1].seen == model[0].ids == procs[0].seen
@@ -191,7 +199,7 @@ def test_cfg_pairs_do_not_draft_but_still_decode() -> None:
     reqs = lambda: [GenerationRequest("c", [5, 6], max_tokens=10, cfg_scale=1.5),  # noqa: E731
                     GenerationRequest("d", [5, 6], max_tokens=10)]
     plain, _, _, _ = run(reqs(), None)
-    model, stats, _, _ = run(reqs(), MODEL, draft_script={})
+    model, _stats, _, _ = run(reqs(), MODEL, draft_script={})
     same(plain, model)
     assert drafted(model) > 0
 
@@ -200,10 +208,10 @@ def test_prefix_reuse_and_many_requests_keep_the_draft_cache_in_step() -> None:
     """Cached prefixes, copies and evictions are mirrored on the draft: its FakeBackend would
     refuse a row that does not continue exactly where its cache ends."""
     shared = list(range(1, 20))
-    reqs = [GenerationRequest(f"x{i}", shared + [40 + i], max_tokens=12) for i in range(10)]
+    reqs = [GenerationRequest(f"x{i}", [*shared, 40 + i], max_tokens=12) for i in range(10)]
     plain, _, _, _ = run(reqs, None, max_batch=2)
-    reqs = [GenerationRequest(f"x{i}", shared + [40 + i], max_tokens=12) for i in range(10)]
-    model, stats, target, draft = run(reqs, MODEL, draft_script=DRAFT_SCRIPT, max_batch=2)
+    reqs = [GenerationRequest(f"x{i}", [*shared, 40 + i], max_tokens=12) for i in range(10)]
+    model, _stats, _target, draft = run(reqs, MODEL, draft_script=DRAFT_SCRIPT, max_batch=2)
     same(plain, model)
     assert drafted(model) > 0 and draft is not None
     assert any(len(b) > 1 for b in draft.batches)  # drafting was batched over sequences
@@ -252,6 +260,6 @@ def test_static_speculation_drafts_the_configured_length_every_step() -> None:
 
 def test_a_failing_draft_model_only_costs_its_drafts() -> None:
     plain, _, _, _ = run(requests(), None)
-    outs, stats, target, _ = run(requests(), MODEL, draft_script={}, draft_fails=True)
+    outs, stats, _target, _ = run(requests(), MODEL, draft_script={}, draft_fails=True)
     same(plain, outs)
     assert stats.drafted_tokens == 0

@@ -3,8 +3,9 @@
 FastAPI reads and parses a request's body before it runs the route's auth dependency, so
 without this gate anyone could make the server read and parse a large JSON body. The gate looks
 the request's path up among the app's routes that need a key and checks that an API or admin key
-is present and valid before the body is read; a failure is the same 401 the route would give.
-The route's own dependency still decides API versus admin level. Open routes (`/health`, the
+is present and valid before the body is read; a failure is the same 401 (OpenAI's shape plus
+FastAPI's `detail`) the route would give. The route's own dependency still decides API versus
+admin level. Open routes (`/health`, the
 Kobold probes...) and unknown paths pass through untouched.
 """
 
@@ -18,6 +19,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kodkod.api.deps import iter_route_permissions
+from kodkod.api.errors import error_body
 from kodkod.auth import AuthError, KeyStore, Permission
 
 
@@ -56,7 +58,7 @@ class AuthGate:
         try:
             self._keys.check_api(Headers(scope=scope))
         except AuthError as exc:
-            body = json.dumps({"detail": exc.message}).encode()
+            body = json.dumps(error_body(401, exc.message)).encode()
             await send({"type": "http.response.start", "status": 401,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(body)).encode())]})

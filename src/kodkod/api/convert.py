@@ -1,13 +1,10 @@
 """From API request fields to engine requests.
 
-`resolve_fields()` applies the sampler override preset to the fields a request sent (§9.4):
-a non-forced override fills a field the request left out, a forced one replaces it (even when
-the forced value is 0 or false — upstream skips falsy forced values, we don't), an additive
-list is prepended to the request's list. `build_generation()` turns the resolved values into a
-`GenerationRequest` for one prompt.
-
-Parameters the engine cannot honour yet are refused with a 400 that names them, never silently
-ignored (`unsupported_fields`).
+`resolve_fields()` applies the sampler override preset to the fields a request sent: a
+non-forced override fills a field the request left out, a forced one replaces it (even when the
+forced value is 0 or false — upstream skips falsy forced values, we don't:
+docs/compatibility.md), an additive list is prepended to the request's list.
+`build_generation()` turns the resolved values into a `GenerationRequest` for one prompt.
 """
 
 from __future__ import annotations
@@ -74,22 +71,8 @@ def split_stop(stop: Any) -> tuple[list[str], list[int]]:
     return strings, ids
 
 
-# field → neutral value; a different value is refused until the engine supports it.
-_NOT_YET: dict[str, Any] = {}
-
-
-def unsupported_fields(values: dict[str, Any]) -> list[str]:
-    bad = []
-    for name, neutral in _NOT_YET.items():
-        v = values.get(name)
-        if v in (None, "") or v == neutral or (isinstance(v, list) and not v):
-            continue
-        bad.append(name)
-    return bad
-
-
 def grammar_spec(values: dict[str, Any]) -> GrammarSpec | None:
-    """The constraint asked for by `json_schema`, `regex_pattern` or `grammar_string` (§9.2).
+    """The constraint asked for by `json_schema`, `regex_pattern` or `grammar_string`.
 
     A grammar string containing `::=` is llama.cpp GBNF, anything else Lark. At most one of
     the three may be set (400 otherwise).
@@ -150,14 +133,6 @@ def build_generation(
     if constraint is None and grammar_spec(values) is not None:
         raise ApiError(400, "json_schema / regex_pattern / grammar_string are not supported on "
                             "this endpoint yet")
-    bad = unsupported_fields(values)
-    if bad:
-        raise ApiError(
-            400,
-            "not supported by this server yet: " + ", ".join(bad)
-            + " (send the neutral value or leave the field out)",
-            param=bad[0].split(" ")[0],
-        )
     problem = sampler_problem(values)
     if problem is not None:
         raise ApiError(400, problem[1], param=problem[0])
@@ -218,7 +193,9 @@ def _string_list(value: Any) -> list[str]:
     return [str(v) for v in value if v]
 
 
-def tokenize_prompt(tokenizer: Tokenizer, text: str, *, add_bos: bool | None, bos_id: int | None) -> list[int]:
+def tokenize_prompt(
+    tokenizer: Tokenizer, text: str, *, add_bos: bool | None, bos_id: int | None
+) -> list[int]:
     """Tokenize a raw prompt. add_bos None/True: the tokenizer adds BOS if its model uses one;
     False: never. A BOS already written in the text is not doubled."""
     ids = tokenizer.tokenize(text, add_bos=add_bos is not False, parse_special=True)

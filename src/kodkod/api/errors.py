@@ -3,7 +3,7 @@
 Every error body carries both shapes clients read: OpenAI's `{"error": {message, type, param,
 code}}` (the `openai` package, OpenWebUI) and FastAPI's `{"detail": ...}` (TabbyAPI clients,
 SillyTavern, which also reads `error.message`). Validation errors keep FastAPI's 422 detail list.
-Status codes follow reference §3: 400 bad request / context overflow, 401 keys, 404 unknown
+Status codes follow TabbyAPI: 400 bad request / context overflow, 401 keys, 404 unknown
 resource, 413 body too large, 422 validation, 429 generation queue full (with Retry-After),
 503 no model loaded, 500 anything unhandled (never a traceback).
 """
@@ -78,7 +78,7 @@ def error_response(status: int, message: str, **kw: Any) -> JSONResponse:
 
 
 def stream_error(message: str, trace: str | None = None) -> dict[str, Any]:
-    """The payload of an in-stream error event (reference §3)."""
+    """The payload of an in-stream error event."""
     return {"error": {"message": message, "trace": trace}}
 
 

@@ -1,8 +1,7 @@
-"""Running engine requests for an HTTP request: SSE framing, fan-in of n choices, disconnects.
+"""Pieces of running engine requests for an HTTP request: SSE framing, fan-in of n choices.
 
-Streaming responses are plain `StreamingResponse`s over async generators; Starlette cancels the
-generator when the client disconnects, and closing a `RequestStream` aborts its engine request
-within one step. Non-streaming requests poll for a disconnect while they wait, and abort too.
+The stream-until-done loop and the non-streamed wait that build on these are in
+`kodkod.api.streaming`; closing a `RequestStream` aborts its engine request within one step.
 """
 
 from __future__ import annotations
@@ -12,12 +11,11 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from kodkod.api.errors import ApiError
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import ErrorEvent, Event, FinishEvent, TokenEvent
+from kodkod.engine.types import ErrorEvent, Event
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = "data: [DONE]\n\n"
@@ -73,33 +71,6 @@ async def fan_in(
         done_task.cancel()
         for s in streams:
             s.close()
-
-
-async def collect(
-    request: Request, streams: list[RequestStream], poll_s: float = 0.5
-) -> list[tuple[TokenEvent, FinishEvent]]:
-    """Run every stream to the end; abort them all if the client goes away (→ 422)."""
-    task = asyncio.ensure_future(asyncio.gather(*(s.collect() for s in streams)))
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll_s)
-            if done:
-                break
-            if await request.is_disconnected():
-                task.cancel()
-                raise ApiError(422, "the request was cancelled by the client")
-    finally:
-        if not task.done():
-            task.cancel()
-        for s in streams:
-            s.close()
-    results = task.result()
-    out: list[tuple[TokenEvent, FinishEvent]] = []
-    for tokens, final in results:
-        if isinstance(final, ErrorEvent):
-            raise error_for(final)
-        out.append((tokens, final))
-    return out
 
 
 def error_for(ev: ErrorEvent) -> ApiError:

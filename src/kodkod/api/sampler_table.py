@@ -160,7 +160,7 @@ class SamplerParam:
         if self.after is not None:
             extras.append(AfterValidator(self.after))
         if extras:
-            annotation = Annotated[(annotation, *extras)]  # type: ignore[valid-type]
+            annotation = Annotated[(annotation, *extras)]
         alias = AliasChoices(*self.names) if self.aliases else None
         info = Field(None, ge=self.ge, gt=self.gt, le=self.le, validation_alias=alias)
         return annotation, info
@@ -200,7 +200,8 @@ SAMPLER_TABLE: tuple[SamplerParam, ...] = (
     P("skew", float, 0.0, engine="skew"),
     P("xtc_probability", float, 0.0, ge=0.0, le=1.0, engine="xtc_probability"),
     P("xtc_threshold", float, 0.1, ge=0.0, le=1.0, engine="xtc_threshold"),
-    # TabbyAPI rejects negative penalties; we accept OpenAI's -2 floor, no ceiling.
+    # TabbyAPI rejects negative penalties; we accept OpenAI's -2 floor, no ceiling
+    # (docs/compatibility.md).
     P("frequency_penalty", float, 0.0, ge=-2.0, engine="frequency_penalty"),
     P("presence_penalty", float, 0.0, ge=-2.0, engine="presence_penalty"),
     P("repetition_penalty", float, 1.0, ("rep_pen",), gt=0.0, engine="repetition_penalty"),
@@ -239,7 +240,7 @@ SAMPLER_TABLE: tuple[SamplerParam, ...] = (
     # kodkod extension: this request's LoRA adapters from lora_dir with their scaling, instead
     # of the active ones (/v1/lora/load); [] = the base model.
     P("loras", list[RequestLora], None),
-    # Kobold-only fields (reference §9.3); their meaning is mapped in api.kobold.
+    # Kobold-only fields; their meaning is mapped in api.kobold.
     P("dynatemp_range", float, None, surfaces=KOBOLD_ONLY),
     P("use_default_badwordsids", bool, None, surfaces=KOBOLD_ONLY),
     P("bypass_eos", bool, None, surfaces=KOBOLD_ONLY),

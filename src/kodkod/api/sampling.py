@@ -1,10 +1,11 @@
-"""The generation-parameter schema shared by the OpenAI and Kobold APIs (reference §9.2).
+"""The generation-parameter schema shared by the OpenAI and Kobold APIs.
 
 The fields, their aliases, bounds and fallbacks are declared once, in
 `api.sampler_table.SAMPLER_TABLE`; this module builds the request model (`SamplerRequest`), the
 preset value model (`PresetValues`) and `FALLBACKS` from it, and holds the rules that involve
 several fields. Every field defaults to None, meaning "not sent": the value used is then the
-sampler override preset's (§9.4) or the fallback in `FALLBACKS`. Range violations are 422s. Unknown fields are ignored, like TabbyAPI.
+sampler override preset's or the fallback in `FALLBACKS`. Range violations are 422s. Unknown
+fields are ignored, like TabbyAPI.
 Every known field is honoured (stage order: `engine.sampling.stages`); combinations that
 contradict each other are 400s naming the field (`sampler_problem`).
 
@@ -128,7 +129,7 @@ _PRESET_ROWS = params_for(Surface.PRESET)
 FALLBACKS: dict[str, Any] = {p.name: p.fallback for p in _PRESET_ROWS}
 
 SAMPLER_FIELDS = frozenset(FALLBACKS)
-if not SAMPLER_FIELDS <= shared_names():
+if not shared_names() >= SAMPLER_FIELDS:
     raise RuntimeError("sampler table: a preset parameter must be accepted by every request")
 
 
@@ -150,7 +151,7 @@ def _as_list(name: str, value: Any) -> list[Any]:
 
 
 def apply_override(name: str, sent: Any, rule: dict[str, Any]) -> Any:
-    """One field's value under a preset rule (§9.4); `sent` is None when the request left it out.
+    """One field's value under a preset rule; `sent` is None when the request left it out.
 
     Forced: the override, whatever was sent — a forced 0, false, [] or "" is still forced
     (upstream skips falsy forced values; we don't). Additive (not forced): a list override is

@@ -3,7 +3,7 @@
 `ChannelSplitter.feed(text)` takes each new piece of output and returns what can be shown now,
 labelled by channel:
 
-* REASONING: text between the reasoning start and end tags (reference §8.8), or from the start
+* REASONING: text between the reasoning start and end tags, or from the start
   of the output when the reply starts inside reasoning;
 * CONTENT: everything else;
 * TOOL: one complete tool-call block (the text between the tool format's start and end tags,
@@ -65,10 +65,6 @@ class ChannelSplitter:
         self._held = ""
         self._tool = ""
         self._out: list[Piece] = []
-
-    @property
-    def in_reasoning(self) -> bool:
-        return self._mode is Channel.REASONING
 
     def _tags(self) -> list[tuple[str, Channel]]:
         """Tags that change the channel from the current one, with where each leads."""

@@ -1,6 +1,6 @@
 """Finding a model's chat template at load time, and the `templates/` folder.
 
-`find_template()` follows the tabby lookup order (surface §8.1) adapted to GGUF models; the
+`find_template()` follows the TabbyAPI lookup order adapted to GGUF models; the
 first rule that yields a compilable template wins, and a rule that fails is logged and skipped:
 
 1. `prompt_template` is set: `templates/<name>.jinja`, then the named template `<name>` from the

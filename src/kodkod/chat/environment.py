@@ -39,7 +39,7 @@ class GenerationExtension(Extension):
     tags were not there (variables set inside stay visible after it).
     """
 
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 - the type jinja2.ext.Extension declares
 
     def parse(self, parser: Parser) -> list[nodes.Node]:
         next(parser.stream)  # the `generation` name token
@@ -51,7 +51,7 @@ class ChatSandbox(ImmutableSandboxedEnvironment):
 
     intercepted_binops = frozenset({"*", "**"})
 
-    def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:  # type: ignore[override]
+    def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
         raise SecurityError(
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
         )
@@ -66,17 +66,14 @@ class ChatSandbox(ImmutableSandboxedEnvironment):
 
 
 def _check_repeat(seq: Any, count: Any) -> None:
-    if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
-        if len(seq) * count > MAX_REPEAT_LEN:
-            raise SecurityError(
-                f"repetition would build a sequence longer than {MAX_REPEAT_LEN} items"
-            )
+    if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_REPEAT_LEN:
+        raise SecurityError(f"repetition would build a sequence longer than {MAX_REPEAT_LEN} items")
 
 
 def _check_power(base: Any, exponent: Any) -> None:
-    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1:
-        if abs(base).bit_length() * exponent > MAX_POWER_BITS:
-            raise SecurityError(f"power would exceed {MAX_POWER_BITS} bits")
+    if (isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1
+            and abs(base).bit_length() * exponent > MAX_POWER_BITS):
+        raise SecurityError(f"power would exceed {MAX_POWER_BITS} bits")
 
 
 def raise_exception(message: object) -> NoReturn:

@@ -95,7 +95,8 @@ def _reorder_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]
 
             def rank(tool_message: dict[str, Any]) -> int:
                 call_id = tool_message.get("tool_call_id")
-                return position.get(call_id, unknown) if isinstance(call_id, str) else unknown
+                # sorted() below calls rank() within this iteration, so the loop variables are current.
+                return position.get(call_id, unknown) if isinstance(call_id, str) else unknown  # noqa: B023
 
             # sorted() is stable: unknown ids keep their order behind the known ones.
             run = sorted(run, key=rank)

@@ -2,14 +2,14 @@
 
 A `ChatTemplate` is a named Jinja2 source compiled once (lazily, or eagerly through
 `ChatTemplate.compile`) in the sandbox from `kodkod.chat.environment`. `render()` prepares the
-messages (`prepare_messages`), builds the variables of the tabby surface §8.2 and returns the
+messages (`prepare_messages`), builds TabbyAPI's template variables and returns the
 prompt text. Every failure while compiling or rendering -- syntax errors, `raise_exception`,
 sandbox violations, undefined variables, type errors -- surfaces as `TemplateError` with a
 message meant for the client (callers answer 400 with ``TemplateError: <message>``).
 
-`render_continuation()` implements `continue_final_message` (§8.6), `metadata()` reads the
-exl2-era `stop_strings` / `tool_start` declarations (§8.3), and `strip_leading_bos()` removes the
-BOS text that the tokenizer will add again (§8.4).
+`render_continuation()` implements `continue_final_message`, `metadata()` reads the
+exl2-era `stop_strings` / `tool_start` declarations, and `strip_leading_bos()` removes the
+BOS text that the tokenizer will add again.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class ChatTemplate:
                     f"syntax error in chat template {self.name!r} at line {exc.lineno}: "
                     f"{exc.message}"
                 ) from None
-            except Exception as exc:  # noqa: BLE001 - any compile failure is a template error
+            except Exception as exc:  # any compile failure is a template error
                 raise TemplateError(
                     f"chat template {self.name!r} could not be compiled: "
                     f"{type(exc).__name__}: {exc}"
@@ -189,7 +189,7 @@ class ChatTemplate:
                     )
                 )
                 break
-            except Exception as exc:  # noqa: BLE001 - metadata is best effort
+            except Exception as exc:  # metadata is best effort
                 logger.debug("template %r: metadata evaluation failed: %s", self.name, exc)
         if module is None:
             return TemplateMetadata()
@@ -209,7 +209,7 @@ class ChatTemplate:
             raise TemplateError(
                 f"chat template {self.name!r} failed: recursion too deep"
             ) from None
-        except Exception as exc:  # noqa: BLE001 - every render failure is the template's
+        except Exception as exc:  # every render failure is the template's
             raise TemplateError(
                 f"chat template {self.name!r} failed: {type(exc).__name__}: {exc}"
             ) from None
@@ -239,7 +239,7 @@ def _variables(
     functions: list[dict[str, Any]] | None,
     template_vars: Mapping[str, object] | None,
 ) -> dict[str, Any]:
-    """Template variables: `template_vars` first, the protected names set on top (§8.2)."""
+    """Template variables: `template_vars` first, the protected names set on top."""
     variables: dict[str, Any] = dict(template_vars or {})
     variables.update(
         add_generation_prompt=add_generation_prompt,

@@ -1,6 +1,6 @@
 """Tool calling: formats, parsing generated calls, and telling a model about its tools.
 
-A *tool format* (reference §8.7 `tool_format`) says how a model writes a call: the tags around
+A *tool format* (the model's `tool_format`) says how a model writes a call: the tags around
 it and the syntax inside. The default, `hermes`, is the convention of Hermes, Qwen 2.5 and the
 shipped ChatML template:
 
@@ -99,7 +99,8 @@ def _calls_from_json(values: list[Any]) -> list[tuple[str, Any]]:
         for item in items:
             if not isinstance(item, Mapping):
                 continue
-            fn = item.get("function") if isinstance(item.get("function"), Mapping) else item
+            function = item.get("function")
+            fn = function if isinstance(function, Mapping) else item
             name = fn.get("name")
             if not isinstance(name, str) or not name:
                 continue
@@ -197,7 +198,7 @@ def parse_tool_calls(fmt: ToolFormat, inner: str) -> list[ToolCall]:
     """Calls found in the text between a format's tags ([] when nothing parses)."""
     try:
         found = fmt.parse(inner)
-    except Exception:  # noqa: BLE001 - parse failures never become errors
+    except Exception:  # parse failures never become errors
         log.debug("tool call text did not parse: %r", inner[:200])
         return []
     calls = []

@@ -42,7 +42,7 @@ def resolve_adapters(backend: Any, wanted: tuple[tuple[str, float], ...] | None)
         if wanted and any(scale != 0.0 for _, scale in wanted):
             raise ValueError("this model backend does not support LoRA adapters")
         return ()
-    return host.key_for(wanted)  # type: ignore[no-any-return]
+    return host.key_for(wanted)
 
 
 def use_adapters(backend: Any, key: AdapterKey) -> None:

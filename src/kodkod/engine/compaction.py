@@ -3,17 +3,18 @@
 llama.cpp attends over every cell up to the highest occupied one (`used_max_p1`), and this
 version has no KV defragmentation. Evicting idle prefixes (the busy budget, pressure) leaves
 holes below the prefixes that stay, so the attention range stays wide and every later decode
-pays for it (measured: one stream at 0.90× its fresh speed after six 1,000-token prompts came
-and went). When nothing runs or waits and enough cells were evicted since the last time, the
-scheduler first trims the idle cache to its busy budget (as the next request would: pushed-out
-prefixes go to the host tier; a zero budget trims nothing here), then the engine saves every cached slot (`llama_state_seq_get_data`), clears the pool, and restores them
-from cell 0 up. Slots that shared a prefix share it again: a slot is restored whole, its first
-`shared` positions dropped and taken from the slot it shares them with (`seq_cp`), so the cell
-count — and the scheduler's `KVPool` mirror, which does not change — stay exactly as they were.
+pays for it (docs/measurements.md). When nothing runs or waits and enough cells were evicted
+since the last time, the scheduler first trims the idle cache to its busy budget (as the next
+request would: pushed-out prefixes go to the host tier; a zero budget trims nothing here), then
+the engine saves every cached slot (`llama_state_seq_get_data`), clears the pool, and restores
+them from cell 0 up. Slots that shared a prefix share it again: a slot is restored whole, its
+first `shared` positions dropped and taken from the slot it shares them with (`seq_cp`), so the
+cell count — and the scheduler's `KVPool` mirror, which does not change — stay exactly as they
+were.
 
 Pools of up to `MIN_BUSY_CACHE_CELLS` are left alone, like the busy budget leaves them.
-Any failure clears the whole cache (nothing is running, so nobody loses output). Cost: ~3–5 µs
-per saved and restored token, at idle.
+Any failure clears the whole cache (nothing is running, so nobody loses output). Cost: saving
+and restoring every cached token, paid only at idle.
 """
 
 from __future__ import annotations

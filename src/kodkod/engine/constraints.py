@@ -11,8 +11,8 @@ token and on its own thread:
 
 `MaskConstraint` is the generic implementation over any `TokenMatcher` (the parser; llguidance
 in `backends/llamacpp/grammar.py`): the matcher writes an allowed-token bitmask (one bit per
-token, little-endian in int32 words) and the row is masked with two vectorised numpy calls
-(~35 µs for a 49k vocabulary). EOS is allowed exactly when the grammar accepts (the matcher
+token, little-endian in int32 words) and the row is masked with two vectorised numpy calls.
+EOS is allowed exactly when the grammar accepts (the matcher
 puts it in the mask). `DelayedConstraint` leaves the output free until a marker (a reasoning
 end tag) has been generated, then hands over to the inner constraint.
 
@@ -143,7 +143,7 @@ class DelayedConstraint:
     """No constraint until `marker` appears in the output, then `inner` from the next token.
 
     Used when a reply starts inside a reasoning block: the grammar applies to the answer after
-    the reasoning end tag (reference §8.8). `piece(token_id)` gives a token's bytes.
+    the reasoning end tag. `piece(token_id)` gives a token's bytes.
     """
 
     __slots__ = ("_inner", "_marker", "_piece", "_tail", "_active", "_seen", "_start")

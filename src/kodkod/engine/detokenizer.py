@@ -25,10 +25,6 @@ class IncrementalDetokenizer:
         """Text completed by this token ('' while a multi-byte character is still open)."""
         return self._decoder.decode(self._piece(token_id))
 
-    def add_many(self, token_ids: list[int]) -> str:
-        piece = self._piece
-        return self._decoder.decode(b"".join(piece(t) for t in token_ids))
-
     def flush(self) -> str:
         """Release whatever is pending at the end of the output (incomplete bytes → U+FFFD)."""
         return self._decoder.decode(b"", final=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from kodkod.backends.base import Backend, BatchRow
 from kodkod.engine.plan import StepPlan
-from kodkod.engine.sequence import Sequence, SeqStatus
+from kodkod.engine.sequence import SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 

@@ -41,12 +41,13 @@ class HealingMask:
     def __init__(self, allowed: list[int]) -> None:
         self._allowed = np.asarray(allowed, dtype=np.int64)
 
-    def process(self, row: np.ndarray, output_ids: list[int]) -> None:
+    def process(self, row: object, output_ids: list[int]) -> None:
         if output_ids:
             return
-        keep = row[self._allowed].copy()
-        row[:] = -np.inf
-        row[self._allowed] = keep
+        logits: np.ndarray = row  # type: ignore[assignment]
+        keep = logits[self._allowed].copy()
+        logits[:] = -np.inf
+        logits[self._allowed] = keep
 
     def accept(self, token_id: int) -> None:
         pass

@@ -2,11 +2,10 @@
 
 Why: llama.cpp's unified KV pool makes every decode attend over every occupied cell (masked
 cells are skipped, but still visited), so idle cached prefixes slow down everyone who is
-decoding — measured here: a single stream drops from ~100 to ~77 tok/s with a full 8k pool of
-idle prefixes. So while anything runs, the scheduler keeps idle cached cells under a small
-budget; prefixes pushed out are saved here (`llama_state_seq_get_data`, ~3–5 µs per token) and,
+decoding (docs/measurements.md). So while anything runs, the scheduler keeps idle cached cells
+under a small budget; prefixes pushed out are saved here (`llama_state_seq_get_data`) and,
 when a later request shares them, restored into a free slot (`llama_state_seq_set_data`,
-the same KV bytes) instead of being recomputed (~4 ms per token of prefill on 2 cores).
+the same KV bytes) instead of being recomputed, which costs far more than saving and restoring.
 
 Pure data: the scheduler decides what to offload and restore (ops in the plan), the engine
 loop fills in and reads `data` when it replays those ops. Entries are evicted least recently

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kodkod.backends.base import Backend, BatchRow
@@ -61,7 +61,7 @@ class EngineConfig:
     max_seq_len: int
     max_batch_size: int
     chunk_size: int
-    speculative: SpecConfig = SpecConfig()  # drafting (engine/speculative/)
+    speculative: SpecConfig = field(default_factory=SpecConfig)  # drafting (engine/speculative/)
     host_cache_bytes: int = 0  # second prefix-cache tier in host RAM (0: off)
     busy_cache_cells: int | None = None  # idle live cells while running (scheduler.py)
     stall_timeout_s: float = 300.0  # one step taking longer is reported as stuck (problem())
@@ -303,7 +303,8 @@ class EngineLoop:
             self._draft_s += time.perf_counter() - td
         rows = [
             BatchRow(e.seq.slot, e.seq.tokens[e.start : e.start + e.num_tokens], e.start, e.num_logits)
-            if not e.drafts else BatchRow(e.seq.slot, [e.seq.tokens[e.start], *e.drafts], e.start, e.num_logits)
+            if not e.drafts
+            else BatchRow(e.seq.slot, [e.seq.tokens[e.start], *e.drafts], e.start, e.num_logits)
             for e in plan.entries
         ]
         t1 = time.perf_counter()
@@ -337,8 +338,8 @@ class EngineLoop:
         generated = 0
         cfg_rows: dict[int, int] | None = None
         if any(e.seq.partner is not None for e in plan.entries):
-            cfg_rows = {id(e.seq): i[-1] for e, i in zip(plan.entries, indices) if i}
-        for entry, idx in zip(plan.entries, indices):
+            cfg_rows = {id(e.seq): i[-1] for e, i in zip(plan.entries, indices, strict=True) if i}
+        for entry, idx in zip(plan.entries, indices, strict=True):
             seq = entry.seq
             if not idx or seq.is_shadow or seq.request_id not in self._seqs:
                 continue

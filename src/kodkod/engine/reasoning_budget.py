@@ -1,4 +1,4 @@
-"""A reasoning budget (reference §8.8) as a logits processor: free output, except that once the
+"""A reasoning budget as a logits processor: free output, except that once the
 reasoning phase has produced `budget` tokens without closing, the next tokens are forced to
 `forced_ids` (the budget message and the reasoning end tag), one per step, after which the
 output is free again.

@@ -12,7 +12,7 @@ from kodkod.engine.plan import CopyPrefix, KVOp, Offload, Restore, Truncate
 
 def replay_kv_ops(
     backend: Backend, ops: Iterable[KVOp], host: HostPrefixCache | None,
-    mirror: Callable[[KVOp], None] | None,
+    mirror: Callable[[CopyPrefix | Truncate], None] | None,
 ) -> None:
     for op in ops:
         if isinstance(op, CopyPrefix):

@@ -10,6 +10,7 @@ constraint or processor that can roll back. A CFG partner is cut back in step.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from kodkod.backends.base import Backend
@@ -38,7 +39,7 @@ def rewind_sequence(
     sched.rollback(seq, new_len - 1)
     spec.rewound(seq)
     special = not seq.request.skip_special_tokens
-    seq.detok = IncrementalDetokenizer(lambda t, _b=backend, _s=special: _b.token_bytes(t, special=_s))
+    seq.detok = IncrementalDetokenizer(functools.partial(backend.token_bytes, special=special))
     if seq.loops is not None:
         seq.loops.reset(seq.output_ids)
     if seq.sampler is not None:

@@ -34,13 +34,14 @@ for the engine loop to replay on the backend before the decode.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 
 from kodkod.engine.adapters import pick_group
 from kodkod.engine.host_cache import HostEntry, HostPrefixCache
 from kodkod.engine.kv import KVPool, SlotState, SlotTable, common_prefix_len
-from kodkod.engine.plan import (  # noqa: F401  (re-exported: the plan types live in plan.py)
+from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     Admission,
     CopyPrefix,
     Entry,
@@ -51,7 +52,7 @@ from kodkod.engine.plan import (  # noqa: F401  (re-exported: the plan types liv
     StepPlan,
     Truncate,
 )
-from kodkod.engine.sequence import Sequence, SeqStatus
+from kodkod.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,17 +66,16 @@ class SchedulerConfig:
     busy_cache_cells: int | None = None
 
 
-# Measured here (default model, 2 cores): each idle cell in the attention range costs ~0.4–0.6
-# µs per decode step (8k idle cells: one stream 104 -> 75 tok/s; 2048 kept after compaction:
-# ~0.9× its fresh speed). Trimming has a price too: prefixes pushed out must be restored or
-# recomputed, and new sequences land in other cells, so the attention sums run in another
-# order (results move in the last bits, like another batch shape would). The floor keeps small
-# pools untrimmed, so their KV placement depends only on the requests.
+# Each idle cell in the attention range adds to the cost of every decode step, so a pool full
+# of idle prefixes slows running streams noticeably (docs/measurements.md). Trimming has a
+# price too: prefixes pushed out must be restored or recomputed, and new sequences land in
+# other cells, so the attention sums run in another order (results move in the last bits, like
+# another batch shape would). The floor keeps small pools untrimmed, so their KV placement
+# depends only on the requests.
 MIN_BUSY_CACHE_CELLS = 2048
-# With a host-RAM tier, keeping a prefix live is the worse deal: saving and restoring it costs
-# ~6 µs per token once (default model), keeping N idle cells costs ~0.5 µs × N on every decode
-# step, so the two break even after ~12 steps. Measured (7 regenerations of one prompt, 256
-# tokens each): 104–108 tok/s with the 2048-cell budget, 113–119 with none.
+# With a host-RAM tier, keeping a prefix live is the worse deal: saving and restoring it is
+# paid once per token, keeping N idle cells is paid on every decode step, so pushing it out
+# wins after a few steps (docs/measurements.md).
 HOST_BUSY_CACHE_CELLS = 0
 HOST_MIN_GAIN = 32  # restore from host RAM only when it reuses this many more tokens
 
@@ -83,7 +83,7 @@ HOST_MIN_GAIN = 32  # restore from host RAM only when it reuses this many more t
 def busy_budget(capacity: int, host_tier: bool) -> int:
     """The default busy budget: none with a host-RAM tier to push prefixes out to; without
     one, 1/8 of the pool, at least MIN_BUSY_CACHE_CELLS (a dropped prefix must be recomputed,
-    ~4–5.6 ms a token here, which pays for ~10,000 decode steps of keeping its cells)."""
+    which costs as much as thousands of decode steps of keeping its cells)."""
     return HOST_BUSY_CACHE_CELLS if host_tier else max(capacity // 8, MIN_BUSY_CACHE_CELLS)
 
 
@@ -122,10 +122,8 @@ class Scheduler:
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished or aborted); its computed KV stays as a cached prefix."""
         if seq.status is SeqStatus.WAITING:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
-            except ValueError:
-                pass
         elif seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self._release(seq, keep=True)

@@ -17,6 +17,7 @@ error event is queued for the reader in case it ever resumes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -103,10 +104,8 @@ class RequestStream:
                 self._on_close(self.request_id)
         if not wake:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody is listening
             self._loop.call_soon_threadsafe(self._ready.set)
-        except RuntimeError:  # the consumer's loop is closed: nobody is listening
-            pass
 
     def _end(self) -> None:
         with self._lock:

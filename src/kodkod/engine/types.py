@@ -15,7 +15,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Protocol
 
-
 AdapterKey = tuple[tuple[int, float], ...]
 """The LoRA set a sequence runs with: (adapter id, scale) pairs sorted by id, zero scales left
 out; () is the base model. Equal keys mean identical weights, so the key also scopes the prefix
@@ -77,7 +76,7 @@ class FinishReason(str, enum.Enum):
 
 
 class EosReason(str, enum.Enum):
-    """Why generation ended, as reported in `eos_reason` (reference §7.5)."""
+    """Why generation ended, as reported in `eos_reason`."""
 
     STOP_TOKEN = "stop_token"
     STOP_STRING = "stop_string"
@@ -147,7 +146,7 @@ class LogitsProcessor(Protocol):
     Used for token masks (grammars, min_tokens EOS bans) and stages llama.cpp lacks.
     """
 
-    def process(self, row: "object", output_ids: list[int]) -> None: ...
+    def process(self, row: object, output_ids: list[int]) -> None: ...
 
     def accept(self, token_id: int) -> None: ...
 
@@ -155,7 +154,7 @@ class LogitsProcessor(Protocol):
 class Constraint(Protocol):
     """A grammar-like constraint: a processor that can also say the output is complete."""
 
-    def process(self, row: "object", output_ids: list[int]) -> None: ...
+    def process(self, row: object, output_ids: list[int]) -> None: ...
 
     def accept(self, token_id: int) -> None: ...
 
@@ -186,7 +185,6 @@ class GenerationRequest:
     cfg_scale: float = 1.0  # classifier-free guidance; != 1 decodes negative_prompt_ids alongside
     negative_prompt: str | None = None  # CFG negative prompt text; None: just BOS
     negative_prompt_ids: list[int] | None = None  # or already tokenized
-    priority: int = 0
     # LoRA adapters as (name, scale): None = the model's active adapters (/v1/lora/load),
     # () = none (the base model). See engine/adapters.py.
     adapters: tuple[tuple[str, float], ...] | None = None

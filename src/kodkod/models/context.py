@@ -1,7 +1,7 @@
 """Sizing the llama.cpp context of a model (and of its draft) from load parameters + metadata.
 
 `plan_context(params, info, n_threads)` decides once, from the model's GGUF metadata, every
-number the engine and the backend need: max_seq_len / cache_size (reference §11.8), batch and
+number the engine and the backend need: max_seq_len / cache_size, batch and
 chunk sizes, KV types with flash attention forced on when the V cache is quantised, and RoPE.
 A draft model shares the main model's pool geometry (`draft_context`): the same number of slots
 and cells, so a drafted sequence can always mirror its target.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +37,9 @@ class BackendLoader(Protocol):
         self,
         source: ModelSource,
         make_config: Callable[[ModelInfo], ContextConfig] | None,
-        **placement: Any,
+        *,
+        split_mode: str | None = ...,
+        tensor_split: Sequence[float] = ...,
     ) -> Backend: ...
 
 

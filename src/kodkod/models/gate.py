@@ -1,14 +1,14 @@
 """Who may use the loaded model, and when it may be replaced: leases with serialised switching.
 
 A request holds a `Lease` on the model it runs on until its HTTP exchange ends; a switch to
-another model (inline loading, reference §11.6) waits until no lease on the old model is left,
+another model (inline loading) waits until no lease on the old model is left,
 so requests in flight finish on the model they started on and nothing ever runs on the wrong
 model. Leases are counted per *generation* (one per `install`), and the owner of a model frees
 its native handles only once its generation has no lease left (`wait_released`,
 `when_released`): a lease is the promise that the model's tokenizer, templates and engine stay
 usable for the whole request. Every load, unload and switch holds `lock`, so they are
 serialised; an administrative load or unload also sets a *refusal* (`refusing`), and while it
-is set new requests are refused at once (503) instead of waiting (reference §13.1: later eras
+is set new requests are refused at once (503) instead of waiting (newer TabbyAPI versions
 answer 503 until the new model is installed).
 
 Waiters are served in epochs, which keeps switching both safe and cheap:

@@ -1,4 +1,4 @@
-"""Which parameters a load uses (reference §11.1, §11.5, §11.7), as a `LoadPlan`.
+"""Which parameters a load uses, as a `LoadPlan`.
 
 Sources, low → high priority (the newest upstream order, 2026-07-18+):
 

@@ -187,7 +187,7 @@ def check_adapter(path: Path, base: BaseFacts, name: str) -> tuple[float, tuple[
     for t in reader.tensors:
         stem, _, suffix = t.name.rpartition(".")
         if suffix in ("lora_a", "lora_b"):
-            block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            block, _size = gguf.GGML_QUANT_SIZES[t.tensor_type]
             shape = tuple(int(x) for x in t.shape)
             if len(shape) != 2 or shape[0] % block:
                 raise LoraError(f"LoRA {name!r}: tensor {t.name} has an unusable shape {list(shape)}")

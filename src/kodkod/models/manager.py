@@ -3,14 +3,14 @@
 One main model (+ an optional draft) at a time. A load runs llama.cpp's blocking loader in a
 worker thread (the HTTP loop keeps serving), sizes the context from the model's metadata
 (`models/context.py`), finds its chat template and starts an engine thread for it. The order is
-draft → model, as the progress stream reports it (reference §11.3); a draft's vocabulary is
+draft → model, as the progress stream reports it; a draft's vocabulary is
 checked against the model's before any weights are read.
 
 Who may use the model is decided by a `ModelGate` (`models/gate.py`): every request that
 touches the model (generation, tokenization, templating) takes a lease with `acquire()`; an
 inline switch (`acquire()` naming another model) waits until the old model's leases are
 released and its engine is idle, then replaces it. Administrative `load()` and `unload()` follow
-TabbyAPI (reference §11.3, §11.4, §13.1): new requests are refused (503) from the moment they
+TabbyAPI: new requests are refused (503) from the moment they
 start until the new model is installed; a load first lets the running generations finish
 (`skip_queue` cancels them instead), an unload cancels them at once (their streams end with an
 error event naming the reason).
@@ -18,11 +18,11 @@ error event naming the reason).
 Native handles are never freed under a lease (`models/lifetime.py`): after the engine has
 stopped, the model is freed once its last lease is released. Requests normally end right after
 their engine stream does; if some still hold a lease after `unload_grace_s`, the swap goes on
-and the old model is freed when the last of them ends. Unloading frees every C handle and hands freed heap back to the OS
-(`malloc_trim`), so the process's RSS returns near its pre-load level. Native loads and frees
-are serialised by one thread lock. Each loaded model gets a `LoraLibrary` for the adapters in
-`lora_dir` (`models/lora.py`); the adapters themselves belong to the backend and are freed with
-it.
+and the old model is freed when the last of them ends. Unloading frees every C handle and hands
+freed heap back to the OS (`malloc_trim`), so the process's RSS returns near its pre-load
+level. Native loads and frees are serialised by one thread lock. Each loaded model gets a
+`LoraLibrary` for the adapters in `lora_dir` (`models/lora.py`); the adapters themselves belong
+to the backend and are freed with it.
 
 The concrete backend is injected (`backend_loader`), so this module never imports llama.cpp.
 """
@@ -30,6 +30,7 @@ The concrete backend is injected (`backend_loader`), so this module never import
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -121,7 +122,8 @@ class LoadedModel:
 
 def model_key(entry: ModelEntry) -> str:
     """Identity of a model for "is it loaded?": its resolved folder, or file when it has no
-    folder (reference §11.6, 2026-08: names that resolve to the same path are the same model).
+    folder (as in TabbyAPI since August 2026: names that resolve to the same path are the same
+model).
     Two folders linking one GGUF stay different models: their tabby_config.yml may differ."""
     return str((entry.folder or entry.gguf).resolve())
 
@@ -139,10 +141,8 @@ def release_heap() -> None:
     name = ctypes.util.find_library("c")
     if not name:
         return
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _probe_gpu(loader: BackendLoader) -> bool:
@@ -357,7 +357,7 @@ class ModelManager:
     # -- unloading --------------------------------------------------------------------------
 
     async def unload(self, message: str = "the model was unloaded") -> bool:
-        """Unload the model: its running generations end with `message` (reference §11.4)."""
+        """Unload the model: its running generations end with `message`."""
         async with self.gate.exclusive():
             with self.gate.refusing("the model is being unloaded"):
                 return await self._unload_locked(message)

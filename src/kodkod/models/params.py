@@ -15,13 +15,13 @@
 * `rope_settings()` — linear `rope_scale` → `rope_freq_scale = 1/scale`; NTK `rope_alpha` →
   `rope_freq_base = base · alpha^(d/(d-2))` (d = head dim), "auto"/null derived from the
   ratio of max_seq_len to the trained context with TabbyAPI's formula.
-* `gpu_placement()` — the GPU fields of a load (§11.2) → llama.cpp split options, or a
+* `gpu_placement()` — the GPU fields of a load → llama.cpp split options, or a
   LoadParamError saying "no GPU in this build" when llama.cpp was built without one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from kodkod.models.registry import ModelEntry
@@ -82,9 +82,6 @@ class ModelLoadParams:
     placement: GpuPlacement | None = None
     draft: DraftParams | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # config-only keys (reasoning, ...)
-
-    def with_updates(self, **changes: Any) -> ModelLoadParams:
-        return replace(self, **changes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,14 +148,14 @@ def round_up(value: int, multiple: int) -> int:
 
 
 def context_sizes(n_ctx_train: int, max_seq_len: int | None, cache_size: int | None) -> tuple[int, int]:
-    """(max_seq_len, cache_size) per reference §11.8 (exl3 era).
+    """(max_seq_len, cache_size) by TabbyAPI's current (exllamav3) rules.
 
     Unset (or -1) max_seq_len is the model's trained context (8192 if unknown); cache_size
     defaults to max_seq_len and is rounded up to a multiple of 256; max_seq_len never
     exceeds cache_size.
     """
     native = n_ctx_train if n_ctx_train > 0 else 8192
-    seq = native if max_seq_len in (None, 0, -1) else int(max_seq_len)  # type: ignore[arg-type]
+    seq = native if max_seq_len in (None, 0, -1) else int(max_seq_len)
     if seq < 16:
         raise LoadParamError(f"max_seq_len {seq} is too small (at least 16)")
     cache = seq if cache_size is None else int(cache_size)

@@ -1,4 +1,4 @@
-"""Load progress: llama.cpp's progress fractions → reference §11.3 events and a console bar.
+"""Load progress: llama.cpp's progress fractions → TabbyAPI's load progress events and a console bar.
 
 llama.cpp reports the fraction of the weights read so far. Each component (`draft`, then
 `model`) is reported as `modules` = 100 steps (percent): one `processing` event for every step

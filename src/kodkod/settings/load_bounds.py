@@ -10,7 +10,7 @@ bounds from `LOAD_BOUNDS`:
   key, or a 422), and call `bound.check_multiple` in a validator for `multiple_of`;
 - `models.loading` checks the merged `tabby_config.yml` values with `bound.check` (a 400).
 
-One rule per key where the surfaces used to differ (reference §11.2, §12.2): `cache_size` is a
+One rule per key where the surfaces used to differ (TabbyAPI's documented rules win): `cache_size` is a
 positive multiple of 256 everywhere (the load request used to take any positive number and round
 it up), `rope_scale`/`draft_rope_scale` are positive in the config too, and `max_batch_size`
 (1..256) and `draft_num_tokens` (1..32) have the load request's ceiling everywhere.
@@ -71,7 +71,7 @@ class LoadBound:
         )
         if not fits:
             raise ValueError(f"{self.name} must be {self.describe()}, not {value!r}")
-        return self.kind(value)  # type: ignore[no-any-return]
+        return self.kind(value)
 
 
 def _num(value: float) -> str:

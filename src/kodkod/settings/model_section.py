@@ -189,7 +189,7 @@ class ModelSettings(SectionModel):
     @field_validator("cache_size")
     @classmethod
     def _check_cache_size(cls, value: int | None) -> int | None:
-        return LOAD_BOUNDS["cache_size"].check_multiple(value)  # type: ignore[no-any-return]
+        return LOAD_BOUNDS["cache_size"].check_multiple(value)
 
     @field_validator("rope_alpha", mode="before")
     @classmethod

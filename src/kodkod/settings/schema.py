@@ -19,8 +19,8 @@ from kodkod.settings.sections import (
     DeveloperSettings,
     DraftModelSettings,
     EmbeddingsSettings,
-    LoggingSettings,
     LimitsSettings,
+    LoggingSettings,
     LoraSettings,
     MemorySettings,
     NetworkSettings,
@@ -33,34 +33,43 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
+    # Each section defaults to itself with every default. The factories are lambdas, not the
+    # classes, for type checkers: a class fits both of Field's factory signatures (no argument,
+    # or the validated data), and without pydantic's plugin they take a positional `Field`
+    # default for a required argument.
     network: NetworkSettings = Field(
-        default_factory=NetworkSettings, description="HTTP server options."
+        default_factory=lambda: NetworkSettings.model_validate({}), description="HTTP server options."
     )
     logging: LoggingSettings = Field(
-        default_factory=LoggingSettings, description="What to log."
+        default_factory=lambda: LoggingSettings.model_validate({}), description="What to log."
     )
     model: ModelSettings = Field(
-        default_factory=ModelSettings, description="The main model and how it is loaded."
+        default_factory=lambda: ModelSettings.model_validate({}),
+        description="The main model and how it is loaded.",
     )
     draft_model: DraftModelSettings = Field(
-        default_factory=DraftModelSettings, description="Speculative decoding."
+        default_factory=lambda: DraftModelSettings.model_validate({}), description="Speculative decoding."
     )
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters.")
+    lora: LoraSettings = Field(
+        default_factory=lambda: LoraSettings.model_validate({}), description="LoRA adapters."
+    )
     embeddings: EmbeddingsSettings = Field(
-        default_factory=EmbeddingsSettings, description="The embedding model."
+        default_factory=lambda: EmbeddingsSettings.model_validate({}), description="The embedding model."
     )
     sampling: SamplingSettings = Field(
-        default_factory=SamplingSettings, description="Default sampling parameters."
+        default_factory=lambda: SamplingSettings.model_validate({}),
+        description="Default sampling parameters.",
     )
     memory: MemorySettings = Field(
-        default_factory=MemorySettings, description="Host-RAM caches."
+        default_factory=lambda: MemorySettings.model_validate({}), description="Host-RAM caches."
     )
     limits: LimitsSettings = Field(
-        default_factory=LimitsSettings,
+        default_factory=lambda: LimitsSettings.model_validate({}),
         description="Bounds on request sizes, queues, slow clients and a stuck engine.",
     )
     developer: DeveloperSettings = Field(
-        default_factory=DeveloperSettings, description="Options for debugging and development."
+        default_factory=lambda: DeveloperSettings.model_validate({}),
+        description="Options for debugging and development.",
     )
 
     def model_defaults(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""Which model a generation request runs on: inline loading (reference §11.6) and leases.
+"""Which model a generation request runs on: inline loading and leases.
 
-`model_for_request(request, name)` decides, following §11.6:
+`model_for_request(request, name)` decides, following TabbyAPI's inline loading rules:
 
 1. no name, or the loaded model's name → the loaded model;
 2. `model.inline_model_loading` off → the loaded model (the name is ignored; logged for admins);
@@ -26,10 +26,9 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kodkod.api.errors import ApiError
-from kodkod.api.state import AppState, get_state
+from kodkod.api.state import AppState, get_models, get_state
 from kodkod.auth import AuthError, Permission
 from kodkod.models.gate import Lease, SwitchRefused
-from kodkod.models.loading import plan_load
 from kodkod.models.manager import LoadedModel
 from kodkod.models.params import LoadPlan
 from kodkod.models.registry import ModelNameError
@@ -80,7 +79,7 @@ async def hold_model(
     request: Request, plan: LoadPlan | None = None, *, may_switch: bool = False
 ) -> LoadedModel:
     """Lease plan's model (None: the loaded one) for the rest of this HTTP exchange."""
-    manager = get_state(request).models
+    manager = get_models(request)
     try:
         lease = await manager.acquire(plan, may_switch=may_switch)
     except SwitchRefused:
@@ -97,11 +96,7 @@ async def hold_model(
 def _plan_for(state: AppState, name: str) -> LoadPlan | None:
     """The inline load plan for `name`, or None (with a warning) if it is not a model."""
     try:
-        return plan_load(
-            state.settings, state.model_dir,
-            state.resolve_path(state.settings.draft_model.draft_model_dir),
-            name, {}, startup=False, gpu_available=state.models.gpu_available,
-        )
+        return state.load_plan(name, {}, startup=False)
     except ModelNameError as exc:
         log.warning("inline model loading: %s; using the loaded model", exc)
         return None

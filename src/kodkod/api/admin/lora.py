@@ -1,4 +1,4 @@
-"""LoRA adapters at run time (reference §6.8, §12.2 `lora`): list, load with scaling, unload.
+"""LoRA adapters at run time (config section `lora`): list, load with scaling, unload.
 
 * `/v1/loras`, `/v1/lora/list`: admin key → every adapter in `lora.lora_dir` (discovery rules
   in `models/lora.py`); API key → the active adapters.
@@ -32,12 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kodkod.api.deps import ADMIN, API, current_permission
 from kodkod.api.errors import ApiError
-from kodkod.api.state import AppState, get_model, get_state
+from kodkod.api.state import AppState, Models, Paths, get_model
 from kodkod.api.validation import REQUEST_CONFIG, Name
 from kodkod.auth import Permission
 from kodkod.backends.base import AdapterError, Backend
 from kodkod.models.lora import LoraError, LoraLibrary, discover_loras
-from kodkod.models.manager import LoadedModel
+from kodkod.models.manager import LoadedModel, ModelManager
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -46,7 +46,7 @@ OWNER = "tabbyAPI"
 
 
 class LoraItem(BaseModel):
-    model_config = ConfigDict(REQUEST_CONFIG, coerce_numbers_to_str=True)
+    model_config = ConfigDict(**REQUEST_CONFIG, coerce_numbers_to_str=True)
     name: Name | None = None
     scaling: float = Field(1.0, ge=0)
 
@@ -80,7 +80,7 @@ def _library(model: LoadedModel) -> LoraLibrary:
 
 
 async def _swap(
-    state: AppState, model: LoadedModel, specs: Sequence[tuple[str, Path, float]], skip_queue: bool
+    models: ModelManager, model: LoadedModel, specs: Sequence[tuple[str, Path, float]], skip_queue: bool
 ) -> None:
     """Make `specs` the active adapters (none: unload all) on the engine thread."""
     library = _library(model)
@@ -93,10 +93,10 @@ async def _swap(
             host.activate(specs)
         else:
             host.clear()
-        return host.active  # type: ignore[no-any-return]
+        return host.active
 
-    async with state.models.gate.exclusive():
-        if state.models.current is not model:
+    async with models.gate.exclusive():
+        if models.current is not model:
             raise ApiError(503, "the model was unloaded meanwhile", code="model_not_loaded")
         try:
             active = await model.engine.run_exclusive(run, cancel_running=skip_queue)
@@ -108,9 +108,9 @@ async def _swap(
 
 
 async def apply_loras(
-    state: AppState, model: LoadedModel, items: Sequence[LoraItem], *, skip_queue: bool
+    models: ModelManager, model: LoadedModel, items: Sequence[LoraItem], *, skip_queue: bool
 ) -> dict[str, list[str | None]]:
-    """Check every named adapter, then replace the active set (reference §6.8)."""
+    """Check every named adapter, then replace the active set."""
     library = _library(model)
     if not items:
         raise ApiError(400, "loras must name at least one adapter", param="loras")
@@ -129,7 +129,7 @@ async def apply_loras(
         except LoraError as exc:
             raise ApiError(400, str(exc), param="loras") from None
         specs.append((name, prepared.path, scaling))
-    await _swap(state, model, specs, skip_queue)
+    await _swap(models, model, specs, skip_queue)
     log.info("active LoRA adapters: %s", ", ".join(f"{n} ×{s:g}" for n, _, s in specs) or "none")
     return {"success": list(names), "failure": failure}
 
@@ -144,17 +144,18 @@ async def load_startup_loras(state: AppState) -> None:
         log.warning("lora.loras is set but no model is loaded: the adapters were not loaded")
         return
     items = [LoraItem(name=s.name, scaling=s.scaling) for s in specs]
-    await apply_loras(state, model, items, skip_queue=False)
+    await apply_loras(state.models, model, items, skip_queue=False)
 
 
 @router.get("/v1/loras", dependencies=[API])
 @router.get("/v1/lora/list", dependencies=[API])
-async def lora_list(request: Request, perm: Permission = Depends(current_permission)) -> dict[str, Any]:
-    state = get_state(request)
+async def lora_list(
+    paths: Paths, models: Models, perm: Permission = Depends(current_permission)
+) -> dict[str, Any]:
     if perm is Permission.ADMIN:
-        data = [lora_card(e.name, None) for e in discover_loras(state.lora_dir)]
+        data = [lora_card(e.name, None) for e in discover_loras(paths.lora_dir)]
     else:
-        data = _active_cards(state.models.current)
+        data = _active_cards(models.current)
     return {"object": "list", "data": data}
 
 
@@ -164,15 +165,17 @@ async def lora_active(request: Request) -> dict[str, Any]:
 
 
 @router.post("/v1/lora/load", dependencies=[ADMIN])
-async def lora_load(req: LoraLoadRequest, request: Request) -> dict[str, list[str | None]]:
-    state = get_state(request)
-    return await apply_loras(state, get_model(request), req.loras, skip_queue=req.skip_queue)
+async def lora_load(
+    req: LoraLoadRequest, request: Request, models: Models
+) -> dict[str, list[str | None]]:
+    return await apply_loras(models, get_model(request), req.loras, skip_queue=req.skip_queue)
 
 
 @router.post("/v1/lora/unload", dependencies=[ADMIN])
-async def lora_unload(request: Request, req: LoraUnloadRequest | None = None) -> None:
-    state = get_state(request)
+async def lora_unload(
+    request: Request, models: Models, req: LoraUnloadRequest | None = None
+) -> None:
     model = get_model(request)
-    await _swap(state, model, [], req.skip_queue if req is not None else False)
+    await _swap(models, model, [], req.skip_queue if req is not None else False)
     log.info("LoRA adapters unloaded")
     return None

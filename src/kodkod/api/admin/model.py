@@ -1,19 +1,19 @@
-"""Admin model management: /v1/model/load (SSE progress) and /v1/model/unload (reference §11).
+"""Admin model management: /v1/model/load (SSE progress) and /v1/model/unload.
 
 A load request is checked completely before the stream starts — name inside model_dir, every
 field (pydantic), the merged parameters (`models/loading.py`: use_as_default < request <
 tabby_config.yml), GPU fields, the draft's vocabulary — so mistakes are plain 400/422 answers.
-Then the stream reports progress events (§11.3, `models/progress.py`) and closes after the
+Then the stream reports progress events (`models/progress.py`) and closes after the
 main model's `finished` event, or with an error event if the load fails. The load runs as its
-own task: a client that goes away does not stop it (E3 2026-07 behaviour).
+own task: a client that goes away does not stop it (as in TabbyAPI since July 2026).
 
 Loading a different model, or the same one with different parameters, replaces the loaded one:
-its running generations finish first (reference §11.3), or with `skip_queue: true` end at once
-with an error event naming the reason (upstream ignores `skip_queue` for model loads, §15 quirk
-13; kodkod honours it as for LoRA loads). From the start of a load or unload until the new model
-is installed, new requests are answered 503 (§13.1). An unload cancels the running generations
-(§11.4). The same model with the same parameters is "already loaded": two 1/1 events and
-nothing else (E3 2026-07).
+its running generations finish first, or with `skip_queue: true` end at once with an error
+event naming the reason (upstream ignores `skip_queue` for model loads; kodkod honours it as
+for LoRA loads: docs/compatibility.md). From the start of a load or unload until the new model
+is installed, new requests are answered 503. An unload cancels the running generations. The
+same model with the same parameters is "already loaded": two 1/1 events and nothing else (as in
+TabbyAPI since July 2026).
 """
 
 from __future__ import annotations
@@ -25,15 +25,14 @@ import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from kodkod.api.deps import ADMIN
 from kodkod.api.errors import ApiError, stream_error
 from kodkod.api.generation import sse, sse_response
-from kodkod.api.state import AppState, get_state
+from kodkod.api.state import AppState, Models, State
 from kodkod.api.validation import REQUEST_CONFIG, Name
-from kodkod.models.loading import plan_load
 from kodkod.models.params import LoadPlan
 from kodkod.models.progress import LoadProgress, ProgressEvent
 from kodkod.settings.load_bounds import (
@@ -53,7 +52,7 @@ router = APIRouter()
 
 
 class DraftLoadRequest(BaseModel):
-    model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True)
+    model_config = ConfigDict(**REQUEST_CONFIG, populate_by_name=True)
     draft_model_name: Name = Field(validation_alias=AliasChoices("draft_model_name", "name"))
     draft_rope_scale: DraftRopeScale | None = None
     draft_rope_alpha: float | str | None = None
@@ -66,9 +65,9 @@ class DraftLoadRequest(BaseModel):
 
 
 class ModelLoadRequest(BaseModel):
-    """Every field of reference §11.2, with the old aliases (`name`, `draft`)."""
+    """Every field of TabbyAPI's load request, with the old aliases (`name`, `draft`)."""
 
-    model_config = ConfigDict(REQUEST_CONFIG, populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(**REQUEST_CONFIG, populate_by_name=True, protected_namespaces=())
     model_name: Name = Field(validation_alias=AliasChoices("model_name", "name"))
     backend: str | None = None
     max_seq_len: MaxSeqLen | None = None
@@ -97,7 +96,7 @@ class ModelLoadRequest(BaseModel):
     @field_validator("cache_size")
     @classmethod
     def _cache_size(cls, value: int | None) -> int | None:
-        return LOAD_BOUNDS["cache_size"].check_multiple(value)  # type: ignore[no-any-return]
+        return LOAD_BOUNDS["cache_size"].check_multiple(value)
 
 
 def _request_fields(req: ModelLoadRequest) -> dict[str, Any]:
@@ -126,15 +125,11 @@ def _alpha(value: str) -> float | str:
 def make_plan(state: AppState, name: str, fields: dict[str, Any], *, startup: bool) -> LoadPlan:
     if not name or not name.strip():
         raise ApiError(400, "model_name is required")
-    return plan_load(
-        state.settings, state.model_dir,
-        state.resolve_path(state.settings.draft_model.draft_model_dir),
-        name, fields, startup=startup, gpu_available=state.models.gpu_available,
-    )
+    return state.load_plan(name, fields, startup=startup)
 
 
 async def load_startup_model(state: AppState, name: str) -> None:
-    """The config's `model.model_name`, with the whole model/draft_model sections (§11.1)."""
+    """The config's `model.model_name`, with the whole model/draft_model sections."""
     plan = make_plan(state, name, {}, startup=True)
     await state.models.check_draft(plan)
     await state.models.load(plan)
@@ -145,8 +140,7 @@ def _event(ev: ProgressEvent) -> str:
 
 
 @router.post("/v1/model/load", dependencies=[ADMIN])
-async def load(req: ModelLoadRequest, request: Request) -> Any:
-    state = get_state(request)
+async def load(req: ModelLoadRequest, state: State) -> Any:
     plan = make_plan(state, req.model_name, _request_fields(req), startup=False)
     await state.models.check_draft(plan)  # 400 naming both models before the stream starts
     if state.models.is_loaded(plan, same_params=True):
@@ -181,7 +175,7 @@ async def _load_stream(state: AppState, plan: LoadPlan, skip_queue: bool) -> Asy
             f"the model {current.name!r} was unloaded: an administrator is loading "
             f"{plan.entry.name!r}"
         )
-    # The load continues even if this client goes away (reference §11.3, E3 2026-07).
+    # The load continues even if this client goes away (as in TabbyAPI since July 2026).
     task = asyncio.ensure_future(
         state.models.load(plan, progress, reason=reason, skip_queue=skip_queue)
     )
@@ -199,8 +193,7 @@ async def _load_stream(state: AppState, plan: LoadPlan, skip_queue: bool) -> Asy
 
 
 @router.post("/v1/model/unload", dependencies=[ADMIN])
-async def unload(request: Request) -> None:
-    state = get_state(request)
-    if not await state.models.unload("the model was unloaded by an administrator"):
+async def unload(models: Models) -> None:
+    if not await models.unload("the model was unloaded by an administrator"):
         raise ApiError(503, "No models are currently loaded", code="model_not_loaded")
     return None

@@ -6,7 +6,7 @@ never frees the vocabulary they are reading.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from kodkod import __version__
 from kodkod.api.admin.inline import hold_model
 from kodkod.api.convert import run_sized
-from kodkod.api.deps import API
+from kodkod.api.deps import API, get_keys
 from kodkod.api.errors import ApiError
-from kodkod.api.state import get_state, split_issues
+from kodkod.api.state import AppSettings, Health, Models
 from kodkod.auth import AuthError
 from kodkod.chat import TemplateError, strip_leading_bos
 from kodkod.models.manager import LoadedModel
@@ -27,18 +27,17 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health(request: Request) -> JSONResponse:
-    state = get_state(request)
-    current = state.models.current
-    current_issues, resolved_issues = split_issues(
-        state.health_issues, current.loaded_at if current is not None else None
+async def health(models: Models, health_log: Health) -> JSONResponse:
+    current = models.current
+    current_issues, resolved_issues = health_log.split(
+        current.loaded_at if current is not None else None
     )
     issues = [{"time": i.time, "description": i.description} for i in current_issues]
     resolved = [{"time": i.time, "description": i.description} for i in resolved_issues]
     problem = current.engine.problem if current is not None else None
     if problem is not None and not any(problem in i["description"] for i in issues):
         # the watchdog records it within a second; say it now
-        issues.append({"time": datetime.now(timezone.utc).isoformat(), "description": problem})
+        issues.append({"time": datetime.now(UTC).isoformat(), "description": problem})
     body: dict[str, Any] = {"status": "unhealthy" if issues else "healthy", "issues": issues}
     if resolved:
         body["resolved_issues"] = resolved
@@ -86,7 +85,7 @@ async def serviceinfo() -> dict[str, Any]:
 @router.get("/v1/auth/permission", dependencies=[API])
 async def auth_permission(request: Request) -> dict[str, str]:
     try:
-        perm = get_state(request).keys.permission_of(request.headers)
+        perm = get_keys(request).permission_of(request.headers)
     except AuthError as exc:
         raise ApiError(400, exc.message) from None
     return {"permission": perm.value}
@@ -109,9 +108,9 @@ class DecodeRequest(TokenFlags):
 
 
 @router.post("/v1/token/encode", dependencies=[API])
-async def encode(req: EncodeRequest, request: Request) -> dict[str, Any]:
+async def encode(req: EncodeRequest, request: Request, settings: AppSettings) -> dict[str, Any]:
     model = await hold_model(request)  # leased: a worker thread may tokenize under the lease
-    offload_chars = get_state(request).settings.limits.offload_tokenize_chars
+    offload_chars = settings.limits.offload_tokenize_chars
     size = len(req.text) if isinstance(req.text, str) else len(str(req.text))
     return await run_sized(size, offload_chars, lambda: _encode(req, model))
 

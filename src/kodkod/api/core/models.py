@@ -1,6 +1,6 @@
 """Model listing and information: /v1/models, /v1/model, /v1/model/list, drafts, /props.
 
-Lists follow reference §6.2: an admin key sees every model in model_dir (minus the draft
+Lists follow TabbyAPI: an admin key sees every model in model_dir (minus the draft
 directory when it sits inside it) or draft_model_dir; an API key sees only what is loaded (the
 model, or its draft). `/v1/model` is the loaded model's card with its effective parameters,
 including the nested draft card.
@@ -9,16 +9,18 @@ including the nested draft card.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
 from kodkod.api.deps import API, current_permission
 from kodkod.api.errors import ApiError
-from kodkod.api.state import AppState, get_model, get_state
+from kodkod.api.state import AppSettings, Models, Paths, get_model
 from kodkod.auth import Permission
 from kodkod.models.manager import DraftModel, LoadedModel
 from kodkod.models.registry import discover
+from kodkod.settings import Settings
 
 router = APIRouter()
 
@@ -30,7 +32,7 @@ def card(name: str, **extra: Any) -> dict[str, Any]:
 
 
 def draft_card(draft: DraftModel) -> dict[str, Any]:
-    """The nested draft card of /v1/model (reference §6.1)."""
+    """The nested draft card of /v1/model."""
     return card(
         draft.name,
         parameters={
@@ -79,39 +81,39 @@ def model_parameters(model: LoadedModel) -> dict[str, Any]:
     return out
 
 
-def _directory_list(state: AppState, directory_key: str) -> list[dict[str, Any]]:
-    directory = state.resolve_path(directory_key)
+def _directory_list(directory: Path) -> list[dict[str, Any]]:
     return [card(e.name) for e in discover(directory)]
 
 
-def _dummies(state: AppState) -> list[dict[str, Any]]:
-    m = state.settings.model
+def _dummies(settings: Settings) -> list[dict[str, Any]]:
+    m = settings.model
     return [card(n) for n in m.dummy_model_names] if m.use_dummy_models else []
 
 
 @router.get("/v1/models", dependencies=[API])
 @router.get("/v1/model/list", dependencies=[API])
-async def list_models(request: Request, perm: Permission = Depends(current_permission)) -> dict[str, Any]:
-    state = get_state(request)
+async def list_models(
+    settings: AppSettings, paths: Paths, models: Models,
+    perm: Permission = Depends(current_permission),
+) -> dict[str, Any]:
     if perm is Permission.ADMIN:
-        data = _directory_list(state, state.settings.model.model_dir)
-        draft_dir = state.resolve_path(state.settings.draft_model.draft_model_dir).resolve()
-        if draft_dir != state.model_dir.resolve():
-            data = [c for c in data if (state.model_dir / c["id"]).resolve() != draft_dir]
+        data = _directory_list(paths.model_dir)
+        draft_dir = paths.draft_model_dir.resolve()
+        if draft_dir != paths.model_dir.resolve():
+            data = [c for c in data if (paths.model_dir / c["id"]).resolve() != draft_dir]
     else:
-        current = state.models.current
+        current = models.current
         data = [card(current.name)] if current is not None else []
-    return {"object": "list", "data": _dummies(state) + data}
+    return {"object": "list", "data": _dummies(settings) + data}
 
 
 @router.get("/v1/models/{model_id:path}", dependencies=[API])
-async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+async def retrieve_model(model_id: str, settings: AppSettings, models: Models) -> dict[str, Any]:
     """OpenAI's model retrieval: the loaded model (or a configured dummy name), else 404."""
-    state = get_state(request)
-    current = state.models.current
+    current = models.current
     if current is not None and model_id == current.name:
         return card(current.name)
-    if any(c["id"] == model_id for c in _dummies(state)):
+    if any(c["id"] == model_id for c in _dummies(settings)):
         return card(model_id)
     raise ApiError(404, f"The model '{model_id}' does not exist or is not loaded", code="model_not_found")
 
@@ -123,12 +125,13 @@ async def current_model(request: Request) -> dict[str, Any]:
 
 
 @router.get("/v1/model/draft/list", dependencies=[API])
-async def list_drafts(request: Request, perm: Permission = Depends(current_permission)) -> dict[str, Any]:
-    state = get_state(request)
+async def list_drafts(
+    paths: Paths, models: Models, perm: Permission = Depends(current_permission)
+) -> dict[str, Any]:
     if perm is Permission.ADMIN:
-        data = _directory_list(state, state.settings.draft_model.draft_model_dir)
+        data = _directory_list(paths.draft_model_dir)
     else:
-        current = state.models.current
+        current = models.current
         draft = current.draft if current is not None else None
         data = [card(draft.name)] if draft is not None else []
     return {"object": "list", "data": data}

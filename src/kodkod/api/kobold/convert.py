@@ -1,8 +1,8 @@
 """From a Kobold generate request to an engine request, through the shared conversion.
 
 The sampler fields go through `api.convert.resolve_fields` (so sampler override presets apply to
-Kobold requests too) and `api.convert.build_generation` (which refuses parameters the engine
-cannot honour yet with a 400 naming them). On top of that, the Kobold-only rules (§9.3):
+Kobold requests too) and `api.convert.build_generation` (which refuses contradictory
+combinations with a 400 naming the field). On top of that, the Kobold-only rules:
 
 - the prompt is `memory + prompt`, used as-is (no chat template);
 - `dynatemp_range` r > 0: `min_temp = max(0, temperature − r)`, `max_temp = temperature + r`,

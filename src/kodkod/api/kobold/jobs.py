@@ -1,7 +1,7 @@
 """The Kobold job table: running Kobold generations by `genkey`, for abort and check.
 
 Every /api/v1/generate and /api/extra/generate/stream request registers a `KoboldJob` while it
-runs (reference §10) and removes it when it ends, however it ends. A job keeps the text its
+runs and removes it when it ends, however it ends. A job keeps the text its
 consumer has passed on so far (what /api/extra/generate/check returns) and knows its engine
 request, so /api/extra/abort stops it within one engine step (`EngineClient.abort`); the
 request then finishes normally with the text generated until then.
@@ -18,8 +18,8 @@ A request without a genkey is "anonymous" (SillyTavern's KoboldAI Classic mode n
 and on Stop it POSTs /api/extra/abort with no body). An abort or check without a genkey acts on
 the anonymous jobs of the same client address only — never on other clients' work.
 
-The table lives in `AppState.extras["kobold_jobs"]` (created on first use); it is only touched
-from the event loop, so it needs no lock.
+The app factory builds the one table (`AppState.kobold_jobs`); routes get it with the
+`KoboldJobs` dependency. It is only touched from the event loop, so it needs no lock.
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kodkod.api.state import AppState
 from kodkod.engine.client import EngineClient
-
-EXTRAS_KEY = "kobold_jobs"
 
 
 @dataclass(slots=True, eq=False)
@@ -106,10 +103,3 @@ class JobTable:
             job.abort()
         return len(jobs)
 
-
-def get_jobs(state: AppState) -> JobTable:
-    table = state.extras.get(EXTRAS_KEY)
-    if not isinstance(table, JobTable):
-        table = JobTable()
-        state.extras[EXTRAS_KEY] = table
-    return table

@@ -1,8 +1,8 @@
-"""The KoboldAI API (reference §5.3, §10), served by the same engine as the OpenAI endpoints.
+"""The KoboldAI API, served by the same engine as the OpenAI endpoints.
 
 `mount(app)` adds three groups: `/api/v1/...` (also at `/api/latest/...`, hidden from the
 schema) and `/api/extra/...`. Generation endpoints need an API key; the version endpoints and
-soft-prompt stubs are open (§2.5) because clients probe them before they send a key.
+soft-prompt stubs are open because clients probe them before they send a key.
 
 A generate request leases the loaded model for its whole HTTP exchange (like the OpenAI
 endpoints; Kobold has no `model` field, so never switches models), is converted by
@@ -16,39 +16,41 @@ Streams use Kobold's framing (KoboldCpp's, which KoboldAI Lite parses strictly):
 event carries `finish_reason` ("stop" | "length") and an empty token, and the stream then
 closes. Keep-alives are SSE comments (`: ping`), which Lite's and SillyTavern's parsers skip.
 A client that disconnects aborts its job (streaming: the response's cleanup closes the engine
-stream; non-streaming: a disconnect poll, answered with 422 like the OpenAI endpoints).
+stream; non-streaming: a disconnect poll, answered with 422 like the OpenAI endpoints). Both
+loops are the shared ones of `kodkod.api.streaming`; this module only gives Kobold's frames
+(`_KoboldFrames`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from kodkod.api.admin.inline import hold_model
 from kodkod.api.convert import new_request_id, run_sized, tokenize_prompt
 from kodkod.api.deps import API, get_keys
-from kodkod.api.errors import ApiError, stream_error
-from kodkod.api.generation import SSE_HEADERS, error_for, fan_in, sse_ping
+from kodkod.api.errors import stream_error
+from kodkod.api.generation import error_for
 from kodkod.api.kobold.convert import finish_reason, kobold_generation
-from kodkod.api.kobold.jobs import JobTable, KoboldJob, get_jobs
+from kodkod.api.kobold.jobs import JobTable, KoboldJob
 from kodkod.api.kobold.schemas import KoboldGenerateRequest, TokenCountRequest
+from kodkod.api.presets import SamplerPresets
 from kodkod.api.request_log import log_generation
-from kodkod.api.state import get_model, get_state
+from kodkod.api.state import AppSettings, KoboldJobs, Presets, get_model
+from kodkod.api.streaming import event_stream, until_done
 from kodkod.api.validation import check_queue
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import ErrorEvent, ErrorKind, FinishEvent, TokenEvent
 from kodkod.models.manager import NoModelLoaded
+from kodkod.settings import Settings
 
 KOBOLD_UNITED_VERSION = "1.2.5"  # /api/v1/info/version: we answer like KoboldAI United
 KOBOLDCPP_VERSION = "1.74"  # /api/extra/version: enables Lite's genkey, SSE, grammar, DRY, XTC;
 # not >= 1.88, which would make Lite send {{[INPUT]}}/{{[OUTPUT]}} placeholders we don't expand
-DISCONNECT_POLL_S = 0.5
 
 v1 = APIRouter(tags=["kobold"])
 extra = APIRouter(tags=["kobold"])
@@ -75,18 +77,18 @@ def _caller(request: Request) -> str | None:
 
 
 async def _start(
-    request: Request, req: KoboldGenerateRequest
-) -> tuple[KoboldJob, RequestStream, JobTable]:
+    request: Request, req: KoboldGenerateRequest, settings: Settings, presets: SamplerPresets,
+    jobs: JobTable,
+) -> tuple[KoboldJob, RequestStream]:
     """Convert, submit and register one job. Bad requests raise here, before any response."""
-    state = get_state(request)
     model = await hold_model(request)  # leased until the exchange (stream included) ends
     request_id = new_request_id()
-    limits = state.settings.limits
-    gen = await kobold_generation(req, request_id, model, state.overrides, limits)
+    limits = settings.limits
+    gen = await kobold_generation(req, request_id, model, presets.active, limits)
     await model.engine.prepare(gen)
     check_queue(model.engine, 1, limits)  # 429 when too many wait; no await before submit
     stream = model.engine.submit(gen, stall_timeout_s=limits.stalled_stream_timeout_s)
-    log_generation(state.settings.logging, gen, stream, model.tokenizer)
+    log_generation(settings.logging, gen, stream, model.tokenizer)
     job = KoboldJob(
         genkey=req.genkey or request_id,
         request_id=request_id,
@@ -95,9 +97,8 @@ async def _start(
         engine=model.engine,
         owner=_caller(request),
     )
-    jobs = get_jobs(state)
     jobs.add(job)
-    return job, stream, jobs
+    return job, stream
 
 
 async def _drain(job: KoboldJob, stream: RequestStream) -> FinishEvent | ErrorEvent:
@@ -111,26 +112,14 @@ async def _drain(job: KoboldJob, stream: RequestStream) -> FinishEvent | ErrorEv
     return ErrorEvent("the request was cancelled", ErrorKind.INTERNAL)
 
 
-async def _run(request: Request, job: KoboldJob, stream: RequestStream) -> FinishEvent | ErrorEvent:
-    """`_drain`, aborting the job if the client goes away meanwhile (→ 422)."""
-    task = asyncio.ensure_future(_drain(job, stream))
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ApiError(422, "the request was cancelled by the client")
-    finally:
-        if not task.done():
-            task.cancel()
-
-
 @v1.post("/generate", dependencies=[API])
-async def generate(req: KoboldGenerateRequest, request: Request) -> dict[str, Any]:
-    job, stream, jobs = await _start(request, req)
-    try:
-        final = await _run(request, job, stream)
+async def generate(
+    req: KoboldGenerateRequest, request: Request, settings: AppSettings, presets: Presets,
+    jobs: KoboldJobs,
+) -> dict[str, Any]:
+    job, stream = await _start(request, req, settings, presets, jobs)
+    try:  # a client that goes away meanwhile aborts the job (→ 422)
+        final = await until_done(request, _drain(job, stream))
     finally:
         stream.close()
         jobs.remove(job)
@@ -159,55 +148,46 @@ def kobold_event(payload: dict[str, Any]) -> str:
     return f"event: message\ndata: {data}\n\n"
 
 
-async def _events(
-    job: KoboldJob, stream: RequestStream, jobs: JobTable, ping_s: float | None
-) -> AsyncIterator[str]:
-    """The stream body. The job leaves the table before its last event is sent, so a client
-    that checks right after reading it already finds the job gone."""
-    async for index, events in fan_in([stream], ping_s):
-        if index < 0:
-            yield sse_ping()
-            continue
-        for ev in events:
-            if isinstance(ev, TokenEvent):
-                if ev.text:
-                    job.append(ev.text)
-                    yield kobold_event({"token": ev.text, "finish_reason": None})
-            elif isinstance(ev, FinishEvent):
-                jobs.remove(job)
-                yield kobold_event({"token": "", "finish_reason": finish_reason(ev)})
-            else:
-                jobs.remove(job)
-                yield kobold_event({"token": "", "finish_reason": None, **stream_error(ev.message)})
-                return
+class _KoboldFrames:
+    """Kobold's stream events for one job (a `StreamSurface`). The job leaves the table before
+    its last event is sent, so a client that checks right after reading it already finds the
+    job gone."""
 
+    __slots__ = ("_job", "_jobs")
 
-class JobStreamResponse(StreamingResponse):
-    """A streaming response that always runs `cleanup` when it ends — also when the client
-    disconnected before the body iterator was ever started (a plain generator's `finally`
-    would not run then, and the job would keep generating)."""
+    def __init__(self, job: KoboldJob, jobs: JobTable) -> None:
+        self._job = job
+        self._jobs = jobs
 
-    def __init__(self, body: AsyncIterator[str], cleanup: Callable[[], None]) -> None:
-        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
-        self._cleanup = cleanup
+    def opening(self) -> Iterator[str]:
+        return iter(())
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._cleanup()
+    def on_token(self, index: int, ev: TokenEvent) -> Iterator[str]:
+        if ev.text:
+            self._job.append(ev.text)
+            yield kobold_event({"token": ev.text, "finish_reason": None})
+
+    def on_finish(self, index: int, ev: FinishEvent) -> Iterator[str]:
+        self._jobs.remove(self._job)
+        yield kobold_event({"token": "", "finish_reason": finish_reason(ev)})
+
+    def on_error(self, index: int, ev: ErrorEvent) -> str:
+        self._jobs.remove(self._job)
+        return kobold_event({"token": "", "finish_reason": None, **stream_error(ev.message)})
+
+    def closing(self) -> Iterator[str]:
+        return iter(())
 
 
 @extra.post("/generate/stream", dependencies=[API])
-async def generate_stream(req: KoboldGenerateRequest, request: Request) -> StreamingResponse:
-    ping_s = get_state(request).settings.network.sse_ping_interval or None
-    job, stream, jobs = await _start(request, req)
-
-    def cleanup() -> None:
-        stream.close()  # aborts the engine request if it is still running
-        jobs.remove(job)
-
-    return JobStreamResponse(_events(job, stream, jobs, ping_s), cleanup)
+async def generate_stream(
+    req: KoboldGenerateRequest, request: Request, settings: AppSettings, presets: Presets,
+    jobs: KoboldJobs,
+) -> StreamingResponse:
+    ping_s = settings.network.sse_ping_interval or None
+    job, stream = await _start(request, req, settings, presets, jobs)
+    # the response's cleanup closes the stream (aborting a running request) and drops the job
+    return event_stream([stream], _KoboldFrames(job, jobs), ping_s, on_end=lambda: jobs.remove(job))
 
 
 async def _genkey(request: Request) -> str | None:
@@ -229,22 +209,22 @@ async def _genkey(request: Request) -> str | None:
 
 
 @extra.post("/abort", dependencies=[API])
-async def abort(request: Request) -> dict[str, bool]:
+async def abort(request: Request, jobs: KoboldJobs) -> dict[str, bool]:
     """Abort the caller's jobs with this genkey (no genkey: this client's jobs that sent
     none). Another key's job is left alone, and the answer is the same as for no job."""
     genkey = await _genkey(request)
-    get_jobs(get_state(request)).abort(genkey, _client_host(request), _caller(request))
+    jobs.abort(genkey, _client_host(request), _caller(request))
     return {"success": True}
 
 
 @extra.get("/generate/check", dependencies=[API])
 @extra.post("/generate/check", dependencies=[API])
-async def check(request: Request) -> dict[str, Any]:
+async def check(request: Request, jobs: KoboldJobs) -> dict[str, Any]:
     """The text so far of a running job, `{"results": [{"text": …}]}` — also while it is still
     empty (KoboldCpp's shape; clients read `results[0].text`); `{"results": []}` when there is
     no such job (unknown key, or finished: a job leaves the table when it ends)."""
     genkey = await _genkey(request)
-    job = get_jobs(get_state(request)).latest(genkey, _client_host(request), _caller(request))
+    job = jobs.latest(genkey, _client_host(request), _caller(request))
     return {"results": [{"text": job.text}]} if job is not None else {"results": []}
 
 
@@ -252,9 +232,11 @@ async def check(request: Request) -> dict[str, Any]:
 
 
 @extra.post("/tokencount", dependencies=[API])
-async def tokencount(req: TokenCountRequest, request: Request) -> dict[str, Any]:
+async def tokencount(
+    req: TokenCountRequest, request: Request, settings: AppSettings
+) -> dict[str, Any]:
     model = await hold_model(request)  # leased: the worker thread tokenizes under the lease
-    offload_chars = get_state(request).settings.limits.offload_tokenize_chars
+    offload_chars = settings.limits.offload_tokenize_chars
     ids = await run_sized(len(req.prompt), offload_chars, lambda: tokenize_prompt(
         model.tokenizer, req.prompt, add_bos=req.special, bos_id=model.info.bos_id))
     return {"value": len(ids), "ids": ids}

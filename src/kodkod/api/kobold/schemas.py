@@ -1,10 +1,10 @@
-"""Request schemas of the KoboldAI endpoints (reference §9.2, §9.3, §10).
+"""Request schemas of the KoboldAI endpoints.
 
 `KoboldGenerateRequest` is the shared sampler schema (`api.sampling.SamplerRequest`, which
 already accepts Kobold's aliases `max_length`, `rep_pen`, `rep_pen_range`, `stop_sequence`,
 `sampler_seed`, `dynatemp_exponent`, …) plus the Kobold-only fields. Kobold names whose meaning
 differs from the shared field are mapped onto it here, on the request itself, so the sampler
-override preset (§9.4) sees them exactly like the OpenAI fields:
+override preset sees them exactly like the OpenAI fields:
 
 - `banned_tokens`: KoboldCpp/KoboldAI Lite send phrases (strings) → `banned_strings`; integer
   ids stay token bans.

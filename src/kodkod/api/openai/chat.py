@@ -1,17 +1,18 @@
-"""POST /v1/chat/completions (reference §7.3–7.4, §8): template → prompt → engine → chunks.
+"""POST /v1/chat/completions: template → prompt → engine → chunks.
 
 Flow: normalise `tool_choice` → render the prompt (`chat_prompt`) → pick and compile the output
 constraint (`constrain`: response_format, json_schema / regex_pattern / grammar_string, or a
-forced tool call; else the reasoning budget, `reasoning`) → submit `n` engine requests (one parser per choice) → split each choice's
-text into content, reasoning and tool calls (`chat_output`) → one JSON body, or SSE chunks:
-a role chunk per choice, content / reasoning / tool-call deltas, a finish chunk per choice
-(`finish_reason`, `stop_str`, `eos_reason`), the usage chunk if asked, then `[DONE]`.
+forced tool call; else the reasoning budget, `reasoning`) → submit `n` engine requests (one
+parser per choice) → split each choice's text into content, reasoning and tool calls
+(`chat_output`) → one JSON body, or SSE chunks: a role chunk per choice, content / reasoning /
+tool-call deltas, a finish chunk per choice (`finish_reason`, `stop_str`, `eos_reason`), the
+usage chunk if asked, then `[DONE]`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,7 +20,7 @@ from fastapi import APIRouter, Request
 from kodkod.api.convert import build_generation, new_request_id, resolve_fields, run_sized
 from kodkod.api.deps import API
 from kodkod.api.errors import stream_error
-from kodkod.api.generation import SSE_DONE, collect, fan_in, sse, sse_ping, sse_response
+from kodkod.api.generation import SSE_DONE, sse
 from kodkod.api.openai.chat_output import ChoiceOutput, content_logprobs, content_logprobs_of
 from kodkod.api.openai.chat_prompt import ChatPrompt, build_prompt
 from kodkod.api.openai.common import (
@@ -34,26 +35,27 @@ from kodkod.api.openai.common import (
 from kodkod.api.openai.constrain import output_spec, plan_constraint, tool_choice
 from kodkod.api.openai.reasoning import budget_factory
 from kodkod.api.openai.schemas import ChatCompletionRequest
-from kodkod.api.state import get_state
+from kodkod.api.state import AppSettings, Presets
+from kodkod.api.streaming import collect, event_stream
 from kodkod.api.validation import check_choices, check_generation_limits
-from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, TokenLogprob, Usage
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions", dependencies=[API])
-async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
-    state = get_state(request)
-    limits = state.settings.limits
+async def chat_completions(
+    req: ChatCompletionRequest, request: Request, settings: AppSettings, presets: Presets
+) -> Any:
+    limits = settings.limits
     check_choices(req.n, limits)
     model = await inline_model(request, req.model)
     choice = tool_choice(req.tools, req.tool_choice)
-    values = resolve_fields(req, state.overrides)
+    values = resolve_fields(req, presets.active)
     check_generation_limits(values, limits)
     prompt = await run_sized(_size_chars(req), limits.offload_tokenize_chars,
                              lambda: build_prompt(req, model, choice))
-    spec = output_spec(values, req.response_format, (req.tools, choice) if choice.forced else None)
+    spec = output_spec(values, req.response_format, (req.tools or [], choice) if choice.forced else None)
     split = prompt.split  # a reply that starts inside reasoning is constrained after it
     wait_for = split.reasoning[1] if split.reasoning and split.start_in_reasoning else None
     plan = await plan_constraint(model.tokenizer, spec, wait_for=wait_for)
@@ -67,13 +69,14 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
                          processors=[budget()] if budget is not None else None, choice=k)
         for k in range(req.n)
     ]
-    streams = await submit_all(model, gens, limits, state.settings.logging)
+    streams = await submit_all(model, gens, limits, settings.logging)
     created = int(time.time())
     head = {"id": f"chatcmpl-{rid}", "created": created, "model": model.name}
-    if req.stream and not state.settings.developer.disable_request_streaming:
+    if req.stream and not settings.developer.disable_request_streaming:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        ping_s = state.settings.network.sse_ping_interval or None
-        return sse_response(_stream(streams, head, prompt, include_usage, ping_s))
+        ping_s = settings.network.sse_ping_interval or None
+        frames = _ChatFrames(head, prompt, len(streams), include_usage)
+        return event_stream(streams, frames, ping_s)
     results = await collect(request, streams)
     choices = []
     total = Usage(0, 0)
@@ -88,7 +91,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
             "eos_reason": final.eos_reason.value,
             "message": out.message(),
             "logprobs": logprobs_chat(content_logprobs_of(prompt.split, prompt.tool_format,
-                                                          tokens.logprobs))
+                                                          tokens.logprobs or []))
             if logprobs is not None else None,
         })
         add_usage(total, final.usage, first=i == 0)
@@ -104,52 +107,59 @@ def _size_chars(req: ChatCompletionRequest) -> int:
     return size + len(str(req.tools or ""))
 
 
-def _chunk(head: dict[str, Any], index: int, delta: dict[str, Any], *,
-           finish: str | None = None, logprobs: list[TokenLogprob] | None = None,
-           extra: dict[str, Any] | None = None) -> str:
-    choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish,
-                              "logprobs": logprobs_chat(logprobs) if logprobs else None}
-    if extra:
-        choice.update(extra)
-    return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+class _ChatFrames:
+    """The SSE chunks of a streamed chat completion (a `StreamSurface`): a role chunk per
+    choice, deltas, a finish chunk per choice, the usage chunk if asked, then `[DONE]`."""
 
+    __slots__ = ("_head", "_include_usage", "_outs", "_pending", "_prompt", "_total")
 
-async def _stream(
-    streams: list[RequestStream], head: dict[str, Any], prompt: ChatPrompt,
-    include_usage: bool, ping_s: float | None,
-) -> AsyncIterator[str]:
-    outs = [ChoiceOutput(prompt.split, prompt.tool_format) for _ in streams]
-    pending: list[list[TokenLogprob]] = [[] for _ in streams]  # logprobs of held-back text
-    total = Usage(0, 0)
-    for i in range(len(streams)):
-        yield _chunk(head, i, {"role": "assistant", "content": ""})
-        if prompt.echo:
-            outs[i].content.append(prompt.echo)
-            yield _chunk(head, i, {"content": prompt.echo})
-    async for index, events in fan_in(streams, ping_s):
-        if index < 0:
-            yield sse_ping()
-            continue
-        out = outs[index]
-        for ev in events:
-            if isinstance(ev, TokenEvent):
-                if ev.logprobs:
-                    pending[index].extend(ev.logprobs)
-                for delta in out.feed(ev.text):
-                    yield _chunk(head, index, delta, logprobs=content_logprobs(delta, pending[index]))
-                    pending[index] = []
-            elif isinstance(ev, FinishEvent):
-                for delta in out.finish():
-                    yield _chunk(head, index, delta, logprobs=content_logprobs(delta, pending[index]))
-                    pending[index] = []
-                add_usage(total, ev.usage, first=index == 0)
-                yield _chunk(head, index, {}, finish=out.finish_reason(finish_reason(ev)),
-                             logprobs=pending[index],
-                             extra={"stop_str": ev.stop_str, "eos_reason": ev.eos_reason.value})
-            elif isinstance(ev, ErrorEvent):
-                yield sse(stream_error(ev.message))
-                return
-    if include_usage:
-        yield sse({**head, "object": "chat.completion.chunk", "choices": [],
-                   "usage": usage_dict(total)})
-    yield SSE_DONE
+    def __init__(self, head: dict[str, Any], prompt: ChatPrompt, n: int, include_usage: bool) -> None:
+        self._head = head
+        self._prompt = prompt
+        self._include_usage = include_usage
+        self._outs = [ChoiceOutput(prompt.split, prompt.tool_format) for _ in range(n)]
+        self._pending: list[list[TokenLogprob]] = [[] for _ in range(n)]  # of held-back text
+        self._total = Usage(0, 0)
+
+    def opening(self) -> Iterator[str]:
+        for i, out in enumerate(self._outs):
+            yield self._chunk(i, {"role": "assistant", "content": ""})
+            if self._prompt.echo:
+                out.content.append(self._prompt.echo)
+                yield self._chunk(i, {"content": self._prompt.echo})
+
+    def _deltas(self, index: int, deltas: list[dict[str, Any]]) -> Iterator[str]:
+        for delta in deltas:
+            yield self._chunk(index, delta, logprobs=content_logprobs(delta, self._pending[index]))
+            self._pending[index] = []
+
+    def on_token(self, index: int, ev: TokenEvent) -> Iterator[str]:
+        if ev.logprobs:
+            self._pending[index].extend(ev.logprobs)
+        yield from self._deltas(index, self._outs[index].feed(ev.text))
+
+    def on_finish(self, index: int, ev: FinishEvent) -> Iterator[str]:
+        out = self._outs[index]
+        yield from self._deltas(index, out.finish())
+        add_usage(self._total, ev.usage, first=index == 0)
+        yield self._chunk(index, {}, finish=out.finish_reason(finish_reason(ev)),
+                          logprobs=self._pending[index],
+                          extra={"stop_str": ev.stop_str, "eos_reason": ev.eos_reason.value})
+
+    def on_error(self, index: int, ev: ErrorEvent) -> str:
+        return sse(stream_error(ev.message))
+
+    def closing(self) -> Iterator[str]:
+        if self._include_usage:
+            yield sse({**self._head, "object": "chat.completion.chunk", "choices": [],
+                       "usage": usage_dict(self._total)})
+        yield SSE_DONE
+
+    def _chunk(self, index: int, delta: dict[str, Any], *, finish: str | None = None,
+               logprobs: list[TokenLogprob] | None = None,
+               extra: dict[str, Any] | None = None) -> str:
+        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish,
+                                  "logprobs": logprobs_chat(logprobs) if logprobs else None}
+        if extra:
+            choice.update(extra)
+        return sse({**self._head, "object": "chat.completion.chunk", "choices": [choice]})

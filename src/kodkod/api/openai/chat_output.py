@@ -6,7 +6,7 @@ what was held back. A completed tool block is parsed with the model's tool forma
 as one `tool_calls` delta per call (`index`, `id`, `type`, full `function`); tool text that
 does not parse is shown as content. The accumulated results make the non-streamed `message`.
 
-Logprobs cover the content phase only (reference §7.7, newest era): a token's logprob waits
+Logprobs cover the content phase only (as in current TabbyAPI): a token's logprob waits
 until its text comes out, goes with a content delta, and is dropped with reasoning or tool text.
 """
 
@@ -63,7 +63,7 @@ class ChoiceOutput:
         return "tool_calls" if self.tool_calls else engine_reason
 
     def message(self) -> dict[str, Any]:
-        """The non-streamed `message` (content null when empty or whitespace, §7.4)."""
+        """The non-streamed `message` (content null when empty or whitespace)."""
         content = "".join(self.content)
         reasoning = "".join(self.reasoning)
         return {

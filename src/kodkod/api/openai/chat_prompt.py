@@ -1,11 +1,11 @@
 """From a chat request to a prompt: template variables, tools, rendering, BOS, reasoning start.
 
-`build_prompt()` renders the conversation with the model's chat template (reference §8.1–8.6):
-template variables by precedence (§8.2), `tools` handed to the template — and, when the
+`build_prompt()` renders the conversation with the model's chat template:
+template variables by precedence, `tools` handed to the template — and, when the
 template ignores them, a hermes-style tools block in the system prompt plus earlier calls and
 results written into the messages (`chat.tools`) — `continue_final_message`, `response_prefix`,
-BOS stripping (§8.4) and tokenization. It also decides how the output is split: reasoning tags
-and whether the reply starts inside reasoning (§8.8), and the tool-call format (§8.7).
+BOS stripping and tokenization. It also decides how the output is split: reasoning tags
+and whether the reply starts inside reasoning, and the tool-call format.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from kodkod.chat.tools import (
 )
 from kodkod.models.manager import LoadedModel
 
-# How far from the end of the prompt an unclosed reasoning start tag still counts (§8.8 auto).
+# How far from the end of the prompt an unclosed reasoning start tag still counts (reasoning `auto` mode).
 REASONING_LOOKBACK_CHARS = 512
 
 
@@ -43,7 +43,7 @@ class ChatPrompt:
 
 
 def template_variables(req: ChatCompletionRequest, model: LoadedModel) -> dict[str, Any]:
-    """Template variables, low → high precedence (reference §8.2, E3 2026-07)."""
+    """Template variables, low → high precedence (TabbyAPI's order since July 2026)."""
     extra = model.params.extra
     out: dict[str, Any] = dict(extra.get("template_vars_default") or {})
     if req.reasoning is not None:

@@ -14,12 +14,12 @@ from kodkod.engine.client import RequestError
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.types import FinishEvent, FinishReason, GenerationRequest, TokenLogprob, Usage
 from kodkod.models.manager import LoadedModel
-from kodkod.settings.sections import LoggingSettings
 from kodkod.settings import LimitsSettings
+from kodkod.settings.sections import LoggingSettings
 
 log = logging.getLogger(__name__)
 
-LOGPROB_FLOOR = -1000.0  # how -inf is reported (reference §7.7)
+LOGPROB_FLOOR = -1000.0  # how -inf is reported (a JSON number, as TabbyAPI does)
 
 
 def finish_reason(ev: FinishEvent) -> str:
@@ -65,7 +65,7 @@ def add_usage(total: Usage, u: Usage, *, first: bool) -> None:
 
 
 def requested_logprobs(logprobs: int | None, top_logprobs: int | None, *, chat: bool) -> int | None:
-    """How many alternatives per token the engine should report (None: no logprobs, §7.7).
+    """How many alternatives per token the engine should report (None: no logprobs).
 
     Completions: `logprobs: N` (N > 0) asks for N alternatives. Chat: `logprobs: true` turns
     them on with `top_logprobs` alternatives; an integer `logprobs` > 1 counts as top_logprobs.
@@ -144,6 +144,6 @@ async def submit_all(
 
 
 async def inline_model(request: Request, name: str | None) -> LoadedModel:
-    """The model a request runs on (reference §11.6: inline loading by the `model` field),
+    """The model a request runs on (inline loading by the `model` field),
     leased until the HTTP exchange ends (see kodkod.api.admin.inline)."""
     return await model_for_request(request, name)

@@ -1,4 +1,4 @@
-"""POST /v1/completions (reference §7.2), streamed or not.
+"""POST /v1/completions, streamed or not.
 
 A prompt may be a string, a list of strings (each its own prompt, E3 behaviour), a list of
 token ids or a list of token-id lists. Each prompt gets `n` choices; choice index is
@@ -9,7 +9,8 @@ share their prompt's KV through the prefix cache.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,7 +24,7 @@ from kodkod.api.convert import (
 )
 from kodkod.api.deps import API
 from kodkod.api.errors import stream_error
-from kodkod.api.generation import SSE_DONE, collect, fan_in, sse, sse_ping, sse_response
+from kodkod.api.generation import SSE_DONE, sse
 from kodkod.api.openai.common import (
     add_usage,
     finish_reason,
@@ -35,7 +36,8 @@ from kodkod.api.openai.common import (
 )
 from kodkod.api.openai.constrain import output_spec, plan_constraint
 from kodkod.api.openai.schemas import CompletionRequest
-from kodkod.api.state import get_state
+from kodkod.api.state import AppSettings, Presets
+from kodkod.api.streaming import collect, event_stream
 from kodkod.api.validation import check_choices, check_generation_limits
 from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, Usage
 
@@ -67,13 +69,14 @@ def _prompts(req: CompletionRequest, model: Any, items: list[Any]) -> list[tuple
 
 
 @router.post("/v1/completions", dependencies=[API])
-async def completions(req: CompletionRequest, request: Request) -> Any:
-    state = get_state(request)
-    limits = state.settings.limits
+async def completions(
+    req: CompletionRequest, request: Request, settings: AppSettings, presets: Presets
+) -> Any:
+    limits = settings.limits
     items = _items(req)
     check_choices(len(items) * req.n, limits)
     model = await inline_model(request, req.model)
-    values = resolve_fields(req, state.overrides)
+    values = resolve_fields(req, presets.active)
     check_generation_limits(values, limits)
     logprobs = requested_logprobs(values["logprobs"], values["top_logprobs"], chat=False)
     plan = await plan_constraint(model.tokenizer, output_spec(values, req.response_format))
@@ -88,15 +91,15 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
                 f"{rid}-{pi * req.n + k}", ids, values, model.info.n_vocab, logprobs=logprobs,
                 constraint=plan.new() if plan is not None else None, choice=k,
             ))
-    streams = await submit_all(model, gens, limits, state.settings.logging)
+    streams = await submit_all(model, gens, limits, settings.logging)
     created = int(time.time())
     prefix = {i: (prompts[i // req.n][0] if req.echo else "") for i in range(len(gens))}
-    if req.stream and not state.settings.developer.disable_request_streaming:
+    if req.stream and not settings.developer.disable_request_streaming:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        ping_s = state.settings.network.sse_ping_interval or None
-        return sse_response(
-            _stream(streams, f"cmpl-{rid}", created, model.name, include_usage, prefix, ping_s)
-        )
+        ping_s = settings.network.sse_ping_interval or None
+        base = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created,
+                "model": model.name}
+        return event_stream(streams, _CompletionFrames(base, prefix, include_usage), ping_s)
     results = await collect(request, streams)
     choices = []
     total = Usage(0, 0)
@@ -122,39 +125,42 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     }
 
 
-async def _stream(
-    streams: list, cid: str, created: int, model_name: str, include_usage: bool,
-    prefix: dict[int, str], ping_s: float | None,
-) -> AsyncIterator[str]:
-    total = Usage(0, 0)
-    finished = 0
-    offsets = {i: len(prefix[i]) for i in prefix}
-    base = {"id": cid, "object": "text_completion", "created": created, "model": model_name}
-    for i, p in prefix.items():
-        if p:
-            yield sse({**base, "choices": [{"index": i, "text": p, "finish_reason": None, "logprobs": None}]})
-    async for index, events in fan_in(streams, ping_s):
-        if index < 0:
-            yield sse_ping()
-            continue
-        for ev in events:
-            if isinstance(ev, TokenEvent):
-                lp = logprobs_legacy(ev.logprobs, offsets[index]) if ev.logprobs else None
-                offsets[index] += len(ev.text)
-                if ev.text or lp:
-                    yield sse({**base, "choices": [
-                        {"index": index, "text": ev.text, "finish_reason": None, "logprobs": lp}
-                    ]})
-            elif isinstance(ev, FinishEvent):
-                add_usage(total, ev.usage, first=index == 0)
-                finished += 1
-                yield sse({**base, "choices": [{
-                    "index": index, "text": "", "finish_reason": finish_reason(ev),
-                    "stop_str": ev.stop_str, "eos_reason": ev.eos_reason.value, "logprobs": None,
-                }]})
-            elif isinstance(ev, ErrorEvent):
-                yield sse(stream_error(ev.message))
-                return
-    if include_usage:
-        yield sse({**base, "choices": [], "usage": usage_dict(total)})
-    yield SSE_DONE
+@dataclass(slots=True)
+class _CompletionFrames:
+    """The SSE chunks of a streamed completion (a `StreamSurface`)."""
+
+    base: dict[str, Any]  # id, object, created, model
+    prefix: dict[int, str]  # choice → echoed prompt
+    include_usage: bool
+    offsets: dict[int, int] = field(default_factory=dict)  # choice → text offset (logprobs)
+    total: Usage = field(default_factory=lambda: Usage(0, 0))
+
+    def opening(self) -> Iterator[str]:
+        for i, p in self.prefix.items():
+            self.offsets[i] = len(p)
+            if p:
+                yield self._chunk({"index": i, "text": p, "finish_reason": None, "logprobs": None})
+
+    def on_token(self, index: int, ev: TokenEvent) -> Iterator[str]:
+        lp = logprobs_legacy(ev.logprobs, self.offsets[index]) if ev.logprobs else None
+        self.offsets[index] += len(ev.text)
+        if ev.text or lp:
+            yield self._chunk({"index": index, "text": ev.text, "finish_reason": None, "logprobs": lp})
+
+    def on_finish(self, index: int, ev: FinishEvent) -> Iterator[str]:
+        add_usage(self.total, ev.usage, first=index == 0)
+        yield self._chunk({
+            "index": index, "text": "", "finish_reason": finish_reason(ev),
+            "stop_str": ev.stop_str, "eos_reason": ev.eos_reason.value, "logprobs": None,
+        })
+
+    def on_error(self, index: int, ev: ErrorEvent) -> str:
+        return sse(stream_error(ev.message))
+
+    def closing(self) -> Iterator[str]:
+        if self.include_usage:
+            yield sse({**self.base, "choices": [], "usage": usage_dict(self.total)})
+        yield SSE_DONE
+
+    def _chunk(self, choice: dict[str, Any]) -> str:
+        return sse({**self.base, "choices": [choice]})

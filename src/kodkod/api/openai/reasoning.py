@@ -1,4 +1,4 @@
-"""The reasoning budget of a chat request (reference §8.8): how many tokens the reply may spend
+"""The reasoning budget of a chat request: how many tokens the reply may spend
 inside its reasoning block before the server closes it.
 
 Budget: request `reasoning_budget_tokens` (aliases `reasoning_budget`, `thinking_budget`,

@@ -1,4 +1,4 @@
-"""Request schemas of the OpenAI endpoints (reference §7.1–7.3).
+"""Request schemas of the OpenAI endpoints.
 
 Sampler fields come from `api.sampling.SamplerRequest`; these classes add the OpenAI-specific
 ones. Unknown fields are ignored (clients send many we don't use).

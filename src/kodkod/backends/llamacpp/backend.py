@@ -27,6 +27,7 @@ from kodkod.backends.base import (
     ModelInfo,
     ModelLoadError,
     ModelSource,
+    Tokenizer,
 )
 from kodkod.backends.llamacpp.lora import LoraHost
 from kodkod.backends.llamacpp.model import LlamaModel
@@ -55,7 +56,7 @@ class LlamaCppBackend:
 
     def __init__(self, model: LlamaModel, config: ContextConfig | None) -> None:
         self._model = model
-        self.tokenizer = model
+        self.tokenizer: Tokenizer = model
         self.config = config
         self.info: ModelInfo = model.info
         self._ctx = None
@@ -178,7 +179,8 @@ class LlamaCppBackend:
 
     def logits(self, index: int) -> np.ndarray:
         ptr = L.llama_get_logits_ith(self._ctx, index)
-        return np.frombuffer(self._rows.from_address(ctypes.addressof(ptr.contents)), np.float32)
+        view = self._rows.from_address(ctypes.addressof(ptr.contents))
+        return np.frombuffer(view, np.float32)  # type: ignore[call-overload]  # stubs omit ctypes arrays
 
     # -- KV cache -----------------------------------------------------------------------------
 
@@ -194,8 +196,8 @@ class LlamaCppBackend:
 
     def kv_save(self, slot: int) -> bytearray:
         """The slot's KV (positions and K/V data), for the host-RAM prefix tier. llama.cpp
-        writes straight into the returned buffer (a ctypes array plus a bytes() copy took
-        ~8 ms for 1,000 tokens of the default model here, this 3.4–4.7 ms)."""
+        writes straight into the returned buffer, which is faster than filling a ctypes array
+        and copying it to bytes (docs/measurements.md)."""
         size = int(L.llama_state_seq_get_size(self._ctx, slot))
         data = bytearray(size)
         view = (ctypes.c_uint8 * size).from_buffer(data)
@@ -206,8 +208,8 @@ class LlamaCppBackend:
         return data
 
     def kv_restore(self, slot: int, data: bytearray) -> None:
-        """Load kv_save() data into an empty slot, read in place (~2.3 ms for 1,000 tokens; with
-        a copy first it was ~5.3). The same KV bytes, but the cells may sit elsewhere in the
+        """Load kv_save() data into an empty slot, read in place (a copy first would cost more
+        than the restore itself). The same KV bytes, but the cells may sit elsewhere in the
         pool, which moves the attention sums' last bits."""
         src = (ctypes.c_uint8 * len(data)).from_buffer(data)
         if int(L.llama_state_seq_set_data(self._ctx, src, len(data), slot)) != len(data):

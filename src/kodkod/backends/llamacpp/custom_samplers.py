@@ -45,7 +45,7 @@ def candidates_view(cur: L.llama_token_data_array) -> K.Candidates:
     if not n or not addr:
         return K.Candidates(np.empty(0, dtype=K.TOKEN_DATA), 0, int(cur.selected), bool(cur.sorted))
     buf = (ctypes.c_char * (n * _ROW_BYTES)).from_address(addr)
-    data = np.frombuffer(buf, dtype=K.TOKEN_DATA)
+    data = np.frombuffer(buf, dtype=K.TOKEN_DATA)  # type: ignore[call-overload]  # stubs omit ctypes arrays
     return K.Candidates(data, n, int(cur.selected), bool(cur.sorted))
 
 
@@ -72,7 +72,7 @@ class PySampler:
     def _name_fn(self, _smpl: object) -> int:
         return ctypes.addressof(self._name)
 
-    def _apply(self, _smpl: object, cur_p: ctypes._Pointer) -> None:  # type: ignore[type-arg]
+    def _apply(self, _smpl: object, cur_p: ctypes._Pointer) -> None:
         cur = cur_p.contents
         try:
             c = candidates_view(cur)

@@ -21,6 +21,7 @@ import ctypes
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as L
 
@@ -150,7 +151,7 @@ class LoraHost:
             L.llama_set_adapters_lora(self._ctx, None, 0, None)
         else:
             try:
-                handles = [self._by_uid[uid].handle for uid, _ in key]
+                handles: list[Any] = [self._by_uid[uid].handle for uid, _ in key]
             except KeyError:
                 raise AdapterError("a LoRA adapter this request uses was unloaded") from None
             arr = (L.llama_adapter_lora_p_ctypes * n)(*handles)

@@ -256,5 +256,5 @@ class LlamaModel:
             self._grammar = None
         if self.handle:
             handle, self.handle = self.handle, None  # type: ignore[assignment]
-            self.vocab = None  # type: ignore[assignment]  # owned by the model: dies with it
+            self.vocab = None  # owned by the model: dies with it
             L.llama_model_free(handle)

@@ -13,7 +13,7 @@ History: samplers that look back (penalties, DRY) are fed the prompt's tail indi
 they join the chain — penalties over generated tokens only (`output_only`) get none. After
 that every chosen token reaches every sampler through the chain's accept.
 
-A chain that is nothing but greedy takes a numpy argmax instead (≈10× cheaper than building
+A chain that is nothing but greedy takes a numpy argmax instead (much cheaper than building
 llama.cpp's 49k-entry candidate array). `close()` frees the chain, then drops the callbacks.
 """
 

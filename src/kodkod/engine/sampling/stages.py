@@ -25,9 +25,10 @@ penalties → banned tokens → temperature → top-k → top-p → min-p → te
 
 Every random stage gets its own seed derived from the request's seed, and the draws depend on
 nothing but that seed and the logits, so one seed reproduces a text whatever else runs in the
-batch (the draw also shrugs off the last-bit logit noise llama.cpp can show across layouts). A backend maps each stage onto a native
-sampler where it has one and runs the rest as its own code at the same position
-(`kernels.py` holds vectorised versions of the stages llama.cpp lacks).
+batch (the draw also shrugs off the last-bit logit noise llama.cpp can show across layouts). A
+backend maps each stage onto a native sampler where it has one and runs the rest as its own
+code at the same position (`kernels.py` holds vectorised versions of the stages llama.cpp
+lacks).
 """
 
 from __future__ import annotations
@@ -161,7 +162,6 @@ Stage = (
     | TopP | TopA | MinP | TailFree | Typical | Xtc | Mirostat | AdaptiveP | Greedy | SkewDraw
     | Draw
 )
-SELECTORS = (Greedy, Mirostat, AdaptiveP, SkewDraw, Draw)
 
 
 def sub_seed(seed: int, k: int) -> int:

@@ -179,7 +179,7 @@ class Speculator:
             k = self.config.max_tokens(True)
         total = 0
         measured = self.draft_cost.known and self.target_cost.known
-        for e, c in zip(entries, cands):
+        for e, c in zip(entries, cands, strict=True):
             want = min(k, c.cap)
             if want and c.uses_model and dynamic and measured:
                 want = c.cap  # its chain stops by the draft's own confidence (_extend)
@@ -268,7 +268,7 @@ class Speculator:
         idx = self._decode(backend, rows)
         live: list[_Chain] = []
         j = 0
-        for row, ix in zip(rows, idx):
+        for row, ix in zip(rows, idx, strict=True):
             if row.num_logits:
                 chain = chains[j]
                 j += 1
@@ -286,7 +286,8 @@ class Speculator:
             idx = self._decode(backend, rows)
             for c in live:
                 c.seconds += costs.call if costs is not None else 0.0
-            live = [c for c, ix in zip(live, idx) if self._extend(c, backend.logits(ix[-1]), costs)]
+            live = [c for c, ix in zip(live, idx, strict=True)
+                    if self._extend(c, backend.logits(ix[-1]), costs)]
         for c in chains:
             _set_drafts(c.entry, c.tokens)
             c.entry.seq.spec.buckets = c.buckets  # type: ignore[union-attr]

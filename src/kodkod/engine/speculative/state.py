@@ -1,10 +1,10 @@
 """Speculative decoding settings (engine-wide) and per-sequence state.
 
-`SpecConfig` comes from the model's `draft_model` section (reference §11.9, §12.2):
+`SpecConfig` comes from the model's `draft_model` section (config.yml, or a load request):
 
 * `mode` — "model": every request drafts with the loaded draft model; "ngram": every request
   drafts from n-gram lookups in its own tokens; "off": only requests that ask
-  (`speculative_ngram: true`, §9.2) draft, with n-grams.
+  (`speculative_ngram: true`) draft, with n-grams.
 * `num_tokens` — draft_num_tokens, the most tokens drafted per step (None: a default per kind).
 * `dynamic` — adapt the draft length to measured acceptance and cost, and back off when
   drafting does not pay (dynamic_draft; also on when draft_num_tokens is not set); off:
