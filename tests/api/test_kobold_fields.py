@@ -213,10 +213,16 @@ def test_singleline_stops_at_the_first_newline(client: httpx.Client) -> None:
     assert "\n" not in client.post("/api/v1/generate", json=body).json()["results"][0]["text"]
 
 
-def test_nonzero_nsigma_is_refused_by_name(client: httpx.Client) -> None:
-    r = client.post("/api/v1/generate", json=lite(max_length=4, nsigma=1.0))
-    assert r.status_code == 400
-    assert "nsigma" in r.json()["detail"]
+def test_nsigma_is_top_n_sigma_like_on_openai(client: httpx.Client) -> None:
+    """Kobold's `nsigma` is the shared `top_n_sigma` (it was a 400 here, honoured on OpenAI):
+    a tiny n-sigma keeps only the top token, so the output is the greedy one."""
+    greedy = lite(max_length=12, temperature=0, stop_sequence=[])
+    want = client.post("/api/v1/generate", json=greedy).json()["results"][0]["text"]
+    r = client.post("/api/v1/generate", json={**greedy, "temperature": 1.5, "nsigma": 0.001,
+                                              "sampler_seed": 7})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["text"] == want
+    assert client.post("/api/v1/generate", json=lite(max_length=2, nsigma=-1)).status_code == 422
 
 
 def test_lite_phrase_bans_are_banned_strings(client: httpx.Client) -> None:

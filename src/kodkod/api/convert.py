@@ -17,11 +17,27 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kodkod.api.errors import ApiError
-from kodkod.api.sampling import FALLBACKS, SamplerRequest, apply_override, sampler_problem
+from kodkod.api.sampler_table import SAMPLER_TABLE, engine_kwargs
+from kodkod.api.sampling import (
+    FALLBACKS,
+    SamplerRequest,
+    apply_override,
+    sampler_problem,
+)
 from kodkod.api.state import OverrideState
 from kodkod.backends.base import Tokenizer
-from kodkod.engine.constraints import ConstraintFactory, GrammarError, GrammarKind, GrammarSpec
-from kodkod.engine.types import Constraint, GenerationRequest, LogitsProcessor, SamplingParams
+from kodkod.engine.constraints import (
+    ConstraintFactory,
+    GrammarError,
+    GrammarKind,
+    GrammarSpec,
+)
+from kodkod.engine.types import (
+    Constraint,
+    GenerationRequest,
+    LogitsProcessor,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,20 +59,6 @@ def resolve_fields(req: SamplerRequest, overrides: OverrideState) -> dict[str, A
             value = apply_override(name, value, rule)
         values[name] = fallback if value is None else value
     return values
-
-
-def _id_list(value: Any, field: str) -> list[int]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        return [int(part) for part in (p.strip() for p in value.split(",")) if part.isdigit()]
-    out = []
-    for item in value:
-        try:
-            out.append(int(item))
-        except (TypeError, ValueError):
-            raise ApiError(422, f"{field} must be a list of token ids") from None
-    return out
 
 
 def split_stop(stop: Any) -> tuple[list[str], list[int]]:
@@ -104,57 +106,13 @@ async def compile_grammar(tokenizer: Tokenizer, spec: GrammarSpec) -> Constraint
 
 
 def sampling_params(values: dict[str, Any], n_vocab: int) -> SamplingParams:
-    bias: dict[int, float] = {}
-    for key, b in (values.get("logit_bias") or {}).items():
-        try:
-            tok = int(key)
-        except (TypeError, ValueError):
-            continue
-        bias[tok] = float(b)  # ids outside the vocabulary: 400 from EngineClient.check
-    seed = values.get("seed")
-    allowed = _id_list(values["allowed_tokens"], "allowed_tokens")
-    banned = _id_list(values["banned_tokens"], "banned_tokens")
+    """The engine's sampling parameters, field by field from the sampler table."""
+    kwargs = engine_kwargs(values, SAMPLER_TABLE)
+    allowed, banned = kwargs["allowed_token_ids"], kwargs["banned_token_ids"]
     if allowed and set(allowed) <= set(banned):
         raise ApiError(400, "allowed_tokens: every allowed token is also in banned_tokens",
                        param="allowed_tokens")
-    return SamplingParams(
-        temperature=float(values["temperature"]),
-        temperature_last=bool(values["temperature_last"]),
-        min_temp=float(values["min_temp"]),
-        max_temp=float(values["max_temp"]),
-        temp_exponent=float(values["temp_exponent"]),
-        top_k=int(values["top_k"]),
-        top_p=float(values["top_p"]),
-        min_p=float(values["min_p"]),
-        top_a=float(values["top_a"]),
-        top_n_sigma=float(values["top_n_sigma"]),
-        typical=float(values["typical"]),
-        tfs=float(values["tfs"]),
-        skew=float(values["skew"]),
-        smoothing_factor=float(values["smoothing_factor"]),
-        smoothing_curve=float(values["smoothing_curve"]),
-        xtc_probability=float(values["xtc_probability"]),
-        xtc_threshold=float(values["xtc_threshold"]),
-        repetition_penalty=float(values["repetition_penalty"]),
-        frequency_penalty=float(values["frequency_penalty"]),
-        presence_penalty=float(values["presence_penalty"]),
-        penalty_range=int(values["penalty_range"]),
-        repetition_decay=int(values["repetition_decay"]),
-        dry_multiplier=float(values["dry_multiplier"]),
-        dry_base=float(values["dry_base"]),
-        dry_allowed_length=int(values["dry_allowed_length"]),
-        dry_range=int(values["dry_range"]),
-        dry_sequence_breakers=list(values["dry_sequence_breakers"] or []),
-        mirostat_mode=int(values["mirostat_mode"]),
-        mirostat_tau=float(values["mirostat_tau"]),
-        mirostat_eta=float(values["mirostat_eta"]),
-        adaptive_target=float(values["adaptive_target"]),
-        adaptive_decay=float(values["adaptive_decay"]),
-        logit_bias=bias,
-        banned_token_ids=banned,
-        allowed_token_ids=allowed,
-        seed=int(seed) if seed is not None and int(seed) >= 0 else None,
-    )
+    return SamplingParams(**kwargs)
 
 
 def build_generation(

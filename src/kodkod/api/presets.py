@@ -5,7 +5,8 @@ A preset is `sampler_overrides/<name>.yml`: a mapping of sampler field name → 
 `additive` (lists: prepend to the client's list; mappings such as logit_bias: merge under it).
 How a rule meets a request is `api.sampling.apply_override`.
 
-Loading validates every value with the request schema (a bad value is a `PresetError`, which
+Loading validates every value with the request's rules for that field (`PresetValues`, built
+from the sampler table like the request models) (a bad value is a `PresetError`, which
 the switch endpoint answers with 400 and startup logs as a warning) and stores it normalised,
 so a forced value is as valid as a sent one. Null values are dropped; request aliases
 (`rep_pen`, `typical_p`, …) are accepted as keys; unknown keys are skipped with a warning.
@@ -25,7 +26,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kodkod.api.sampling import SamplerRequest, alias_map
+from kodkod.api.sampling import PresetValues, alias_map
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def list_presets(directory: Path) -> list[str]:
 def _validated(name: str, value: Any, source: str) -> Any:
     """`value` checked and normalised exactly as a request's `name` field would be."""
     try:
-        model = SamplerRequest.model_validate({name: value})
+        model = PresetValues.model_validate({name: value})
     except ValidationError as exc:
         err = exc.errors()[0]
         raise PresetError(f"{source}: {name}: {err.get('msg', 'invalid value')}") from None

@@ -9,7 +9,8 @@ Sources, low → high priority (the newest upstream order, 2026-07-18+):
 
 Top-level keys merge shallowly; the draft block merges on its own. Request nulls are dropped
 before merging. Values from YAML are type-checked here (the request was checked by pydantic),
-so a bad `tabby_config.yml` is a 400 naming the key, before any loading starts.
+so a bad `tabby_config.yml` is a 400 naming the key, before any loading starts; numeric keys
+use the bounds of `settings.load_bounds`, like the config and the request.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from kodkod.models.params import (
 )
 from kodkod.models.registry import ModelEntry, ModelNameError, resolve
 from kodkod.settings import Settings
+from kodkod.settings.load_bounds import LOAD_BOUNDS
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,6 @@ _EXTRA_KEYS = {
     "tool_format", "harmony", "muse_glimmer", "template_vars_default", "template_vars_force",
     "force_enable_thinking",
 }
-_INT_KEYS = {
-    "max_seq_len": -1, "cache_size": 1, "chunk_size": 1, "max_batch_size": 1, "n_threads": 1,
-    "draft_num_tokens": 1, "ngram_match_min": 1,
-}
-_FLOAT_KEYS = {"rope_scale", "draft_rope_scale"}
 _BOOL_KEYS = {"flash_attention", "vision", "output_chunking", "dynamic_draft"}
 _STR_KEYS = {"cache_mode", "draft_cache_mode", "prompt_template", "draft_model_name", "draft_mode"}
 
@@ -84,14 +81,11 @@ def _checked(values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         if value is None:
             out[key] = None
-        elif key in _INT_KEYS:
-            if isinstance(value, bool) or not isinstance(value, int) or value < _INT_KEYS[key]:
-                raise LoadParamError(f"{key} must be an integer >= {_INT_KEYS[key]}, not {value!r}")
-            out[key] = value
-        elif key in _FLOAT_KEYS:
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise LoadParamError(f"{key} must be a positive number, not {value!r}")
-            out[key] = float(value)
+        elif key in LOAD_BOUNDS:  # the same bounds as the config and the load request
+            try:
+                out[key] = LOAD_BOUNDS[key].check(value)
+            except ValueError as exc:
+                raise LoadParamError(str(exc)) from None
         elif key in _BOOL_KEYS:
             if not isinstance(value, bool):
                 raise LoadParamError(f"{key} must be true or false, not {value!r}")

@@ -12,9 +12,14 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from kodkod.settings.schema import FieldKind, cli_flag_table, field_kind, section_classes
+from kodkod.settings.schema import (
+    FieldKind,
+    cli_flag_table,
+    field_kind,
+    section_classes,
+)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +56,8 @@ def cli_overrides_from_namespace(ns: argparse.Namespace) -> dict[str, object]:
 
 def _metavar(annotation: object) -> str:
     origin = typing.get_origin(annotation)
+    if origin is Annotated:  # a bounded type (settings.load_bounds)
+        return _metavar(typing.get_args(annotation)[0])
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return "|".join(_metavar(a) for a in args)

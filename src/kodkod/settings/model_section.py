@@ -11,6 +11,16 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from kodkod.settings.load_bounds import (
+    LOAD_BOUNDS,
+    CacheSize,
+    ChunkSize,
+    CpuMoeOffloadLayers,
+    MaxBatchSize,
+    MaxSeqLen,
+    NThreads,
+    RopeScale,
+)
 from kodkod.settings.sections import SectionModel, lower_choice
 
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -46,15 +56,15 @@ class ModelSettings(SectionModel):
     backend: str | None = Field(
         None, description="Inference backend; null picks it automatically (llama.cpp)."
     )
-    max_seq_len: int | None = Field(
-        None, ge=-1,
+    max_seq_len: MaxSeqLen | None = Field(
+        None,
         description="Longest context (prompt plus output) of one request, in tokens. "
         "Null uses the model's own context length; -1 forces it.",
     )
     override_base_seq_len: int | None = Field(
         None, description="Legacy key from older TabbyAPI versions; accepted and ignored."
     )
-    cache_size: int | None = Field(
+    cache_size: CacheSize | None = Field(
         None,
         description="Total tokens in the KV cache shared by all running requests; a positive "
         "multiple of 256. Null makes it max_seq_len.",
@@ -79,24 +89,26 @@ class ModelSettings(SectionModel):
         default_factory=list,
         description="Gigabytes of VRAM to use on each GPU, in order; turns off gpu_split_auto.",
     )
-    cpu_moe_offload_layers: int = Field(
-        0, ge=0,
+    cpu_moe_offload_layers: CpuMoeOffloadLayers = Field(
+        0,
         description="Number of mixture-of-experts layers whose experts run on the CPU "
         "(999 means all).",
     )
-    rope_scale: float = Field(1.0, description="Linear RoPE scaling factor.")
+    rope_scale: RopeScale = Field(
+        1.0, description="Linear RoPE scaling factor (positive)."
+    )
     rope_alpha: float | Literal["auto"] | None = Field(
         None, description="NTK RoPE alpha: a number, or auto/null to derive it from max_seq_len."
     )
-    chunk_size: int = Field(
-        2048, gt=0, description="Most prompt tokens processed in one step (chunked prefill)."
+    chunk_size: ChunkSize = Field(
+        2048, description="Most prompt tokens processed in one step (chunked prefill)."
     )
     output_chunking: bool = Field(
         True, description="Grow each request's output cache in chunk_size steps."
     )
-    max_batch_size: int | None = Field(
-        None, ge=1,
-        description="Most requests generated at the same time. Null means "
+    max_batch_size: MaxBatchSize | None = Field(
+        None,
+        description="Most requests generated at the same time (1 to 256). Null means "
         f"{DEFAULT_MAX_BATCH_SIZE} in kodkod.",
     )
     prompt_template: str | None = Field(
@@ -158,8 +170,8 @@ class ModelSettings(SectionModel):
     muse_glimmer: bool | None = Field(
         None, description="Use the Muse Glimmer reply format; null detects it."
     )
-    n_threads: int | None = Field(
-        None, ge=1,
+    n_threads: NThreads | None = Field(
+        None,
         description="kodkod extension: CPU threads for llama.cpp; null uses every CPU this "
         "process may run on.",
     )
@@ -177,9 +189,7 @@ class ModelSettings(SectionModel):
     @field_validator("cache_size")
     @classmethod
     def _check_cache_size(cls, value: int | None) -> int | None:
-        if value is not None and (value <= 0 or value % 256):
-            raise ValueError(f"expected a positive multiple of 256, got {value}")
-        return value
+        return LOAD_BOUNDS["cache_size"].check_multiple(value)
 
     @field_validator("rope_alpha", mode="before")
     @classmethod

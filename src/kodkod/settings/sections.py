@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from kodkod.settings.load_bounds import DraftNumTokens, DraftRopeScale, NgramMatchMin
+
 API_SERVERS = ("oai", "kobold")
 _HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])")
 _ORIGIN = re.compile(r"https?://([a-z0-9_.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
@@ -166,7 +168,9 @@ class DraftModelSettings(SectionModel):
     draft_model_name: str | None = Field(
         None, description="Draft model (name inside draft_model_dir); null uses none."
     )
-    draft_rope_scale: float = Field(1.0, description="Linear RoPE scaling of the draft model.")
+    draft_rope_scale: DraftRopeScale = Field(
+        1.0, description="Linear RoPE scaling of the draft model (positive)."
+    )
     draft_rope_alpha: float | None = Field(
         None, description="NTK RoPE alpha of the draft model; null derives it."
     )
@@ -177,14 +181,14 @@ class DraftModelSettings(SectionModel):
         default_factory=list,
         description="Gigabytes of VRAM per GPU for the draft model; empty splits automatically.",
     )
-    draft_num_tokens: int | None = Field(
-        None, ge=1, description="Tokens drafted per step; null picks a default."
+    draft_num_tokens: DraftNumTokens | None = Field(
+        None, description="Tokens drafted per step (1 to 32); null picks a default."
     )
     dynamic_draft: bool = Field(
         False, description="Adapt the number of drafted tokens to how many get accepted."
     )
-    ngram_match_min: int = Field(
-        2, ge=1, description="Shortest repeated n-gram that ngram drafting will follow."
+    ngram_match_min: NgramMatchMin = Field(
+        2, description="Shortest repeated n-gram that ngram drafting will follow."
     )
 
     @field_validator("draft_mode", mode="before")

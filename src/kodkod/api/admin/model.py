@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from kodkod.api.deps import ADMIN
 from kodkod.api.errors import ApiError, stream_error
@@ -35,6 +35,17 @@ from kodkod.api.state import AppState, Models, State
 from kodkod.api.validation import REQUEST_CONFIG, Name
 from kodkod.models.params import LoadPlan
 from kodkod.models.progress import LoadProgress, ProgressEvent
+from kodkod.settings.load_bounds import (
+    LOAD_BOUNDS,
+    CacheSize,
+    ChunkSize,
+    DraftNumTokens,
+    DraftRopeScale,
+    MaxBatchSize,
+    MaxSeqLen,
+    NgramMatchMin,
+    RopeScale,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -43,14 +54,14 @@ router = APIRouter()
 class DraftLoadRequest(BaseModel):
     model_config = ConfigDict(**REQUEST_CONFIG, populate_by_name=True)
     draft_model_name: Name = Field(validation_alias=AliasChoices("draft_model_name", "name"))
-    draft_rope_scale: float | None = Field(None, gt=0)
+    draft_rope_scale: DraftRopeScale | None = None
     draft_rope_alpha: float | str | None = None
     draft_cache_mode: Name | None = None
     draft_gpu_split: list[float] | None = None
     draft_mode: str | None = None
-    draft_num_tokens: int | None = Field(None, ge=1, le=32)
+    draft_num_tokens: DraftNumTokens | None = None
     dynamic_draft: bool | None = None
-    ngram_match_min: int | None = Field(None, ge=1)
+    ngram_match_min: NgramMatchMin | None = None
 
 
 class ModelLoadRequest(BaseModel):
@@ -59,13 +70,14 @@ class ModelLoadRequest(BaseModel):
     model_config = ConfigDict(**REQUEST_CONFIG, populate_by_name=True, protected_namespaces=())
     model_name: Name = Field(validation_alias=AliasChoices("model_name", "name"))
     backend: str | None = None
-    max_seq_len: int | None = Field(None, ge=-1)
+    max_seq_len: MaxSeqLen | None = None
     override_base_seq_len: int | None = None  # [24] only; accepted and ignored
-    cache_size: int | None = Field(None, gt=0)
+    cache_size: CacheSize | None = None
     cache_mode: Name | None = None
-    chunk_size: int | None = Field(None, gt=0)
-    max_batch_size: int | None = Field(None, ge=1, le=256)  # kodkod honours it (config-only upstream)
-    rope_scale: float | None = Field(None, gt=0)
+    chunk_size: ChunkSize | None = None
+    # kodkod honours max_batch_size (config-only upstream)
+    max_batch_size: MaxBatchSize | None = None
+    rope_scale: RopeScale | None = None
     rope_alpha: float | str | None = None
     prompt_template: Name | None = None
     vision: bool | None = None
@@ -80,6 +92,11 @@ class ModelLoadRequest(BaseModel):
         None, validation_alias=AliasChoices("draft_model", "draft")
     )
     skip_queue: bool = False  # cancel the old model's running generations instead of waiting
+
+    @field_validator("cache_size")
+    @classmethod
+    def _cache_size(cls, value: int | None) -> int | None:
+        return LOAD_BOUNDS["cache_size"].check_multiple(value)
 
 
 def _request_fields(req: ModelLoadRequest) -> dict[str, Any]:

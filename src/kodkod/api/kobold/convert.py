@@ -12,7 +12,7 @@ combinations with a 400 naming the field). On top of that, the Kobold-only rules
 - `singleline: true` stops at the first newline;
 - `grammar` (mapped to `grammar_string` by the schema) is compiled by the shared
   `compile_grammar`, like the OpenAI endpoints' grammars;
-- `nsigma` (top-n-sigma) other than 0 is refused with a 400 until the engine has the stage.
+- `nsigma` is `top_n_sigma` (an alias in the sampler table), as on the OpenAI endpoints.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from kodkod.api.convert import (
     run_sized,
     tokenize_prompt,
 )
-from kodkod.api.errors import ApiError
 from kodkod.api.kobold.schemas import KoboldGenerateRequest
 from kodkod.api.state import OverrideState
 from kodkod.api.validation import check_generation_limits
@@ -38,12 +37,6 @@ from kodkod.settings import LimitsSettings
 
 def kobold_values(req: KoboldGenerateRequest, overrides: OverrideState) -> dict[str, Any]:
     """The resolved shared sampler values of a Kobold request."""
-    if req.nsigma:
-        raise ApiError(
-            400,
-            "not supported by this server yet: nsigma (top-n-sigma); send 0 or leave it out",
-            param="nsigma",
-        )
     values = resolve_fields(req, overrides)
     spread = req.dynatemp_range or 0.0
     if spread > 0:

@@ -14,7 +14,9 @@ override preset sees them exactly like the OpenAI fields:
 - `render_special` → `skip_special_tokens = not render_special`.
 
 Fields that need the resolved temperature (`dynatemp_range`) or a whole-request decision
-(`memory`, `trim_stop`, `singleline`, `nsigma`) are applied in `kobold.convert`. Fields Kobold
+(`memory`, `trim_stop`, `singleline`) are applied in `kobold.convert`. The Kobold-only
+generation fields are declared in `api.sampler_table` (surface KOBOLD) like the shared ones;
+`nsigma` is the shared `top_n_sigma` under its Kobold name, on every surface. Fields Kobold
 clients send that have no effect here (`max_context_length`: the prompt is not truncated to it;
 `sampler_order`, `rep_pen_slope`, `n` (one result), `logprobs` (no Kobold logprobs are
 returned), `use_story`, `quiet`, …) are ignored like any unknown field.
@@ -22,27 +24,30 @@ returned), `use_story`, `quiet`, …) are ignored like any unknown field.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from kodkod.api.sampler_table import Surface, request_fields, shared_names
 from kodkod.api.sampling import SamplerRequest
 
+if TYPE_CHECKING:
+    _KoboldFields = SamplerRequest
+else:  # the Kobold-only rows of the sampler table
+    _KoboldFields = create_model(
+        "_KoboldFields", __base__=SamplerRequest,
+        **request_fields(Surface.KOBOLD, exclude=shared_names()),
+    )
 
-class KoboldGenerateRequest(SamplerRequest):
+
+class KoboldGenerateRequest(_KoboldFields):
     """Body of /api/v1/generate and /api/extra/generate/stream."""
 
     prompt: str
     memory: str | None = None
     genkey: str | None = None
-    use_default_badwordsids: bool | None = None
-    bypass_eos: bool | None = None
-    dynatemp_range: float | None = None
-    trim_stop: bool | None = None
-    render_special: bool | None = None
-    singleline: bool | None = None
-    grammar: str | None = None
-    nsigma: float | None = None
+    if TYPE_CHECKING:  # read and rewritten below (the field itself comes from the table)
+        penalty_range: int | None
 
     @model_validator(mode="before")
     @classmethod
