@@ -111,7 +111,7 @@ def compare_engines(gguf: Path) -> None:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     from kodkod.backends.llamacpp.model import LlamaModel
-    from kodkod.engine.constraints import GrammarKind, GrammarSpec
+    from kodkod.core.constraints import GrammarKind, GrammarSpec
 
     model = LlamaModel.load(gguf, "bench", vocab_only=True)
     try:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kodkod.backends.base import BatchRow, ModelInfo
-from kodkod.engine.types import SamplingParams
+from kodkod.core.backend_types import BatchRow, ModelInfo
+from kodkod.core.types import SamplingParams
 
 
 @dataclass

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kodkod.backends.base import BatchRow, ContextConfig, ModelSource
 from kodkod.backends.llamacpp.backend import LlamaCppBackend
+from kodkod.core.backend_types import BatchRow, ContextConfig, ModelSource
 from kodkod.models.lora import LoraLibrary
 from tests.lora_fixtures import (
     make_adapter,

@@ -11,9 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from kodkod.backends.base import BatchRow, ContextConfig, ModelClosedError, ModelSource
 from kodkod.backends.llamacpp.backend import LlamaCppBackend
-from kodkod.engine.constraints import GrammarKind, GrammarSpec
+from kodkod.core.backend_types import (
+    BatchRow,
+    ContextConfig,
+    ModelClosedError,
+    ModelSource,
+)
+from kodkod.core.constraints import GrammarKind, GrammarSpec
 
 
 def test_a_closed_model_refuses_use_cleanly(default_gguf: Path) -> None:

@@ -8,13 +8,18 @@ import asyncio
 
 import pytest
 
-from kodkod.engine.client import EngineClient
-from kodkod.engine.compaction import COMPACT_AFTER_EVICTED, Move, compact, plan_compaction
 import kodkod.engine.loop as loop_module
-from kodkod.engine.loop import EngineConfig
+from kodkod.core.types import FinishEvent, GenerationRequest
+from kodkod.engine.client import EngineClient
+from kodkod.engine.compaction import (
+    COMPACT_AFTER_EVICTED,
+    Move,
+    compact,
+    plan_compaction,
+)
 from kodkod.engine.host_cache import HostPrefixCache
+from kodkod.engine.loop import EngineConfig
 from kodkod.engine.scheduler import CopyPrefix, Scheduler, SchedulerConfig, Truncate
-from kodkod.engine.types import FinishEvent, GenerationRequest
 from tests.fakes import FakeBackend
 from tests.unit.test_engine_loop import wait_idle
 from tests.unit.test_scheduler import make_seq

@@ -14,7 +14,7 @@ from kodkod.api.openai.constrain import output_spec, response_format_spec, tool_
 from kodkod.api.openai.schemas import ResponseFormat, ToolSpec
 from kodkod.chat.channels import SplitterConfig
 from kodkod.chat.tools import tool_format
-from kodkod.engine.constraints import GrammarKind
+from kodkod.core.constraints import GrammarKind
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
 TOOLS = [ToolSpec.model_validate({"type": "function", "function": {"name": "f", "parameters": SCHEMA}})]
@@ -118,7 +118,7 @@ def test_unparseable_tool_text_stays_content() -> None:
 
 def test_chat_logprobs_cover_the_content_phase_only() -> None:
     from kodkod.api.openai.chat_output import content_logprobs_of
-    from kodkod.engine.types import TokenLogprob
+    from kodkod.core.types import TokenLogprob
 
     pieces = ["<think>", "hm", "m", "</", "think>", "\n\nThe", " sky", " <tool_call>", '{"name": "f",',
               ' "arguments": {}}', "</tool_call>", " ok"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kodkod.engine.constraints import (
+from kodkod.core.constraints import (
     DelayedConstraint,
     GrammarError,
     GrammarKind,

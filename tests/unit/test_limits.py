@@ -12,13 +12,7 @@ import pytest
 
 from kodkod.api.errors import ApiError
 from kodkod.api.validation import check_choices, check_generation_limits
-from kodkod.engine import stream as stream_mod
-from kodkod.engine.banned import BannedStringGuard
-from kodkod.engine.client import EngineClient
-from kodkod.engine.loop import EngineConfig
-from kodkod.engine.stopping import StopStringMatcher, partial_match_len
-from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import (
+from kodkod.core.types import (
     EosReason,
     ErrorEvent,
     FinishEvent,
@@ -27,6 +21,12 @@ from kodkod.engine.types import (
     TokenEvent,
     Usage,
 )
+from kodkod.engine import stream as stream_mod
+from kodkod.engine.banned import BannedStringGuard
+from kodkod.engine.client import EngineClient
+from kodkod.engine.loop import EngineConfig
+from kodkod.engine.stopping import StopStringMatcher, partial_match_len
+from kodkod.engine.stream import RequestStream
 from kodkod.settings import LimitsSettings, Settings
 from tests.fakes import FakeBackend
 

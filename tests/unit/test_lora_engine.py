@@ -9,12 +9,18 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
-from kodkod.backends.base import AdapterError, BatchRow
+from kodkod.core.backend_types import AdapterError, BatchRow
+from kodkod.core.types import (
+    AdapterKey,
+    ErrorEvent,
+    ErrorKind,
+    FinishEvent,
+    GenerationRequest,
+)
 from kodkod.engine.adapters import pick_group
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
 from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind
-from kodkod.engine.types import AdapterKey, ErrorEvent, ErrorKind, FinishEvent, GenerationRequest
 from tests.fakes import FakeBackend
 from tests.unit.test_scheduler import make_seq, run_step
 

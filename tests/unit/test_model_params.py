@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kodkod.backends.base import ModelInfo
+from kodkod.core.backend_types import ModelInfo
 from kodkod.models.context import plan_context
 from kodkod.models.loading import build_params, plan_load, read_tabby_config
 from kodkod.models.params import (

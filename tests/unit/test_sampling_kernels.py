@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kodkod.engine.sampling import kernels as K
+from kodkod.core.sampling import kernels as K
 
 
 def cands(probs: list[float]) -> K.Candidates:

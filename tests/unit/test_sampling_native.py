@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kodkod.backends.llamacpp.sampler import NativeSampler
-from kodkod.engine.sampling import stages as S
-from kodkod.engine.types import SamplingParams
+from kodkod.core.sampling import stages as S
+from kodkod.core.types import SamplingParams
 
 
 def chain(stages: list[S.Stage], n_vocab: int, history: list[int] | None = None) -> NativeSampler:

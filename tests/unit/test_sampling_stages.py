@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from kodkod.engine.sampling import stages as S
-from kodkod.engine.types import SamplingParams
+from kodkod.core.sampling import stages as S
+from kodkod.core.types import SamplingParams
 
 V = 1000
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from kodkod.core.types import GenerationRequest
 from kodkod.engine.detokenizer import IncrementalDetokenizer
-from kodkod.engine.kv import KVPool, SlotState, common_prefix_len
 from kodkod.engine.host_cache import HostPrefixCache
+from kodkod.engine.kv import KVPool, SlotState, common_prefix_len
 from kodkod.engine.scheduler import (
     CopyPrefix,
     Offload,
@@ -17,9 +18,8 @@ from kodkod.engine.scheduler import (
     StepKind,
     Truncate,
 )
-from kodkod.engine.sequence import Sequence, SeqStatus
+from kodkod.engine.sequence import SeqStatus, Sequence
 from kodkod.engine.stopping import StopStringMatcher
-from kodkod.engine.types import GenerationRequest
 
 
 class NullSink:

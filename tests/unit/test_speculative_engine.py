@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from kodkod.core.types import EosReason, FinishEvent, FinishReason, GenerationRequest
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
 from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind
 from kodkod.engine.speculative.state import SpecConfig, SpecMode
 from kodkod.engine.stats import EngineStats
-from kodkod.engine.types import EosReason, FinishEvent, FinishReason, GenerationRequest
 from tests.fakes import FakeBackend
 
 TARGET_SCRIPT = {9: 30, 40: 3, 50: 10}  # …8, 9, 30, 31, …, 40, 3, 4, …

@@ -20,11 +20,26 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kodkod.api.errors import ApiError
-from kodkod.api.sampling import FALLBACKS, SamplerRequest, apply_override, sampler_problem
+from kodkod.api.sampling import (
+    FALLBACKS,
+    SamplerRequest,
+    apply_override,
+    sampler_problem,
+)
 from kodkod.api.state import OverrideState
-from kodkod.backends.base import Tokenizer
-from kodkod.engine.constraints import ConstraintFactory, GrammarError, GrammarKind, GrammarSpec
-from kodkod.engine.types import Constraint, GenerationRequest, LogitsProcessor, SamplingParams
+from kodkod.core.constraints import (
+    ConstraintFactory,
+    GrammarError,
+    GrammarKind,
+    GrammarSpec,
+)
+from kodkod.core.types import (
+    Constraint,
+    GenerationRequest,
+    LogitsProcessor,
+    SamplingParams,
+)
+from kodkod.engine.backend import Tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

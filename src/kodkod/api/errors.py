@@ -20,8 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kodkod.backends.base import ModelClosedError
 from kodkod.chat import TemplateError
+from kodkod.core.backend_types import ModelClosedError
 from kodkod.engine.client import RequestError
 from kodkod.models.manager import NoModelLoaded
 from kodkod.models.params import LoadParamError

@@ -16,8 +16,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from kodkod.api.errors import ApiError
+from kodkod.core.types import ErrorEvent, Event, FinishEvent, TokenEvent
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import ErrorEvent, Event, FinishEvent, TokenEvent
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = "data: [DONE]\n\n"

@@ -23,9 +23,15 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kodkod.backends.base import Tokenizer
+from kodkod.core.types import (
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    TokenEvent,
+)
+from kodkod.engine.backend import Tokenizer
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from kodkod.settings.sections import LoggingSettings
 
 log = logging.getLogger("kodkod.requests")

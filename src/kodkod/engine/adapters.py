@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from kodkod.engine.types import AdapterKey
+from kodkod.core.types import AdapterKey
 
 if TYPE_CHECKING:
     from kodkod.engine.sequence import Sequence

@@ -9,14 +9,14 @@ stop-string matcher, banned-string guard, loop detector and sampler. A request w
 
 from __future__ import annotations
 
-from kodkod.backends.base import Backend
+from kodkod.core.types import Event, GenerationRequest
 from kodkod.engine.adapters import resolve_adapters
+from kodkod.engine.backend import Backend
 from kodkod.engine.banned import BannedStringGuard, LoopDetector
 from kodkod.engine.detokenizer import IncrementalDetokenizer
 from kodkod.engine.healing import HealingMask, healing_candidates
 from kodkod.engine.sequence import EventSink, Sequence
 from kodkod.engine.stopping import StopStringMatcher
-from kodkod.engine.types import Event, GenerationRequest
 
 
 class NullSink:

@@ -20,10 +20,10 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from kodkod.backends.base import Backend
+from kodkod.core.types import GenerationRequest
+from kodkod.engine.backend import Backend
 from kodkod.engine.loop import EngineConfig, EngineLoop, EngineStats
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import GenerationRequest
 from kodkod.engine.watchdog import Watchdog
 
 T = TypeVar("T")

@@ -27,9 +27,10 @@ from collections.abc import Callable
 from collections.abc import Sequence as Rows
 from dataclasses import dataclass
 
-from kodkod.backends.base import Backend, BatchRow
+from kodkod.core.backend_types import BatchRow
+from kodkod.engine.backend import Backend
 from kodkod.engine.plan import StepPlan
-from kodkod.engine.sequence import Sequence, SeqStatus
+from kodkod.engine.sequence import SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 

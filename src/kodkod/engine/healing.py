@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kodkod.backends.base import Backend
+from kodkod.engine.backend import Backend
 
 _CACHE_LIMIT = 256
 

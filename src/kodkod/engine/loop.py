@@ -25,8 +25,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from kodkod.backends.base import Backend, BatchRow
+from kodkod.core.backend_types import BatchRow
+from kodkod.core.types import (
+    EosReason,
+    ErrorEvent,
+    ErrorKind,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    Usage,
+)
 from kodkod.engine.adapters import refresh_waiting, use_adapters
+from kodkod.engine.backend import Backend
 from kodkod.engine.build import new_sequence
 from kodkod.engine.commands import Abort, Command, Exclusive, Shutdown, Submit
 from kodkod.engine.compaction import compact, plan_compaction
@@ -41,15 +51,6 @@ from kodkod.engine.speculative.speculator import Speculator
 from kodkod.engine.speculative.state import SpecConfig
 from kodkod.engine.speculative.verify import verify_drafts
 from kodkod.engine.stats import EngineStats, snapshot
-from kodkod.engine.types import (
-    EosReason,
-    ErrorEvent,
-    ErrorKind,
-    FinishEvent,
-    FinishReason,
-    GenerationRequest,
-    Usage,
-)
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kodkod.backends.base import Backend
+from kodkod.core.types import EosReason, FinishReason, TokenEvent, TokenLogprob
+from kodkod.engine.backend import Backend
 from kodkod.engine.sequence import Sequence
-from kodkod.engine.types import EosReason, FinishReason, TokenEvent, TokenLogprob
 
 NEG_INF = np.float32(-np.inf)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from kodkod.backends.base import Backend
+from kodkod.engine.backend import Backend
 from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.plan import CopyPrefix, KVOp, Offload, Restore, Truncate
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kodkod.backends.base import Backend
+from kodkod.engine.backend import Backend
 from kodkod.engine.detokenizer import IncrementalDetokenizer
 from kodkod.engine.sequence import Sequence
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kodkod.backends.base import Backend
+    from kodkod.engine.backend import Backend
     from kodkod.engine.scheduler import Scheduler
     from kodkod.engine.speculative.speculator import Speculator
 

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from kodkod.engine.types import ErrorEvent, ErrorKind, Event, FinishEvent, TokenEvent
+from kodkod.core.types import ErrorEvent, ErrorKind, Event, FinishEvent, TokenEvent
 
 log = logging.getLogger(__name__)
 

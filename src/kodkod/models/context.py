@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from kodkod.backends.base import ContextConfig, ModelInfo
+from kodkod.core.backend_types import ContextConfig, ModelInfo
 from kodkod.models.params import (
     DEFAULT_MAX_BATCH_SIZE,
     DraftParams,

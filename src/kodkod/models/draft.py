@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kodkod.backends.base import Backend, ContextConfig, ModelInfo, ModelSource
+from kodkod.core.backend_types import ContextConfig, ModelInfo, ModelSource
+from kodkod.engine.backend import Backend
 from kodkod.engine.speculative.state import SpecConfig, SpecMode
 from kodkod.models.context import ContextPlan
 from kodkod.models.params import DraftParams, LoadParamError

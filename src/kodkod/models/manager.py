@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kodkod.backends.base import ModelInfo, ModelSource, Tokenizer
 from kodkod.chat import ChatTemplate, find_template
+from kodkod.core.backend_types import ModelInfo, ModelSource
+from kodkod.engine.backend import Tokenizer
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
 from kodkod.models.context import ContextPlan, draft_context, plan_context

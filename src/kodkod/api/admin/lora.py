@@ -35,7 +35,8 @@ from kodkod.api.errors import ApiError
 from kodkod.api.state import AppState, get_model, get_state
 from kodkod.api.validation import REQUEST_CONFIG, Name
 from kodkod.auth import Permission
-from kodkod.backends.base import AdapterError, Backend
+from kodkod.core.backend_types import AdapterError
+from kodkod.engine.backend import Backend
 from kodkod.models.lora import LoraError, LoraLibrary, discover_loras
 from kodkod.models.manager import LoadedModel
 

@@ -31,7 +31,7 @@ from kodkod.api.errors import ApiError
 from kodkod.api.kobold.schemas import KoboldGenerateRequest
 from kodkod.api.state import OverrideState
 from kodkod.api.validation import check_generation_limits
-from kodkod.engine.types import FinishEvent, FinishReason, GenerationRequest
+from kodkod.core.types import FinishEvent, FinishReason, GenerationRequest
 from kodkod.models.manager import LoadedModel
 from kodkod.settings import LimitsSettings
 

@@ -41,8 +41,8 @@ from kodkod.api.kobold.schemas import KoboldGenerateRequest, TokenCountRequest
 from kodkod.api.request_log import log_generation
 from kodkod.api.state import get_model, get_state
 from kodkod.api.validation import check_queue
+from kodkod.core.types import ErrorEvent, ErrorKind, FinishEvent, TokenEvent
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import ErrorEvent, ErrorKind, FinishEvent, TokenEvent
 from kodkod.models.manager import NoModelLoaded
 
 KOBOLD_UNITED_VERSION = "1.2.5"  # /api/v1/info/version: we answer like KoboldAI United

@@ -16,11 +16,20 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from kodkod.api.convert import build_generation, new_request_id, resolve_fields, run_sized
+from kodkod.api.convert import (
+    build_generation,
+    new_request_id,
+    resolve_fields,
+    run_sized,
+)
 from kodkod.api.deps import API
 from kodkod.api.errors import stream_error
 from kodkod.api.generation import SSE_DONE, collect, fan_in, sse, sse_ping, sse_response
-from kodkod.api.openai.chat_output import ChoiceOutput, content_logprobs, content_logprobs_of
+from kodkod.api.openai.chat_output import (
+    ChoiceOutput,
+    content_logprobs,
+    content_logprobs_of,
+)
 from kodkod.api.openai.chat_prompt import ChatPrompt, build_prompt
 from kodkod.api.openai.common import (
     add_usage,
@@ -36,8 +45,8 @@ from kodkod.api.openai.reasoning import budget_factory
 from kodkod.api.openai.schemas import ChatCompletionRequest
 from kodkod.api.state import get_state
 from kodkod.api.validation import check_choices, check_generation_limits
+from kodkod.core.types import ErrorEvent, FinishEvent, TokenEvent, TokenLogprob, Usage
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, TokenLogprob, Usage
 
 router = APIRouter()
 

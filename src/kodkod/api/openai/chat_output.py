@@ -16,7 +16,7 @@ from typing import Any
 
 from kodkod.chat.channels import Channel, ChannelSplitter, Piece, SplitterConfig
 from kodkod.chat.tools import ToolCall, ToolFormat, parse_tool_calls
-from kodkod.engine.types import TokenLogprob
+from kodkod.core.types import TokenLogprob
 
 
 class ChoiceOutput:

@@ -10,12 +10,18 @@ from fastapi import Request
 from kodkod.api.admin.inline import model_for_request
 from kodkod.api.request_log import log_generation
 from kodkod.api.validation import check_queue
+from kodkod.core.types import (
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    TokenLogprob,
+    Usage,
+)
 from kodkod.engine.client import RequestError
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import FinishEvent, FinishReason, GenerationRequest, TokenLogprob, Usage
 from kodkod.models.manager import LoadedModel
-from kodkod.settings.sections import LoggingSettings
 from kodkod.settings import LimitsSettings
+from kodkod.settings.sections import LoggingSettings
 
 log = logging.getLogger(__name__)
 

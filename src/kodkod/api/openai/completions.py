@@ -37,7 +37,7 @@ from kodkod.api.openai.constrain import output_spec, plan_constraint
 from kodkod.api.openai.schemas import CompletionRequest
 from kodkod.api.state import get_state
 from kodkod.api.validation import check_choices, check_generation_limits
-from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, Usage
+from kodkod.core.types import ErrorEvent, FinishEvent, TokenEvent, Usage
 
 router = APIRouter()
 

@@ -23,10 +23,15 @@ from typing import Any
 from kodkod.api.convert import compile_grammar, grammar_spec
 from kodkod.api.errors import ApiError
 from kodkod.api.openai.schemas import ResponseFormat, ToolSpec
-from kodkod.backends.base import Tokenizer
 from kodkod.chat.tools import TOOL_CALL_END, TOOL_CALL_START, call_schema
-from kodkod.engine.constraints import ConstraintFactory, DelayedConstraint, GrammarKind, GrammarSpec
-from kodkod.engine.types import Constraint
+from kodkod.core.constraints import (
+    ConstraintFactory,
+    DelayedConstraint,
+    GrammarKind,
+    GrammarSpec,
+)
+from kodkod.core.types import Constraint
+from kodkod.engine.backend import Tokenizer
 
 _ENVELOPE_KEYS = {"name", "description", "schema", "strict"}
 

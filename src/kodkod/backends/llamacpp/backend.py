@@ -18,7 +18,10 @@ from collections.abc import Callable, Sequence
 import llama_cpp as L
 import numpy as np
 
-from kodkod.backends.base import (
+from kodkod.backends.llamacpp.lora import LoraHost
+from kodkod.backends.llamacpp.model import LlamaModel
+from kodkod.backends.llamacpp.sampler import NativeSampler
+from kodkod.core.backend_types import (
     BackendError,
     BatchRow,
     ContextConfig,
@@ -28,11 +31,8 @@ from kodkod.backends.base import (
     ModelLoadError,
     ModelSource,
 )
-from kodkod.backends.llamacpp.lora import LoraHost
-from kodkod.backends.llamacpp.model import LlamaModel
-from kodkod.backends.llamacpp.sampler import NativeSampler
-from kodkod.engine.sampling.stages import build_stages
-from kodkod.engine.types import SamplingParams
+from kodkod.core.sampling.stages import build_stages
+from kodkod.core.types import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ CACHE_TYPES: dict[str, int] = {
 
 
 class LlamaCppBackend:
-    """Implements `backends.base.Backend` on llama.cpp's low-level API."""
+    """Implements `engine.backend.Backend` on llama.cpp's low-level API."""
 
     def __init__(self, model: LlamaModel, config: ContextConfig | None) -> None:
         self._model = model
@@ -61,7 +61,7 @@ class LlamaCppBackend:
         self._ctx = None
         self._batch = None
         self._n_vocab = model.n_vocab
-        self.adapters: LoraHost | None = None  # LoRA adapters (backends.base.AdapterHost)
+        self.adapters: LoraHost | None = None  # LoRA adapters (engine.backend.AdapterHost)
         if config is None:  # tokenizer-only
             self.num_slots = 0
             self.kv_capacity = 0

@@ -1,4 +1,4 @@
-"""llama.cpp samplers whose `apply`/`accept` run our numpy kernels (`engine.sampling.kernels`).
+"""llama.cpp samplers whose `apply`/`accept` run our numpy kernels (`core.sampling.kernels`).
 
 `PySampler` builds a `llama_sampler_i` with ctypes callbacks and registers it with
 `llama_sampler_init`, so a stage llama.cpp lacks sits at its exact position inside the native
@@ -21,8 +21,8 @@ from typing import Protocol
 import llama_cpp as L
 import numpy as np
 
-from kodkod.engine.sampling import kernels as K
-from kodkod.engine.sampling import stages as S
+from kodkod.core.sampling import kernels as K
+from kodkod.core.sampling import stages as S
 
 log = logging.getLogger(__name__)
 

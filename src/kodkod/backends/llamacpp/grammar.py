@@ -1,6 +1,6 @@
 """Grammar-constrained decoding for llama.cpp models, with llguidance.
 
-`LlgCompiler` implements `engine.constraints.GrammarCompiler` for one loaded model. Its
+`LlgCompiler` implements `core.constraints.GrammarCompiler` for one loaded model. Its
 llguidance tokenizer is built once from the llama.cpp vocabulary (every token's bytes; control
 tokens get llguidance's 0xFF prefix so grammars can never produce them as text; the model's
 end-of-generation ids are the EOS set) and shared by every grammar. `compile()` turns a
@@ -29,7 +29,7 @@ import llguidance as llg
 import numpy as np
 from llguidance.gbnf_to_lark import any_to_lark
 
-from kodkod.engine.constraints import (
+from kodkod.core.constraints import (
     GrammarError,
     GrammarKind,
     GrammarSpec,

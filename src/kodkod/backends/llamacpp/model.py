@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import llama_cpp as L
 
-from kodkod.backends.base import ModelClosedError, ModelInfo, ModelLoadError
+from kodkod.core.backend_types import ModelClosedError, ModelInfo, ModelLoadError
 
 if TYPE_CHECKING:
     from kodkod.backends.llamacpp.grammar import LlgCompiler
@@ -233,7 +233,7 @@ class LlamaModel:
         )
 
     def grammar_compiler(self) -> LlgCompiler:
-        """The model's grammar compiler (`backends.base.SupportsGrammar`), made on first use."""
+        """The model's grammar compiler (`engine.backend.SupportsGrammar`), made on first use."""
         self.check_open()
         if self._grammar is None:
             from kodkod.backends.llamacpp.grammar import LlgCompiler

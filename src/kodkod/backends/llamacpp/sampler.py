@@ -1,6 +1,6 @@
 """Per-sequence samplers built from the engine's stage list as llama.cpp sampler chains.
 
-Each stage of `engine.sampling.stages` becomes one sampler in ONE chain, in the stage order:
+Each stage of `core.sampling.stages` becomes one sampler in ONE chain, in the stage order:
 a native llama.cpp sampler where one exists (bias, penalties, DRY, temperature, top-n-sigma,
 top-k/p, min-p, typical, XTC, mirostat, adaptive-P, greedy), otherwise a `PySampler` running
 our numpy kernel at that position (smoothing, top-a, tail-free, decaying penalties, skewed
@@ -26,8 +26,8 @@ import llama_cpp as L
 import numpy as np
 
 from kodkod.backends.llamacpp import custom_samplers as C
-from kodkod.engine.sampling import kernels as K
-from kodkod.engine.sampling import stages as S
+from kodkod.core.sampling import kernels as K
+from kodkod.core.sampling import stages as S
 
 MIROSTAT_V1_M = 100  # tokens used to estimate s_hat (the paper's and llama.cpp's value)
 

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kodkod.backends.base import Backend, BatchRow
+from kodkod.core.backend_types import BatchRow
+from kodkod.engine.backend import Backend
 from kodkod.engine.scheduler import CopyPrefix, Entry, Scheduler, StepPlan, Truncate
 from kodkod.engine.speculative.ngram import NgramIndex
 from kodkod.engine.speculative.policy import (

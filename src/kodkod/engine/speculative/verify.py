@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
-from kodkod.backends.base import Backend
+from kodkod.engine.backend import Backend
 from kodkod.engine.output import Finish, Rewind, emit, next_token
 from kodkod.engine.scheduler import Scheduler
 from kodkod.engine.sequence import Sequence

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kodkod.engine.types import SamplingParams
+from kodkod.core.types import SamplingParams
 
 NEG_INF = float("-inf")
 

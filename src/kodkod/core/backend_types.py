@@ -1,0 +1,90 @@
+"""Backend-facing value types: what a backend reports about a model, what the engine asks it to
+decode, and the errors a backend raises. Shared by the engine (which defines the contract, see
+`engine/backend.py`) and the backends (which implement it) without either importing the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class BackendError(Exception):
+    """A backend operation failed; the message is safe to show to users."""
+
+
+class KVCacheFullError(BackendError):
+    """The KV pool has no room for this batch (nothing was written)."""
+
+
+class ModelLoadError(BackendError):
+    """The model (or adapter) could not be loaded; the message says why."""
+
+
+class AdapterError(BackendError):
+    """A LoRA adapter could not be loaded or is not loaded; the message says why."""
+
+
+class ModelClosedError(BackendError):
+    """The model's native handles were freed (it was unloaded); nothing may use it any more.
+
+    Requests hold a lease on their model so this is not reached in normal operation; it turns
+    a use after close into a clean error (→ 503) instead of a dangling pointer."""
+
+    def __init__(self, message: str = "the model was unloaded") -> None:
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Facts about a loaded model that the API and engine need."""
+
+    name: str
+    path: Path
+    architecture: str
+    n_vocab: int
+    n_ctx_train: int
+    n_params: int
+    size_bytes: int
+    bos_id: int | None
+    eos_ids: frozenset[int]  # every end-of-generation token (EOS, EOT, ...)
+    add_bos: bool  # the tokenizer adds BOS by itself
+    bos_text: str
+    eos_text: str
+    chat_template: str | None
+    named_chat_templates: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Which model file to load, and how to report progress."""
+
+    path: Path
+    name: str
+    vocab_only: bool = False
+    progress: Callable[[float], bool] | None = None  # return False to cancel the load
+
+
+@dataclass(frozen=True, slots=True)
+class ContextConfig:
+    """How to size the context of a loaded model (decided once its metadata is known)."""
+
+    cache_size: int  # KV cells shared by all slots
+    num_slots: int
+    batch_tokens: int  # the largest batch ever passed to decode()
+    n_threads: int
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attention: bool = True
+    rope_freq_scale: float = 0.0  # 0 = from the model
+    rope_freq_base: float = 0.0  # 0 = from the model
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    slot: int
+    tokens: Sequence[int]
+    start_pos: int
+    num_logits: int  # how many trailing tokens of this row produce logits (0 = none)
