@@ -110,12 +110,13 @@ def compare_engines(gguf: Path) -> None:
     import numpy as np
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+    from kodkod.backends.llamacpp.grammar import LlgCompiler
     from kodkod.backends.llamacpp.model import LlamaModel
     from kodkod.core.constraints import GrammarKind, GrammarSpec
 
     model = LlamaModel.load(gguf, "bench", vocab_only=True)
     try:
-        compiler = model.grammar_compiler()
+        compiler = LlgCompiler(model)
         t0 = time.perf_counter()
         tokenizer = compiler.tokenizer
         build_s = time.perf_counter() - t0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kodkod.core.backend_types import BatchRow, ModelInfo
+from kodkod.core.backend_types import BackendCapabilities, BatchRow, ModelInfo
 from kodkod.core.types import SamplingParams
 
 
@@ -81,6 +81,7 @@ class FakeBackend:
         self.live_samplers = 0
         self._logits: list[np.ndarray] = []
         self.closed = False
+        self.capabilities = BackendCapabilities()  # no LoRA, no grammars
 
     # tokenizer passthrough
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:

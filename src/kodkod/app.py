@@ -22,10 +22,10 @@ from kodkod.api.admin import templates as admin_templates
 from kodkod.api.admin import unavailable
 from kodkod.api.admin.inline import LeaseMiddleware
 from kodkod.api.admin.overrides import PresetError, apply_preset
+from kodkod.api.auth_gate import AuthGate
 from kodkod.api.body_limit import BodySizeLimitMiddleware
 from kodkod.api.core import misc, models
 from kodkod.api.errors import install_error_handlers
-from kodkod.api.auth_gate import AuthGate
 from kodkod.api.guard import HostOriginGuard, HostPolicy, PolicyCORSMiddleware
 from kodkod.api.openai import chat, completions
 from kodkod.api.request_log import RequestLogMiddleware
@@ -46,11 +46,14 @@ def create_app(
     *,
     keys: KeyStore,
     backend_loader: BackendLoader,
+    gpu_available: bool = False,
     base_dir: Path | None = None,
     on_startup_error: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The app. If the startup model fails to load, `on_startup_error(message)` is called (the
-    CLI stops the server and prints the one-line message); without it, StartupError is raised."""
+    CLI stops the server and prints the one-line message); without it, StartupError is raised.
+    `backend_loader` and `gpu_available` (its backend can offload layers to a GPU) come from the
+    caller, which picks the concrete backend."""
     base = (base_dir or Path.cwd()).resolve()
     state_box: dict[str, AppState] = {}
 
@@ -88,6 +91,7 @@ def create_app(
     lora_dir = Path(settings.lora.lora_dir).expanduser()
     manager = ModelManager(
         backend_loader, base / "templates", on_fatal=lambda exc: state_box["state"].record_fatal(exc),
+        gpu_available=gpu_available,
         lora_dir=lora_dir if lora_dir.is_absolute() else base / lora_dir,
         host_cache_mb=settings.memory.sysmem_kv_cache,
         unload_grace_s=settings.model.unload_grace_s,

@@ -106,7 +106,8 @@ def serve(argv: list[str]) -> int:
         server.should_exit = True
 
     app = create_app(
-        settings, keys=keys, backend_loader=LlamaCppBackend.load, on_startup_error=startup_failed
+        settings, keys=keys, backend_loader=LlamaCppBackend.load,
+        gpu_available=LlamaCppBackend.supports_gpu_offload(), on_startup_error=startup_failed,
     )
     limits = settings.limits
     config = uvicorn.Config(

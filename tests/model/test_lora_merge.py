@@ -67,7 +67,7 @@ def logits(model: Path, steps: Sequence[Sequence[tuple[str, Path, float]] | None
                                    cache_type_k="f32", cache_type_v="f32", flash_attention=False),
     )
     try:
-        host = backend.adapters
+        host = backend.capabilities.adapters
         assert host is not None
         ids = backend.tokenize(PROMPT, add_bos=True, parse_special=True)
         out = []

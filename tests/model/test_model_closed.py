@@ -13,6 +13,7 @@ import pytest
 
 from kodkod.backends.llamacpp.backend import LlamaCppBackend
 from kodkod.core.backend_types import (
+    BackendCapabilities,
     BatchRow,
     ContextConfig,
     ModelClosedError,
@@ -29,7 +30,9 @@ def test_a_closed_model_refuses_use_cleanly(default_gguf: Path) -> None:
     )
     ids = backend.tokenize("Hello there", add_bos=True, parse_special=True)
     assert ids and backend.tokenizer.detokenize(ids, special=False).endswith("Hello there")
-    compiler = backend.tokenizer.grammar_compiler()
+    compiler = backend.capabilities.grammar
+    fingerprint = backend.capabilities.vocab_fingerprint
+    assert compiler is not None and fingerprint is not None and backend.capabilities.adapters
     backend.close()
     backend.close()  # idempotent
 
@@ -39,11 +42,10 @@ def test_a_closed_model_refuses_use_cleanly(default_gguf: Path) -> None:
         backend.token_bytes(ids[-1], special=False)  # even a token whose piece was cached
     with pytest.raises(ModelClosedError):
         backend.tokenizer.detokenize(ids, special=False)
-    with pytest.raises(ModelClosedError):
-        backend.tokenizer.grammar_compiler()
+    assert backend.capabilities == BackendCapabilities()  # a closed backend offers nothing
     with pytest.raises(ModelClosedError):
         compiler.compile(GrammarSpec(GrammarKind.REGEX, "[ab]+"))
     with pytest.raises(ModelClosedError):
-        backend.vocab_fingerprint()
+        fingerprint()
     with pytest.raises(ModelClosedError):
         backend.decode([BatchRow(slot=0, start_pos=0, tokens=ids, num_logits=1)])

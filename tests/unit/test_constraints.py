@@ -117,10 +117,11 @@ def test_delayed_rollback_before_the_marker() -> None:
 
 @pytest.fixture(scope="module")
 def compiler(default_gguf: Path) -> Iterator[object]:
+    from kodkod.backends.llamacpp.grammar import LlgCompiler
     from kodkod.backends.llamacpp.model import LlamaModel
 
     model = LlamaModel.load(default_gguf, "vocab", vocab_only=True)
-    yield model.grammar_compiler()
+    yield LlgCompiler(model)
     model.close()
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
-from kodkod.core.backend_types import AdapterError, BatchRow
+from kodkod.core.backend_types import AdapterError, BackendCapabilities, BatchRow
 from kodkod.core.types import (
     AdapterKey,
     ErrorEvent,
@@ -109,6 +109,7 @@ class AdapterBackend(FakeBackend):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.adapters = FakeHost({"a": 1, "b": 2})
+        self.capabilities = BackendCapabilities(adapters=self.adapters)
         self.batch_keys: list[AdapterKey] = []
 
     def next_token(self, t: int) -> int:

@@ -29,6 +29,7 @@ from kodkod.api.sampling import (
 from kodkod.api.state import OverrideState
 from kodkod.core.constraints import (
     ConstraintFactory,
+    GrammarCompiler,
     GrammarError,
     GrammarKind,
     GrammarSpec,
@@ -124,13 +125,13 @@ def grammar_spec(values: dict[str, Any]) -> GrammarSpec | None:
     return specs[0][1] if specs else None
 
 
-async def compile_grammar(tokenizer: Tokenizer, spec: GrammarSpec) -> ConstraintFactory:
-    """Compile `spec` for the model in a worker thread (400 if it does not compile)."""
-    make = getattr(tokenizer, "grammar_compiler", None)
-    if make is None:
+async def compile_grammar(compiler: GrammarCompiler | None, spec: GrammarSpec) -> ConstraintFactory:
+    """Compile `spec` with the model's compiler (None: its backend has none) in a worker
+    thread (400 if it does not compile)."""
+    if compiler is None:
         raise ApiError(400, "constrained decoding is not supported by this model backend")
     try:
-        return await asyncio.to_thread(lambda: make().compile(spec))
+        return await asyncio.to_thread(compiler.compile, spec)
     except GrammarError as exc:
         raise ApiError(400, str(exc), param=spec.kind.value) from None
 

@@ -1,6 +1,7 @@
 """Backend-facing value types: what a backend reports about a model, what the engine asks it to
-decode, and the errors a backend raises. Shared by the engine (which defines the contract, see
-`engine/backend.py`) and the backends (which implement it) without either importing the other.
+decode, the capabilities it reports, and the errors it raises. Shared by the engine (which
+defines the contract, see `engine/backend.py`) and the backends (which implement it) without
+either importing the other.
 """
 
 from __future__ import annotations
@@ -8,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+from kodkod.core.constraints import GrammarCompiler
+from kodkod.core.types import AdapterKey
 
 
 class BackendError(Exception):
@@ -88,3 +93,47 @@ class BatchRow:
     tokens: Sequence[int]
     start_pos: int
     num_logits: int  # how many trailing tokens of this row produce logits (0 = none)
+
+
+class AdapterHost(Protocol):
+    """LoRA adapters on a backend's context (`BackendCapabilities.adapters`, None when absent).
+
+    Engine thread only (llama.cpp reads the adapter list while it decodes), except reading
+    `active` and setting `source`. `activate`/`clear` run as exclusive work (nothing running);
+    `key_for` resolves a request's adapters by name — loading one it does not hold yet through
+    `source` (name → prepared, validated GGUF path) — and `use` switches the context to a key
+    before a decode (cheap when it is already in use).
+    """
+
+    source: Callable[[str], Path] | None
+
+    @property
+    def active(self) -> tuple[tuple[str, float], ...]:
+        """The adapters requests use by default, as (name, scale)."""
+        ...
+
+    def activate(self, items: Sequence[tuple[str, Path, float]]) -> None:
+        """Free every loaded adapter, load these (name, GGUF path, scale), make them active."""
+        ...
+
+    def clear(self) -> None:
+        """Free every loaded adapter; nothing is active."""
+        ...
+
+    def key_for(self, wanted: Sequence[tuple[str, float]] | None) -> AdapterKey:
+        """The key of (name, scale) pairs (None: the active ones); AdapterError if one is
+        neither loaded nor loadable."""
+        ...
+
+    def use(self, key: AdapterKey) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BackendCapabilities:
+    """What a backend can do beyond the required contract (`engine.backend.Backend`); a field
+    that is None means "not supported". A backend reports it as `capabilities`, and replaces
+    it with an empty record when it is closed."""
+
+    adapters: AdapterHost | None = None  # LoRA adapters on the context
+    grammar: GrammarCompiler | None = None  # constrained decoding (thread-safe)
+    vocab_fingerprint: Callable[[], str] | None = None  # equal for models sharing a vocabulary

@@ -11,19 +11,22 @@ for each row, the batch indices of its logits in order, which `logits()` and
 `Sampler.sample()` take. KV ops (`kv_copy`, `kv_remove`) keep a slot's cache equal to the
 tokens the engine believes it holds; speculative rollback is just `kv_remove` of the rejected
 tail.
+
+What a backend can do beyond this contract (LoRA adapters, grammar compilation, a fast
+vocabulary fingerprint) it reports in `capabilities`, a `core.backend_types.BackendCapabilities`
+record (in core because the backend builds it without importing the engine); callers read it,
+they never probe a backend's attributes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
-from kodkod.core.backend_types import BatchRow, ModelInfo
-from kodkod.core.constraints import GrammarCompiler
-from kodkod.core.types import AdapterKey, SamplingParams
+from kodkod.core.backend_types import BackendCapabilities, BatchRow, ModelInfo
+from kodkod.core.types import SamplingParams
 
 
 class Sampler(Protocol):
@@ -52,49 +55,6 @@ class Tokenizer(Protocol):
     def detokenize(self, token_ids: Sequence[int], *, special: bool) -> str: ...
 
 
-class SupportsGrammar(Protocol):
-    """Optional: a tokenizer that can compile grammars for constrained decoding.
-
-    `grammar_compiler()` returns the model's (cached) `core.constraints.GrammarCompiler`.
-    Callers check with `getattr(tokenizer, "grammar_compiler", None)`.
-    """
-
-    def grammar_compiler(self) -> GrammarCompiler: ...
-
-
-class AdapterHost(Protocol):
-    """Optional (`backend.adapters`, None when absent): LoRA adapters on the context.
-
-    Engine thread only (llama.cpp reads the adapter list while it decodes), except reading
-    `active` and setting `source`. `activate`/`clear` run as exclusive work (nothing running);
-    `key_for` resolves a request's adapters by name — loading one it does not hold yet through
-    `source` (name → prepared, validated GGUF path) — and `use` switches the context to a key
-    before a decode (cheap when it is already in use).
-    """
-
-    source: Callable[[str], Path] | None
-
-    @property
-    def active(self) -> tuple[tuple[str, float], ...]:
-        """The adapters requests use by default, as (name, scale)."""
-        ...
-
-    def activate(self, items: Sequence[tuple[str, Path, float]]) -> None:
-        """Free every loaded adapter, load these (name, GGUF path, scale), make them active."""
-        ...
-
-    def clear(self) -> None:
-        """Free every loaded adapter; nothing is active."""
-        ...
-
-    def key_for(self, wanted: Sequence[tuple[str, float]] | None) -> AdapterKey:
-        """The key of (name, scale) pairs (None: the active ones); AdapterError if one is
-        neither loaded nor loadable."""
-        ...
-
-    def use(self, key: AdapterKey) -> None: ...
-
-
 class Backend(Protocol):
     """Engine-thread-only: decode, KV and samplers. `tokenizer` may be shared."""
 
@@ -102,6 +62,7 @@ class Backend(Protocol):
     tokenizer: Tokenizer
     num_slots: int
     kv_capacity: int
+    capabilities: BackendCapabilities
 
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]: ...
 

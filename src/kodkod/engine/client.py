@@ -27,6 +27,7 @@ from kodkod.engine.stream import RequestStream
 from kodkod.engine.watchdog import Watchdog
 
 T = TypeVar("T")
+AdapterCheck = Callable[[tuple[tuple[str, float], ...]], None]
 
 
 class RequestError(Exception):
@@ -73,12 +74,15 @@ def check_token_ids(request: GenerationRequest, n_vocab: int) -> None:
 
 
 class EngineClient:
-    def __init__(self, engine: EngineLoop, watchdog: Watchdog | None = None) -> None:
+    def __init__(
+        self, engine: EngineLoop, watchdog: Watchdog | None = None,
+        adapter_check: AdapterCheck | None = None,
+    ) -> None:
         self._engine = engine
         self._watchdog = watchdog
-        # Checks a request's named LoRA adapters (raises RequestError); set by the model
+        # Checks a request's named LoRA adapters (raises RequestError); given by the model
         # manager (models/lora.py) so unknown or incompatible adapters are a 400 up front.
-        self.adapter_check: Callable[[tuple[tuple[str, float], ...]], None] | None = None
+        self.adapter_check = adapter_check
         self._count_lock = threading.Lock()
         self._in_flight = 0
 
@@ -89,13 +93,15 @@ class EngineClient:
         config: EngineConfig,
         on_fatal: Callable[[BaseException], None] | None = None,
         draft: Backend | None = None,
+        adapter_check: AdapterCheck | None = None,
     ) -> EngineClient:
-        """`draft`: a draft model's backend for speculative decoding (the caller frees it)."""
+        """`draft`: a draft model's backend for speculative decoding (the caller frees it);
+        `adapter_check`: checks the LoRA adapters a request names (raises RequestError)."""
         engine = EngineLoop(backend, config, on_fatal, draft)
         engine.start()
         watchdog = Watchdog(engine, on_fatal)
         watchdog.start()
-        return cls(engine, watchdog)
+        return cls(engine, watchdog, adapter_check)
 
     @property
     def config(self) -> EngineConfig:

@@ -75,10 +75,11 @@ class DraftModel:
 
 
 def fingerprint_backend(backend: Backend) -> str:
-    """sha256 over every token's text (llama.cpp's when available, else the token bytes)."""
-    direct = getattr(backend, "vocab_fingerprint", None)
-    if callable(direct):
-        return str(direct())
+    """sha256 over every token's text (the backend's own fingerprint when it reports one, else
+    the token bytes)."""
+    direct = backend.capabilities.vocab_fingerprint
+    if direct is not None:
+        return direct()
     h = hashlib.sha256()
     tok = backend.tokenizer
     for t in range(tok.n_vocab):

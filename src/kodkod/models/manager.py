@@ -44,6 +44,7 @@ from typing import Any
 
 from kodkod.chat import ChatTemplate, find_template
 from kodkod.core.backend_types import ModelInfo, ModelSource
+from kodkod.core.constraints import GrammarCompiler
 from kodkod.engine.backend import Tokenizer
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
@@ -83,6 +84,7 @@ class LoadedModel:
     params: ModelLoadParams
     info: ModelInfo
     tokenizer: Tokenizer
+    grammar: GrammarCompiler | None  # the backend's, None: no constrained decoding
     engine: EngineClient
     plan: ContextPlan
     template: ChatTemplate | None
@@ -146,12 +148,6 @@ def release_heap() -> None:
         pass
 
 
-def _probe_gpu(loader: BackendLoader) -> bool:
-    owner = getattr(loader, "__self__", None)
-    probe = getattr(owner, "supports_gpu_offload", None) or getattr(loader, "supports_gpu_offload", None)
-    return bool(probe()) if callable(probe) else False
-
-
 def _placement_kwargs(params: ModelLoadParams) -> dict[str, Any]:
     p = params.placement
     return {} if p is None else {"split_mode": p.split_mode, "tensor_split": p.tensor_split}
@@ -164,7 +160,7 @@ class ModelManager:
         templates_dir: Path,
         on_fatal: Callable[[BaseException], None] | None = None,
         *,
-        gpu_available: bool | None = None,
+        gpu_available: bool = False,
         lora_dir: Path | None = None,
         host_cache_mb: int = 0,
         unload_grace_s: float = 10.0,
@@ -180,7 +176,7 @@ class ModelManager:
         self.gate: ModelGate[LoadedModel] = ModelGate(lambda m: m.key)
         self._retirer = Retirer(self.gate, unload_grace_s, self._free)
         self.vocab = VocabProbe(backend_loader)
-        self.gpu_available = _probe_gpu(backend_loader) if gpu_available is None else gpu_available
+        self.gpu_available = gpu_available  # the backend can place layers on a GPU
         self.loading: str | None = None
 
     # -- reading ----------------------------------------------------------------------------
@@ -325,6 +321,7 @@ class ModelManager:
                 gguf_template=backend.info.chat_template,
                 gguf_named_templates=backend.info.named_chat_templates,
             )
+            loras = attach_library(self._lora_dir, entry.gguf, backend)
             engine = EngineClient.start(
                 backend,
                 EngineConfig(ctx.max_seq_len, ctx.max_batch_size, ctx.chunk_size,
@@ -333,8 +330,8 @@ class ModelManager:
                              stall_timeout_s=self._stall_timeout_s),
                 self._on_fatal,
                 draft.backend if draft is not None else None,  # speculative decoding
+                adapter_check=loras.check_request if loras is not None else None,
             )
-            loras = attach_library(self._lora_dir, entry.gguf, backend, engine)
         except BaseException:
             backend.close()
             if draft is not None:
@@ -351,7 +348,7 @@ class ModelManager:
         )
         return LoadedModel(
             entry=entry, params=params, info=backend.info, tokenizer=backend.tokenizer,
-            engine=engine, plan=ctx, template=template, draft=draft, loras=loras,
+            grammar=backend.capabilities.grammar, engine=engine, plan=ctx, template=template, draft=draft, loras=loras,
             load_time_s=elapsed,
         )
 

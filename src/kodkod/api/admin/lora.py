@@ -87,14 +87,14 @@ async def _swap(
     library = _library(model)
 
     def run(backend: Backend) -> tuple[tuple[str, float], ...]:
-        host = getattr(backend, "adapters", None)
+        host = backend.capabilities.adapters
         if host is None:
             raise AdapterError("this model backend does not support LoRA adapters")
         if specs:
             host.activate(specs)
         else:
             host.clear()
-        return host.active  # type: ignore[no-any-return]
+        return host.active
 
     async with state.models.gate.exclusive():
         if state.models.current is not model:

@@ -61,7 +61,7 @@ async def kobold_generation(
     values = kobold_values(req, overrides)
     check_generation_limits(values, limits)
     spec = grammar_spec(values)
-    factory = await compile_grammar(model.tokenizer, spec) if spec is not None else None
+    factory = await compile_grammar(model.grammar, spec) if spec is not None else None
     text = (req.memory or "") + req.prompt
     ids = await run_sized(len(text), limits.offload_tokenize_chars, lambda: tokenize_prompt(
         model.tokenizer, text, add_bos=values["add_bos_token"], bos_id=model.info.bos_id

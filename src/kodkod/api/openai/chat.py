@@ -65,7 +65,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     spec = output_spec(values, req.response_format, (req.tools, choice) if choice.forced else None)
     split = prompt.split  # a reply that starts inside reasoning is constrained after it
     wait_for = split.reasoning[1] if split.reasoning and split.start_in_reasoning else None
-    plan = await plan_constraint(model.tokenizer, spec, wait_for=wait_for)
+    plan = await plan_constraint(model.tokenizer, model.grammar, spec, wait_for=wait_for)
     budget = budget_factory(req, model, split, constrained=plan is not None)
     logprobs = requested_logprobs(values["logprobs"], values["top_logprobs"], chat=True)
     rid = new_request_id()

@@ -76,7 +76,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     values = resolve_fields(req, state.overrides)
     check_generation_limits(values, limits)
     logprobs = requested_logprobs(values["logprobs"], values["top_logprobs"], chat=False)
-    plan = await plan_constraint(model.tokenizer, output_spec(values, req.response_format))
+    plan = await plan_constraint(model.tokenizer, model.grammar, output_spec(values, req.response_format))
     rid = new_request_id()
     size = sum(len(x) for x in items)
     prompts = await run_sized(size, limits.offload_tokenize_chars,

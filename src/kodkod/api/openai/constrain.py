@@ -27,6 +27,7 @@ from kodkod.chat.tools import TOOL_CALL_END, TOOL_CALL_START, call_schema
 from kodkod.core.constraints import (
     ConstraintFactory,
     DelayedConstraint,
+    GrammarCompiler,
     GrammarKind,
     GrammarSpec,
 )
@@ -140,11 +141,12 @@ class ConstraintPlan:
 
 
 async def plan_constraint(
-    tokenizer: Tokenizer, spec: GrammarSpec | None, *, wait_for: str | None = None
+    tokenizer: Tokenizer, compiler: GrammarCompiler | None, spec: GrammarSpec | None, *,
+    wait_for: str | None = None
 ) -> ConstraintPlan | None:
     if spec is None:
         return None
-    factory = await compile_grammar(tokenizer, spec)
+    factory = await compile_grammar(compiler, spec)
 
     def piece(token_id: int) -> bytes:
         return tokenizer.token_bytes(token_id, special=True)

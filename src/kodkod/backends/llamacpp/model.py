@@ -14,14 +14,10 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import llama_cpp as L
 
 from kodkod.core.backend_types import ModelClosedError, ModelInfo, ModelLoadError
-
-if TYPE_CHECKING:
-    from kodkod.backends.llamacpp.grammar import LlgCompiler
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +71,6 @@ class LlamaModel:
         self._special_pieces: list[bytes | None] = [None] * self.n_vocab
         self._buf = ctypes.create_string_buffer(256)
         self.info = self._read_info(name)
-        self._grammar: LlgCompiler | None = None
 
     @classmethod
     def load(
@@ -232,15 +227,6 @@ class LlamaModel:
             "utf-8", errors="replace"
         )
 
-    def grammar_compiler(self) -> LlgCompiler:
-        """The model's grammar compiler (`engine.backend.SupportsGrammar`), made on first use."""
-        self.check_open()
-        if self._grammar is None:
-            from kodkod.backends.llamacpp.grammar import LlgCompiler
-
-            self._grammar = LlgCompiler(self)
-        return self._grammar
-
     def vocab_fingerprint(self) -> str:
         """sha256 over every token's stored text: equal for models sharing a vocabulary."""
         self.check_open()
@@ -251,9 +237,6 @@ class LlamaModel:
         return h.hexdigest()
 
     def close(self) -> None:
-        if self._grammar is not None:
-            self._grammar.close()
-            self._grammar = None
         if self.handle:
             handle, self.handle = self.handle, None  # type: ignore[assignment]
             self.vocab = None  # type: ignore[assignment]  # owned by the model: dies with it
