@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
+from kodkod.backends.llamacpp.quantize import quantize_model  # noqa: E402
 from kodkod.models.derive import derive  # noqa: E402
 from kodkod.models.manager import available_threads  # noqa: E402
 from tests.server import DEFAULT_MODEL, MODELS, KodkodServer  # noqa: E402
@@ -107,7 +108,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
-    target = derive(MODELS, DEFAULT_MODEL, "f32")
+    target = derive(MODELS, DEFAULT_MODEL, "f32", quantize=quantize_model)
     threads = available_threads()
     print(f"target {target.name} (F32), draft {DEFAULT_MODEL} (Q4_1), {threads} threads, "
           f"{args.tokens} tokens, {args.clients} clients, {args.rounds} rounds")

@@ -197,10 +197,11 @@ def models_command(argv: list[str]) -> int:
         return _fail(str(exc))
     model_dir = Path(ns.model_dir or settings.model.model_dir)
     if ns.action == "derive":
+        from kodkod.backends.llamacpp.quantize import quantize_model
         from kodkod.models.derive import DeriveError, derive
 
         try:
-            done = derive(model_dir, ns.source, ns.type, ns.name)
+            done = derive(model_dir, ns.source, ns.type, ns.name, quantize=quantize_model)
         except DeriveError as exc:
             return _fail(str(exc), 1)
         print(f"{done.name}\t{done.path}{'' if done.created else ' (already there)'}")

@@ -26,6 +26,7 @@ import jsonschema
 import pytest
 
 from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS
+from kodkod.backends.llamacpp.quantize import quantize_model
 from kodkod.models.derive import derive
 from tests.server import DEFAULT_MODEL, GEMMA_MODEL, MODELS, KodkodServer
 
@@ -50,7 +51,7 @@ PERSON = {
 @pytest.fixture(scope="module")
 def pair(default_gguf: Path) -> dict[str, str]:
     """Derived copies of the default model (made once, kept in models/)."""
-    return {kind: derive(MODELS, DEFAULT_MODEL, kind).name for kind in ("q8_0", "f32")}
+    return {kind: derive(MODELS, DEFAULT_MODEL, kind, quantize=quantize_model).name for kind in ("q8_0", "f32")}
 
 
 def static_draft(name: str) -> dict[str, Any]:
