@@ -25,8 +25,8 @@ import httpx
 import jsonschema
 import pytest
 
-from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS
 from kodkod.backends.llamacpp.quantize import quantize_model
+from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS
 from kodkod.models.derive import derive
 from tests.server import DEFAULT_MODEL, GEMMA_MODEL, MODELS, KodkodServer
 
