@@ -27,25 +27,55 @@ sys.path.insert(0, str(REPO / "src"))
 from kodkod.models.manager import available_threads  # noqa: E402
 from tests.server import KodkodServer  # noqa: E402
 
-WORDS = ["Seas", "Dragons", "Robots", "Lighthouses", "Winter", "Cities", "Cats", "Moonlight",
-         "Rivers", "Mountains", "Libraries", "Bicycles", "Volcanoes", "Gardens", "Clocks", "Storms",
-         "Deserts", "Bridges", "Owls", "Trains", "Islands", "Castles", "Bees", "Comets"]
+WORDS = [
+    "Seas",
+    "Dragons",
+    "Robots",
+    "Lighthouses",
+    "Winter",
+    "Cities",
+    "Cats",
+    "Moonlight",
+    "Rivers",
+    "Mountains",
+    "Libraries",
+    "Bicycles",
+    "Volcanoes",
+    "Gardens",
+    "Clocks",
+    "Storms",
+    "Deserts",
+    "Bridges",
+    "Owls",
+    "Trains",
+    "Islands",
+    "Castles",
+    "Bees",
+    "Comets",
+]
 
 
 def body(word: str, tokens: int) -> dict:
-    return {"prompt": f"{word} are the subject of this essay. ", "max_tokens": tokens,
-            "temperature": 0, "ban_eos_token": True, "logprobs": 1}
+    return {
+        "prompt": f"{word} are the subject of this essay. ",
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ban_eos_token": True,
+        "logprobs": 1,
+    }
 
 
 async def run_all(server: KodkodServer, bodies: list[dict], concurrent: int) -> list[list[str]]:
     out: list[list[str]] = [[] for _ in bodies]
     sem = asyncio.Semaphore(concurrent)
     async with server.async_client(timeout=900) as c:
+
         async def one(i: int, b: dict) -> None:
             async with sem:
                 r = await c.post("/v1/completions", json=b)
                 r.raise_for_status()
                 out[i] = r.json()["choices"][0]["logprobs"]["tokens"]
+
         await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
     return out
 

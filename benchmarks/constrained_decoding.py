@@ -60,8 +60,7 @@ def body(max_tokens: int, constrained: bool) -> dict:
         "seed": 1,
     }
     if constrained:
-        out["response_format"] = {"type": "json_schema",
-                                  "json_schema": {"name": "story", "schema": SCHEMA}}
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "story", "schema": SCHEMA}}
     return out
 
 
@@ -84,8 +83,7 @@ async def run(url: str, key: str, rounds: int, max_tokens: int) -> None:
         await one(client, 8, False)  # warm up: prompt cached, grammar compiled
         await one(client, 8, True)
         single: dict[bool, list[float]] = {False: [], True: []}
-        mixes = {"4 free": [False] * 4, "2 json + 2 free": [True, True, False, False],
-                 "4 json": [True] * 4}
+        mixes = {"4 free": [False] * 4, "2 json + 2 free": [True, True, False, False], "4 json": [True] * 4}
         batched: dict[str, list[float]] = {name: [] for name in mixes}
         for _ in range(rounds):
             for constrained in (False, True):
@@ -110,17 +108,20 @@ def compare_engines(gguf: Path) -> None:
     import numpy as np
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+    from kodkod.backends.llamacpp.grammar import LlgCompiler
     from kodkod.backends.llamacpp.model import LlamaModel
-    from kodkod.engine.constraints import GrammarKind, GrammarSpec
+    from kodkod.core.constraints import GrammarKind, GrammarSpec
 
     model = LlamaModel.load(gguf, "bench", vocab_only=True)
     try:
-        compiler = model.grammar_compiler()
+        compiler = LlgCompiler(model)
         t0 = time.perf_counter()
         tokenizer = compiler.tokenizer
         build_s = time.perf_counter() - t0
-        story = {"title": "The keeper of the northern light",
-                 "paragraphs": ["The storm came in from the west, " * 6] * 4}
+        story = {
+            "title": "The keeper of the northern light",
+            "paragraphs": ["The storm came in from the west, " * 6] * 4,
+        }
         text = json.dumps(story, separators=(",", ":"))
         ids = tokenizer.tokenize_str(text)
         n = model.n_vocab
@@ -168,8 +169,10 @@ def compare_engines(gguf: Path) -> None:
     print(f"grammar engines, same schema, per generated token ({len(ids)} tokens):")
     print(f"  llguidance tokenizer build (once per model): {build_s * 1e3:.0f} ms")
     print(f"  llguidance   compile {compile_llg * 1e3:6.1f} ms   mask+apply {llg_us:8.1f} us/token")
-    print(f"  llama.cpp    compile {compile_gbnf * 1e3:6.1f} ms   apply      "
-          f"{gbnf_total - fill_us:8.1f} us/token (excluding {fill_us:.0f} us of Python array fill)")
+    print(
+        f"  llama.cpp    compile {compile_gbnf * 1e3:6.1f} ms   apply      "
+        f"{gbnf_total - fill_us:8.1f} us/token (excluding {fill_us:.0f} us of Python array fill)"
+    )
 
 
 def main() -> None:
@@ -186,8 +189,9 @@ def main() -> None:
     url = args.url or (f"http://127.0.0.1:{args.port}" if args.port else None)
     server = None
     if url is None:
-        server = KodkodServer.start(Path(tempfile.mkdtemp(prefix="kodkod-bench-")),
-                                    {"model": {"max_batch_size": 4}})
+        server = KodkodServer.start(
+            Path(tempfile.mkdtemp(prefix="kodkod-bench-")), {"model": {"max_batch_size": 4}}
+        )
         url = server.base_url
     try:
         asyncio.run(run(url, args.key or API_KEY, args.rounds, args.max_tokens))

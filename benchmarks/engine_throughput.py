@@ -40,11 +40,24 @@ from kodkod.models.manager import available_threads  # noqa: E402
 from tests.server import DEFAULT_GGUF, KodkodServer  # noqa: E402
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-TOPICS = ["the sea", "a dragon", "robots", "a lighthouse", "winter", "a city at night",
-          "a small cat", "the moon", "a forest", "an old clock", "trains", "a garden"]
+TOPICS = [
+    "the sea",
+    "a dragon",
+    "robots",
+    "a lighthouse",
+    "winter",
+    "a city at night",
+    "a small cat",
+    "the moon",
+    "a forest",
+    "an old clock",
+    "trains",
+    "a garden",
+]
 
 
 # -- raw baseline ---------------------------------------------------------------------------
+
 
 def _quiet_log(level: int, text: bytes, user_data: object) -> None:
     return None
@@ -56,6 +69,7 @@ try:
     _QUIET = _L.llama_log_callback(_quiet_log)  # kept alive for the process (C holds it)
 except ImportError:  # pragma: no cover
     _QUIET = None
+
 
 class RawLoop:
     """A bare llama.cpp decode loop (argmax) on the same model, threads and context settings;

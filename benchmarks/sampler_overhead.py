@@ -30,21 +30,46 @@ from tests.server import API_KEY, KodkodServer  # noqa: E402
 
 GREEDY: dict[str, Any] = {"temperature": 0.0}
 HEAVY: dict[str, Any] = {
-    "temperature": 1.0, "seed": 1234, "min_p": 0.05,
-    "repetition_penalty": 1.1, "frequency_penalty": 0.2, "presence_penalty": 0.2,
-    "dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2,
-    "xtc_probability": 0.5, "xtc_threshold": 0.1,
+    "temperature": 1.0,
+    "seed": 1234,
+    "min_p": 0.05,
+    "repetition_penalty": 1.1,
+    "frequency_penalty": 0.2,
+    "presence_penalty": 0.2,
+    "dry_multiplier": 0.8,
+    "dry_base": 1.75,
+    "dry_allowed_length": 2,
+    "xtc_probability": 0.5,
+    "xtc_threshold": 0.1,
 }
-TOPICS = ["the sea", "a lighthouse", "winter", "a market", "trains", "the moon", "bread",
-          "a library", "rain", "bees", "a violin", "mountains", "a clock", "the desert",
-          "owls", "a bridge"]
+TOPICS = [
+    "the sea",
+    "a lighthouse",
+    "winter",
+    "a market",
+    "trains",
+    "the moon",
+    "bread",
+    "a library",
+    "rain",
+    "bees",
+    "a violin",
+    "mountains",
+    "a clock",
+    "the desert",
+    "owls",
+    "a bridge",
+]
 
 
-async def one_round(client: httpx.AsyncClient, sampler: dict[str, Any], streams: int,
-                    tokens: int) -> float:
+async def one_round(client: httpx.AsyncClient, sampler: dict[str, Any], streams: int, tokens: int) -> float:
     async def one(i: int) -> int:
-        body = {"prompt": f"Write a long story about {TOPICS[i % len(TOPICS)]}.\n",
-                "max_tokens": tokens, "ignore_eos": True, **sampler}
+        body = {
+            "prompt": f"Write a long story about {TOPICS[i % len(TOPICS)]}.\n",
+            "max_tokens": tokens,
+            "ignore_eos": True,
+            **sampler,
+        }
         r = await client.post("/v1/completions", json=body)
         r.raise_for_status()
         return int(r.json()["usage"]["completion_tokens"])
@@ -65,12 +90,12 @@ async def run(url: str, rounds: int, streams: int, tokens: int) -> float:
             order = [(GREEDY, greedy), (HEAVY, heavy)]
             for sampler, out in order if r % 2 == 0 else order[::-1]:
                 out.append(await one_round(client, sampler, streams, tokens))
-            print(f"round {r + 1}: greedy {greedy[-1]:6.1f} tok/s   heavy {heavy[-1]:6.1f} tok/s",
-                  flush=True)
+            print(f"round {r + 1}: greedy {greedy[-1]:6.1f} tok/s   heavy {heavy[-1]:6.1f} tok/s", flush=True)
     g, h = statistics.median(greedy), statistics.median(heavy)
     ratio = h / g
-    print(f"median: greedy {g:.1f} tok/s, heavy sampler set {h:.1f} tok/s "
-          f"({streams} streams × {tokens} tokens)")
+    print(
+        f"median: greedy {g:.1f} tok/s, heavy sampler set {h:.1f} tok/s ({streams} streams × {tokens} tokens)"
+    )
     print(f"sampler overhead ratio (heavy / greedy): {ratio:.2f}x  (target ≥ 0.85x)")
     return ratio
 

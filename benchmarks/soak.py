@@ -72,8 +72,17 @@ def bad_bodies() -> list[tuple[str, bytes]]:
         (p, b"\xff\xfe not json"),
         ("/v1/chat/completions", j({"messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 4})),
         ("/v1/chat/completions", j({"messages": "nope"})),
-        ("/v1/chat/completions", j({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 10**6,
-                                    "logprobs": True, "max_tokens": 4})),
+        (
+            "/v1/chat/completions",
+            j(
+                {
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "top_logprobs": 10**6,
+                    "logprobs": True,
+                    "max_tokens": 4,
+                }
+            ),
+        ),
         ("/v1/token/decode", j({"tokens": [-1, 2**40]})),
         ("/v1/token/encode", j({"text": "\x00" * 100_000})),
         ("/api/v1/generate", j({"prompt": "hi", "max_length": 4, "temperature": float("-inf")})),

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
+from kodkod.backends.llamacpp.quantize import quantize_model  # noqa: E402
 from kodkod.models.derive import derive  # noqa: E402
 from kodkod.models.manager import available_threads  # noqa: E402
 from tests.server import DEFAULT_MODEL, MODELS, KodkodServer  # noqa: E402
@@ -53,8 +54,20 @@ PARAGRAPH = (
 COPY = CHAT.format(
     "Rewrite the following text exactly, but change the word 'keeper' to 'guardian':\n\n" + PARAGRAPH
 )
-TOPICS = ["the sea", "a dragon", "robots", "a lighthouse", "winter", "a city at night",
-          "a small cat", "the moon", "a forest", "an old clock", "trains", "a garden"]
+TOPICS = [
+    "the sea",
+    "a dragon",
+    "robots",
+    "a lighthouse",
+    "winter",
+    "a city at night",
+    "a small cat",
+    "the moon",
+    "a forest",
+    "an old clock",
+    "trains",
+    "a garden",
+]
 
 
 def completion(client: httpx.Client, prompt: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
@@ -79,12 +92,16 @@ def spec_counters(before: dict[str, Any], after: dict[str, Any]) -> tuple[int, i
 
 
 async def many_streams(server: KodkodServer, clients: int, tokens: int) -> tuple[float, int]:
-    prompts = [CHAT.format(f"Tell me everything about {TOPICS[i % len(TOPICS)]}, in detail.")
-               for i in range(clients)]
+    prompts = [
+        CHAT.format(f"Tell me everything about {TOPICS[i % len(TOPICS)]}, in detail.") for i in range(clients)
+    ]
     async with server.async_client(timeout=900) as c:
+
         async def one(p: str) -> int:
-            r = await c.post("/v1/completions", json={"prompt": p, "max_tokens": tokens,
-                                                      "temperature": 0, "ban_eos_token": True})
+            r = await c.post(
+                "/v1/completions",
+                json={"prompt": p, "max_tokens": tokens, "temperature": 0, "ban_eos_token": True},
+            )
             r.raise_for_status()
             return int(r.json()["usage"]["completion_tokens"])
 
@@ -107,12 +124,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
-    target = derive(MODELS, DEFAULT_MODEL, "f32")
+    target = derive(MODELS, DEFAULT_MODEL, "f32", quantize=quantize_model)
     threads = available_threads()
-    print(f"target {target.name} (F32), draft {DEFAULT_MODEL} (Q4_1), {threads} threads, "
-          f"{args.tokens} tokens, {args.clients} clients, {args.rounds} rounds")
-    base = {"model": {"model_name": target.name, "n_threads": threads, "max_seq_len": 4096,
-                      "max_batch_size": max(8, args.clients)}}
+    print(
+        f"target {target.name} (F32), draft {DEFAULT_MODEL} (Q4_1), {threads} threads, "
+        f"{args.tokens} tokens, {args.clients} clients, {args.rounds} rounds"
+    )
+    base = {
+        "model": {
+            "model_name": target.name,
+            "n_threads": threads,
+            "max_seq_len": 4096,
+            "max_batch_size": max(8, args.clients),
+        }
+    }
     with_draft = {**base, "draft_model": {"draft_model_name": DEFAULT_MODEL, "draft_model_dir": "models"}}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,11 +165,13 @@ def main() -> None:
                     row["many_draft"], _ = asyncio.run(many_streams(draft, args.clients, args.tokens))
                     row["many_spec"] = spec_counters(h0, health(dc))
                     rows.append(row)
-                    print(f"  round: story {row['story_draft'] / row['story_plain']:.2f}x "
-                          f"({fmt(row['story_spec'])}), copy {row['copy_ngram'] / row['copy_plain']:.2f}x "
-                          f"({fmt(row['copy_spec'])}), {args.clients} streams "
-                          f"{row['many_draft'] / row['many_plain']:.2f}x ({fmt(row['many_spec'])})",
-                          flush=True)
+                    print(
+                        f"  round: story {row['story_draft'] / row['story_plain']:.2f}x "
+                        f"({fmt(row['story_spec'])}), copy {row['copy_ngram'] / row['copy_plain']:.2f}x "
+                        f"({fmt(row['copy_spec'])}), {args.clients} streams "
+                        f"{row['many_draft'] / row['many_plain']:.2f}x ({fmt(row['many_spec'])})",
+                        flush=True,
+                    )
         finally:
             plain.stop()
             draft.stop()

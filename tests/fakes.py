@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kodkod.backends.base import BatchRow, ModelInfo
-from kodkod.engine.types import SamplingParams
+from kodkod.core.backend_types import BackendCapabilities, BatchRow, ModelInfo
+from kodkod.core.types import SamplingParams
 
 
 @dataclass
@@ -71,9 +71,18 @@ class FakeBackend:
     def __post_init__(self) -> None:
         self.tokenizer = FakeTokenizer(self.n_vocab, self.pieces)
         self.info = ModelInfo(
-            name="fake", path=Path("fake.gguf"), architecture="fake", n_vocab=self.n_vocab,
-            n_ctx_train=self.kv_capacity, n_params=0, size_bytes=0, bos_id=None,
-            eos_ids=frozenset({self.eos}), add_bos=False, bos_text="", eos_text="<eos>",
+            name="fake",
+            path=Path("fake.gguf"),
+            architecture="fake",
+            n_vocab=self.n_vocab,
+            n_ctx_train=self.kv_capacity,
+            n_params=0,
+            size_bytes=0,
+            bos_id=None,
+            eos_ids=frozenset({self.eos}),
+            add_bos=False,
+            bos_text="",
+            eos_text="<eos>",
             chat_template=None,
         )
         self.kv: list[list[int]] = [[] for _ in range(self.num_slots)]  # tokens per slot
@@ -81,6 +90,7 @@ class FakeBackend:
         self.live_samplers = 0
         self._logits: list[np.ndarray] = []
         self.closed = False
+        self.capabilities = BackendCapabilities()  # no LoRA, no grammars
 
     # tokenizer passthrough
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:

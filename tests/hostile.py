@@ -20,10 +20,17 @@ from typing import Any
 from hypothesis import strategies as st
 
 # Routes that change (or download) the loaded model: the fuzz test must leave the model in place.
-MODEL_CHANGING = frozenset({
-    "/v1/model/load", "/v1/model/unload", "/v1/lora/load", "/v1/lora/unload",
-    "/v1/model/embedding/load", "/v1/model/embedding/unload", "/v1/download",
-})
+MODEL_CHANGING = frozenset(
+    {
+        "/v1/model/load",
+        "/v1/model/unload",
+        "/v1/lora/load",
+        "/v1/lora/unload",
+        "/v1/model/embedding/load",
+        "/v1/model/embedding/unload",
+        "/v1/download",
+    }
+)
 # Fields that set a generation length (aliases of max_tokens)
 LENGTH_FIELDS = ("max_tokens", "max_length", "max_completion_tokens")
 MAX_LIST_LEN = 4
@@ -96,13 +103,46 @@ def encode(value: Any) -> bytes:
 
 # -- hostile values -------------------------------------------------------------------------
 
+
 def hostile_scalars() -> st.SearchStrategy[Any]:
-    return st.sampled_from([
-        float("nan"), float("inf"), float("-inf"), 1e308, -1e308, 5e-324, -0.0,
-        2**31, 2**32 + 1, 2**63, 2**64 + 7, -(2**63), -(2**63) - 1, 10**40, -1, -2,
-        "\x00", "a\x00b", "\x00" * 64, "", " ", "\ud800", "\uffff", "<|im_start|>", "{{7*7}}",
-        "../../../../etc/passwd", "%s%n", True, False, None, [], {}, [None], {"": None},
-    ])
+    return st.sampled_from(
+        [
+            float("nan"),
+            float("inf"),
+            float("-inf"),
+            1e308,
+            -1e308,
+            5e-324,
+            -0.0,
+            2**31,
+            2**32 + 1,
+            2**63,
+            2**64 + 7,
+            -(2**63),
+            -(2**63) - 1,
+            10**40,
+            -1,
+            -2,
+            "\x00",
+            "a\x00b",
+            "\x00" * 64,
+            "",
+            " ",
+            "\ud800",
+            "\uffff",
+            "<|im_start|>",
+            "{{7*7}}",
+            "../../../../etc/passwd",
+            "%s%n",
+            True,
+            False,
+            None,
+            [],
+            {},
+            [None],
+            {"": None},
+        ]
+    )
 
 
 def long_string() -> st.SearchStrategy[str]:
@@ -140,8 +180,13 @@ def deep_json() -> st.SearchStrategy[Deep]:
 
 
 def hostile_value() -> st.SearchStrategy[Any]:
-    return st.one_of(hostile_scalars(), long_string(), long_list(), deep_json(),
-                     st.dictionaries(st.text(max_size=5), hostile_scalars(), max_size=3))
+    return st.one_of(
+        hostile_scalars(),
+        long_string(),
+        long_list(),
+        deep_json(),
+        st.dictionaries(st.text(max_size=5), hostile_scalars(), max_size=3),
+    )
 
 
 def garbage_body() -> st.SearchStrategy[bytes]:
@@ -150,10 +195,26 @@ def garbage_body() -> st.SearchStrategy[bytes]:
     deep_open = st.sampled_from([1_000, 100_000]).map(lambda n: b'{"a":' * n)
     return st.one_of(
         st.binary(max_size=64),
-        st.sampled_from([b"", b"null", b"[]", b"{", b"}", b'"x"', b"NaN", b"-Infinity", b"1e999",
-                         b'{"prompt": NaN}', b'{"a":1,"a":2}', b"\xff\xfe\x00", b'{"\\ud800": 1}',
-                         b"\x00" * 16]),
-        deep, deep_open,
+        st.sampled_from(
+            [
+                b"",
+                b"null",
+                b"[]",
+                b"{",
+                b"}",
+                b'"x"',
+                b"NaN",
+                b"-Infinity",
+                b"1e999",
+                b'{"prompt": NaN}',
+                b'{"a":1,"a":2}',
+                b"\xff\xfe\x00",
+                b'{"\\ud800": 1}',
+                b"\x00" * 16,
+            ]
+        ),
+        deep,
+        deep_open,
     )
 
 

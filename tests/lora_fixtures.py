@@ -22,8 +22,12 @@ from safetensors.numpy import save_file
 
 ALL_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 HF_MODULES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 
@@ -53,20 +57,27 @@ def model_facts(path: Path) -> ModelFacts:
     arch = r.fields["general.architecture"].contents()
     shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in r.tensors}
     get = lambda k: int(r.fields[f"{arch}.{k}"].contents())  # noqa: E731
-    return ModelFacts(arch, shapes, get("attention.head_count"), get("attention.head_count_kv"),
-                      get("block_count"))
+    return ModelFacts(
+        arch, shapes, get("attention.head_count"), get("attention.head_count_kv"), get("block_count")
+    )
 
 
 def make_adapter(
-    model: Path, *, rank: int = 4, alpha: float = 8.0, layers: Iterable[int] | None = None,
-    targets: Sequence[str] = ALL_TARGETS, seed: int = 0, strength: float = 0.05,
+    model: Path,
+    *,
+    rank: int = 4,
+    alpha: float = 8.0,
+    layers: Iterable[int] | None = None,
+    targets: Sequence[str] = ALL_TARGETS,
+    seed: int = 0,
+    strength: float = 0.05,
     arch: str | None = None,
 ) -> Adapter:
     """Random A/B pairs; each delta entry is roughly N(0, strength·2·sqrt(r/in))·alpha/r."""
     facts = model_facts(model)
     rng = np.random.default_rng(seed)
     pairs = {}
-    for layer in (range(facts.n_layer) if layers is None else layers):
+    for layer in range(facts.n_layer) if layers is None else layers:
         for t in targets:
             name = f"blk.{layer}.{t}.weight"
             out_dim, in_dim = facts.shapes[name]
@@ -85,8 +96,13 @@ def write_gguf_adapter(path: Path, adapter: Adapter) -> Path:
 
 
 def write_gguf_tensors(
-    path: Path, arch: str, tensors: dict[str, np.ndarray], *, alpha: float = 8.0,
-    general_type: str = "adapter", adapter_type: str = "lora",
+    path: Path,
+    arch: str,
+    tensors: dict[str, np.ndarray],
+    *,
+    alpha: float = 8.0,
+    general_type: str = "adapter",
+    adapter_type: str = "lora",
 ) -> Path:
     """A GGUF with these tensors and adapter metadata (for malformed adapters too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,8 +133,13 @@ def hf_row_order(out_dim: int, n_head: int) -> np.ndarray:
 
 
 def write_peft_adapter(
-    folder: Path, adapter: Adapter, heads: tuple[int, int], *, dtype: type = np.float32,
-    extra_config: dict | None = None, extra_tensors: dict[str, np.ndarray] | None = None,
+    folder: Path,
+    adapter: Adapter,
+    heads: tuple[int, int],
+    *,
+    dtype: type = np.float32,
+    extra_config: dict | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """The same adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors);
     `heads` = the model's (attention heads, KV heads)."""
@@ -140,9 +161,15 @@ def write_peft_adapter(
     tensors.update(extra_tensors or {})
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank,
-        "lora_alpha": adapter.alpha, "target_modules": sorted(modules), "bias": "none",
-        "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": adapter.rank,
+        "lora_alpha": adapter.alpha,
+        "target_modules": sorted(modules),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
         "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
         **(extra_config or {}),
     }
@@ -150,9 +177,7 @@ def write_peft_adapter(
     return folder
 
 
-def write_f32_model(
-    src: Path, dst: Path, merges: Sequence[tuple[Adapter, float]] = ()
-) -> Path:
+def write_f32_model(src: Path, dst: Path, merges: Sequence[tuple[Adapter, float]] = ()) -> Path:
     """`src` with every tensor dequantised to F32 and scale·(alpha/r)·B·A of each adapter added
     to its weights; every metadata field (tokenizer included) is copied."""
     r = gguf.GGUFReader(src)

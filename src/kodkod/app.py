@@ -46,13 +46,21 @@ class StartupError(Exception):
 
 
 def build_state(
-    settings: Settings, keys: KeyStore, backend_loader: BackendLoader, base_dir: Path
+    settings: Settings,
+    keys: KeyStore,
+    backend_loader: BackendLoader,
+    base_dir: Path,
+    *,
+    gpu_available: bool = False,
 ) -> AppState:
     """Every service of one server (nothing runs yet: the lifespan loads the model)."""
     paths = ServerPaths.resolve_all(settings, base_dir)
     health = HealthLog()
     manager = ModelManager(
-        backend_loader, paths.templates_dir, on_fatal=health.record_fatal,
+        backend_loader,
+        paths.templates_dir,
+        on_fatal=health.record_fatal,
+        gpu_available=gpu_available,
         lora_dir=paths.lora_dir,
         host_cache_mb=settings.memory.sysmem_kv_cache,
         unload_grace_s=settings.model.unload_grace_s,
@@ -75,12 +83,17 @@ def create_app(
     *,
     keys: KeyStore,
     backend_loader: BackendLoader,
+    gpu_available: bool = False,
     base_dir: Path | None = None,
     on_startup_error: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The app. If the startup model fails to load, `on_startup_error(message)` is called (the
-    CLI stops the server and prints the one-line message); without it, StartupError is raised."""
-    state = build_state(settings, keys, backend_loader, (base_dir or Path.cwd()).resolve())
+    CLI stops the server and prints the one-line message); without it, StartupError is raised.
+    `backend_loader` and `gpu_available` (its backend can offload layers to a GPU) come from the
+    caller, which picks the concrete backend."""
+    state = build_state(
+        settings, keys, backend_loader, (base_dir or Path.cwd()).resolve(), gpu_available=gpu_available
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -124,8 +137,7 @@ def create_app(
     # added last = outermost: an oversized body is refused before auth or anything reads it
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.limits.max_request_body_bytes)
     install_error_handlers(app)
-    for module in (misc, models, admin_model, admin_lora, admin_templates, admin_overrides,
-                   unavailable):
+    for module in (misc, models, admin_model, admin_lora, admin_templates, admin_overrides, unavailable):
         app.include_router(module.router)
     servers = settings.network.api_server_set()
     if "oai" in servers:

@@ -269,8 +269,9 @@ class KeyStore:
             keys, stamp = self._read()
         except AuthConfigError as exc:
             # Remember the broken version so it is reported once, not on every poll.
-            logger.warning("Reloading keys failed, every key is refused until the file is "
-                           "valid again: %s", exc)
+            logger.warning(
+                "Reloading keys failed, every key is refused until the file is valid again: %s", exc
+            )
             self._revoke(stamp)
             return False
         self._keys, self._stamp, self._revoked = keys, stamp, False
@@ -354,8 +355,7 @@ class KeyStore:
                 presented = _bearer_token(authorization) or ""
             else:
                 presented = headers.get("x-admin-key", "")
-        return hashlib.sha256(b"kodkod-caller:" + presented.encode("utf-8", "surrogateescape")
-                              ).hexdigest()
+        return hashlib.sha256(b"kodkod-caller:" + presented.encode("utf-8", "surrogateescape")).hexdigest()
 
     def permission_of(self, headers: Mapping[str, str]) -> Permission:
         """The permission of the first present of x-admin-key, x-api-key, authorization."""

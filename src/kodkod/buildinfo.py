@@ -40,8 +40,9 @@ def read_record(prefix: Path | None = None) -> BuildRecord | None:
 
 def describe(record: BuildRecord | None) -> str:
     if record is None:
-        return ("llama-cpp-python was not installed by scripts/setup.sh (no build record in "
-                f"{record_path()})")
-    return (f"llama-cpp-python {record.llama_cpp_python}, built {record.built_at} for "
-            f"{record.machine} ({record.cpu}) with CMAKE_ARGS: {record.cmake_args} "
-            f"[wheel cache key {record.key}]")
+        return f"llama-cpp-python was not installed by scripts/setup.sh (no build record in {record_path()})"
+    return (
+        f"llama-cpp-python {record.llama_cpp_python}, built {record.built_at} for "
+        f"{record.machine} ({record.cpu}) with CMAKE_ARGS: {record.cmake_args} "
+        f"[wheel cache key {record.key}]"
+    )

@@ -108,13 +108,22 @@ def serve(argv: list[str]) -> int:
         server.should_exit = True
 
     app = create_app(
-        settings, keys=keys, backend_loader=LlamaCppBackend.load, on_startup_error=startup_failed
+        settings,
+        keys=keys,
+        backend_loader=LlamaCppBackend.load,
+        gpu_available=LlamaCppBackend.supports_gpu_offload(),
+        on_startup_error=startup_failed,
     )
     limits = settings.limits
     config = uvicorn.Config(
-        app, host=host, port=port, loop="uvloop",
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
         http=bounded_http_protocol(limits.header_timeout_s, limits.max_header_bytes),
-        access_log=settings.logging.log_requests, log_level="info", lifespan="on",
+        access_log=settings.logging.log_requests,
+        log_level="info",
+        lifespan="on",
         timeout_keep_alive=limits.keep_alive_timeout_s,
         limit_concurrency=limits.max_concurrent_connections or None,
     )
@@ -151,8 +160,10 @@ def check_command(argv: list[str]) -> int:
 
     entry = next((e for e in discover(Path(settings.model.model_dir)) if e.name == name), None)
     if entry is None:
-        print(f"kodkod check: the startup model {name!r} is not in {settings.model.model_dir}; "
-              "the server will say so")
+        print(
+            f"kodkod check: the startup model {name!r} is not in {settings.model.model_dir}; "
+            "the server will say so"
+        )
         return 0
     result = check(entry.gguf, force=ns.force)
     if not result.ok:
@@ -196,10 +207,11 @@ def models_command(argv: list[str]) -> int:
         return _fail(str(exc))
     model_dir = Path(ns.model_dir or settings.model.model_dir)
     if ns.action == "derive":
+        from kodkod.backends.llamacpp.quantize import quantize_model
         from kodkod.models.derive import DeriveError, derive
 
         try:
-            done = derive(model_dir, ns.source, ns.type, ns.name)
+            done = derive(model_dir, ns.source, ns.type, ns.name, quantize=quantize_model)
         except DeriveError as exc:
             return _fail(str(exc), 1)
         print(f"{done.name}\t{done.path}{'' if done.created else ' (already there)'}")
@@ -245,8 +257,9 @@ def export_command(kind: str, argv: list[str]) -> int:
         from kodkod.settings import Settings
 
         settings = Settings.model_validate({"network": {"api_servers": ns.api_servers}})
-        app = create_app(settings, keys=KeyStore(Path("api_tokens.yml"), disabled=True),
-                         backend_loader=_no_backend)
+        app = create_app(
+            settings, keys=KeyStore(Path("api_tokens.yml"), disabled=True), backend_loader=_no_backend
+        )
         atomic_write(Path(ns.export_path), json.dumps(app.openapi(), indent=2))
     print(f"wrote {ns.export_path}")
     return 0

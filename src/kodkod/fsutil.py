@@ -49,9 +49,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(
-    path: Path, data: str | bytes, *, mode: int = 0o644, exclusive: bool = False
-) -> None:
+def atomic_write(path: Path, data: str | bytes, *, mode: int = 0o644, exclusive: bool = False) -> None:
     """Write `data` to `path` atomically with permission bits `mode` (see the module doc).
 
     `exclusive=True` raises FileExistsError when `path` already exists (and leaves it as is).
@@ -66,7 +64,7 @@ def atomic_write(
             os.fchmod(fd, mode)  # the umask may have cleared bits the caller asked for
             view = memoryview(raw)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

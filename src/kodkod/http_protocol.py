@@ -90,8 +90,9 @@ def bounded_http_protocol(header_timeout_s: float, max_header_bytes: int) -> typ
         def _head_timed_out(self) -> None:
             self._head_timer = None
             if self._in_head and not self.transport.is_closing():
-                self.logger.info("closing a connection that sent no complete request head "
-                                 "within %s s", header_timeout_s)
+                self.logger.info(
+                    "closing a connection that sent no complete request head within %s s", header_timeout_s
+                )
                 self.transport.close()
 
         def _refuse_head(self) -> None:
@@ -103,7 +104,8 @@ def bounded_http_protocol(header_timeout_s: float, max_header_bytes: int) -> typ
             self.transport.write(
                 b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                 b"content-type: application/json\r\nconnection: close\r\n"
-                + f"content-length: {len(body)}\r\n\r\n".encode() + body
+                + f"content-length: {len(body)}\r\n\r\n".encode()
+                + body
             )
             self.transport.close()
 

@@ -77,8 +77,11 @@ def run_check(gguf: Path, timeout_s: float = 600.0) -> CheckResult:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return CheckResult(False, f"one decode of {gguf.name} did not finish in {timeout_s:.0f} s "
-                                  f"in a child process. Build: {describe(record)}. {rebuild_hint(record)}")
+        return CheckResult(
+            False,
+            f"one decode of {gguf.name} did not finish in {timeout_s:.0f} s "
+            f"in a child process. Build: {describe(record)}. {rebuild_hint(record)}",
+        )
     if proc.returncode == 0 and proc.stdout.startswith("ok "):
         return CheckResult(True, f"llama.cpp decodes {gguf.name} on this CPU ({proc.stdout.strip()})")
     tail = " | ".join((proc.stderr.strip().splitlines() or ["(no output)"])[-3:])

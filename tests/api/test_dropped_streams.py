@@ -48,8 +48,9 @@ def requests() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-async def drop_after_first_chunk(client: httpx.AsyncClient, gate: asyncio.Semaphore, path: str,
-                                 body: dict[str, Any]) -> int:
+async def drop_after_first_chunk(
+    client: httpx.AsyncClient, gate: asyncio.Semaphore, path: str, body: dict[str, Any]
+) -> int:
     """Start a stream, read until its first data line, then close the connection."""
     async with gate:
         async with client.stream("POST", path, json=body) as r:
@@ -68,8 +69,9 @@ def test_dropped_streams_leave_the_engine_idle(srv: KodkodServer) -> None:
         gate = asyncio.Semaphore(CONCURRENCY)
         # one connection per stream: a dropped stream's connection is closed, never reused
         limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=srv.base_url, headers=srv.headers(), timeout=120.0,
-                                     limits=limits) as client:
+        async with httpx.AsyncClient(
+            base_url=srv.base_url, headers=srv.headers(), timeout=120.0, limits=limits
+        ) as client:
             return await asyncio.gather(*(drop_after_first_chunk(client, gate, p, b) for p, b in requests()))
 
     statuses = asyncio.run(run())

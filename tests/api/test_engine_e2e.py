@@ -55,8 +55,10 @@ def test_eight_concurrent_streams_finish_with_the_text_each_gets_alone(
     """Greedy output does not depend on batch neighbours. The references come from a second
     server with an empty cache, run one request at a time, so prompts are prefilled the same
     way in both (prefix reuse would change the last prompt token's batch shape)."""
-    bodies = [{"prompt": f"{w} are the subject of this short essay. ", "max_tokens": 48, "temperature": 0}
-              for w in OPENINGS]
+    bodies = [
+        {"prompt": f"{w} are the subject of this short essay. ", "max_tokens": 48, "temperature": 0}
+        for w in OPENINGS
+    ]
     ref_srv = KodkodServer.start(tmp_path / "ref", {"model": {"max_seq_len": 2048}})
     try:
         with ref_srv.client() as c:

@@ -19,25 +19,51 @@ BAD = 999999999
 # a long greedy completion that must not notice the bad requests beside it
 STREAM_BODY = {
     "prompt": "The history of lighthouses begins with fires on hilltops. ",
-    "max_tokens": 200, "temperature": 0, "ban_eos_token": True,
+    "max_tokens": 200,
+    "temperature": 0,
+    "ban_eos_token": True,
 }
 # (what, method path, body, field named in the error, id named in the error)
 BAD_REQUESTS: list[tuple[str, str, dict[str, Any], str, int]] = [
     ("prompt id too large", "/v1/completions", {"prompt": [BAD], "max_tokens": 4}, "prompt", BAD),
     ("negative prompt id", "/v1/completions", {"prompt": [-1], "max_tokens": 4}, "prompt", -1),
     ("list of id lists", "/v1/completions", {"prompt": [[1, 2], [3, BAD]], "max_tokens": 4}, "prompt", BAD),
-    ("logit_bias key", "/v1/completions",
-     {"prompt": "Hello", "max_tokens": 4, "logit_bias": {str(BAD): 5}}, "logit_bias", BAD),
-    ("banned token", "/v1/completions",
-     {"prompt": "Hello", "max_tokens": 4, "banned_tokens": [BAD]}, "banned_tokens", BAD),
-    ("allowed token", "/v1/completions",
-     {"prompt": "Hello", "max_tokens": 4, "allowed_tokens": [1, BAD]}, "allowed_tokens", BAD),
+    (
+        "logit_bias key",
+        "/v1/completions",
+        {"prompt": "Hello", "max_tokens": 4, "logit_bias": {str(BAD): 5}},
+        "logit_bias",
+        BAD,
+    ),
+    (
+        "banned token",
+        "/v1/completions",
+        {"prompt": "Hello", "max_tokens": 4, "banned_tokens": [BAD]},
+        "banned_tokens",
+        BAD,
+    ),
+    (
+        "allowed token",
+        "/v1/completions",
+        {"prompt": "Hello", "max_tokens": 4, "allowed_tokens": [1, BAD]},
+        "allowed_tokens",
+        BAD,
+    ),
     ("stop token id", "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "stop": [BAD]}, "stop", BAD),
-    ("chat logit_bias", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logit_bias": {str(-5): 1}},
-     "logit_bias", -5),
-    ("kobold banned token", "/api/v1/generate",
-     {"prompt": "Hello", "max_length": 4, "banned_tokens": [BAD]}, "banned_tokens", BAD),
+    (
+        "chat logit_bias",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logit_bias": {str(-5): 1}},
+        "logit_bias",
+        -5,
+    ),
+    (
+        "kobold banned token",
+        "/api/v1/generate",
+        {"prompt": "Hello", "max_length": 4, "banned_tokens": [BAD]},
+        "banned_tokens",
+        BAD,
+    ),
 ]
 
 

@@ -45,8 +45,17 @@ def call(srv: KodkodServer, method: str, path: str, headers: dict[str, str]) -> 
 def test_route_table_is_complete() -> None:
     rows = route_table()
     paths = {p for p, _, _ in rows}
-    for expected in ("/health", "/v1/models", "/v1/model", "/v1/model/load", "/v1/completions",
-                     "/v1/chat/completions", "/v1/token/encode", "/v1/auth/permission", "/docs"):
+    for expected in (
+        "/health",
+        "/v1/models",
+        "/v1/model",
+        "/v1/model/load",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/token/encode",
+        "/v1/auth/permission",
+        "/docs",
+    ):
         assert expected in paths or expected == "/docs"
     assert len(rows) > 30
 
@@ -72,8 +81,12 @@ def test_auth_matrix_every_route(srv: KodkodServer) -> None:
             failures.append((method, path, perm.value, none, wrong, api, admin))
     assert not failures, failures
     # and the server still works after the admin pass (unload came last): reload the model
-    r = httpx.post(srv.base_url + "/v1/model/load", headers=srv.headers(admin=True),
-                   json={"model_name": DEFAULT_MODEL}, timeout=120)
+    r = httpx.post(
+        srv.base_url + "/v1/model/load",
+        headers=srv.headers(admin=True),
+        json={"model_name": DEFAULT_MODEL},
+        timeout=120,
+    )
     assert r.status_code == 200
     assert "finished" in r.text
 
@@ -105,8 +118,12 @@ def test_model_card_and_lists(srv: KodkodServer) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["Hello 👋 wörld! 你好，世界 🧑‍🚀",  # noqa: RUF001 - a full-width comma on purpose
-     "", "  leading spaces\n\ttabs", "<|im_start|>user\nhi<|im_end|>"],
+    [
+        "Hello 👋 wörld! 你好，世界 🧑‍🚀",  # noqa: RUF001 - a full-width comma on purpose
+        "",
+        "  leading spaces\n\ttabs",
+        "<|im_start|>user\nhi<|im_end|>",
+    ],
 )
 def test_token_round_trip(srv: KodkodServer, text: str) -> None:
     with srv.client() as c:

@@ -45,8 +45,14 @@ CONFIG: dict[str, Any] = {"network": {"api_servers": API_SERVERS}, "model": {"ma
 EXAMPLES = int(os.environ.get("KODKOD_FUZZ_EXAMPLES", "100"))
 SEED = os.environ.get("KODKOD_FUZZ_SEED")  # explore other bodies (default: derandomized)
 # a fuzz whose bodies never get past validation proves little: on these routes some must succeed
-MUST_REACH_HANDLER = ("/v1/completions", "/v1/chat/completions", "/api/v1/generate",
-                      "/api/extra/generate/stream", "/v1/token/encode", "/v1/token/decode")
+MUST_REACH_HANDLER = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/api/v1/generate",
+    "/api/extra/generate/stream",
+    "/v1/token/encode",
+    "/v1/token/decode",
+)
 ALLOWED_5XX_CODES = {501: None, 503: {"model_not_loaded", "model_unloaded"}}
 REQUEST_TIMEOUT_S = 60.0
 MAX_READ_BYTES = 1 << 20
@@ -54,8 +60,7 @@ MAX_READ_BYTES = 1 << 20
 
 def _app_routes() -> tuple[list[PostRoute], dict[str, Permission]]:
     app_settings = Settings.model_validate({"network": {"api_servers": API_SERVERS}})
-    app = create_app(app_settings, keys=KeyStore(Path("unused.yml"), disabled=True),
-                     backend_loader=None)  # type: ignore[arg-type]
+    app = create_app(app_settings, keys=KeyStore(Path("unused.yml"), disabled=True), backend_loader=None)  # type: ignore[arg-type]
     perms = {path: perm for path, methods, perm in iter_route_permissions(app.routes) if "POST" in methods}
     # admin routes last: a template or preset switch then cannot change what the others see
     routes = sorted(post_routes(app.openapi()), key=lambda r: perms.get(r.path) is Permission.ADMIN)

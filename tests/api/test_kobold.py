@@ -24,14 +24,37 @@ MAX_SEQ_LEN = 2048
 
 # KoboldAI Lite's default body (client-shapes.md), remote server, instruct mode.
 LITE_BODY: dict[str, Any] = {
-    "n": 1, "max_context_length": 6144, "max_length": 768, "rep_pen": 1.05, "temperature": 0.75,
-    "top_p": 0.92, "top_k": 100, "top_a": 0, "typical": 1, "tfs": 1, "rep_pen_range": 360,
-    "rep_pen_slope": 0.7, "sampler_order": [6, 0, 1, 3, 4, 2, 5], "memory": "", "trim_stop": True,
-    "genkey": "KCPP4821", "min_p": 0, "dynatemp_range": 0, "dynatemp_exponent": 1,
-    "smoothing_factor": 0, "smoothing_curve": 1, "nsigma": 0, "banned_tokens": [],
-    "render_special": False, "logprobs": False, "presence_penalty": 0, "logit_bias": {},
-    "stop_sequence": ["### Instruction:", "### Response:"], "use_default_badwordsids": False,
-    "bypass_eos": False, "prompt": "\n### Instruction:\nWrite a story about a cat.\n### Response:\n",
+    "n": 1,
+    "max_context_length": 6144,
+    "max_length": 768,
+    "rep_pen": 1.05,
+    "temperature": 0.75,
+    "top_p": 0.92,
+    "top_k": 100,
+    "top_a": 0,
+    "typical": 1,
+    "tfs": 1,
+    "rep_pen_range": 360,
+    "rep_pen_slope": 0.7,
+    "sampler_order": [6, 0, 1, 3, 4, 2, 5],
+    "memory": "",
+    "trim_stop": True,
+    "genkey": "KCPP4821",
+    "min_p": 0,
+    "dynatemp_range": 0,
+    "dynatemp_exponent": 1,
+    "smoothing_factor": 0,
+    "smoothing_curve": 1,
+    "nsigma": 0,
+    "banned_tokens": [],
+    "render_special": False,
+    "logprobs": False,
+    "presence_penalty": 0,
+    "logit_bias": {},
+    "stop_sequence": ["### Instruction:", "### Response:"],
+    "use_default_badwordsids": False,
+    "bypass_eos": False,
+    "prompt": "\n### Instruction:\nWrite a story about a cat.\n### Response:\n",
 }
 
 # Lite's stream parser: exactly this, LF only.
@@ -125,8 +148,10 @@ def test_model_name_and_context_lengths(client: httpx.Client) -> None:
     loaded = client.get("/v1/model").json()["parameters"]["max_seq_len"]
     assert loaded == MAX_SEQ_LEN
     for path in (
-        "/api/v1/config/max_context_length", "/api/latest/config/max_context_length",
-        "/api/v1/config/max_length", "/api/extra/true_max_context_length",
+        "/api/v1/config/max_context_length",
+        "/api/latest/config/max_context_length",
+        "/api/v1/config/max_length",
+        "/api/extra/true_max_context_length",
     ):
         assert client.get(path).json() == {"value": loaded}, path
 
@@ -139,7 +164,7 @@ def test_tokencount_agrees_with_token_encode(client: httpx.Client, text: str) ->
     # Lite's logit-bias lookup sends special: false → no BOS (there is none to drop here if the
     # model adds none, so the ids are a suffix of the full list either way)
     bare = client.post("/api/extra/tokencount", json={"prompt": text, "special": False}).json()
-    assert encoded["tokens"][-bare["value"]:] == bare["ids"]
+    assert encoded["tokens"][-bare["value"] :] == bare["ids"]
 
 
 # -- generation --------------------------------------------------------------------------------
@@ -155,9 +180,7 @@ def test_generate_with_lite_default_body(client: httpx.Client) -> None:
     assert client.post("/api/latest/generate", json=lite(max_length=4)).status_code == 200
 
 
-def test_stream_of_64_tokens_arrives_as_many_lite_events(
-    server: KodkodServer, client: httpx.Client
-) -> None:
+def test_stream_of_64_tokens_arrives_as_many_lite_events(server: KodkodServer, client: httpx.Client) -> None:
     with client.stream("POST", "/api/extra/generate/stream", json=long_body("KSTREAM", 64)) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -176,9 +199,7 @@ def test_stream_and_generate_agree_when_greedy(client: httpx.Client) -> None:
     assert streamed == client.post("/api/v1/generate", json=body).json()["results"][0]["text"]
 
 
-def test_check_returns_a_growing_prefix_of_the_stream(
-    server: KodkodServer, client: httpx.Client
-) -> None:
+def test_check_returns_a_growing_prefix_of_the_stream(server: KodkodServer, client: httpx.Client) -> None:
     genkey = "KCPP-CHECK"
     received = ""
     seen: list[str] = []
@@ -231,6 +252,7 @@ def test_abort_of_a_non_streamed_generate_returns_the_text_so_far(
                 partial = results[0]["text"] if results else ""
             await ac.post("/api/extra/abort", json=genkey)
             return (await task).json()["results"][0], partial
+
     result, partial = asyncio.run(run())
     assert result["text"].startswith(partial)
     assert result["completion_tokens"] < 1024
@@ -256,9 +278,10 @@ def test_abort_without_body_stops_this_clients_anonymous_jobs(
 
 def test_client_disconnect_aborts_the_job(server: KodkodServer) -> None:
     before = generated_tokens(server)
-    with server.client() as c, c.stream(
-        "POST", "/api/extra/generate/stream", json=long_body("KCPP-GONE", 1024)
-    ) as r:
+    with (
+        server.client() as c,
+        c.stream("POST", "/api/extra/generate/stream", json=long_body("KCPP-GONE", 1024)) as r,
+    ):
         for i, _ in enumerate(iter_events(r)):
             if i == 2:
                 break  # closing the response drops the connection
@@ -350,8 +373,11 @@ def test_openai_and_kobold_streams_run_together(server: KodkodServer) -> None:
             async def openai() -> list[str]:
                 lines = []
                 body = {
-                    "prompt": "Once upon a time", "max_tokens": n_tokens, "stream": True,
-                    "ignore_eos": True, "stream_options": {"include_usage": True},
+                    "prompt": "Once upon a time",
+                    "max_tokens": n_tokens,
+                    "stream": True,
+                    "ignore_eos": True,
+                    "stream_options": {"include_usage": True},
                 }
                 async with ac.stream("POST", "/v1/completions", json=body) as r:
                     assert r.status_code == 200

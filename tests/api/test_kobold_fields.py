@@ -28,12 +28,30 @@ from tests.server import KodkodServer
 
 # SillyTavern's KoboldAI Classic body.
 ST_CLASSIC_BODY: dict[str, Any] = {
-    "prompt": "User: Hello!\nBot:", "use_story": False, "use_memory": False,
-    "use_authors_note": False, "use_world_info": False, "max_context_length": 8192,
-    "max_length": 8, "rep_pen": 1.1, "rep_pen_range": 600, "rep_pen_slope": 0, "temperature": 1,
-    "tfs": 1, "top_a": 0, "top_k": 0, "top_p": 0.95, "min_p": 0, "typical": 1,
-    "sampler_order": [6, 0, 1, 2, 3, 4, 5], "singleline": False, "use_default_badwordsids": False,
-    "mirostat": 0, "mirostat_eta": 0.1, "mirostat_tau": 5, "grammar": "",
+    "prompt": "User: Hello!\nBot:",
+    "use_story": False,
+    "use_memory": False,
+    "use_authors_note": False,
+    "use_world_info": False,
+    "max_context_length": 8192,
+    "max_length": 8,
+    "rep_pen": 1.1,
+    "rep_pen_range": 600,
+    "rep_pen_slope": 0,
+    "temperature": 1,
+    "tfs": 1,
+    "top_a": 0,
+    "top_k": 0,
+    "top_p": 0.95,
+    "min_p": 0,
+    "typical": 1,
+    "sampler_order": [6, 0, 1, 2, 3, 4, 5],
+    "singleline": False,
+    "use_default_badwordsids": False,
+    "mirostat": 0,
+    "mirostat_eta": 0.1,
+    "mirostat_tau": 5,
+    "grammar": "",
     "stop_sequence": ["\nUser:"],
 }
 
@@ -56,8 +74,16 @@ def client(server: KodkodServer) -> Iterator[httpx.Client]:
 
 def test_lite_body_maps_onto_the_shared_fields() -> None:
     req = KoboldGenerateRequest.model_validate(
-        {**LITE_BODY, "banned_tokens": ["foo", 7], "rep_pen_range": 0, "bypass_eos": True,
-         "grammar": 'root ::= "a"', "render_special": True, "sampler_seed": 3, "dynatemp_range": 0.5}
+        {
+            **LITE_BODY,
+            "banned_tokens": ["foo", 7],
+            "rep_pen_range": 0,
+            "bypass_eos": True,
+            "grammar": 'root ::= "a"',
+            "render_special": True,
+            "sampler_seed": 3,
+            "dynatemp_range": 0.5,
+        }
     )
     values = kobold_values(req, OverrideState())
     assert values["banned_strings"] == ["foo"] and values["banned_tokens"] == [7]
@@ -107,13 +133,14 @@ def test_jobs_without_a_genkey_belong_to_their_client() -> None:
 @pytest.mark.parametrize(
     ("servers", "mounted"), [(["OAI"], False), (["oai", "KOBOLD"], True), (["Kobold"], True)]
 )
-def test_kobold_routes_are_mounted_when_configured(
-    tmp_path: Path, servers: list[str], mounted: bool
-) -> None:
+def test_kobold_routes_are_mounted_when_configured(tmp_path: Path, servers: list[str], mounted: bool) -> None:
     settings = Settings.model_validate({"network": {"api_servers": servers}})
     keys = KeyStore(tmp_path / "api_tokens.yml", disabled=True)
     app = create_app(
-        settings, keys=keys, backend_loader=None, base_dir=tmp_path  # type: ignore[arg-type]
+        settings,
+        keys=keys,
+        backend_loader=None,
+        base_dir=tmp_path,  # type: ignore[arg-type]
     )
     with TestClient(app, base_url="http://127.0.0.1") as c:
         for path in ("/api/v1/info/version", "/api/latest/info/version", "/api/extra/version"):
@@ -142,11 +169,16 @@ def test_version_and_soft_prompt_endpoints_need_no_key(server: KodkodServer) -> 
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("POST", "/api/v1/generate"), ("POST", "/api/latest/generate"),
-        ("POST", "/api/extra/generate/stream"), ("POST", "/api/extra/abort"),
-        ("GET", "/api/extra/generate/check"), ("POST", "/api/extra/generate/check"),
-        ("POST", "/api/extra/tokencount"), ("GET", "/api/v1/model"),
-        ("GET", "/api/v1/config/max_length"), ("GET", "/api/v1/config/max_context_length"),
+        ("POST", "/api/v1/generate"),
+        ("POST", "/api/latest/generate"),
+        ("POST", "/api/extra/generate/stream"),
+        ("POST", "/api/extra/abort"),
+        ("GET", "/api/extra/generate/check"),
+        ("POST", "/api/extra/generate/check"),
+        ("POST", "/api/extra/tokencount"),
+        ("GET", "/api/v1/model"),
+        ("GET", "/api/v1/config/max_length"),
+        ("GET", "/api/v1/config/max_context_length"),
         ("GET", "/api/extra/true_max_context_length"),
     ],
 )
@@ -187,8 +219,13 @@ def test_sampler_presets_apply_to_kobold_requests(server: KodkodServer, client: 
 
 def test_kobold_only_fields_are_honoured(client: httpx.Client) -> None:
     body = lite(
-        max_length=10, stop_sequence=[], rep_pen_range=0, dynatemp_range=0.25,
-        use_default_badwordsids=True, render_special=True, sampler_seed=7,
+        max_length=10,
+        stop_sequence=[],
+        rep_pen_range=0,
+        dynatemp_range=0.25,
+        use_default_badwordsids=True,
+        render_special=True,
+        sampler_seed=7,
     )
     (result,) = client.post("/api/v1/generate", json=body).json()["results"]
     assert result["completion_tokens"] == 10  # EOS banned by use_default_badwordsids
@@ -198,14 +235,14 @@ def test_kobold_only_fields_are_honoured(client: httpx.Client) -> None:
 def test_trim_stop_false_keeps_the_stop_sequence(client: httpx.Client) -> None:
     greedy = lite(max_length=24, temperature=0, stop_sequence=[], bypass_eos=True)
     text = client.post("/api/v1/generate", json=greedy).json()["results"][0]["text"]
-    stop = text[len(text) // 2:len(text) // 2 + 4]
+    stop = text[len(text) // 2 : len(text) // 2 + 4]
     assert stop.strip(), text
     at = text.find(stop)
     stopped = {**greedy, "stop_sequence": [stop]}
     trimmed = client.post("/api/v1/generate", json=stopped).json()["results"][0]
     kept = client.post("/api/v1/generate", json={**stopped, "trim_stop": False}).json()["results"][0]
     assert trimmed["text"] == text[:at] and trimmed["finish_reason"] == "stop"
-    assert kept["text"] == text[:at + len(stop)]
+    assert kept["text"] == text[: at + len(stop)]
 
 
 def test_singleline_stops_at_the_first_newline(client: httpx.Client) -> None:
@@ -218,8 +255,9 @@ def test_nsigma_is_top_n_sigma_like_on_openai(client: httpx.Client) -> None:
     a tiny n-sigma keeps only the top token, so the output is the greedy one."""
     greedy = lite(max_length=12, temperature=0, stop_sequence=[])
     want = client.post("/api/v1/generate", json=greedy).json()["results"][0]["text"]
-    r = client.post("/api/v1/generate", json={**greedy, "temperature": 1.5, "nsigma": 0.001,
-                                              "sampler_seed": 7})
+    r = client.post(
+        "/api/v1/generate", json={**greedy, "temperature": 1.5, "nsigma": 0.001, "sampler_seed": 7}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["results"][0]["text"] == want
     assert client.post("/api/v1/generate", json=lite(max_length=2, nsigma=-1)).status_code == 422

@@ -26,24 +26,27 @@ BODY_LIMIT = 4 * 1024 * 1024
 STALL_S = 2.0
 HEADER_TIMEOUT_S = 2.0
 PROMPT = "The history of the lighthouse begins"
-STREAM_BODY = {"prompt": PROMPT, "max_tokens": 48, "temperature": 0, "ignore_eos": True,
-               "stream": True}
+STREAM_BODY = {"prompt": PROMPT, "max_tokens": 48, "temperature": 0, "ignore_eos": True, "stream": True}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterator[KodkodServer]:
-    srv = KodkodServer.start(tmp_path_factory.mktemp("limits"), {
-        "network": {"api_servers": ["OAI", "Kobold"]},
-        "limits": {"max_request_body_bytes": BODY_LIMIT, "stalled_stream_timeout_s": STALL_S,
-                   "header_timeout_s": HEADER_TIMEOUT_S},
-    })
+    srv = KodkodServer.start(
+        tmp_path_factory.mktemp("limits"),
+        {
+            "network": {"api_servers": ["OAI", "Kobold"]},
+            "limits": {
+                "max_request_body_bytes": BODY_LIMIT,
+                "stalled_stream_timeout_s": STALL_S,
+                "header_timeout_s": HEADER_TIMEOUT_S,
+            },
+        },
+    )
     yield srv
     srv.stop()
 
 
-def assert_error(
-    r: httpx.Response, status: int | tuple[int, ...], needle: str = "", name: str = ""
-) -> None:
+def assert_error(r: httpx.Response, status: int | tuple[int, ...], needle: str = "", name: str = "") -> None:
     statuses = status if isinstance(status, tuple) else (status,)
     assert r.status_code in statuses, (name, r.status_code, r.text[:500])
     err = r.json()["error"]
@@ -73,56 +76,139 @@ def raw(body: str) -> dict[str, Any]:
 
 BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int | tuple[int, ...], str]] = [
     # (id, path, httpx kwargs, status, text in the message)
-    ("nan_temperature", "/v1/completions",
-     raw('{"prompt": "hi", "max_tokens": 4, "temperature": NaN}'), 422, "temperature"),
-    ("inf_top_p", "/v1/completions",
-     raw('{"prompt": "hi", "max_tokens": 4, "top_p": Infinity}'), 422, "top_p"),
-    ("nan_logit_bias", "/v1/completions",
-     raw('{"prompt": "hi", "max_tokens": 4, "logit_bias": {"5": -Infinity}}'), 422, "logit_bias"),
-    ("nan_chat_penalty", "/v1/chat/completions",
-     raw('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, '
-         '"frequency_penalty": NaN}'), 422, "frequency_penalty"),
-    ("nan_kobold", "/api/v1/generate",
-     raw('{"prompt": "hi", "max_length": 4, "rep_pen": NaN}'), 422, "rep_pen"),
-    ("huge_logprobs", "/v1/completions",
-     {"json": {"prompt": "hi", "max_tokens": 4, "logprobs": 100000}}, 400, "logprobs"),
-    ("huge_top_logprobs", "/v1/chat/completions",
-     {"json": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-               "logprobs": True, "top_logprobs": 500}}, 422, "top_logprobs"),
-    ("many_stops", "/v1/completions",
-     {"json": {"prompt": "hi", "max_tokens": 4, "stop": [f"s{i}" for i in range(10_000)]}},
-     400, "stop"),
-    ("megabyte_stop", "/v1/completions",
-     {"json": {"prompt": "hi", "max_tokens": 4, "stop": "x" * 1_000_000}}, 400, "stop"),
-    ("many_banned", "/v1/completions",
-     {"json": {"prompt": "hi", "max_tokens": 4, "banned_strings": ["b"] * 5_000}},
-     400, "banned_strings"),
-    ("kobold_many_stops", "/api/v1/generate",
-     {"json": {"prompt": "hi", "max_length": 4, "stop_sequence": ["q"] * 500}}, 400, "stop"),
-    ("prompts_times_n", "/v1/completions",
-     {"json": {"prompt": ["hello"] * 5_000, "n": 50, "max_tokens": 4}}, 400, "choices"),
-    ("huge_penalty_int", "/v1/completions",
-     {"json": {"prompt": "hi", "max_tokens": 4, "penalty_range": 10**12}}, 422, "penalty_range"),
-    ("nul_model_field", "/v1/chat/completions",
-     {"json": {"model": "a\u0000b", "messages": [{"role": "user", "content": "hi"}]}},
-     422, "NUL"),
-    ("nul_prompt_template", "/v1/chat/completions",
-     {"json": {"prompt_template": "x\u0000", "messages": [{"role": "user", "content": "hi"}]}},
-     422, "NUL"),
-    ("nul_request_lora", "/v1/completions",
-     {"json": {"prompt": "hi", "max_tokens": 4, "loras": [{"name": "l\u0000"}]}}, 422, "NUL"),
+    (
+        "nan_temperature",
+        "/v1/completions",
+        raw('{"prompt": "hi", "max_tokens": 4, "temperature": NaN}'),
+        422,
+        "temperature",
+    ),
+    (
+        "inf_top_p",
+        "/v1/completions",
+        raw('{"prompt": "hi", "max_tokens": 4, "top_p": Infinity}'),
+        422,
+        "top_p",
+    ),
+    (
+        "nan_logit_bias",
+        "/v1/completions",
+        raw('{"prompt": "hi", "max_tokens": 4, "logit_bias": {"5": -Infinity}}'),
+        422,
+        "logit_bias",
+    ),
+    (
+        "nan_chat_penalty",
+        "/v1/chat/completions",
+        raw('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "frequency_penalty": NaN}'),
+        422,
+        "frequency_penalty",
+    ),
+    (
+        "nan_kobold",
+        "/api/v1/generate",
+        raw('{"prompt": "hi", "max_length": 4, "rep_pen": NaN}'),
+        422,
+        "rep_pen",
+    ),
+    (
+        "huge_logprobs",
+        "/v1/completions",
+        {"json": {"prompt": "hi", "max_tokens": 4, "logprobs": 100000}},
+        400,
+        "logprobs",
+    ),
+    (
+        "huge_top_logprobs",
+        "/v1/chat/completions",
+        {
+            "json": {
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+                "logprobs": True,
+                "top_logprobs": 500,
+            }
+        },
+        422,
+        "top_logprobs",
+    ),
+    (
+        "many_stops",
+        "/v1/completions",
+        {"json": {"prompt": "hi", "max_tokens": 4, "stop": [f"s{i}" for i in range(10_000)]}},
+        400,
+        "stop",
+    ),
+    (
+        "megabyte_stop",
+        "/v1/completions",
+        {"json": {"prompt": "hi", "max_tokens": 4, "stop": "x" * 1_000_000}},
+        400,
+        "stop",
+    ),
+    (
+        "many_banned",
+        "/v1/completions",
+        {"json": {"prompt": "hi", "max_tokens": 4, "banned_strings": ["b"] * 5_000}},
+        400,
+        "banned_strings",
+    ),
+    (
+        "kobold_many_stops",
+        "/api/v1/generate",
+        {"json": {"prompt": "hi", "max_length": 4, "stop_sequence": ["q"] * 500}},
+        400,
+        "stop",
+    ),
+    (
+        "prompts_times_n",
+        "/v1/completions",
+        {"json": {"prompt": ["hello"] * 5_000, "n": 50, "max_tokens": 4}},
+        400,
+        "choices",
+    ),
+    (
+        "huge_penalty_int",
+        "/v1/completions",
+        {"json": {"prompt": "hi", "max_tokens": 4, "penalty_range": 10**12}},
+        422,
+        "penalty_range",
+    ),
+    (
+        "nul_model_field",
+        "/v1/chat/completions",
+        {"json": {"model": "a\u0000b", "messages": [{"role": "user", "content": "hi"}]}},
+        422,
+        "NUL",
+    ),
+    (
+        "nul_prompt_template",
+        "/v1/chat/completions",
+        {"json": {"prompt_template": "x\u0000", "messages": [{"role": "user", "content": "hi"}]}},
+        422,
+        "NUL",
+    ),
+    (
+        "nul_request_lora",
+        "/v1/completions",
+        {"json": {"prompt": "hi", "max_tokens": 4, "loras": [{"name": "l\u0000"}]}},
+        422,
+        "NUL",
+    ),
 ]
 
 ADMIN_BAD_REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
     ("nul_model_load", "/v1/model/load", {"model_name": "../x\u0000y"}),
-    ("nul_draft_load", "/v1/model/load",
-     {"model_name": "SmolLM2-135M-Instruct", "draft_model": {"draft_model_name": "d\u0000"}}),
+    (
+        "nul_draft_load",
+        "/v1/model/load",
+        {"model_name": "SmolLM2-135M-Instruct", "draft_model": {"draft_model_name": "d\u0000"}},
+    ),
     ("nul_template_switch", "/v1/template/switch", {"prompt_template_name": "t\u0000"}),
     ("nul_preset_switch", "/v1/sampling/override/switch", {"preset": "p\u0000"}),
     ("nul_lora_load", "/v1/lora/load", {"loras": [{"name": "n\u0000", "scaling": 1.0}]}),
     ("nan_lora_scaling", "/v1/lora/load", {"loras": [{"name": "n", "scaling": float("nan")}]}),
-    ("nan_rope_alpha", "/v1/model/load", {"model_name": "SmolLM2-135M-Instruct",
-                                          "rope_alpha": "nan"}),
+    ("nan_rope_alpha", "/v1/model/load", {"model_name": "SmolLM2-135M-Instruct", "rope_alpha": "nan"}),
 ]
 
 
@@ -137,8 +223,9 @@ def test_bad_requests_get_a_4xx_while_a_running_stream_is_unharmed(server: Kodko
                 r = await api.post(path, **kwargs)
                 assert_error(r, status, needle, name)
             for name, path, body in ADMIN_BAD_REQUESTS:
-                r = await admin.post(path, content=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                r = await admin.post(
+                    path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+                )
                 assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
                 assert r.json()["error"]["message"], name
             assert await asyncio.wait_for(running, 120) == alone
@@ -150,8 +237,10 @@ def test_bad_requests_get_a_4xx_while_a_running_stream_is_unharmed(server: Kodko
 
 def test_huge_penalty_and_dry_windows_are_clamped_and_work(server: KodkodServer) -> None:
     with server.client() as api:
-        for extra in ({"repetition_penalty": 1.2, "penalty_range": 2**31 - 1},
-                      {"dry_multiplier": 0.8, "dry_range": 2**31 - 1}):
+        for extra in (
+            {"repetition_penalty": 1.2, "penalty_range": 2**31 - 1},
+            {"dry_multiplier": 0.8, "dry_range": 2**31 - 1},
+        ):
             r = api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, **extra})
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] > 0
@@ -171,8 +260,10 @@ def http_exchange(port: int, head: bytes, body: bytes = b"") -> tuple[int, dict[
 
 def test_oversized_body_is_refused_before_authentication(server: KodkodServer) -> None:
     # no API key, a declared body of 100 MiB of which nothing is sent: 413, not 401, not a hang
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 104857600\r\n\r\n")
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 104857600\r\n\r\n"
+    )
     status, body = http_exchange(server.port, head)
     assert status == 413
     assert body["error"]["code"] == "request_too_large" and str(BODY_LIMIT) in body["error"]["message"]
@@ -186,8 +277,7 @@ def test_oversized_chunked_body_is_cut_off_at_the_limit(server: KodkodServer) ->
         yield b'"}'
 
     with server.client() as api:
-        r = api.post("/v1/completions", content=chunks(),
-                     headers={"Content-Type": "application/json"})
+        r = api.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
     assert_error(r, 413, "limit")
     with server.client() as api:
         assert api.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
@@ -202,8 +292,11 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected(server: Kodkod
 
 
 def test_oversized_headers_get_431(server: KodkodServer) -> None:
-    head = (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 1000) for i in range(100)) + b"\r\n")
+    head = (
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 1000) for i in range(100))
+        + b"\r\n"
+    )
     status, body = http_exchange(server.port, head)
     assert status == 431 and body["error"]["code"] == "headers_too_large"
     with server.client() as api:  # ordinary headers are fine
@@ -212,13 +305,21 @@ def test_oversized_headers_get_431(server: KodkodServer) -> None:
 
 def test_a_stalled_stream_reader_loses_its_sequences(server: KodkodServer) -> None:
     n, max_tokens = 12, 500
-    body = json.dumps({
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "n": n,
-        "logprobs": True, "top_logprobs": 20,  # big chunks: the socket buffers fill sooner
-    }).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "Write a very long story."}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "n": n,
+            "logprobs": True,
+            "top_logprobs": 20,  # big chunks: the socket buffers fill sooner
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     wait_idle(server)
     before = engine_stats(server)["generated_tokens"]
     sock = socket.socket()
@@ -248,11 +349,14 @@ def test_a_stalled_stream_reader_loses_its_sequences(server: KodkodServer) -> No
 
 @pytest.fixture(scope="module")
 def tiny_queue(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterator[KodkodServer]:
-    srv = KodkodServer.start(tmp_path_factory.mktemp("queue"), {
-        "network": {"api_servers": ["OAI", "Kobold"]},
-        "model": {"max_batch_size": 1},
-        "limits": {"max_waiting_requests": 1, "queue_full_retry_after_s": 3},
-    })
+    srv = KodkodServer.start(
+        tmp_path_factory.mktemp("queue"),
+        {
+            "network": {"api_servers": ["OAI", "Kobold"]},
+            "model": {"max_batch_size": 1},
+            "limits": {"max_waiting_requests": 1, "queue_full_retry_after_s": 3},
+        },
+    )
     yield srv
     srv.stop()
 
@@ -261,19 +365,21 @@ def test_a_full_waiting_queue_answers_429_with_retry_after(tiny_queue: KodkodSer
     long_body = {"prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True, "stream": True}
 
     async def main() -> None:
-        async with tiny_queue.async_client() as api, \
-                api.stream("POST", "/v1/completions", json=long_body) as running, \
-                api.stream("POST", "/v1/completions", json=long_body) as waiting:
+        async with (
+            tiny_queue.async_client() as api,
+            api.stream("POST", "/v1/completions", json=long_body) as running,
+            api.stream("POST", "/v1/completions", json=long_body) as waiting,
+        ):
             assert running.status_code == waiting.status_code == 200
             deadline = time.monotonic() + 60
-            while not (engine_stats(tiny_queue).get("running") == 1
-                       and engine_stats(tiny_queue).get("waiting") == 1):
+            while not (
+                engine_stats(tiny_queue).get("running") == 1 and engine_stats(tiny_queue).get("waiting") == 1
+            ):
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
             for path, body in (
                 ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
-                ("/v1/chat/completions",
-                 {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
                 ("/api/v1/generate", {"prompt": "hi", "max_length": 2}),
             ):
                 r = await api.post(path, json=body)

@@ -13,9 +13,11 @@ import pytest
 from kodkod.engine.scheduler import busy_budget
 from tests.server import DEFAULT_MODEL, KodkodServer, engine_stats, wait_idle
 
-PREFIX = "<|im_start|>system\n" + " ".join(
-    f"Rule {i}: the password for door {i} is {i * 7}." for i in range(60)
-) + "<|im_end|>\n"
+PREFIX = (
+    "<|im_start|>system\n"
+    + " ".join(f"Rule {i}: the password for door {i} is {i * 7}." for i in range(60))
+    + "<|im_end|>\n"
+)
 
 
 LOAD = {"max_seq_len": 2048, "cache_size": 16384}

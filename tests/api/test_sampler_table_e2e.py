@@ -64,8 +64,9 @@ def generates(value: Any, row: SamplerParam) -> bool:
 REQUEST_CASES = [(r, s) for r in BOUNDED for s in (Surface.OPENAI, Surface.KOBOLD) if s in r.surfaces]
 
 
-@pytest.mark.parametrize(("row", "surface"), REQUEST_CASES,
-                         ids=[f"{r.name}-{s.name}" for r, s in REQUEST_CASES])
+@pytest.mark.parametrize(
+    ("row", "surface"), REQUEST_CASES, ids=[f"{r.name}-{s.name}" for r, s in REQUEST_CASES]
+)
 def test_request_bounds_are_the_tables(api: httpx.Client, row: SamplerParam, surface: Surface) -> None:
     ok, bad = bound_cases(row)
     for value in ok:
@@ -77,14 +78,19 @@ def test_request_bounds_are_the_tables(api: httpx.Client, row: SamplerParam, sur
         assert r.status_code == 422, (row.name, value, r.text)
 
 
-ALIASES = [(r, s, a) for r in SAMPLER_TABLE for s in (Surface.OPENAI, Surface.KOBOLD)
-           if s in r.surfaces and r.annotation in (int, float) for a in r.aliases]
+ALIASES = [
+    (r, s, a)
+    for r in SAMPLER_TABLE
+    for s in (Surface.OPENAI, Surface.KOBOLD)
+    if s in r.surfaces and r.annotation in (int, float)
+    for a in r.aliases
+]
 
 
-@pytest.mark.parametrize(("row", "surface", "alias"), ALIASES,
-                         ids=[f"{a}-{s.name}" for _, s, a in ALIASES])
-def test_numeric_aliases_are_accepted_and_bounded(api: httpx.Client, row: SamplerParam,
-                                                  surface: Surface, alias: str) -> None:
+@pytest.mark.parametrize(("row", "surface", "alias"), ALIASES, ids=[f"{a}-{s.name}" for _, s, a in ALIASES])
+def test_numeric_aliases_are_accepted_and_bounded(
+    api: httpx.Client, row: SamplerParam, surface: Surface, alias: str
+) -> None:
     value = example(row)
     if generates(value, row):
         r = post(api, surface, row, alias, value)
@@ -101,12 +107,14 @@ def test_preset_bounds_are_the_tables(admin: httpx.Client, row: SamplerParam) ->
     ok, bad = bound_cases(row)
     try:
         for value in ok:
-            r = admin.post("/v1/sampling/override/switch",
-                           json={"overrides": {row.name: {"override": value}}})
+            r = admin.post(
+                "/v1/sampling/override/switch", json={"overrides": {row.name: {"override": value}}}
+            )
             assert r.status_code == 200, (row.name, value, r.text)
         for value in bad:
-            r = admin.post("/v1/sampling/override/switch",
-                           json={"overrides": {row.name: {"override": value}}})
+            r = admin.post(
+                "/v1/sampling/override/switch", json={"overrides": {row.name: {"override": value}}}
+            )
             assert r.status_code == 400, (row.name, value, r.text)
             assert row.name in r.json()["detail"]
     finally:

@@ -23,27 +23,35 @@ from tests.api.test_kobold import iter_events, long_body, settle
 from tests.server import ADMIN_KEY, API_KEY, KodkodServer
 
 WRONG_KEY = "5eb63bbbe01eeed093cb22bb8f5acdc3"
-PREFLIGHT = {"access-control-request-method": "POST",
-             "access-control-request-headers": "authorization, content-type"}
+PREFLIGHT = {
+    "access-control-request-method": "POST",
+    "access-control-request-headers": "authorization, content-type",
+}
 
 
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterator[KodkodServer]:
-    srv = KodkodServer.start(tmp_path_factory.mktemp("locked"), {
-        "network": {"api_servers": ["OAI", "kobold"]},
-        "model": {"max_seq_len": 2048},
-        "logging": {"log_prompt": True, "log_generation_params": True, "log_requests": True},
-    })
+    srv = KodkodServer.start(
+        tmp_path_factory.mktemp("locked"),
+        {
+            "network": {"api_servers": ["OAI", "kobold"]},
+            "model": {"max_seq_len": 2048},
+            "logging": {"log_prompt": True, "log_generation_params": True, "log_requests": True},
+        },
+    )
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
 def opened(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterator[KodkodServer]:
-    srv = KodkodServer.start(tmp_path_factory.mktemp("open"), {
-        "network": {"disable_auth": True, "allowed_hosts": ["proxy.example"]},
-        "model": {"max_seq_len": 2048},
-    })
+    srv = KodkodServer.start(
+        tmp_path_factory.mktemp("open"),
+        {
+            "network": {"disable_auth": True, "allowed_hosts": ["proxy.example"]},
+            "model": {"max_seq_len": 2048},
+        },
+    )
     yield srv
     srv.stop()
 
@@ -87,28 +95,39 @@ def test_allowed_hosts_admit_a_proxy_name(opened: KodkodServer) -> None:
 def test_foreign_preflight_gets_no_wildcard_credentials(locked: KodkodServer) -> None:
     """Keys on, no cors_origins: a page elsewhere (hosted KoboldAI Lite) may call with its
     user's key, but never with credentials; the key is still required."""
-    r = httpx.options(f"{locked.base_url}/v1/chat/completions", timeout=10,
-                      headers={"origin": "https://lite.example", **PREFLIGHT})
+    r = httpx.options(
+        f"{locked.base_url}/v1/chat/completions",
+        timeout=10,
+        headers={"origin": "https://lite.example", **PREFLIGHT},
+    )
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == "*"  # no credentials, so * is safe
     assert r.headers.get("access-control-allow-credentials") is None
-    r = httpx.get(f"{locked.base_url}/v1/model", timeout=10,
-                  headers={"origin": "https://lite.example"})
+    r = httpx.get(f"{locked.base_url}/v1/model", timeout=10, headers={"origin": "https://lite.example"})
     assert r.status_code == 401
-    r = httpx.get(f"{locked.base_url}/v1/model", timeout=10,
-                  headers={"origin": "https://lite.example", **locked.headers()})
+    r = httpx.get(
+        f"{locked.base_url}/v1/model",
+        timeout=10,
+        headers={"origin": "https://lite.example", **locked.headers()},
+    )
     assert r.status_code == 200
 
 
 def test_a_page_from_elsewhere_is_refused_without_auth(opened: KodkodServer) -> None:
-    r = httpx.options(f"{opened.base_url}/v1/chat/completions", timeout=10,
-                      headers={"origin": "https://evil.example", **PREFLIGHT})
+    r = httpx.options(
+        f"{opened.base_url}/v1/chat/completions",
+        timeout=10,
+        headers={"origin": "https://evil.example", **PREFLIGHT},
+    )
     assert r.status_code == 403
     assert r.headers.get("access-control-allow-origin") is None
     assert r.headers.get("access-control-allow-credentials") is None
     # A page served from this machine (another port) may call it, without credentials.
-    r = httpx.options(f"{opened.base_url}/v1/chat/completions", timeout=10,
-                      headers={"origin": "http://localhost:8000", **PREFLIGHT})
+    r = httpx.options(
+        f"{opened.base_url}/v1/chat/completions",
+        timeout=10,
+        headers={"origin": "http://localhost:8000", **PREFLIGHT},
+    )
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == "http://localhost:8000"
     assert r.headers.get("access-control-allow-credentials") is None
@@ -116,12 +135,14 @@ def test_a_page_from_elsewhere_is_refused_without_auth(opened: KodkodServer) -> 
 
 def test_foreign_page_cannot_drive_a_server_without_auth(opened: KodkodServer) -> None:
     """A form-style POST (no preflight) from a foreign page is refused, keys or not."""
-    r = httpx.post(f"{opened.base_url}/v1/completions", timeout=30,
-                   headers={"origin": "https://evil.example", "content-type": "text/plain"},
-                   content='{"prompt": "hi", "max_tokens": 1}')
+    r = httpx.post(
+        f"{opened.base_url}/v1/completions",
+        timeout=30,
+        headers={"origin": "https://evil.example", "content-type": "text/plain"},
+        content='{"prompt": "hi", "max_tokens": 1}',
+    )
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
-    r = httpx.post(f"{opened.base_url}/v1/completions", timeout=60,
-                   json={"prompt": "hi", "max_tokens": 1})
+    r = httpx.post(f"{opened.base_url}/v1/completions", timeout=60, json={"prompt": "hi", "max_tokens": 1})
     assert r.status_code == 200
 
 
@@ -134,25 +155,24 @@ def test_kobold_job_is_invisible_and_unabortable_with_another_key(locked: Kodkod
     events: list[dict[str, Any]] = []
     foreign: list[Any] = []
     own_check: dict[str, Any] = {}
-    with locked.client() as c, c.stream(
-        "POST", "/api/extra/generate/stream", json=long_body(genkey, 1024)
-    ) as r:
+    with (
+        locked.client() as c,
+        c.stream("POST", "/api/extra/generate/stream", json=long_body(genkey, 1024)) as r,
+    ):
         for event in iter_events(r):
             events.append(event)
             if len(events) == 1:
                 # The admin key is another caller: the job looks unknown to it.
-                foreign.append(c.post("/api/extra/generate/check", json={"genkey": genkey},
-                                      headers=as_admin).json())
-                foreign.append(c.post("/api/extra/abort", json={"genkey": genkey},
-                                      headers=as_admin).json())
-                foreign.append(c.get(f"/api/extra/generate/check?genkey={genkey}",
-                                     headers=as_admin).json())
+                foreign.append(
+                    c.post("/api/extra/generate/check", json={"genkey": genkey}, headers=as_admin).json()
+                )
+                foreign.append(c.post("/api/extra/abort", json={"genkey": genkey}, headers=as_admin).json())
+                foreign.append(c.get(f"/api/extra/generate/check?genkey={genkey}", headers=as_admin).json())
             elif len(events) == 12:
                 # Ten more tokens after the foreign abort: it did not stop the job.
                 assert all(e["finish_reason"] is None for e in events)
                 own_check = c.post("/api/extra/generate/check", json={"genkey": genkey}).json()
-                assert c.post("/api/extra/abort", json={"genkey": genkey}).json() == {
-                    "success": True}
+                assert c.post("/api/extra/abort", json={"genkey": genkey}).json() == {"success": True}
     assert foreign == [{"results": []}, {"success": True}, {"results": []}]
     assert own_check["results"] and own_check["results"][0]["text"]
     assert events[-1]["finish_reason"] == "stop" and len(events) < 1024
@@ -165,17 +185,21 @@ def test_kobold_job_is_invisible_and_unabortable_with_another_key(locked: Kodkod
 def test_log_prompt_and_params_are_logged_and_keys_never(locked: KodkodServer) -> None:
     marker = "zebra marmalade 7741"
     with locked.client() as c:
-        r = c.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": f"Say {marker}"}],
-            "max_tokens": 4, "temperature": 0.5, "user": WRONG_KEY,
-        })
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": f"Say {marker}"}],
+                "max_tokens": 4,
+                "temperature": 0.5,
+                "user": WRONG_KEY,
+            },
+        )
         assert r.status_code == 200
         reply = r.json()["choices"][0]["message"]["content"]
         assert c.get("/v1/model/list", headers={"x-admin-key": ADMIN_KEY}).status_code == 200
         assert c.get("/v1/model", headers={"x-api-key": API_KEY}).status_code == 200
         assert c.get("/v1/model", headers={"x-api-key": WRONG_KEY}).status_code == 401
-        assert c.get("/v1/model", headers={"authorization": f"Bearer {WRONG_KEY}"}
-                     ).status_code == 401
+        assert c.get("/v1/model", headers={"authorization": f"Bearer {WRONG_KEY}"}).status_code == 401
         assert c.get(f"/v1/model?api_key={API_KEY}").status_code == 200
     log = after_banner(wait_for_log(locked, "response "))
     assert marker in log  # the prompt (log_prompt)
@@ -189,8 +213,9 @@ def test_log_prompt_and_params_are_logged_and_keys_never(locked: KodkodServer) -
 
 def test_prompts_stay_out_of_the_log_when_log_prompt_is_off(opened: KodkodServer) -> None:
     marker = "quokka lantern 9182"
-    r = httpx.post(f"{opened.base_url}/v1/completions", timeout=60,
-                   json={"prompt": f"Say {marker}", "max_tokens": 4})
+    r = httpx.post(
+        f"{opened.base_url}/v1/completions", timeout=60, json={"prompt": f"Say {marker}", "max_tokens": 4}
+    )
     assert r.status_code == 200
     assert marker not in opened.log()
     assert "prompt " not in opened.log() and "generation params" not in opened.log()
@@ -236,8 +261,13 @@ def test_deleting_the_key_file_revokes_every_key_until_it_is_back(locked: Kodkod
 def _raw_post_head(port: int, path: str, headers: dict[str, str], length: int) -> str:
     """Send only the head of a POST (and 10 body bytes) announcing `length` bytes; return what
     the server answers before the rest of the body would arrive."""
-    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
-             f"Content-Length: {length}", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Content-Type: application/json",
+        f"Content-Length: {length}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + b'{"prompt":')
         return s.recv(4096).decode("latin-1")
@@ -246,15 +276,18 @@ def _raw_post_head(port: int, path: str, headers: dict[str, str], length: int) -
 def test_keys_are_checked_before_the_body_is_read(locked: KodkodServer) -> None:
     """A request without a valid key is refused with 401 before its body arrives (the server
     does not wait for, read or parse it); with a key the server waits for the body."""
-    head = _raw_post_head(locked.port, "/v1/completions", {"Authorization": f"Bearer {WRONG_KEY}"},
-                          1_000_000)
+    head = _raw_post_head(locked.port, "/v1/completions", {"Authorization": f"Bearer {WRONG_KEY}"}, 1_000_000)
     assert head.startswith("HTTP/1.1 401"), head
     head = _raw_post_head(locked.port, "/v1/completions", {}, 1_000_000)
     assert head.startswith("HTTP/1.1 401"), head
     # a valid key: the server waits for the rest of the body
     with pytest.raises(TimeoutError), socket.create_connection(("127.0.0.1", locked.port), timeout=2) as s:
-        s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                   f"Authorization: Bearer {API_KEY}\r\nContent-Length: 1000000\r\n\r\n").encode())
+        s.sendall(
+            (
+                f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {API_KEY}\r\nContent-Length: 1000000\r\n\r\n"
+            ).encode()
+        )
         s.recv(4096)
     with locked.client() as c:  # and the server is fine
         assert c.get("/v1/model").status_code == 200

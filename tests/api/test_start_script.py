@@ -30,8 +30,11 @@ START_DEADLINE_S = 1200.0  # a cold wheel cache means compiling llama.cpp
 
 def _env() -> dict[str, str]:
     keep = ("KODKOD_CMAKE_ARGS", "KODKOD_CACHE_DIR")
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("TABBY_", "KODKOD_", "VIRTUAL_ENV")) or k in keep}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TABBY_", "KODKOD_", "VIRTUAL_ENV")) or k in keep
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,13 @@ class Started:
         self.port = port
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            ["./start.sh", "--port", str(port), "--n-threads", "1"], cwd=clone, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            ["./start.sh", "--port", str(port), "--n-threads", "1"],
+            cwd=clone,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
 
     def read_until(self, pattern: str, deadline_s: float) -> re.Match[str] | None:
@@ -114,8 +122,12 @@ def test_fresh_clone_start_sh_serves_a_completion(clone: Path, started: list[Sta
     h = {"Authorization": f"Bearer {key}"}
     r = httpx.get(f"{base}/v1/model", headers=h, timeout=30)
     assert r.status_code == 200 and r.json()["id"] == "SmolLM2-135M-Instruct"
-    r = httpx.post(f"{base}/v1/completions", headers=h, timeout=120,
-                   json={"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0})
+    r = httpx.post(
+        f"{base}/v1/completions",
+        headers=h,
+        timeout=120,
+        json={"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"].strip(), r.text
     text = "Grüße aus Zürich 🇨🇭 — 東京 🍣"
@@ -143,9 +155,7 @@ def test_second_start_reuses_config_and_keys(clone: Path, started: list[Started]
     assert (clone / "api_tokens.yml").read_text() == tokens
 
 
-def test_a_crashing_build_stops_start_sh_with_a_clear_message(
-    clone: Path, started: list[Started]
-) -> None:
+def test_a_crashing_build_stops_start_sh_with_a_clear_message(clone: Path, started: list[Started]) -> None:
     """The start-up check's child decode dies by SIGSEGV: start.sh exits non-zero, says what
     happened and how to rebuild, and never starts a server."""
     env = {**_env(), "KODKOD_SMOKE_CRASH": "1"}
@@ -162,8 +172,15 @@ def test_a_crashing_build_stops_start_sh_with_a_clear_message(
 
 
 def test_build_info_shows_the_recorded_flags(clone: Path) -> None:
-    out = subprocess.run([str(clone / ".venv/bin/kodkod"), "build-info"], cwd=clone, env=_env(),
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [str(clone / ".venv/bin/kodkod"), "build-info"],
+        cwd=clone,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert "CMAKE_ARGS: -DGGML_NATIVE=ON" in out, out
     assert "llama.cpp system info:" in out, out
     if platform.machine() in ("x86_64", "AMD64"):

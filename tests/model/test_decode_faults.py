@@ -15,13 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kodkod.backends.base import BatchRow, ContextConfig, ModelSource
 from kodkod.backends.llamacpp.backend import LlamaCppBackend
-from kodkod.engine.client import EngineClient
-from kodkod.engine.faults import find_culprits
-from kodkod.engine.loop import EngineConfig
-from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import (
+from kodkod.core.backend_types import BatchRow, ContextConfig, ModelSource
+from kodkod.core.types import (
     ErrorEvent,
     ErrorKind,
     FinishEvent,
@@ -29,6 +25,10 @@ from kodkod.engine.types import (
     SamplingParams,
     TokenEvent,
 )
+from kodkod.engine.client import EngineClient
+from kodkod.engine.faults import find_culprits
+from kodkod.engine.loop import EngineConfig
+from kodkod.engine.stream import RequestStream
 
 BAD = 999999999
 PROMPT = "The lighthouse keeper looked at the grey sea and wrote in his journal that"

@@ -48,20 +48,32 @@ def srv(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterato
     style = make_adapter(default_gguf, seed=1, strength=0.1)
     write_gguf_adapter(loras / "style" / "style.gguf", style)
     write_peft_adapter(loras / "style_peft", style, heads)
-    write_gguf_adapter(loras / "other.gguf", make_adapter(
-        default_gguf, seed=2, rank=8, targets=("attn_v", "ffn_up", "ffn_down"), strength=0.15))
+    write_gguf_adapter(
+        loras / "other.gguf",
+        make_adapter(default_gguf, seed=2, rank=8, targets=("attn_v", "ffn_up", "ffn_down"), strength=0.15),
+    )
     write_gguf_adapter(loras / "gemma.gguf", make_adapter(default_gguf, seed=3, layers=[0], arch="gemma3"))
     a, b = style.pairs["blk.0.attn_q.weight"]
-    write_gguf_tensors(loras / "wrong_shape.gguf", "llama", {
-        "blk.0.attn_q.weight.lora_a": np.zeros((4, 512), np.float32),  # hidden 576, not 512
-        "blk.0.attn_q.weight.lora_b": b,
-    })
+    write_gguf_tensors(
+        loras / "wrong_shape.gguf",
+        "llama",
+        {
+            "blk.0.attn_q.weight.lora_a": np.zeros((4, 512), np.float32),  # hidden 576, not 512
+            "blk.0.attn_q.weight.lora_b": b,
+        },
+    )
     embed = {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 49152), np.float32)}
-    write_peft_adapter(loras / "embed_peft", Adapter("llama", 8.0, {"blk.0.attn_q.weight": (a, b)}),
-                       heads, extra_tensors=embed)
+    write_peft_adapter(
+        loras / "embed_peft",
+        Adapter("llama", 8.0, {"blk.0.attn_q.weight": (a, b)}),
+        heads,
+        extra_tensors=embed,
+    )
     assert MIN_BUSY_CACHE_CELLS > 1024  # see the module docstring
-    config = {"model": {"max_seq_len": 1024},
-              "lora": {"lora_dir": "loras", "loras": [{"name": "style", "scaling": 1.0}]}}
+    config = {
+        "model": {"max_seq_len": 1024},
+        "lora": {"lora_dir": "loras", "loras": [{"name": "style", "scaling": 1.0}]},
+    }
     server = KodkodServer.start(root, config)
     yield server
     server.stop()

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kodkod.backends.base import BatchRow, ContextConfig, ModelSource
 from kodkod.backends.llamacpp.backend import LlamaCppBackend
+from kodkod.core.backend_types import BatchRow, ContextConfig, ModelSource
 from kodkod.models.lora import LoraLibrary
 from tests.lora_fixtures import (
     make_adapter,
@@ -41,16 +41,22 @@ def files(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Itera
     d = tmp_path_factory.mktemp("lora_merge")
     facts = model_facts(default_gguf)
     style = make_adapter(default_gguf, seed=1, strength=0.1)
-    terse = make_adapter(default_gguf, seed=2, rank=8, alpha=4.0, layers=range(0, 30, 3),
-                         targets=("attn_v", "ffn_up", "ffn_down"), strength=0.2)
+    terse = make_adapter(
+        default_gguf,
+        seed=2,
+        rank=8,
+        alpha=4.0,
+        layers=range(0, 30, 3),
+        targets=("attn_v", "ffn_up", "ffn_down"),
+        strength=0.2,
+    )
     out = {
         "style": write_gguf_adapter(d / "loras" / "style.gguf", style),
         "terse": write_gguf_adapter(d / "loras" / "terse.gguf", terse),
         "peft": write_peft_adapter(d / "loras" / "style_peft", style, (facts.n_head, facts.n_head_kv)),
         "base_f32": write_f32_model(default_gguf, d / "base-f32.gguf"),
         "merged": write_f32_model(default_gguf, d / "merged-style.gguf", [(style, 1.0)]),
-        "merged_two": write_f32_model(default_gguf, d / "merged-two.gguf",
-                                      [(style, 0.5), (terse, 1.5)]),
+        "merged_two": write_f32_model(default_gguf, d / "merged-two.gguf", [(style, 0.5), (terse, 1.5)]),
         "dir": d / "loras",
     }
     yield out
@@ -63,11 +69,18 @@ def logits(model: Path, steps: Sequence[Sequence[tuple[str, Path, float]] | None
     (None: clears them) on one context, between decodes, like the engine does."""
     backend = LlamaCppBackend.load(
         ModelSource(model, "m"),
-        lambda info: ContextConfig(cache_size=256, num_slots=1, batch_tokens=64, n_threads=1,
-                                   cache_type_k="f32", cache_type_v="f32", flash_attention=False),
+        lambda info: ContextConfig(
+            cache_size=256,
+            num_slots=1,
+            batch_tokens=64,
+            n_threads=1,
+            cache_type_k="f32",
+            cache_type_v="f32",
+            flash_attention=False,
+        ),
     )
     try:
-        host = backend.adapters
+        host = backend.capabilities.adapters
         assert host is not None
         ids = backend.tokenize(PROMPT, add_bos=True, parse_special=True)
         out = []
@@ -97,8 +110,7 @@ def test_an_adapter_at_scale_1_matches_the_merged_model(files: dict) -> None:
 
 
 def test_two_adapters_with_their_scalings_match_their_merge(files: dict) -> None:
-    (lora,) = logits(files["base_f32"], [[("style", files["style"], 0.5),
-                                          ("terse", files["terse"], 1.5)]])
+    (lora,) = logits(files["base_f32"], [[("style", files["style"], 0.5), ("terse", files["terse"], 1.5)]])
     (merged,) = logits(files["merged_two"], [[]])
     diff = float(np.abs(lora - merged).max())
     print(f"two adapters vs merged: max |Δlogit| = {diff:.2e}")
@@ -106,9 +118,15 @@ def test_two_adapters_with_their_scalings_match_their_merge(files: dict) -> None
 
 
 def test_scaling_zero_and_unloading_give_exactly_the_base(files: dict, default_gguf: Path) -> None:
-    base, zero, with_style, cleared = logits(default_gguf, [
-        [], [("style", files["style"], 0.0)], [("style", files["style"], 1.0)], None,
-    ])
+    base, zero, with_style, cleared = logits(
+        default_gguf,
+        [
+            [],
+            [("style", files["style"], 0.0)],
+            [("style", files["style"], 1.0)],
+            None,
+        ],
+    )
     assert np.array_equal(zero, base)
     assert not np.array_equal(with_style, base)
     assert np.array_equal(cleared, base)
@@ -118,9 +136,13 @@ def test_peft_and_gguf_forms_give_identical_logits(files: dict, default_gguf: Pa
     library = LoraLibrary(files["dir"], default_gguf)
     prepared = library.prepare("style_peft")
     assert prepared.path.parent == files["peft"]  # converted and cached beside the adapter
-    gguf_form, peft_form = logits(default_gguf, [
-        [("style", files["style"], 1.0)], [("style_peft", prepared.path, 1.0)],
-    ])
+    gguf_form, peft_form = logits(
+        default_gguf,
+        [
+            [("style", files["style"], 1.0)],
+            [("style_peft", prepared.path, 1.0)],
+        ],
+    )
     assert np.array_equal(gguf_form, peft_form)
 
 

@@ -11,20 +11,35 @@ from pathlib import Path
 
 import pytest
 
-from kodkod.backends.base import BatchRow, ContextConfig, ModelClosedError, ModelSource
 from kodkod.backends.llamacpp.backend import LlamaCppBackend
-from kodkod.engine.constraints import GrammarKind, GrammarSpec
+from kodkod.core.backend_types import (
+    BackendCapabilities,
+    BatchRow,
+    ContextConfig,
+    ModelClosedError,
+    ModelSource,
+)
+from kodkod.core.constraints import GrammarKind, GrammarSpec
 
 
 def test_a_closed_model_refuses_use_cleanly(default_gguf: Path) -> None:
     backend = LlamaCppBackend.load(
         ModelSource(default_gguf, "m"),
-        lambda info: ContextConfig(cache_size=256, num_slots=1, batch_tokens=64, n_threads=1,
-                                   cache_type_k="f16", cache_type_v="f16", flash_attention=False),
+        lambda info: ContextConfig(
+            cache_size=256,
+            num_slots=1,
+            batch_tokens=64,
+            n_threads=1,
+            cache_type_k="f16",
+            cache_type_v="f16",
+            flash_attention=False,
+        ),
     )
     ids = backend.tokenize("Hello there", add_bos=True, parse_special=True)
     assert ids and backend.tokenizer.detokenize(ids, special=False).endswith("Hello there")
-    compiler = backend.tokenizer.grammar_compiler()
+    compiler = backend.capabilities.grammar
+    fingerprint = backend.capabilities.vocab_fingerprint
+    assert compiler is not None and fingerprint is not None and backend.capabilities.adapters
     backend.close()
     backend.close()  # idempotent
 
@@ -34,11 +49,10 @@ def test_a_closed_model_refuses_use_cleanly(default_gguf: Path) -> None:
         backend.token_bytes(ids[-1], special=False)  # even a token whose piece was cached
     with pytest.raises(ModelClosedError):
         backend.tokenizer.detokenize(ids, special=False)
-    with pytest.raises(ModelClosedError):
-        backend.tokenizer.grammar_compiler()
+    assert backend.capabilities == BackendCapabilities()  # a closed backend offers nothing
     with pytest.raises(ModelClosedError):
         compiler.compile(GrammarSpec(GrammarKind.REGEX, "[ab]+"))
     with pytest.raises(ModelClosedError):
-        backend.vocab_fingerprint()
+        fingerprint()
     with pytest.raises(ModelClosedError):
         backend.decode([BatchRow(slot=0, start_pos=0, tokens=ids, num_logits=1)])

@@ -44,13 +44,20 @@ def server(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iter
     for name, gguf in ((DEFAULT_MODEL, DEFAULT_GGUF), (GEMMA_MODEL, GEMMA_GGUF)):
         (root / "models" / name).mkdir(parents=True)
         (root / "models" / name / gguf.name).symlink_to(gguf)
-    write_gguf_adapter(root / "loras" / "style" / "style.gguf",
-                       make_adapter(default_gguf, seed=1, strength=0.1))
-    srv = KodkodServer.start(root, {
-        "model": {"use_as_default": ["max_seq_len", "cache_mode"], "max_seq_len": 512,
-                  "cache_mode": "Q8"},
-        "lora": {"lora_dir": "loras"},
-    })
+    write_gguf_adapter(
+        root / "loras" / "style" / "style.gguf", make_adapter(default_gguf, seed=1, strength=0.1)
+    )
+    srv = KodkodServer.start(
+        root,
+        {
+            "model": {
+                "use_as_default": ["max_seq_len", "cache_mode"],
+                "max_seq_len": 512,
+                "cache_mode": "Q8",
+            },
+            "lora": {"lora_dir": "loras"},
+        },
+    )
     yield srv
     srv.stop()
 

@@ -48,12 +48,19 @@ def server(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iter
     _folder(root, GEMMA_MODEL, GEMMA_GGUF)
     _folder(root, TABBY, DEFAULT_GGUF)
     (root / TABBY / "tabby_config.yml").write_text(TABBY_CONFIG, encoding="utf-8")
-    srv = KodkodServer.start(tmp, {"model": {
-        "inline_model_loading": True,
-        "use_as_default": ["max_seq_len", "cache_mode", "chunk_size"],
-        "max_seq_len": 2048, "cache_mode": "Q8", "chunk_size": 512,
-        "n_threads": 1,  # llama.cpp's spinning thread barrier crawls on a busy shared machine
-    }})
+    srv = KodkodServer.start(
+        tmp,
+        {
+            "model": {
+                "inline_model_loading": True,
+                "use_as_default": ["max_seq_len", "cache_mode", "chunk_size"],
+                "max_seq_len": 2048,
+                "cache_mode": "Q8",
+                "chunk_size": 512,
+                "n_threads": 1,  # llama.cpp's spinning thread barrier crawls on a busy shared machine
+            }
+        },
+    )
     yield srv
     srv.stop()
 
@@ -110,10 +117,14 @@ def test_load_q4_4096_generates_coherent_text(admin: httpx.Client) -> None:
     p = params(admin)
     assert (p["max_seq_len"], p["cache_size"], p["cache_mode"]) == (4096, 4096, "Q4")
     assert p["cache_types"] == ["q4_0", "q4_0"] and p["flash_attention"] is True
-    r = admin.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "max_tokens": 24, "temperature": 0,
-    })
+    r = admin.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 24,
+            "temperature": 0,
+        },
+    )
     assert r.status_code == 200, r.text
     assert "Paris" in r.json()["choices"][0]["message"]["content"]
 
@@ -124,7 +135,8 @@ def test_progress_events_and_tabby_config_precedence(server: KodkodServer, admin
     # draft then model; per component 1..100 "processing", then 100 again as "finished"
     expected = [
         {"model_type": kind, "module": m, "modules": 100, "status": "processing"}
-        for kind in ("draft", "model") for m in range(1, 101)
+        for kind in ("draft", "model")
+        for m in range(1, 101)
     ]
     expected.insert(100, {"model_type": "draft", "module": 100, "modules": 100, "status": "finished"})
     expected.append({"model_type": "model", "module": 100, "modules": 100, "status": "finished"})
@@ -141,7 +153,8 @@ def test_progress_events_and_tabby_config_precedence(server: KodkodServer, admin
     # the same model with the same parameters: "already loaded", two 1/1 events
     with admin.stream("POST", "/v1/model/load", json=body) as r:
         assert [(e["module"], e["modules"], e["status"]) for e in events_of(r)] == [
-            (1, 1, "processing"), (1, 1, "finished")
+            (1, 1, "processing"),
+            (1, 1, "finished"),
         ]
 
 
@@ -156,13 +169,17 @@ def test_progress_events_and_tabby_config_precedence(server: KodkodServer, admin
         ({"model_name": DEFAULT_MODEL, "gpu_split": [8]}, "no GPU in this build"),
         ({"model_name": DEFAULT_MODEL, "tensor_parallel": True}, "no GPU in this build"),
         ({"model_name": DEFAULT_MODEL, "autosplit_reserve": [512]}, "no GPU in this build"),
-        ({"model_name": DEFAULT_MODEL, "draft": {"name": DEFAULT_MODEL, "draft_gpu_split": [1]}},
-         "no GPU in this build"),
+        (
+            {"model_name": DEFAULT_MODEL, "draft": {"name": DEFAULT_MODEL, "draft_gpu_split": [1]}},
+            "no GPU in this build",
+        ),
         ({"model_name": DEFAULT_MODEL, "rope_alpha": "lots"}, "rope_alpha"),
         ({"model_name": DEFAULT_MODEL, "vision": True}, "vision"),
         ({"model_name": DEFAULT_MODEL, "draft_model": {"draft_model_name": "nope"}}, "draft model"),
-        ({"model_name": GEMMA_MODEL, "draft_model": {"draft_model_name": DEFAULT_MODEL}},
-         f"'{DEFAULT_MODEL}' cannot draft for '{GEMMA_MODEL}'"),
+        (
+            {"model_name": GEMMA_MODEL, "draft_model": {"draft_model_name": DEFAULT_MODEL}},
+            f"'{DEFAULT_MODEL}' cannot draft for '{GEMMA_MODEL}'",
+        ),
     ],
 )
 def test_bad_load_requests_are_400_before_any_stream(

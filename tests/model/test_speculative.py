@@ -25,23 +25,39 @@ import httpx
 import jsonschema
 import pytest
 
+from kodkod.backends.llamacpp.quantize import quantize_model
 from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS
 from kodkod.models.derive import derive
 from tests.server import DEFAULT_MODEL, GEMMA_MODEL, MODELS, KodkodServer
 
 CHAT_PROMPTS = [
-    "What is the capital of France?", "Write a haiku about rain.", "List three colours.",
-    "Explain what a CPU does.", "Tell me a joke about cats.", "What is 12 times 12?",
-    "Describe the sea in one sentence.", "Give me a name for a dog.", "Why is the sky blue?",
-    "Write the alphabet.", "Count from one to ten.", "What do bees make?",
-    "Name a famous painter.", "How do plants grow?", "Say hello in Spanish.",
-    "What is the opposite of hot?", "Write a short story about a robot.", "What is water made of?",
-    "Recommend a book.", "Repeat after me: the quick brown fox jumps over the lazy dog.",
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "List three colours.",
+    "Explain what a CPU does.",
+    "Tell me a joke about cats.",
+    "What is 12 times 12?",
+    "Describe the sea in one sentence.",
+    "Give me a name for a dog.",
+    "Why is the sky blue?",
+    "Write the alphabet.",
+    "Count from one to ten.",
+    "What do bees make?",
+    "Name a famous painter.",
+    "How do plants grow?",
+    "Say hello in Spanish.",
+    "What is the opposite of hot?",
+    "Write a short story about a robot.",
+    "What is water made of?",
+    "Recommend a book.",
+    "Repeat after me: the quick brown fox jumps over the lazy dog.",
 ]
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 16},
-                   "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
     "required": ["name", "age"],
     "additionalProperties": False,
 }
@@ -50,7 +66,9 @@ PERSON = {
 @pytest.fixture(scope="module")
 def pair(default_gguf: Path) -> dict[str, str]:
     """Derived copies of the default model (made once, kept in models/)."""
-    return {kind: derive(MODELS, DEFAULT_MODEL, kind).name for kind in ("q8_0", "f32")}
+    return {
+        kind: derive(MODELS, DEFAULT_MODEL, kind, quantize=quantize_model).name for kind in ("q8_0", "f32")
+    }
 
 
 def static_draft(name: str) -> dict[str, Any]:
@@ -60,10 +78,13 @@ def static_draft(name: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, pair: dict[str, str]) -> Iterator[KodkodServer]:
     assert MIN_BUSY_CACHE_CELLS >= 2048  # never trimmed or compacted: see the module docstring
-    srv = KodkodServer.start(tmp_path_factory.mktemp("spec"), {
-        "model": {"max_seq_len": 2048},
-        "draft_model": {"draft_model_dir": "models", **static_draft(pair["q8_0"])},
-    })
+    srv = KodkodServer.start(
+        tmp_path_factory.mktemp("spec"),
+        {
+            "model": {"max_seq_len": 2048},
+            "draft_model": {"draft_model_dir": "models", **static_draft(pair["q8_0"])},
+        },
+    )
     yield srv
     srv.stop()
 
@@ -81,8 +102,10 @@ def admin(server: KodkodServer) -> Iterator[httpx.Client]:
 
 
 def chat(client: httpx.Client, text: str, **body: Any) -> dict[str, Any]:
-    r = client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": text}], "max_tokens": 24, "temperature": 0, **body})
+    r = client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": text}], "max_tokens": 24, "temperature": 0, **body},
+    )
     assert r.status_code == 200, r.text
     return dict(r.json())
 
@@ -107,8 +130,9 @@ def test_draft_is_listed_and_described(api: httpx.Client, admin: httpx.Client, p
 
 
 def test_a_draft_with_another_vocabulary_is_a_clear_400(admin: httpx.Client) -> None:
-    r = admin.post("/v1/model/load", json={
-        "model_name": DEFAULT_MODEL, "draft_model": {"draft_model_name": GEMMA_MODEL}})
+    r = admin.post(
+        "/v1/model/load", json={"model_name": DEFAULT_MODEL, "draft_model": {"draft_model_name": GEMMA_MODEL}}
+    )
     assert r.status_code == 400
     message = json.dumps(r.json())
     assert GEMMA_MODEL in message and DEFAULT_MODEL in message and "vocab" in message
@@ -150,8 +174,10 @@ def test_counters_in_model_card_and_health(server: KodkodServer, api: httpx.Clie
 
 def run_all(api: httpx.Client, **extra: Any) -> tuple[list[str], list[str], dict[str, int]]:
     greedy = [content(chat(api, p, **extra)) for p in CHAT_PROMPTS]
-    sampled = [content(chat(api, p, temperature=0.9, top_p=0.95, seed=1234 + i, **extra))
-               for i, p in enumerate(CHAT_PROMPTS[:5])]
+    sampled = [
+        content(chat(api, p, temperature=0.9, top_p=0.95, seed=1234 + i, **extra))
+        for i, p in enumerate(CHAT_PROMPTS[:5])
+    ]
     engine = api.get("/v1/model").json()["parameters"]["engine"]
     return greedy, sampled, engine
 
@@ -179,8 +205,10 @@ def test_f32_target_with_its_q4_1_original_as_draft(
     load(admin, {"model_name": pair["f32"], "max_seq_len": 2048})
     prompt = "Write a long story about a dragon who learns to paint."
     plain = content(chat(api, prompt, max_tokens=48))
-    load(admin, {"model_name": pair["f32"], "max_seq_len": 2048,
-                 "draft_model": {"draft_model_name": DEFAULT_MODEL}})
+    load(
+        admin,
+        {"model_name": pair["f32"], "max_seq_len": 2048, "draft_model": {"draft_model_name": DEFAULT_MODEL}},
+    )
     resp = chat(api, prompt, max_tokens=48)
     assert resp["usage"]["accepted_draft_tokens"] > 0.5 * resp["usage"]["drafted_tokens"] > 0
     assert content(resp)[:40] == plain[:40]

@@ -18,8 +18,9 @@ from tests.server import REPO
 
 
 def _flags() -> dict[str, str]:
-    out = subprocess.run([str(REPO / "scripts/setup.sh"), "flags"], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
+    out = subprocess.run(
+        [str(REPO / "scripts/setup.sh"), "flags"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
@@ -46,8 +47,13 @@ def test_x86_flags_compile_no_amx_kernels_even_for_an_amx_cpu() -> None:
     cflags = shlex.split(args["-DCMAKE_C_FLAGS"])
 
     def macros(extra: list[str]) -> str:
-        return subprocess.run([compiler, *extra, "-march=sapphirerapids", "-dM", "-E", "-"],
-                              input="", capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            [compiler, *extra, "-march=sapphirerapids", "-dM", "-E", "-"],
+            input="",
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
 
     assert "__AMX_INT8__" in macros([])  # the target has AMX: the check below means something
     defined = macros(cflags)

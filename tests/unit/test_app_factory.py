@@ -19,8 +19,9 @@ PRESET = "temperature:\n  override: 0.25\n  force: true\n"
 
 
 def client(tmp_path: Path, settings: Settings) -> TestClient:
-    app = create_app(settings, keys=KeyStore(tmp_path / "keys.yml", disabled=True),
-                     backend_loader=None, base_dir=tmp_path)  # type: ignore[arg-type]
+    app = create_app(
+        settings, keys=KeyStore(tmp_path / "keys.yml", disabled=True), backend_loader=None, base_dir=tmp_path
+    )  # type: ignore[arg-type]
     return TestClient(app, base_url="http://127.0.0.1")
 
 
@@ -58,9 +59,12 @@ def test_listings_read_the_folders_the_factory_resolved(tmp_path: Path) -> None:
     (tmp_path / "weights" / "drafts").mkdir(parents=True)
     (tmp_path / "weights" / "big.gguf").write_bytes(b"GGUF")
     (tmp_path / "weights" / "drafts" / "small.gguf").write_bytes(b"GGUF")
-    settings = Settings.model_validate({
-        "model": {"model_dir": "weights"}, "draft_model": {"draft_model_dir": "weights/drafts"},
-    })
+    settings = Settings.model_validate(
+        {
+            "model": {"model_dir": "weights"},
+            "draft_model": {"draft_model_dir": "weights/drafts"},
+        }
+    )
     with client(tmp_path, settings) as c:
         assert c.get("/v1/template/list").json()["data"] == ["mine"]
         models = [m["id"] for m in c.get("/v1/models").json()["data"]]
@@ -69,12 +73,14 @@ def test_listings_read_the_folders_the_factory_resolved(tmp_path: Path) -> None:
 
 
 def test_relative_folders_resolve_under_the_base_directory(tmp_path: Path) -> None:
-    settings = Settings.model_validate({
-        "model": {"model_dir": "m"}, "lora": {"lora_dir": "~/adapters"},
-        "draft_model": {"draft_model_dir": str(tmp_path / "abs")},
-    })
-    state = build_state(settings, KeyStore(tmp_path / "k.yml", disabled=True),
-                        None, tmp_path)  # type: ignore[arg-type]
+    settings = Settings.model_validate(
+        {
+            "model": {"model_dir": "m"},
+            "lora": {"lora_dir": "~/adapters"},
+            "draft_model": {"draft_model_dir": str(tmp_path / "abs")},
+        }
+    )
+    state = build_state(settings, KeyStore(tmp_path / "k.yml", disabled=True), None, tmp_path)  # type: ignore[arg-type]
     assert state.paths.model_dir == tmp_path / "m"
     assert state.paths.lora_dir == Path("~/adapters").expanduser()
     assert state.paths.draft_model_dir == tmp_path / "abs"

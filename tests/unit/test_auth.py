@@ -55,8 +55,9 @@ def write_keys(path: Path, api: str | list[str], admin: str) -> None:
     os.utime(path, ns=(bumped, bumped))
 
 
-def make_store(tmp_path: Path, api: str | list[str] = API_KEY, admin: str = ADMIN_KEY,
-               clock: FakeClock | None = None) -> KeyStore:
+def make_store(
+    tmp_path: Path, api: str | list[str] = API_KEY, admin: str = ADMIN_KEY, clock: FakeClock | None = None
+) -> KeyStore:
     path = tmp_path / "api_tokens.yml"
     write_keys(path, api, admin)
     store = KeyStore(path, disabled=False, clock=clock or FakeClock())
@@ -213,8 +214,9 @@ def test_x_admin_key_decides_admin_check(tmp_path: Path) -> None:
 def test_permission_of_precedence(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     assert store.permission_of({"x-admin-key": ADMIN_KEY, "x-api-key": API_KEY}) is Permission.ADMIN
-    assert store.permission_of({"x-api-key": API_KEY, "authorization": f"Bearer {ADMIN_KEY}"}) \
-        is Permission.API
+    assert (
+        store.permission_of({"x-api-key": API_KEY, "authorization": f"Bearer {ADMIN_KEY}"}) is Permission.API
+    )
     assert store.permission_of({"authorization": f"bearer {ADMIN_KEY}"}) is Permission.ADMIN
     assert store.permission_of({"authorization": API_KEY}) is Permission.API
     with pytest.raises(AuthError, match="Invalid"):
@@ -247,8 +249,9 @@ def test_reload_if_changed(tmp_path: Path) -> None:
         store.check_admin({"x-admin-key": ADMIN_KEY})
 
 
-def test_broken_edit_revokes_every_key_and_warns_once(tmp_path: Path,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_broken_edit_revokes_every_key_and_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     clock = FakeClock()
     store = make_store(tmp_path, clock=clock)
     store.path.write_text("api_key: [broken\n")

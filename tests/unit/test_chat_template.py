@@ -157,7 +157,10 @@ def test_list_templates_lists_shipped_files() -> None:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_template_renders_tools_and_results(name: str) -> None:
     prompt = _shipped(name).render(
-        TOOL_CONVERSATION, add_generation_prompt=True, bos_token="<BOS>", eos_token="<EOS>",
+        TOOL_CONVERSATION,
+        add_generation_prompt=True,
+        bos_token="<BOS>",
+        eos_token="<EOS>",
         tools=TOOLS,
     )
     for text in ("SYSTEM-TEXT", "USER-ONE", "TOOL-RESULT-SUNNY", "ASSISTANT-ONE", "USER-TWO"):
@@ -174,9 +177,7 @@ def test_shipped_template_plain_conversation(name: str) -> None:
     with_prompt = template.render(
         CONVERSATION, add_generation_prompt=True, bos_token="<BOS>", eos_token="<EOS>"
     )
-    without = template.render(
-        CONVERSATION, add_generation_prompt=False, bos_token="<BOS>", eos_token="<EOS>"
-    )
+    without = template.render(CONVERSATION, add_generation_prompt=False, bos_token="<BOS>", eos_token="<EOS>")
     for message in CONVERSATION:
         assert message["content"] in with_prompt
     assert with_prompt.endswith(GENERATION_SUFFIX[name])
@@ -239,29 +240,29 @@ def test_metadata_needing_a_message() -> None:
 # --- environment ------------------------------------------------------------------------------
 
 HOSTILE = [
-    ("{{ ''.__class__ }}", 'unsafe'),
-    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", 'unsafe'),
-    ('{{ cycler.__init__.__globals__ }}', 'unsafe'),
-    ("{{ joiner.__init__.__globals__.os.popen('id').read() }}", 'unsafe'),
-    ("{{ lipsum.__globals__['os'] }}", 'unsafe'),
-    ('{{ namespace.__init__.__globals__ }}', 'unsafe'),
-    ('{{ raise_exception.__globals__ }}', 'unsafe'),
-    ("{{ strftime_now.__globals__['datetime'] }}", 'unsafe'),
-    ('{{ self._TemplateReference__context }}', 'unsafe'),
-    ('{{ self.__dict__ }}', 'unsafe'),
-    ("{{ '{0.__class__}'.format('') }}", 'unsafe'),
-    ('{{ messages.__class__.__base__ }}', 'unsafe'),
+    ("{{ ''.__class__ }}", "unsafe"),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),
+    ("{{ cycler.__init__.__globals__ }}", "unsafe"),
+    ("{{ joiner.__init__.__globals__.os.popen('id').read() }}", "unsafe"),
+    ("{{ lipsum.__globals__['os'] }}", "unsafe"),
+    ("{{ namespace.__init__.__globals__ }}", "unsafe"),
+    ("{{ raise_exception.__globals__ }}", "unsafe"),
+    ("{{ strftime_now.__globals__['datetime'] }}", "unsafe"),
+    ("{{ self._TemplateReference__context }}", "unsafe"),
+    ("{{ self.__dict__ }}", "unsafe"),
+    ("{{ '{0.__class__}'.format('') }}", "unsafe"),
+    ("{{ messages.__class__.__base__ }}", "unsafe"),
     ("{{ open('/etc/passwd').read() }}", "'open' is undefined"),
-    ("{% include '/etc/passwd' %}", 'no loader'),
-    ("{% import '/etc/passwd' as p %}{{ p }}", 'no loader'),
-    ("{% from '/etc/passwd' import x %}{{ x }}", 'no loader'),
-    ("{% extends '/etc/passwd' %}", 'no loader'),
-    ("{{ messages.append({'role': 'user'}) }}", 'unsafe'),
-    ('{% set m = messages.pop() %}', 'unsafe'),
-    ("{{ 'x' * 100000000 }}", 'longer than'),
-    ('{{ 2 ** 100000000 }}', 'bits'),
-    ('{% for i in range(1000000000) %}{% endfor %}', 'Range too big'),
-    ('{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}', 'recursion'),
+    ("{% include '/etc/passwd' %}", "no loader"),
+    ("{% import '/etc/passwd' as p %}{{ p }}", "no loader"),
+    ("{% from '/etc/passwd' import x %}{{ x }}", "no loader"),
+    ("{% extends '/etc/passwd' %}", "no loader"),
+    ("{{ messages.append({'role': 'user'}) }}", "unsafe"),
+    ("{% set m = messages.pop() %}", "unsafe"),
+    ("{{ 'x' * 100000000 }}", "longer than"),
+    ("{{ 2 ** 100000000 }}", "bits"),
+    ("{% for i in range(1000000000) %}{% endfor %}", "Range too big"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursion"),
 ]
 
 
@@ -296,9 +297,7 @@ def test_undefined_attribute_is_template_error() -> None:
 
 def test_tojson_is_plain_json() -> None:
     value = {"b": "<tag> & 'quote' é", "a": [1, 2]}
-    assert _render("{{ v | tojson }}", template_vars={"v": value}) == json.dumps(
-        value, ensure_ascii=False
-    )
+    assert _render("{{ v | tojson }}", template_vars={"v": value}) == json.dumps(value, ensure_ascii=False)
     assert _render("{{ v | tojson(indent=2, sort_keys=true) }}", template_vars={"v": value}) == (
         json.dumps(value, ensure_ascii=False, indent=2, sort_keys=True)
     )
@@ -313,36 +312,39 @@ def test_generation_block_is_transparent() -> None:
 
 def test_globals_and_loop_controls() -> None:
     assert _render("{{ strftime_now('%Y') }}") == str(datetime.now().year)
-    source = "{% for i in range(9) %}{% if i == 1 %}{% continue %}{% endif %}" \
+    source = (
+        "{% for i in range(9) %}{% if i == 1 %}{% continue %}{% endif %}"
         "{% if i == 3 %}{% break %}{% endif %}{{ i }}{% endfor %}"
+    )
     assert _render(source) == "02"
 
 
 def test_trim_and_lstrip_blocks() -> None:
-    source = (
-        "{% for m in messages %}\n    {% if true %}\n{{ m['content'] }}|\n"
-        "    {% endif %}\n{% endfor %}"
-    )
+    source = "{% for m in messages %}\n    {% if true %}\n{{ m['content'] }}|\n    {% endif %}\n{% endfor %}"
     messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     assert _render(source, messages) == "a|\nb|\n"
 
 
 def test_variable_precedence() -> None:
-    source = "{{ bos_token }}|{{ messages | length }}|{{ custom }}|{{ add_generation_prompt }}" \
+    source = (
+        "{{ bos_token }}|{{ messages | length }}|{{ custom }}|{{ add_generation_prompt }}"
         "|{{ pad_token is defined }}|{{ tools }}"
+    )
     rendered = _render(
         source,
         [{"role": "user", "content": "x"}],
         add_generation_prompt=True,
         template_vars={
-            "bos_token": "EVIL", "messages": [], "custom": "C", "add_generation_prompt": False,
-            "pad_token": "P", "tools": ["t"],
+            "bos_token": "EVIL",
+            "messages": [],
+            "custom": "C",
+            "add_generation_prompt": False,
+            "pad_token": "P",
+            "tools": ["t"],
         },
     )
     assert rendered == "<s>|1|C|True|False|None"
-    assert _render("{{ pad_token }}{{ unk_token }}", pad_token="<pad>", unk_token="<unk>") == (
-        "<pad><unk>"
-    )
+    assert _render("{{ pad_token }}{{ unk_token }}", pad_token="<pad>", unk_token="<unk>") == ("<pad><unk>")
 
 
 # --- BOS --------------------------------------------------------------------------------------
@@ -374,9 +376,7 @@ def test_content_parts_are_concatenated() -> None:
     assert prepared[0]["content"] == "Describe this."
     assert prepared[1]["content"] == ""
     assert isinstance(messages[0]["content"], list)  # input untouched
-    prompt = _shipped("chatml").render(
-        messages[:1], add_generation_prompt=False, bos_token="", eos_token=""
-    )
+    prompt = _shipped("chatml").render(messages[:1], add_generation_prompt=False, bos_token="", eos_token="")
     assert prompt == "<|im_start|>user\nDescribe this.<|im_end|>\n"
 
 
@@ -385,9 +385,15 @@ def test_tool_call_arguments_are_parsed() -> None:
         return {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
 
     messages = [
-        {"role": "assistant", "content": "", "tool_calls": [
-            call('{"x": 1, "y": [true]}'), call("not json"), call("[1, 2]"),
-        ]}
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                call('{"x": 1, "y": [true]}'),
+                call("not json"),
+                call("[1, 2]"),
+            ],
+        }
     ]
     prepared = prepare_messages(messages)
     arguments = [c["function"]["arguments"] for c in prepared[0]["tool_calls"]]
@@ -405,11 +411,15 @@ def test_tool_call_arguments_are_parsed() -> None:
 def test_tool_messages_follow_tool_call_order() -> None:
     messages = [
         {"role": "user", "content": "q"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
-            {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}},
-            {"id": "c", "type": "function", "function": {"name": "h", "arguments": "{}"}},
-        ]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+                {"id": "c", "type": "function", "function": {"name": "h", "arguments": "{}"}},
+            ],
+        },
         {"role": "tool", "tool_call_id": "zzz", "content": "unknown"},
         {"role": "tool", "tool_call_id": "c", "content": "C"},
         {"role": "tool", "tool_call_id": "a", "content": "A"},
@@ -442,9 +452,11 @@ def test_continue_final_message_cut_point() -> None:
         "<|im_start|>assistant\nThe answer is"
     )
     spaced = [*messages[:-1], {"role": "assistant", "content": "The answer is "}]
-    assert _shipped("chatml").render_continuation(
-        spaced, bos_token="", eos_token=""
-    ).endswith("assistant\nThe answer is ")
+    assert (
+        _shipped("chatml")
+        .render_continuation(spaced, bos_token="", eos_token="")
+        .endswith("assistant\nThe answer is ")
+    )
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -501,8 +513,9 @@ def _find(templates_dir: Path, model_path: Path, **kwargs: object) -> ChatTempla
 
 def _which(template: ChatTemplate | None) -> str:
     assert template is not None
-    return template.render([{"role": "user", "content": ""}], add_generation_prompt=False,
-                           bos_token="", eos_token="")
+    return template.render(
+        [{"role": "user", "content": ""}], add_generation_prompt=False, bos_token="", eos_token=""
+    )
 
 
 def test_discovery_order(layout: tuple[Path, Path]) -> None:
@@ -520,10 +533,16 @@ def test_discovery_order(layout: tuple[Path, Path]) -> None:
     chosen = _find(templates_dir, model_dir, gguf_template=gguf)
     assert chosen is not None and chosen.name == "from_gguf_metadata" and _which(chosen) == "GGUF"
     # ... and a tokenizer_config.json beside it beats the GGUF (list form: "default" entry).
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
-        {"name": "tool_use", "template": _tpl("TOOLUSE")},
-        {"name": "default", "template": _tpl("CFGDEFAULT")},
-    ]}))
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": [
+                    {"name": "tool_use", "template": _tpl("TOOLUSE")},
+                    {"name": "default", "template": _tpl("CFGDEFAULT")},
+                ]
+            }
+        )
+    )
     chosen = _find(templates_dir, model_dir, gguf_template=gguf)
     assert chosen is not None and chosen.name == "default" and _which(chosen) == "CFGDEFAULT"
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": _tpl("CFG")}))
@@ -542,12 +561,23 @@ def test_discovery_order(layout: tuple[Path, Path]) -> None:
     chosen = _find(templates_dir, model_dir, gguf_template=gguf, prompt_template="picked")
     assert chosen is not None and chosen.name == "picked" and _which(chosen) == "PICKED"
     # 1b: not in templates/ -> a named template from the GGUF, then from tokenizer_config.json.
-    chosen = _find(templates_dir, model_dir, gguf_template=gguf, prompt_template="tool_use",
-                   gguf_named_templates={"tool_use": _tpl("GGUFTOOL")})
+    chosen = _find(
+        templates_dir,
+        model_dir,
+        gguf_template=gguf,
+        prompt_template="tool_use",
+        gguf_named_templates={"tool_use": _tpl("GGUFTOOL")},
+    )
     assert chosen is not None and chosen.name == "tool_use" and _which(chosen) == "GGUFTOOL"
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
-        {"name": "tool_use", "template": _tpl("CFGTOOL")},
-    ]}))
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": [
+                    {"name": "tool_use", "template": _tpl("CFGTOOL")},
+                ]
+            }
+        )
+    )
     assert _which(_find(templates_dir, model_dir, prompt_template="tool_use")) == "CFGTOOL"
     # an unknown prompt_template falls through to the other rules.
     assert _which(_find(templates_dir, model_dir, prompt_template="missing")) == "TABBY"

@@ -9,12 +9,17 @@ import asyncio
 import pytest
 
 import kodkod.engine.loop as loop_module
+from kodkod.core.types import FinishEvent, GenerationRequest
 from kodkod.engine.client import EngineClient
-from kodkod.engine.compaction import COMPACT_AFTER_EVICTED, Move, compact, plan_compaction
+from kodkod.engine.compaction import (
+    COMPACT_AFTER_EVICTED,
+    Move,
+    compact,
+    plan_compaction,
+)
 from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.loop import EngineConfig
 from kodkod.engine.scheduler import CopyPrefix, Scheduler, SchedulerConfig, Truncate
-from kodkod.engine.types import FinishEvent, GenerationRequest
 from tests.fakes import FakeBackend
 from tests.unit.test_engine_loop import wait_idle
 from tests.unit.test_scheduler import make_seq
@@ -28,7 +33,7 @@ def replay(backend: FakeBackend, sched: Scheduler, plan) -> None:
         elif isinstance(op, Truncate):
             backend.kv_remove(op.slot, op.length, -1)
     for e in plan.entries:
-        backend.kv[e.seq.slot].extend(e.seq.tokens[e.start:e.start + e.num_tokens])
+        backend.kv[e.seq.slot].extend(e.seq.tokens[e.start : e.start + e.num_tokens])
     sched.commit(plan)
     for e in plan.entries:
         if e.num_logits:
@@ -51,8 +56,9 @@ def test_with_a_host_tier_compaction_keeps_the_cached_slot_live() -> None:
     packs what is cached instead of pushing it out."""
     backend = FakeBackend(kv_capacity=4000, num_slots=8)
     host = HostPrefixCache(budget_bytes=10**9)
-    sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=4000, num_slots=8,
-                      host=host)
+    sched = Scheduler(
+        SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=4000, num_slots=8, host=host
+    )
     assert sched.busy_cache_cells == 0
     a = finish(backend, sched, list(range(300)), "a")
     c = finish(backend, sched, list(range(1000, 1100)), "c")

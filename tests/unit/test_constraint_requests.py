@@ -14,7 +14,7 @@ from kodkod.api.openai.constrain import output_spec, response_format_spec, tool_
 from kodkod.api.openai.schemas import ResponseFormat, ToolSpec
 from kodkod.chat.channels import SplitterConfig
 from kodkod.chat.tools import tool_format
-from kodkod.engine.constraints import GrammarKind
+from kodkod.core.constraints import GrammarKind
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
 TOOLS = [ToolSpec.model_validate({"type": "function", "function": {"name": "f", "parameters": SCHEMA}})]
@@ -66,8 +66,13 @@ def test_forced_tool_grammar() -> None:
 
 @pytest.mark.parametrize(
     ("value", "mode", "name"),
-    [(None, "auto", None), ("none", "none", None), ("auto", "auto", None),
-     ("required", "required", None), ({"type": "function", "function": {"name": "f"}}, "function", "f")],
+    [
+        (None, "auto", None),
+        ("none", "none", None),
+        ("auto", "auto", None),
+        ("required", "required", None),
+        ({"type": "function", "function": {"name": "f"}}, "function", "f"),
+    ],
 )
 def test_tool_choice(value: object, mode: str, name: str | None) -> None:
     choice = tool_choice(TOOLS, value)  # type: ignore[arg-type]
@@ -75,8 +80,9 @@ def test_tool_choice(value: object, mode: str, name: str | None) -> None:
     assert tool_choice(None, None).mode == "none"
 
 
-@pytest.mark.parametrize("value", ["sometimes", {"type": "function", "function": {"name": "g"}},
-                                   {"type": "other"}])
+@pytest.mark.parametrize(
+    "value", ["sometimes", {"type": "function", "function": {"name": "g"}}, {"type": "other"}]
+)
 def test_bad_tool_choice(value: object) -> None:
     with pytest.raises(ApiError):
         tool_choice(TOOLS, value)  # type: ignore[arg-type]
@@ -110,7 +116,7 @@ def test_choice_output_stream_and_message() -> None:
 
 def test_unparseable_tool_text_stays_content() -> None:
     out = ChoiceOutput(SplitterConfig(tool=("<tool_call>", "</tool_call>")), tool_format(None))
-    out.feed("<tool_call>oops</tool_call> and <tool_call>{\"na")
+    out.feed('<tool_call>oops</tool_call> and <tool_call>{"na')
     out.finish()
     assert out.message()["content"] == '<tool_call>oops</tool_call> and <tool_call>{"na'
     assert out.message()["tool_calls"] is None and out.finish_reason("length") == "length"
@@ -118,10 +124,22 @@ def test_unparseable_tool_text_stays_content() -> None:
 
 def test_chat_logprobs_cover_the_content_phase_only() -> None:
     from kodkod.api.openai.chat_output import content_logprobs_of
-    from kodkod.engine.types import TokenLogprob
+    from kodkod.core.types import TokenLogprob
 
-    pieces = ["<think>", "hm", "m", "</", "think>", "\n\nThe", " sky", " <tool_call>", '{"name": "f",',
-              ' "arguments": {}}', "</tool_call>", " ok"]
+    pieces = [
+        "<think>",
+        "hm",
+        "m",
+        "</",
+        "think>",
+        "\n\nThe",
+        " sky",
+        " <tool_call>",
+        '{"name": "f",',
+        ' "arguments": {}}',
+        "</tool_call>",
+        " ok",
+    ]
     lps = [TokenLogprob(i, p, -0.1 * i, []) for i, p in enumerate(pieces)]
     cfg = SplitterConfig(reasoning=("<think>", "</think>"), tool=("<tool_call>", "</tool_call>"))
     kept = content_logprobs_of(cfg, tool_format(None), lps)

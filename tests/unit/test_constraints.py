@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kodkod.engine.constraints import (
+from kodkod.core.constraints import (
     DelayedConstraint,
     GrammarError,
     GrammarKind,
@@ -117,10 +117,11 @@ def test_delayed_rollback_before_the_marker() -> None:
 
 @pytest.fixture(scope="module")
 def compiler(default_gguf: Path) -> Iterator[object]:
+    from kodkod.backends.llamacpp.grammar import LlgCompiler
     from kodkod.backends.llamacpp.model import LlamaModel
 
     model = LlamaModel.load(default_gguf, "vocab", vocab_only=True)
-    yield model.grammar_compiler()
+    yield LlgCompiler(model)
     model.close()
 
 
@@ -137,8 +138,12 @@ def _drive(compiler: object, spec: GrammarSpec, text: str) -> tuple[bool, MaskCo
     return True, constraint
 
 
-SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"enum": ["a", "b"]}},
-          "required": ["n", "s"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "integer"}, "s": {"enum": ["a", "b"]}},
+    "required": ["n", "s"],
+    "additionalProperties": False,
+}
 
 
 def test_json_schema_masks(compiler: object) -> None:
@@ -187,8 +192,9 @@ def test_bad_grammars_raise(compiler: object, spec: GrammarSpec) -> None:
 
 
 def test_lenient_schema_ignores_unknown_keywords(compiler: object) -> None:
-    spec = GrammarSpec(GrammarKind.JSON_SCHEMA, '{"type": "string", "format": "no-such-format"}',
-                       lenient=True)
+    spec = GrammarSpec(
+        GrammarKind.JSON_SCHEMA, '{"type": "string", "format": "no-such-format"}', lenient=True
+    )
     assert _drive(compiler, spec, '"hi"')[1].is_done()
 
 

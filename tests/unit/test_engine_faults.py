@@ -11,12 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from kodkod.backends.base import BatchRow
-from kodkod.engine.client import EngineClient, EngineUnavailableError, RequestError
-from kodkod.engine.faults import EngineFault
-from kodkod.engine.loop import EngineConfig
-from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import (
+from kodkod.core.backend_types import BatchRow
+from kodkod.core.types import (
     ErrorEvent,
     ErrorKind,
     FinishEvent,
@@ -25,6 +21,10 @@ from kodkod.engine.types import (
     SamplingParams,
     TokenEvent,
 )
+from kodkod.engine.client import EngineClient, EngineUnavailableError, RequestError
+from kodkod.engine.faults import EngineFault
+from kodkod.engine.loop import EngineConfig
+from kodkod.engine.stream import RequestStream
 from tests.fakes import FakeBackend
 
 CONFIG = EngineConfig(max_seq_len=200, max_batch_size=4, chunk_size=8)

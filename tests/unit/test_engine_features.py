@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from kodkod.core.types import EosReason, FinishEvent, GenerationRequest, TokenEvent
 from kodkod.engine.banned import BannedStringGuard, LoopDetector
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
-from kodkod.engine.types import EosReason, FinishEvent, GenerationRequest, TokenEvent
 from tests.fakes import FakeBackend
 
 

@@ -9,10 +9,7 @@ from typing import Any
 
 import pytest
 
-from kodkod.engine.client import ContextLengthError, EngineClient
-from kodkod.engine.loop import EngineConfig
-from kodkod.engine.stopping import StopStringMatcher
-from kodkod.engine.types import (
+from kodkod.core.types import (
     EosReason,
     ErrorEvent,
     ErrorKind,
@@ -21,6 +18,9 @@ from kodkod.engine.types import (
     GenerationRequest,
     TokenEvent,
 )
+from kodkod.engine.client import ContextLengthError, EngineClient
+from kodkod.engine.loop import EngineConfig
+from kodkod.engine.stopping import StopStringMatcher
 from tests.fakes import FakeBackend
 
 

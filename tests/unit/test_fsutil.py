@@ -29,8 +29,7 @@ def test_atomic_write_replaces_whole_file_with_mode_and_leaves_no_temp(tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yml"]
 
 
-def test_atomic_write_key_mode_from_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                              ) -> None:
+def test_atomic_write_key_mode_from_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The temp file already has mode 0600 when the data is written (never world-readable)."""
     seen: list[int] = []
     real_write = os.write
@@ -54,8 +53,7 @@ def test_atomic_write_exclusive_never_replaces(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["api_tokens.yml"]
 
 
-def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                  ) -> None:
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "config.yml"
     target.write_text("old\n")
 

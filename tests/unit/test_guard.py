@@ -22,8 +22,16 @@ def policy(host: str = "127.0.0.1", **network: object) -> HostPolicy:
 
 @pytest.mark.parametrize(
     ("header", "name"),
-    [("localhost:5000", "localhost"), ("127.0.0.1", "127.0.0.1"), ("[::1]:5000", "::1"),
-     ("Example.COM.", "example.com"), ("a:b", None), ("[::1", None), ("::1", None), (":80", None)],
+    [
+        ("localhost:5000", "localhost"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("[::1]:5000", "::1"),
+        ("Example.COM.", "example.com"),
+        ("a:b", None),
+        ("[::1", None),
+        ("::1", None),
+        (":80", None),
+    ],
 )
 def test_host_name(header: str, name: str | None) -> None:
     assert host_name(header) == name
@@ -37,8 +45,8 @@ def test_loopback_bind_accepts_loopback_hosts(host: str | None) -> None:
 
 
 @pytest.mark.parametrize(
-    "host", ["evil.example", "evil.example:5000", "localhost.evil.example", "10.0.0.1:5000",
-             "[::2]", "bad header:x"]
+    "host",
+    ["evil.example", "evil.example:5000", "localhost.evil.example", "10.0.0.1:5000", "[::2]", "bad header:x"],
 )
 def test_loopback_bind_refuses_other_hosts(host: str) -> None:
     assert not policy().host_allowed(host)
@@ -106,16 +114,17 @@ def test_guard_refuses_foreign_host_and_origin_with_openai_errors() -> None:
     r = client.post("/v1/thing", headers={"host": "evil.example:5000"})
     assert r.status_code == 400 and "allowed_hosts" in r.json()["error"]["message"]
     # A "simple" cross-site POST (no preflight) is refused, not just left without CORS headers.
-    r = client.post("/v1/thing", headers={"origin": "https://evil.example",
-                                          "content-type": "text/plain"})
+    r = client.post("/v1/thing", headers={"origin": "https://evil.example", "content-type": "text/plain"})
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
     assert "access-control-allow-origin" not in r.headers
 
 
 def test_cors_reflects_allowed_origins_without_credentials() -> None:
     client = _app(policy(cors_origins=["https://lite.example"]))
-    pre = {"access-control-request-method": "POST",
-           "access-control-request-headers": "authorization, content-type"}
+    pre = {
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type",
+    }
     r = client.options("/v1/thing", headers={"origin": "https://lite.example", **pre})
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == "https://lite.example"
@@ -130,16 +139,23 @@ def test_cors_reflects_allowed_origins_without_credentials() -> None:
 
 def test_cors_star_never_with_credentials() -> None:
     client = _app(policy(cors_origins=["*"]))
-    r = client.options("/v1/thing", headers={"origin": "https://any.example",
-                                             "access-control-request-method": "POST"})
+    r = client.options(
+        "/v1/thing", headers={"origin": "https://any.example", "access-control-request-method": "POST"}
+    )
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
     assert "access-control-allow-credentials" not in r.headers
 
 
 def test_request_log_redaction() -> None:
-    headers = redact_headers([(b"Authorization", b"Bearer sekrit"), (b"x-api-key", b"sekrit"),
-                              (b"X-Admin-Key", b"sekrit"), (b"cookie", b"a=sekrit"),
-                              (b"user-agent", b"curl")])
+    headers = redact_headers(
+        [
+            (b"Authorization", b"Bearer sekrit"),
+            (b"x-api-key", b"sekrit"),
+            (b"X-Admin-Key", b"sekrit"),
+            (b"cookie", b"a=sekrit"),
+            (b"user-agent", b"curl"),
+        ]
+    )
     assert "sekrit" not in repr(headers) and ("user-agent", "curl") in headers
     assert redact_query("n=1&genkey=KCPP1&api_key=sekrit&token=x") == (
         f"n=1&genkey={REDACTED}&api_key={REDACTED}&token={REDACTED}"

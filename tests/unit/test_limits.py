@@ -11,13 +11,7 @@ import pytest
 
 from kodkod.api.errors import ApiError
 from kodkod.api.validation import check_choices, check_generation_limits
-from kodkod.engine import stream as stream_mod
-from kodkod.engine.banned import BannedStringGuard
-from kodkod.engine.client import EngineClient
-from kodkod.engine.loop import EngineConfig
-from kodkod.engine.stopping import StopStringMatcher, partial_match_len
-from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import (
+from kodkod.core.types import (
     EosReason,
     ErrorEvent,
     FinishEvent,
@@ -26,6 +20,12 @@ from kodkod.engine.types import (
     TokenEvent,
     Usage,
 )
+from kodkod.engine import stream as stream_mod
+from kodkod.engine.banned import BannedStringGuard
+from kodkod.engine.client import EngineClient
+from kodkod.engine.loop import EngineConfig
+from kodkod.engine.stopping import StopStringMatcher, partial_match_len
+from kodkod.engine.stream import RequestStream
 from kodkod.settings import LimitsSettings, Settings
 from tests.fakes import FakeBackend
 
@@ -54,12 +54,12 @@ def naive_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
 def test_partial_match_len_agrees_with_the_naive_definition() -> None:
     rng = random.Random(7)
     for _ in range(3000):
-        needles = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 7)))
-                   for _ in range(rng.randint(1, 4))]
+        needles = [
+            "".join(rng.choice("ab") for _ in range(rng.randint(1, 7))) for _ in range(rng.randint(1, 4))
+        ]
         text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
         max_len = max(len(n) for n in needles)
-        assert partial_match_len(text, needles, max_len) == naive_partial(text, needles), (
-            text, needles)
+        assert partial_match_len(text, needles, max_len) == naive_partial(text, needles), (text, needles)
 
 
 class RecordingStr(str):
@@ -82,8 +82,9 @@ def test_partial_match_looks_only_at_the_tail_of_a_long_text() -> None:
 def test_stop_matcher_streams_like_the_naive_matcher_and_holds_little() -> None:
     rng = random.Random(11)
     for _ in range(1500):
-        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5)))
-                 for _ in range(rng.randint(1, 3))]
+        stops = [
+            "".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))
+        ]
         text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 40)))
         m = StopStringMatcher(stops)
         out, hit, i = [], None, 0
@@ -221,20 +222,28 @@ def test_in_flight_counts_every_request_until_it_ends() -> None:
 
 
 def values(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"logprobs": 0, "top_logprobs": 0, "stop": [], "banned_strings": [],
-                            "dry_sequence_breakers": ["\n"]}
+    base: dict[str, Any] = {
+        "logprobs": 0,
+        "top_logprobs": 0,
+        "stop": [],
+        "banned_strings": [],
+        "dry_sequence_breakers": ["\n"],
+    }
     return {**base, **kw}
 
 
-@pytest.mark.parametrize("kw, field", [
-    ({"logprobs": 21}, "logprobs"),
-    ({"top_logprobs": 100000}, "top_logprobs"),
-    ({"stop": ["s"] * 65}, "stop"),
-    ({"stop": "x" * 1001}, "stop"),
-    ({"banned_strings": ["b"] * 257}, "banned_strings"),
-    ({"banned_strings": ["y" * 1001]}, "banned_strings"),
-    ({"dry_sequence_breakers": ["z"] * 65}, "dry_sequence_breakers"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"logprobs": 21}, "logprobs"),
+        ({"top_logprobs": 100000}, "top_logprobs"),
+        ({"stop": ["s"] * 65}, "stop"),
+        ({"stop": "x" * 1001}, "stop"),
+        ({"banned_strings": ["b"] * 257}, "banned_strings"),
+        ({"banned_strings": ["y" * 1001]}, "banned_strings"),
+        ({"dry_sequence_breakers": ["z"] * 65}, "dry_sequence_breakers"),
+    ],
+)
 def test_generation_limits_refuse_with_a_400_naming_the_field(kw: dict[str, Any], field: str) -> None:
     with pytest.raises(ApiError) as exc:
         check_generation_limits(values(**kw), LimitsSettings())
@@ -242,8 +251,10 @@ def test_generation_limits_refuse_with_a_400_naming_the_field(kw: dict[str, Any]
 
 
 def test_generation_limits_accept_values_at_the_limit() -> None:
-    check_generation_limits(values(logprobs=20, top_logprobs=20, stop=["s" * 1000] * 64,
-                                   banned_strings=["b"] * 256), LimitsSettings())
+    check_generation_limits(
+        values(logprobs=20, top_logprobs=20, stop=["s" * 1000] * 64, banned_strings=["b"] * 256),
+        LimitsSettings(),
+    )
     check_choices(128, LimitsSettings())
     with pytest.raises(ApiError) as exc:
         check_choices(129, LimitsSettings())

@@ -55,8 +55,7 @@ IDS = [b.name for b in ROWS]
 
 
 @pytest.mark.parametrize("b", ROWS, ids=IDS)
-def test_config_section_and_cli_flag(b: LoadBound, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_section_and_cli_flag(b: LoadBound, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # no ./config.yml
     section, _ = section_of(b.name)
     ok, bad = cases(b)
@@ -117,8 +116,9 @@ def test_tabby_config(b: LoadBound, tmp_path: Path) -> None:
     section, _ = section_of(b.name)
     ok, bad = cases(b)
     for value in ok:
-        params = build_params(Settings(), folder(tmp_path, f"{section}:\n  {b.name}: {value}\n"),
-                              {}, startup=False)
+        params = build_params(
+            Settings(), folder(tmp_path, f"{section}:\n  {b.name}: {value}\n"), {}, startup=False
+        )
         assert params is not None
     for value in bad:
         entry = folder(tmp_path, f"{section}:\n  {b.name}: {value}\n")
@@ -138,16 +138,28 @@ def test_request_and_tabby_config_keys_are_config_keys() -> None:
     """The load request and tabby_config.yml name nothing the config sections do not declare
     (so a key has one meaning and, via LOAD_BOUNDS, one set of bounds everywhere)."""
     assert set(ModelLoadRequest.model_fields) - set(ModelSettings.model_fields) == {
-        "skip_queue", "draft_model"}
+        "skip_queue",
+        "draft_model",
+    }
     assert set(DraftLoadRequest.model_fields) <= set(DraftModelSettings.model_fields)
     assert set(ModelSettings.model_fields) >= _PARAM_KEYS | _EXTRA_KEYS
     assert set(DraftModelSettings.model_fields) >= _DRAFT_KEYS
-    numeric = {name for name, info in {**ModelSettings.model_fields,
-                                       **DraftModelSettings.model_fields}.items()
-               if "int" in str(info.annotation) or "float" in str(info.annotation)}
+    numeric = {
+        name
+        for name, info in {**ModelSettings.model_fields, **DraftModelSettings.model_fields}.items()
+        if "int" in str(info.annotation) or "float" in str(info.annotation)
+    }
     unbounded = numeric - set(LOAD_BOUNDS)
     # Keys with no bound: ignored legacy keys, rope_alpha ("auto" too), GPU lists, the grace
     # period (config only, checked >= 0 there), reasoning budget (negative = no limit).
-    assert unbounded == {"override_base_seq_len", "num_experts_per_token", "rope_alpha",
-                         "draft_rope_alpha", "autosplit_reserve", "gpu_split", "draft_gpu_split",
-                         "unload_grace_s", "reasoning_budget_tokens"}, unbounded
+    assert unbounded == {
+        "override_base_seq_len",
+        "num_experts_per_token",
+        "rope_alpha",
+        "draft_rope_alpha",
+        "autosplit_reserve",
+        "gpu_split",
+        "draft_gpu_split",
+        "unload_grace_s",
+        "reasoning_budget_tokens",
+    }, unbounded

@@ -29,25 +29,35 @@ BASE = BaseFacts(
     "llama",
     {
         "token_embd.weight": (8, 32),
-        "blk.0.attn_q.weight": (8, 8), "blk.0.attn_k.weight": (8, 4),
-        "blk.0.attn_v.weight": (8, 4), "blk.0.attn_output.weight": (8, 8),
-        "blk.0.ffn_up.weight": (8, 16), "blk.0.ffn_down.weight": (16, 8),
+        "blk.0.attn_q.weight": (8, 8),
+        "blk.0.attn_k.weight": (8, 4),
+        "blk.0.attn_v.weight": (8, 4),
+        "blk.0.attn_output.weight": (8, 8),
+        "blk.0.ffn_up.weight": (8, 16),
+        "blk.0.ffn_down.weight": (16, 8),
         "blk.0.attn_norm.weight": (8,),
     },
-    n_head=2, n_head_kv=1,
+    n_head=2,
+    n_head_kv=1,
 )
 HEADS = (2, 1)
 
 
-def adapter(seed: int = 0, rank: int = 2, alpha: float = 4.0,
-            targets: tuple[str, ...] = ("attn_q", "attn_k", "attn_v", "ffn_down")) -> Adapter:
+def adapter(
+    seed: int = 0,
+    rank: int = 2,
+    alpha: float = 4.0,
+    targets: tuple[str, ...] = ("attn_q", "attn_k", "attn_v", "ffn_down"),
+) -> Adapter:
     rng = np.random.default_rng(seed)
     pairs = {}
     for t in targets:
         name = f"blk.0.{t}.weight"
         n_in, n_out = BASE.shapes[name]
-        pairs[name] = (rng.normal(size=(rank, n_in)).astype(np.float32),
-                       rng.normal(size=(n_out, rank)).astype(np.float32))
+        pairs[name] = (
+            rng.normal(size=(rank, n_in)).astype(np.float32),
+            rng.normal(size=(n_out, rank)).astype(np.float32),
+        )
     return Adapter("llama", alpha, pairs)
 
 
@@ -102,17 +112,47 @@ def test_a_fitting_adapter_passes(tmp_path: Path) -> None:
         ({"general_type": "model"}, None, "not an adapter"),
         ({"adapter_type": "control_vector"}, None, "not a LoRA adapter"),
         ({}, {"blk.0.attn_q.weight.lora_a": np.zeros((2, 8), np.float32)}, "only one of lora_a"),
-        ({}, {"blk.9.attn_q.weight.lora_a": np.zeros((2, 8), np.float32),
-              "blk.9.attn_q.weight.lora_b": np.zeros((8, 2), np.float32)}, "does not have"),
-        ({}, {"blk.0.attn_q.weight.lora_a": np.zeros((2, 6), np.float32),
-              "blk.0.attn_q.weight.lora_b": np.zeros((8, 2), np.float32)}, "do not fit"),
-        ({}, {"blk.0.attn_k.weight.lora_a": np.zeros((2, 8), np.float32),
-              "blk.0.attn_k.weight.lora_b": np.zeros((8, 2), np.float32)}, "do not fit"),
-        ({}, {"blk.0.attn_q.weight.lora_a": np.zeros((2, 8), np.float32),
-              "blk.0.attn_q.weight.lora_b": np.zeros((8, 3), np.float32)}, "do not fit"),
+        (
+            {},
+            {
+                "blk.9.attn_q.weight.lora_a": np.zeros((2, 8), np.float32),
+                "blk.9.attn_q.weight.lora_b": np.zeros((8, 2), np.float32),
+            },
+            "does not have",
+        ),
+        (
+            {},
+            {
+                "blk.0.attn_q.weight.lora_a": np.zeros((2, 6), np.float32),
+                "blk.0.attn_q.weight.lora_b": np.zeros((8, 2), np.float32),
+            },
+            "do not fit",
+        ),
+        (
+            {},
+            {
+                "blk.0.attn_k.weight.lora_a": np.zeros((2, 8), np.float32),
+                "blk.0.attn_k.weight.lora_b": np.zeros((8, 2), np.float32),
+            },
+            "do not fit",
+        ),
+        (
+            {},
+            {
+                "blk.0.attn_q.weight.lora_a": np.zeros((2, 8), np.float32),
+                "blk.0.attn_q.weight.lora_b": np.zeros((8, 3), np.float32),
+            },
+            "do not fit",
+        ),
         ({}, {"blk.0.attn_q.weight": np.zeros((8, 8), np.float32)}, "unexpected tensor"),
-        ({}, {"blk.0.attn_norm.weight.lora_a": np.zeros((2, 8), np.float32),
-              "blk.0.attn_norm.weight.lora_b": np.zeros((8, 2), np.float32)}, "not a matrix"),
+        (
+            {},
+            {
+                "blk.0.attn_norm.weight.lora_a": np.zeros((2, 8), np.float32),
+                "blk.0.attn_norm.weight.lora_b": np.zeros((8, 2), np.float32),
+            },
+            "not a matrix",
+        ),
         ({}, {}, "no LoRA tensors"),
     ],
 )
@@ -121,8 +161,10 @@ def test_wrong_adapters_are_refused_with_the_reason(
 ) -> None:
     arch = kwargs.pop("arch", "llama")
     if tensors is None:
-        tensors = {"blk.0.attn_v.weight.lora_a": np.zeros((2, 8), np.float32),
-                   "blk.0.attn_v.weight.lora_b": np.zeros((4, 2), np.float32)}
+        tensors = {
+            "blk.0.attn_v.weight.lora_a": np.zeros((2, 8), np.float32),
+            "blk.0.attn_v.weight.lora_b": np.zeros((4, 2), np.float32),
+        }
     path = write_gguf_tensors(tmp_path / "bad.gguf", arch, tensors, **kwargs)
     with pytest.raises(LoraError, match=message):
         check_adapter(path, BASE, "bad")
@@ -159,9 +201,15 @@ def test_q_and_k_rows_follow_the_rotary_layout() -> None:
 
 def test_rslora_and_alpha_pattern_fold_into_b(tmp_path: Path) -> None:
     ad = adapter(rank=4, alpha=8.0, targets=("attn_v", "ffn_down"))
-    write_peft_adapter(tmp_path / "p", ad, HEADS, extra_config={
-        "use_rslora": True, "alpha_pattern": {"down_proj": 2.0},
-    })
+    write_peft_adapter(
+        tmp_path / "p",
+        ad,
+        HEADS,
+        extra_config={
+            "use_rslora": True,
+            "alpha_pattern": {"down_proj": 2.0},
+        },
+    )
     got = tensors_of(ensure_gguf(tmp_path / "p", BASE, "p"))
     # llama.cpp applies alpha/r = 2; PEFT wants alpha/sqrt(r) = 4 (v) and 2/sqrt(r) = 1 (down)
     v_b = ad.pairs["blk.0.attn_v.weight"][1]
@@ -175,8 +223,10 @@ def test_bf16_and_f16_sources_are_read(tmp_path: Path) -> None:
     x = np.array([[1.5, -2.25], [0.0, 3.0]], np.float32)
     bf16 = (x.view(np.uint32) >> 16).astype(np.uint16)
     path = tmp_path / "t.safetensors"
-    header = {"a": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]},
-              "b": {"dtype": "F16", "shape": [2, 2], "data_offsets": [8, 16]}}
+    header = {
+        "a": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F16", "shape": [2, 2], "data_offsets": [8, 16]},
+    }
     blob = json.dumps(header).encode()
     path.write_bytes(len(blob).to_bytes(8, "little") + blob + bf16.tobytes() + x.astype(np.float16).tobytes())
     got = read_safetensors(path)
@@ -190,17 +240,21 @@ def test_bf16_and_f16_sources_are_read(tmp_path: Path) -> None:
         ({"bias": "all"}, {}, "trains biases"),
         ({"fan_in_fan_out": True}, {}, "fan_in_fan_out"),
         ({"peft_type": "IA3"}, {}, "only LoRA"),
-        ({}, {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((2, 32), np.float32)},
-         "embed_tokens"),
-        ({}, {"base_model.model.model.layers.0.self_attn.rotary.lora_A.weight": np.zeros((2, 8), np.float32)},
-         "target module 'rotary'"),
+        (
+            {},
+            {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((2, 32), np.float32)},
+            "embed_tokens",
+        ),
+        (
+            {},
+            {"base_model.model.model.layers.0.self_attn.rotary.lora_A.weight": np.zeros((2, 8), np.float32)},
+            "target module 'rotary'",
+        ),
         ({}, {"base_model.model.lm_head.lora_A.weight": np.zeros((2, 8), np.float32)}, "ties its output"),
         ({}, {"base_model.model.lm_head.weight": np.zeros((32, 8), np.float32)}, "modules_to_save"),
     ],
 )
-def test_unsupported_peft_adapters_say_why(
-    tmp_path: Path, config: dict, tensors: dict, message: str
-) -> None:
+def test_unsupported_peft_adapters_say_why(tmp_path: Path, config: dict, tensors: dict, message: str) -> None:
     write_peft_adapter(tmp_path / "p", adapter(), HEADS, extra_config=config, extra_tensors=tensors)
     with pytest.raises(LoraError, match=message):
         ensure_gguf(tmp_path / "p", BASE, "p")
@@ -232,8 +286,9 @@ def test_the_conversion_is_cached_and_redone_when_the_source_changes(tmp_path: P
     write_peft_adapter(tmp_path / "p", adapter(seed=2), HEADS)
     os.utime(tmp_path / "p" / "adapter_model.safetensors", ns=(1, stamp + 10**9))
     second = ensure_gguf(tmp_path / "p", BASE, "p")
-    assert np.array_equal(tensors_of(second)["blk.0.attn_v.weight.lora_a"],
-                          adapter(seed=2).pairs["blk.0.attn_v.weight"][0])
+    assert np.array_equal(
+        tensors_of(second)["blk.0.attn_v.weight.lora_a"], adapter(seed=2).pairs["blk.0.attn_v.weight"][0]
+    )
 
 
 def test_an_unwritable_adapter_folder_caches_in_the_private_user_folder(
@@ -253,8 +308,12 @@ def test_an_unwritable_adapter_folder_caches_in_the_private_user_folder(
 
 def test_library_checks_request_adapters(tmp_path: Path) -> None:
     model = tmp_path / "model.gguf"
-    write_gguf_tensors(model, "llama", {n: np.zeros(tuple(reversed(s)), np.float32)
-                                        for n, s in BASE.shapes.items()}, general_type="model")
+    write_gguf_tensors(
+        model,
+        "llama",
+        {n: np.zeros(tuple(reversed(s)), np.float32) for n, s in BASE.shapes.items()},
+        general_type="model",
+    )
     loras = tmp_path / "loras"
     write_gguf_adapter(loras / "good.gguf", adapter())
     write_gguf_adapter(loras / "gemma.gguf", Adapter("gemma3", 4.0, adapter().pairs))

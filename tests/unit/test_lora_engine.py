@@ -9,12 +9,18 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
-from kodkod.backends.base import AdapterError, BatchRow
+from kodkod.core.backend_types import AdapterError, BackendCapabilities, BatchRow
+from kodkod.core.types import (
+    AdapterKey,
+    ErrorEvent,
+    ErrorKind,
+    FinishEvent,
+    GenerationRequest,
+)
 from kodkod.engine.adapters import pick_group
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
 from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind
-from kodkod.engine.types import AdapterKey, ErrorEvent, ErrorKind, FinishEvent, GenerationRequest
 from tests.fakes import FakeBackend
 from tests.unit.test_scheduler import make_seq, run_step
 
@@ -103,6 +109,7 @@ class AdapterBackend(FakeBackend):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.adapters = FakeHost({"a": 1, "b": 2})
+        self.capabilities = BackendCapabilities(adapters=self.adapters)
         self.batch_keys: list[AdapterKey] = []
 
     def next_token(self, t: int) -> int:
@@ -181,8 +188,7 @@ def test_waiting_requests_follow_a_swap() -> None:
         swapped = asyncio.ensure_future(client.run_exclusive(swap))
         await asyncio.sleep(0)  # one turn of the loop: the swap's command is queued
         follows = client.submit(GenerationRequest("follows", [20, 21], max_tokens=4))
-        names_b = client.submit(GenerationRequest("names_b", [20, 21], max_tokens=4,
-                                                  adapters=(("b", 1.0),)))
+        names_b = client.submit(GenerationRequest("names_b", [20, 21], max_tokens=4, adapters=(("b", 1.0),)))
         (long_tokens, long_final), _ = await asyncio.gather(long.collect(), swapped)
         assert isinstance(long_final, FinishEvent)
         assert long_tokens.token_ids == expected(11, 0, 30)  # finished before the swap

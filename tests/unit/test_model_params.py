@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kodkod.backends.base import ModelInfo
+from kodkod.core.backend_types import ModelInfo
 from kodkod.models.context import plan_context
 from kodkod.models.loading import build_params, plan_load, read_tabby_config
 from kodkod.models.params import (
@@ -148,7 +148,10 @@ def test_precedence_use_as_default_request_tabby_config(tmp_path: Path) -> None:
     )
     settings = _settings(
         use_as_default=["max_seq_len", "cache_mode", "chunk_size", "max_batch_size"],
-        max_seq_len=2048, cache_mode="Q8", chunk_size=512, max_batch_size=3,
+        max_seq_len=2048,
+        cache_mode="Q8",
+        chunk_size=512,
+        max_batch_size=3,
     )
     p = build_params(settings, entry, {"max_seq_len": 1024, "chunk_size": 1024}, startup=False)
     assert p.max_seq_len == 1024  # request beats use_as_default
@@ -168,8 +171,10 @@ def test_draft_blocks_merge_separately(tmp_path: Path) -> None:
         {"model": {"use_as_default": ["draft_rope_scale"]}, "draft_model": {"draft_rope_scale": 2.0}}
     )
     p = build_params(
-        settings, entry,
-        {"draft_model": {"draft_model_name": "x", "draft_cache_mode": "Q4"}}, startup=False,
+        settings,
+        entry,
+        {"draft_model": {"draft_model_name": "x", "draft_cache_mode": "Q4"}},
+        startup=False,
     )
     assert p.max_seq_len == 512
     assert p.draft is not None
@@ -206,18 +211,36 @@ def test_plan_load_resolves_the_draft(tmp_path: Path) -> None:
     (tmp_path / "models" / "m" / "tabby_config.yml").unlink()
     with pytest.raises(ValueError, match="draft model"):
         plan_load(
-            _settings(), tmp_path / "models", tmp_path / "models", "m",
-            {"draft_model": {"draft_model_name": "missing"}}, startup=False,
+            _settings(),
+            tmp_path / "models",
+            tmp_path / "models",
+            "m",
+            {"draft_model": {"draft_model_name": "missing"}},
+            startup=False,
         )
 
 
 def test_plan_context_forces_flash_attention_for_quantised_v() -> None:
     info = ModelInfo(
-        name="m", path=Path("m.gguf"), architecture="llama", n_vocab=10, n_ctx_train=0,
-        n_params=1, size_bytes=1, bos_id=None, eos_ids=frozenset(), add_bos=False, bos_text="",
-        eos_text="", chat_template=None,
-        metadata={"llama.context_length": "4096", "llama.attention.head_count": "4",
-                  "llama.embedding_length": "256", "llama.rope.freq_base": "10000"},
+        name="m",
+        path=Path("m.gguf"),
+        architecture="llama",
+        n_vocab=10,
+        n_ctx_train=0,
+        n_params=1,
+        size_bytes=1,
+        bos_id=None,
+        eos_ids=frozenset(),
+        add_bos=False,
+        bos_text="",
+        eos_text="",
+        chat_template=None,
+        metadata={
+            "llama.context_length": "4096",
+            "llama.attention.head_count": "4",
+            "llama.embedding_length": "256",
+            "llama.rope.freq_base": "10000",
+        },
     )
     params = ModelLoadParams(cache_mode="8,4", flash_attention=False, max_batch_size=4)
     plan = plan_context(params, info, n_threads=2)
@@ -249,8 +272,10 @@ def test_progress_fills_gaps_and_finishes_each_component(caplog: pytest.LogCaptu
     progress.finish("model")
     got = [(e.model_type, e.module, e.status) for e in events]
     assert got == (
-        [("draft", m, "processing") for m in range(1, 11)] + [("draft", 10, "finished")]
-        + [("model", m, "processing") for m in range(1, 11)] + [("model", 10, "finished")]
+        [("draft", m, "processing") for m in range(1, 11)]
+        + [("draft", 10, "finished")]
+        + [("model", m, "processing") for m in range(1, 11)]
+        + [("model", 10, "finished")]
     )
     assert events[0].as_dict() == {"model_type": "draft", "module": 1, "modules": 10, "status": "processing"}
     lines = [r.getMessage() for r in caplog.records]

@@ -28,10 +28,17 @@ def test_non_forced_fills_only_a_missing_field_under_any_alias() -> None:
     assert got["repetition_penalty"] == 1.05 and got["temperature"] == 0.9
 
 
-@pytest.mark.parametrize(("field", "forced", "sent"), [
-    ("top_k", 0, 40), ("temperature", 0.0, 0.7), ("temperature_last", False, True),
-    ("banned_tokens", [], [1, 2]), ("stop", [], ["###"]), ("min_p", 0.0, 0.1),
-])
+@pytest.mark.parametrize(
+    ("field", "forced", "sent"),
+    [
+        ("top_k", 0, 40),
+        ("temperature", 0.0, 0.7),
+        ("temperature_last", False, True),
+        ("banned_tokens", [], [1, 2]),
+        ("stop", [], ["###"]),
+        ("min_p", 0.0, 0.1),
+    ],
+)
 def test_a_forced_falsy_value_is_still_forced(field: str, forced: Any, sent: Any) -> None:
     got = resolved({field: sent}, {field: {"override": forced, "force": True}})
     assert got[field] == forced
@@ -43,8 +50,10 @@ def test_forced_replaces_a_value_sent_under_an_alias() -> None:
 
 
 def test_additive_lists_prepend() -> None:
-    preset = {"stop": {"override": ["###"], "additive": True},
-              "banned_tokens": {"override": [7], "additive": True}}
+    preset = {
+        "stop": {"override": ["###"], "additive": True},
+        "banned_tokens": {"override": [7], "additive": True},
+    }
     got = resolved({"stop": "\nUser:", "banned_tokens": "1,2"}, preset)
     assert got["stop"] == ["###", "\nUser:"]
     assert got["banned_tokens"] == [7, 1, 2]
@@ -65,14 +74,17 @@ def test_apply_override_direct() -> None:
 
 
 def test_loading_validates_and_normalises() -> None:
-    got = normalise_overrides({
-        "top_k": {"override": -1, "force": True},
-        "dry_sequence_breakers": {"override": '"\\n", ":"'},
-        "rep_pen": {"override": 1.1},          # an alias key
-        "min_p": {"override": None},            # null → dropped
-        "not_a_sampler": {"override": 1},       # unknown → skipped
-        "top_p": 0.8,                           # bare value → non-forced override
-    }, "t")
+    got = normalise_overrides(
+        {
+            "top_k": {"override": -1, "force": True},
+            "dry_sequence_breakers": {"override": '"\\n", ":"'},
+            "rep_pen": {"override": 1.1},  # an alias key
+            "min_p": {"override": None},  # null → dropped
+            "not_a_sampler": {"override": 1},  # unknown → skipped
+            "top_p": 0.8,  # bare value → non-forced override
+        },
+        "t",
+    )
     assert got == {
         "top_k": {"override": 0, "force": True, "additive": False},
         "dry_sequence_breakers": {"override": ["\n", ":"], "force": False, "additive": False},
@@ -81,12 +93,15 @@ def test_loading_validates_and_normalises() -> None:
     }
 
 
-@pytest.mark.parametrize("bad", [
-    {"temperature": {"override": "hot"}},
-    {"top_p": {"override": 1.5}},
-    {"temperature": {"override": 0.5, "force": "yes"}},
-    ["temperature"],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": {"override": "hot"}},
+        {"top_p": {"override": 1.5}},
+        {"temperature": {"override": 0.5, "force": "yes"}},
+        ["temperature"],
+    ],
+)
 def test_loading_refuses_bad_values(bad: Any) -> None:
     with pytest.raises(PresetError):
         normalise_overrides(bad, "bad.yml")
@@ -94,8 +109,10 @@ def test_loading_refuses_bad_values(bad: Any) -> None:
 
 def test_shipped_presets_load(tmp_path: Path) -> None:
     safe = load_preset(REPO / "sampler_overrides", "safe_defaults")
-    assert safe == {"temperature": {"override": 0.8, "force": False, "additive": False},
-                    "top_p": {"override": 0.9, "force": False, "additive": False}}
+    assert safe == {
+        "temperature": {"override": 0.8, "force": False, "additive": False},
+        "top_p": {"override": 0.9, "force": False, "additive": False},
+    }
     sample = load_preset(REPO / "sampler_overrides", "sample_preset")
     assert "max_tokens" not in sample  # upstream's max_tokens: 150 trap, deliberately absent
     assert not any(rule["force"] for rule in sample.values())
@@ -127,13 +144,16 @@ def _values(**kw: Any) -> dict[str, Any]:
     return {**FALLBACKS, **kw}
 
 
-@pytest.mark.parametrize(("kw", "field"), [
-    (dict(mirostat_mode=2, adaptive_target=0.5), "adaptive_target"),
-    (dict(mirostat_mode=1, skew=0.5), "skew"),
-    (dict(adaptive_target=0.5, skew=-1.0), "skew"),
-    (dict(dry_multiplier=0.8, dry_base=0.5), "dry_base"),
-    (dict(adaptive_target=0.5, adaptive_decay=1.0), "adaptive_decay"),
-])
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        (dict(mirostat_mode=2, adaptive_target=0.5), "adaptive_target"),
+        (dict(mirostat_mode=1, skew=0.5), "skew"),
+        (dict(adaptive_target=0.5, skew=-1.0), "skew"),
+        (dict(dry_multiplier=0.8, dry_base=0.5), "dry_base"),
+        (dict(adaptive_target=0.5, adaptive_decay=1.0), "adaptive_decay"),
+    ],
+)
 def test_contradictions_name_the_field(kw: dict[str, Any], field: str) -> None:
     problem = sampler_problem(_values(**kw))
     assert problem is not None and problem[0] == field
@@ -142,6 +162,18 @@ def test_contradictions_name_the_field(kw: dict[str, Any], field: str) -> None:
 def test_client_default_bodies_have_no_contradictions() -> None:
     assert sampler_problem(_values()) is None
     # SillyTavern's TabbyAPI body (mirostat off, skew 0, DRY off) and greedy with leftovers
-    assert sampler_problem(_values(temperature=0.7, top_p=0.5, top_k=40, repetition_penalty=1.2,
-                                   dry_base=1.75, dry_multiplier=0, xtc_probability=0)) is None
+    assert (
+        sampler_problem(
+            _values(
+                temperature=0.7,
+                top_p=0.5,
+                top_k=40,
+                repetition_penalty=1.2,
+                dry_base=1.75,
+                dry_multiplier=0,
+                xtc_probability=0,
+            )
+        )
+        is None
+    )
     assert sampler_problem(_values(temperature=0, mirostat_mode=2, skew=1.0)) is None

@@ -49,7 +49,8 @@ def test_resolve(model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["../../etc", "..", "/etc/passwd", "~/models", "folder-model/../../x", "C:\\x", "escape", ""],
+    "name",
+    ["../../etc", "..", "/etc/passwd", "~/models", "folder-model/../../x", "C:\\x", "escape", ""],
 )
 def test_resolve_refuses_paths_outside(model_dir: Path, name: str) -> None:
     with pytest.raises(ModelNameError):

@@ -21,7 +21,7 @@ from kodkod.api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from kodkod.api.presets import PresetError, normalise_overrides
 from kodkod.api.sampler_table import INT32_MAX, SAMPLER_TABLE, SamplerParam, Surface
 from kodkod.api.sampling import FALLBACKS, SamplerRequest
-from kodkod.engine.types import SamplingParams
+from kodkod.core.types import SamplingParams
 
 REQUESTS: dict[Surface, list[tuple[type[BaseModel], dict[str, Any]]]] = {
     Surface.OPENAI: [
@@ -113,10 +113,10 @@ def example(row: SamplerParam) -> Any:
     return by_type.get(row.annotation, [5] if "tokens" in row.name else ["a"])
 
 
-@pytest.mark.parametrize(("row", "surface", "alias"), ALIASED,
-                         ids=[f"{r.name}-{s.name}-{a}" for r, s, a in ALIASED])
-def test_every_alias_is_accepted_on_every_surface(row: SamplerParam, surface: Surface,
-                                                  alias: str) -> None:
+@pytest.mark.parametrize(
+    ("row", "surface", "alias"), ALIASED, ids=[f"{r.name}-{s.name}-{a}" for r, s, a in ALIASED]
+)
+def test_every_alias_is_accepted_on_every_surface(row: SamplerParam, surface: Surface, alias: str) -> None:
     value = example(row)
     for got in accepts(surface, alias, value):
         assert field_of(surface, row, got) == value
@@ -147,9 +147,18 @@ def test_fallbacks_are_valid_and_reach_the_engine() -> None:
 
 
 def test_sent_values_reach_the_engine_field_they_name() -> None:
-    body = {"nsigma": 1.5, "rep_pen": 1.2, "typical_p": 0.5, "dynatemp_low": 0.2,
-            "custom_token_bans": "3,4", "allowed_token_ids": [5], "logit_bias": {"9": -1},
-            "sampler_seed": 42, "dry_penalty_last_n": 64, "mirostat": 2}
+    body = {
+        "nsigma": 1.5,
+        "rep_pen": 1.2,
+        "typical_p": 0.5,
+        "dynatemp_low": 0.2,
+        "custom_token_bans": "3,4",
+        "allowed_token_ids": [5],
+        "logit_bias": {"9": -1},
+        "sampler_seed": 42,
+        "dry_penalty_last_n": 64,
+        "mirostat": 2,
+    }
     values = {**FALLBACKS, **SamplerRequest.model_validate(body).model_dump(exclude_unset=True)}
     params = sampling_params(values, n_vocab=100)
     assert (params.top_n_sigma, params.repetition_penalty, params.typical) == (1.5, 1.2, 0.5)

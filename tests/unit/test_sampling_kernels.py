@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kodkod.engine.sampling import kernels as K
+from kodkod.core.sampling import kernels as K
 
 
 def cands(probs: list[float]) -> K.Candidates:
@@ -118,8 +118,9 @@ def test_decayed_penalties_match_exl2() -> None:
 def test_decayed_penalties_on_a_compacted_array() -> None:
     c = K.Candidates.from_logits(np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32))
     c.keep(np.array([False, True, False, True]))  # ids [1, 3]
-    K.decayed_penalties(c, np.array([3, 0], dtype=np.int64), sustain=5, decay=0, repeat=2.0,
-                        frequency=0.0, presence=0.0)
+    K.decayed_penalties(
+        c, np.array([3, 0], dtype=np.int64), sustain=5, decay=0, repeat=2.0, frequency=0.0, presence=0.0
+    )
     assert c.ids.tolist() == [1, 3] and c.logits.tolist() == [2.0, 2.0]
 
 

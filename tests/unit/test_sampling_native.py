@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kodkod.backends.llamacpp.sampler import NativeSampler
-from kodkod.engine.sampling import stages as S
-from kodkod.engine.types import SamplingParams
+from kodkod.core.sampling import stages as S
+from kodkod.core.types import SamplingParams
 
 
 def chain(stages: list[S.Stage], n_vocab: int, history: list[int] | None = None) -> NativeSampler:
@@ -182,13 +182,15 @@ def test_skew_draw_in_the_chain() -> None:
 def test_same_seed_same_tokens_whatever_else_is_sampled() -> None:
     rng = np.random.default_rng(1)
     rows = [rng.standard_normal(500).astype(np.float32) for _ in range(40)]
-    params = SamplingParams(temperature=0.9, top_k=50, min_p=0.02, xtc_probability=0.5,
-                            repetition_penalty=1.1, dry_multiplier=0.5)
+    params = SamplingParams(
+        temperature=0.9, top_k=50, min_p=0.02, xtc_probability=0.5, repetition_penalty=1.1, dry_multiplier=0.5
+    )
 
     def run(seed: int, neighbours: int) -> list[int]:
         mine = chain(S.build_stages(params, n_vocab=500, seed=seed), 500, [1, 2, 3])
-        others = [chain(S.build_stages(params, n_vocab=500, seed=seed), 500, [1, 2, 3])
-                  for _ in range(neighbours)]
+        others = [
+            chain(S.build_stages(params, n_vocab=500, seed=seed), 500, [1, 2, 3]) for _ in range(neighbours)
+        ]
         out = []
         for row in rows:
             for o in others:  # interleaved neighbours sharing the seed and the rows

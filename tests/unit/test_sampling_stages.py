@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from kodkod.engine.sampling import stages as S
-from kodkod.engine.types import SamplingParams
+from kodkod.core.sampling import stages as S
+from kodkod.core.types import SamplingParams
 
 V = 1000
 
@@ -20,31 +20,78 @@ def test_neutral_params_are_a_plain_draw() -> None:
 
 def test_greedy_keeps_bias_penalties_and_dry_only() -> None:
     assert kinds(temperature=0.0) == ["Greedy"]
-    got = kinds(temperature=0.0, logit_bias={5: 2.0}, repetition_penalty=1.2, dry_multiplier=0.8,
-                top_p=0.5, min_p=0.1, xtc_probability=0.5, mirostat_mode=2, skew=1.0)
+    got = kinds(
+        temperature=0.0,
+        logit_bias={5: 2.0},
+        repetition_penalty=1.2,
+        dry_multiplier=0.8,
+        top_p=0.5,
+        min_p=0.1,
+        xtc_probability=0.5,
+        mirostat_mode=2,
+        skew=1.0,
+    )
     assert got == ["LogitBias", "Penalties", "Dry", "Greedy"]
     assert kinds(top_k=1, top_p=0.3, temperature=0.7) == ["Greedy"]
 
 
 def test_full_order_matches_the_docstring() -> None:
     everything = dict(
-        logit_bias={1: 1.0}, repetition_penalty=1.1, dry_multiplier=0.8, smoothing_factor=0.2,
-        temperature=0.7, top_n_sigma=1.5, top_k=40, top_p=0.9, top_a=0.1, min_p=0.05, tfs=0.95,
-        typical=0.9, xtc_probability=0.5, xtc_threshold=0.1,
+        logit_bias={1: 1.0},
+        repetition_penalty=1.1,
+        dry_multiplier=0.8,
+        smoothing_factor=0.2,
+        temperature=0.7,
+        top_n_sigma=1.5,
+        top_k=40,
+        top_p=0.9,
+        top_a=0.1,
+        min_p=0.05,
+        tfs=0.95,
+        typical=0.9,
+        xtc_probability=0.5,
+        xtc_threshold=0.1,
     )
     assert kinds(**everything) == [
-        "LogitBias", "Penalties", "Dry", "Smoothing", "Temperature", "TopNSigma", "TopK", "TopP",
-        "TopA", "MinP", "TailFree", "Typical", "Xtc", "Draw",
+        "LogitBias",
+        "Penalties",
+        "Dry",
+        "Smoothing",
+        "Temperature",
+        "TopNSigma",
+        "TopK",
+        "TopP",
+        "TopA",
+        "MinP",
+        "TailFree",
+        "Typical",
+        "Xtc",
+        "Draw",
     ]
     assert kinds(**everything, temperature_last=True) == [
-        "LogitBias", "Penalties", "Dry", "Smoothing", "TopNSigma", "TopK", "TopP", "TopA",
-        "MinP", "TailFree", "Typical", "Temperature", "Xtc", "Draw",
+        "LogitBias",
+        "Penalties",
+        "Dry",
+        "Smoothing",
+        "TopNSigma",
+        "TopK",
+        "TopP",
+        "TopA",
+        "MinP",
+        "TailFree",
+        "Typical",
+        "Temperature",
+        "Xtc",
+        "Draw",
     ]
 
 
 def test_dynamic_temperature_takes_the_temperature_slot() -> None:
-    st = S.build_stages(SamplingParams(min_temp=0.5, max_temp=1.5, temp_exponent=2.0, min_p=0.1,
-                                       temperature_last=True), n_vocab=V, seed=1)
+    st = S.build_stages(
+        SamplingParams(min_temp=0.5, max_temp=1.5, temp_exponent=2.0, min_p=0.1, temperature_last=True),
+        n_vocab=V,
+        seed=1,
+    )
     assert [type(s).__name__ for s in st] == ["MinP", "DynamicTemperature", "Draw"]
     assert st[1] == S.DynamicTemperature(1.0, 0.5, 2.0)
     assert kinds(min_temp=1.0, max_temp=1.0, temperature=0.5) == ["Temperature", "Draw"]
@@ -60,9 +107,21 @@ def test_final_choice() -> None:
 
 
 def test_neutral_values_build_nothing() -> None:
-    assert kinds(top_k=0, top_p=1.0, min_p=0.0, typical=1.0, tfs=1.0, top_a=0.0, skew=0.0,
-                 smoothing_factor=0.0, smoothing_curve=2.0, xtc_probability=0.0,
-                 dry_multiplier=0.0, mirostat_mode=0, adaptive_target=1.0) == ["Draw"]
+    assert kinds(
+        top_k=0,
+        top_p=1.0,
+        min_p=0.0,
+        typical=1.0,
+        tfs=1.0,
+        top_a=0.0,
+        skew=0.0,
+        smoothing_factor=0.0,
+        smoothing_curve=2.0,
+        xtc_probability=0.0,
+        dry_multiplier=0.0,
+        mirostat_mode=0,
+        adaptive_target=1.0,
+    ) == ["Draw"]
     assert kinds(tfs=0.0, typical=1.0) == ["Draw"]  # exl2: tfs 0 is off too
     assert kinds(xtc_probability=0.5, xtc_threshold=0.6) == ["Draw"]  # can never remove a token
 
@@ -75,7 +134,8 @@ def test_penalty_windows() -> None:
     assert pen(repetition_penalty=1.2, penalty_range=0) is None  # a window of no tokens
     assert pen(repetition_penalty=1.2) == S.Penalties(-1, 1.2, 0.0, 0.0, 0, False)
     assert pen(repetition_penalty=1.2, penalty_range=64, repetition_decay=32) == S.Penalties(
-        64, 1.2, 0.0, 0.0, 32, False)
+        64, 1.2, 0.0, 0.0, 32, False
+    )
     # whole context: nothing beyond it to decay over
     assert pen(repetition_penalty=1.2, repetition_decay=32).decay == 0
     # -1 with frequency/presence → generated tokens only (TabbyAPI's auto-scaled range)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from kodkod.core.types import GenerationRequest
 from kodkod.engine.detokenizer import IncrementalDetokenizer
 from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.kv import KVPool, SlotState, common_prefix_len
@@ -19,7 +20,6 @@ from kodkod.engine.scheduler import (
 )
 from kodkod.engine.sequence import SeqStatus, Sequence
 from kodkod.engine.stopping import StopStringMatcher
-from kodkod.engine.types import GenerationRequest
 
 
 class NullSink:
@@ -30,9 +30,15 @@ class NullSink:
 def make_seq(rid: str, prompt: list[int], max_len: int = 10_000) -> Sequence:
     req = GenerationRequest(rid, list(prompt))
     return Sequence(
-        request=req, sink=NullSink(), tokens=list(prompt), num_prompt=len(prompt),
-        detok=IncrementalDetokenizer(lambda t: b"x"), stops=StopStringMatcher([]),
-        stop_ids=frozenset(), eos_ids=frozenset(), max_len=max_len,
+        request=req,
+        sink=NullSink(),
+        tokens=list(prompt),
+        num_prompt=len(prompt),
+        detok=IncrementalDetokenizer(lambda t: b"x"),
+        stops=StopStringMatcher([]),
+        stop_ids=frozenset(),
+        eos_ids=frozenset(),
+        max_len=max_len,
     )
 
 
@@ -171,8 +177,9 @@ def test_identical_prompts_wait_for_one_prefill_and_share_it() -> None:
 
 
 def test_lru_eviction_under_pressure() -> None:
-    sched = Scheduler(SchedulerConfig(max_batch_size=2, chunk_size=64, busy_cache_cells=100),
-                      capacity=100, num_slots=6)
+    sched = Scheduler(
+        SchedulerConfig(max_batch_size=2, chunk_size=64, busy_cache_cells=100), capacity=100, num_slots=6
+    )
     for i, base in enumerate((0, 100, 200)):
         s = make_seq(f"old{i}", list(range(base, base + 30)))
         sched.add(s)
@@ -254,8 +261,12 @@ def test_idle_cache_is_trimmed_while_running_and_offloaded_to_host() -> None:
     """While something runs, idle cached cells stay within the busy budget; what is pushed out
     goes to the host tier, and a later request sharing it is restored from there."""
     host = HostPrefixCache(budget_bytes=10**9)
-    sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512, busy_cache_cells=100),
-                      capacity=2000, num_slots=8, host=host)
+    sched = Scheduler(
+        SchedulerConfig(max_batch_size=4, chunk_size=512, busy_cache_cells=100),
+        capacity=2000,
+        num_slots=8,
+        host=host,
+    )
     convo = make_seq("a", list(range(300)))
     sched.add(convo)
     run_step(sched)
@@ -284,8 +295,9 @@ def test_default_busy_budget_pushes_every_idle_prefix_out_when_a_host_tier_exist
     """Regenerating a reply (same prompt again): with a host tier the last reply's idle cells
     leave the live pool as soon as the new one starts; without one, they stay (budget 1/8)."""
     for host in (HostPrefixCache(budget_bytes=10**9), None):
-        sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=4096,
-                          num_slots=8, host=host)
+        sched = Scheduler(
+            SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=4096, num_slots=8, host=host
+        )
         prompt = list(range(100))
         first = make_seq("a", prompt)
         sched.add(first)

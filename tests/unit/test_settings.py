@@ -40,8 +40,9 @@ def write(tmp_path: Path, text: str, name: str = "config.yml") -> Path:
     return path
 
 
-def load(path: Path | None = None, cli: dict[str, object] | None = None,
-         env: dict[str, str] | None = None) -> LoadResult:
+def load(
+    path: Path | None = None, cli: dict[str, object] | None = None, env: dict[str, str] | None = None
+) -> LoadResult:
     return load_settings(path, cli, env or {})
 
 
@@ -51,8 +52,9 @@ def parse_flags(*argv: str) -> dict[str, object]:
     return cli_overrides_from_namespace(parser.parse_args(list(argv)))
 
 
-def config_error(path: Path | None = None, cli: dict[str, object] | None = None,
-                 env: dict[str, str] | None = None) -> str:
+def config_error(
+    path: Path | None = None, cli: dict[str, object] | None = None, env: dict[str, str] | None = None
+) -> str:
     with pytest.raises(ConfigError) as info:
         load(path, cli, env)
     message = str(info.value)
@@ -131,14 +133,17 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
     path = write(tmp_path, "network:\n  port: 6000\n  host: 0.0.0.0\nmodel:\n  max_seq_len: 1024\n")
     env = {"TABBY_NETWORK_PORT": "7000", "TABBY_MODEL_MAX_SEQ_LEN": "2048"}
     s = load(path, {"port": "8000"}, env).settings
-    assert s.network.port == 8000          # CLI beats env and file
-    assert s.model.max_seq_len == 2048     # env beats file
-    assert s.network.host == "0.0.0.0"     # file beats default
+    assert s.network.port == 8000  # CLI beats env and file
+    assert s.model.max_seq_len == 2048  # env beats file
+    assert s.network.host == "0.0.0.0"  # file beats default
 
 
 def test_kodkod_prefix_wins_over_tabby() -> None:
-    env = {"TABBY_NETWORK_PORT": "7000", "KODKOD_NETWORK_PORT": "7100",
-           "KODKOD_DRAFT_MODEL_DRAFT_MODEL_NAME": "tiny"}
+    env = {
+        "TABBY_NETWORK_PORT": "7000",
+        "KODKOD_NETWORK_PORT": "7100",
+        "KODKOD_DRAFT_MODEL_DRAFT_MODEL_NAME": "tiny",
+    }
     s = load(env=env).settings
     assert s.network.port == 7100
     assert s.draft_model.draft_model_name == "tiny"
@@ -194,10 +199,14 @@ def test_wrong_type_names_key_and_line(tmp_path: Path) -> None:
         ("model:\n  cache_size: 300\n", ":2: model.cache_size: expected a positive multiple"),
         ("model:\n  cache_size: 0\n", ":2: model.cache_size: expected a positive multiple"),
         ("network:\n  api_servers: [oai, soap]\n", ":2: network.api_servers: expected one of"),
-        ("draft_model:\n  draft_rope_alpha: auto\n",
-         ":2: draft_model.draft_rope_alpha: expected a number, got 'auto'"),
-        ("lora:\n  loras:\n    - name: a\n    - name: b\n      scaling: -1\n",
-         ":5: lora.loras[1].scaling: must be >= 0"),
+        (
+            "draft_model:\n  draft_rope_alpha: auto\n",
+            ":2: draft_model.draft_rope_alpha: expected a number, got 'auto'",
+        ),
+        (
+            "lora:\n  loras:\n    - name: a\n    - name: b\n      scaling: -1\n",
+            ":5: lora.loras[1].scaling: must be >= 0",
+        ),
         ("- a\n", ":1: expected a mapping of sections"),
         ("\nmodel: [1, 2]\n", ":2: model: expected a mapping of keys, got a list"),
     ],
@@ -258,9 +267,26 @@ def test_missing_explicit_config_file_is_an_error(tmp_path: Path) -> None:
 
 def test_cli_flags_parse_lists_and_booleans() -> None:
     flags = parse_flags(
-        "--gpu-split", "20", "24", "--api-servers", "OAI", "kobold", "--disable-auth", "true",
-        "--model-name", "X", "--max-seq-len", "8192", "--draft-model-name", "Y",
-        "--override-preset", "safe_defaults", "--embedding-model-name", "Z", "--host", "0.0.0.0",
+        "--gpu-split",
+        "20",
+        "24",
+        "--api-servers",
+        "OAI",
+        "kobold",
+        "--disable-auth",
+        "true",
+        "--model-name",
+        "X",
+        "--max-seq-len",
+        "8192",
+        "--draft-model-name",
+        "Y",
+        "--override-preset",
+        "safe_defaults",
+        "--embedding-model-name",
+        "Z",
+        "--host",
+        "0.0.0.0",
     )
     s = load(cli=flags).settings
     assert s.model.gpu_split == [20.0, 24.0]
@@ -331,9 +357,11 @@ def test_sample_round_trips_to_defaults_plus_overrides() -> None:
     result = load(SAMPLE)
     assert result.warnings == []
     expected = Settings.model_validate(
-        {"model": {"model_name": "SmolLM2-135M-Instruct"},
-         "sampling": {"override_preset": "safe_defaults"},
-         "memory": {"sysmem_kv_cache": 1024}}
+        {
+            "model": {"model_name": "SmolLM2-135M-Instruct"},
+            "sampling": {"override_preset": "safe_defaults"},
+            "memory": {"sysmem_kv_cache": 1024},
+        }
     )
     assert result.settings == expected
 
@@ -349,7 +377,10 @@ def test_sample_lists_every_key_with_a_comment() -> None:
 
 def test_module_main_prints_sample() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "kodkod.settings"], capture_output=True, text=True, check=True,
+        [sys.executable, "-m", "kodkod.settings"],
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")},
     ).stdout
     assert out == render_sample_config()

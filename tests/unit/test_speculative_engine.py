@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from kodkod.core.types import EosReason, FinishEvent, FinishReason, GenerationRequest
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
 from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind
 from kodkod.engine.speculative.state import SpecConfig, SpecMode
 from kodkod.engine.stats import EngineStats
-from kodkod.engine.types import EosReason, FinishEvent, FinishReason, GenerationRequest
 from tests.fakes import FakeBackend
 
 TARGET_SCRIPT = {9: 30, 40: 3, 50: 10}  # …8, 9, 30, 31, …, 40, 3, 4, …
@@ -49,8 +49,11 @@ def run(
     """Run `reqs` concurrently; with speculation, one request runs alone first (the policy
     measures costs only when a sequence is alone, then drafts in batches when it pays)."""
     target = FakeBackend(script=dict(TARGET_SCRIPT), pieces=pieces or {}, delay_s=delay_s)
-    draft = (FakeBackend(script=dict(draft_script), pieces=pieces or {}, fail_decode=draft_fails)
-             if draft_script is not None else None)
+    draft = (
+        FakeBackend(script=dict(draft_script), pieces=pieces or {}, fail_decode=draft_fails)
+        if draft_script is not None
+        else None
+    )
 
     async def main() -> tuple[list[Outcome], EngineStats]:
         config = EngineConfig(200, max_batch, 8, spec or SpecConfig())
@@ -100,7 +103,10 @@ def same(a: list[Outcome], b: list[Outcome]) -> None:
         assert x.text == y.text
         assert isinstance(x.final, FinishEvent) and isinstance(y.final, FinishEvent)
         assert (x.final.reason, x.final.eos_reason, x.final.stop_str) == (
-            y.final.reason, y.final.eos_reason, y.final.stop_str)
+            y.final.reason,
+            y.final.eos_reason,
+            y.final.stop_str,
+        )
         assert x.final.usage.completion_tokens == y.final.usage.completion_tokens
 
 
@@ -127,9 +133,12 @@ def test_usage_reports_drafted_and_accepted_tokens() -> None:
 
 
 def test_stop_string_inside_an_accepted_run_stops_at_the_same_place() -> None:
-    reqs = lambda: [GenerationRequest("s", [10, 11], max_tokens=30, stop_strings=["<16>"]),  # noqa: E731
-                    GenerationRequest("t", [10, 11], max_tokens=30, stop_strings=["<16>"],
-                                      include_stop_str_in_output=True)]
+    reqs = lambda: [  # noqa: E731
+        GenerationRequest("s", [10, 11], max_tokens=30, stop_strings=["<16>"]),
+        GenerationRequest(
+            "t", [10, 11], max_tokens=30, stop_strings=["<16>"], include_stop_str_in_output=True
+        ),
+    ]
     plain, _, _, _ = run(reqs(), None)
     model, _stats, _, _ = run(reqs(), MODEL, draft_script={})
     assert plain[0].text == "<12><13><14><15>" and plain[1].text.endswith("<15><16>")
@@ -139,8 +148,10 @@ def test_stop_string_inside_an_accepted_run_stops_at_the_same_place() -> None:
 
 
 def test_max_tokens_and_eos_inside_drafts() -> None:
-    reqs = lambda: [GenerationRequest("m", [1], max_tokens=7),  # noqa: E731
-                    GenerationRequest("e", [60], max_tokens=30)]  # 60..63 → 0 (EOS)
+    reqs = lambda: [  # noqa: E731
+        GenerationRequest("m", [1], max_tokens=7),
+        GenerationRequest("e", [60], max_tokens=30),
+    ]  # 60..63 → 0 (EOS)
     plain, _, _, _ = run(reqs(), None)
     model, _, _, _ = run(reqs(), MODEL, draft_script={})
     same(plain, model)
@@ -196,8 +207,10 @@ def test_per_request_ngram_flag() -> None:
 
 
 def test_cfg_pairs_do_not_draft_but_still_decode() -> None:
-    reqs = lambda: [GenerationRequest("c", [5, 6], max_tokens=10, cfg_scale=1.5),  # noqa: E731
-                    GenerationRequest("d", [5, 6], max_tokens=10)]
+    reqs = lambda: [  # noqa: E731
+        GenerationRequest("c", [5, 6], max_tokens=10, cfg_scale=1.5),
+        GenerationRequest("d", [5, 6], max_tokens=10),
+    ]
     plain, _, _, _ = run(reqs(), None)
     model, _stats, _, _ = run(reqs(), MODEL, draft_script={})
     same(plain, model)
@@ -224,9 +237,15 @@ def test_commit_then_rollback_keeps_num_computed_one_behind() -> None:
 
     sched = Scheduler(SchedulerConfig(4, 16), 64, 4)
     seq = Sequence(
-        request=GenerationRequest("r", [1, 2, 3]), sink=None, tokens=[1, 2, 3], num_prompt=3,  # type: ignore[arg-type]
-        detok=IncrementalDetokenizer(lambda t: b""), stops=StopStringMatcher([]),
-        stop_ids=frozenset(), eos_ids=frozenset(), max_len=50,
+        request=GenerationRequest("r", [1, 2, 3]),
+        sink=None,
+        tokens=[1, 2, 3],
+        num_prompt=3,  # type: ignore[arg-type]
+        detok=IncrementalDetokenizer(lambda t: b""),
+        stops=StopStringMatcher([]),
+        stop_ids=frozenset(),
+        eos_ids=frozenset(),
+        max_len=50,
     )
     sched.add(seq)
     plan = sched.schedule()

@@ -19,8 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from kodkod.api.errors import ApiError
 from kodkod.api.streaming import collect, event_stream, stream_frames, until_done
-from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import (
+from kodkod.core.types import (
     EosReason,
     ErrorEvent,
     ErrorKind,
@@ -29,6 +28,7 @@ from kodkod.engine.types import (
     TokenEvent,
     Usage,
 )
+from kodkod.engine.stream import RequestStream
 
 DEADLINE_S = 10.0
 
@@ -127,8 +127,13 @@ def test_cleanup_aborts_the_request_when_the_client_left_before_the_body_started
         async def send(message: dict[str, Any]) -> None:
             raise OSError("the client is gone")
 
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
-                 "method": "POST", "path": "/", "headers": []}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "method": "POST",
+            "path": "/",
+            "headers": [],
+        }
         with pytest.raises(ClientDisconnect):
             await response(scope, receive, send)
         return aborted, ended

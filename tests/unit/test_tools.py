@@ -19,10 +19,18 @@ from kodkod.chat.tools import (
 )
 
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather",
-                                      "parameters": {"type": "object",
-                                                     "properties": {"city": {"type": "string"}},
-                                                     "required": ["city"]}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    },
     {"type": "function", "function": {"name": "now", "description": "Time"}},
 ]
 
@@ -36,20 +44,38 @@ def test_tool_call_id_shape() -> None:
 @pytest.mark.parametrize(
     ("fmt", "inner", "expected"),
     [
-        ("hermes", '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n',
-         [("get_weather", {"city": "Paris"})]),
-        ("hermes", '{"name": "a", "parameters": {"x": 1}} {"name": "b", "arguments": {}}',
-         [("a", {"x": 1}), ("b", {})]),
+        (
+            "hermes",
+            '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n',
+            [("get_weather", {"city": "Paris"})],
+        ),
+        (
+            "hermes",
+            '{"name": "a", "parameters": {"x": 1}} {"name": "b", "arguments": {}}',
+            [("a", {"x": 1}), ("b", {})],
+        ),
         ("hermes", '[{"name": "a", "arguments": {"x": [1, 2]}}]', [("a", {"x": [1, 2]})]),
-        ("qwen3_coder", "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
-                        "<parameter=days>\n3\n</parameter>\n</function>",
-         [("get_weather", {"city": "Paris", "days": 3})]),
-        ("glm4_6", "get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>",
-         [("get_weather", {"city": "Paris"})]),
-        ("minimax_m2", '<invoke name="get_weather"><parameter name="city">Paris</parameter>'
-                       '</invoke>', [("get_weather", {"city": "Paris"})]),
-        ("mistral", '[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
-         [("get_weather", {"city": "Paris"})]),
+        (
+            "qwen3_coder",
+            "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+            "<parameter=days>\n3\n</parameter>\n</function>",
+            [("get_weather", {"city": "Paris", "days": 3})],
+        ),
+        (
+            "glm4_6",
+            "get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>",
+            [("get_weather", {"city": "Paris"})],
+        ),
+        (
+            "minimax_m2",
+            '<invoke name="get_weather"><parameter name="city">Paris</parameter></invoke>',
+            [("get_weather", {"city": "Paris"})],
+        ),
+        (
+            "mistral",
+            '[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+            [("get_weather", {"city": "Paris"})],
+        ),
         ("mistral", 'get_weather[ARGS]{"city": "Paris"}', [("get_weather", {"city": "Paris"})]),
     ],
 )
@@ -83,7 +109,7 @@ def _split(cfg: SplitterConfig, pieces: list[str]) -> list[tuple[Channel, str]]:
     return merged
 
 
-TEXT = "<think>hmm, weather</think>Let me check.<tool_call>\n{\"name\": \"x\"}\n</tool_call>Done"
+TEXT = '<think>hmm, weather</think>Let me check.<tool_call>\n{"name": "x"}\n</tool_call>Done'
 CFG = SplitterConfig(reasoning=("<think>", "</think>"), tool=("<tool_call>", "</tool_call>"))
 EXPECTED = [
     (Channel.REASONING, "hmm, weather"),
@@ -106,10 +132,11 @@ def test_splitter_holds_back_only_possible_tags() -> None:
 
 
 def test_splitter_start_in_reasoning_and_unclosed_tool() -> None:
-    cfg = SplitterConfig(reasoning=("<think>", "</think>"), start_in_reasoning=True,
-                         tool=("<tool_call>", "</tool_call>"))
+    cfg = SplitterConfig(
+        reasoning=("<think>", "</think>"), start_in_reasoning=True, tool=("<tool_call>", "</tool_call>")
+    )
     splitter = ChannelSplitter(cfg)
-    out = splitter.feed("plan</think>ok<tool_call>{\"na") + splitter.finish()
+    out = splitter.feed('plan</think>ok<tool_call>{"na') + splitter.finish()
     assert [(p.channel, p.text) for p in out][:2] == [(Channel.REASONING, "plan"), (Channel.CONTENT, "ok")]
     assert out[2].channel is Channel.TOOL and not out[2].closed
     assert out[2].raw == '<tool_call>{"na'
@@ -130,12 +157,22 @@ def test_tools_system_prompt_is_added() -> None:
 
 
 def test_inline_tool_history() -> None:
-    msgs = inline_tool_history([
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-    ])
+    msgs = inline_tool_history(
+        [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ]
+    )
     assert "tool_calls" not in msgs[0]
     assert msgs[0]["content"] == (
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

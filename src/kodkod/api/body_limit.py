@@ -80,16 +80,16 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _send_413(send: Send, limit_bytes: int) -> None:
-    body = json.dumps(
-        error_body(413, too_large_message(limit_bytes), code="request_too_large")
-    ).encode()
-    await send({
-        "type": "http.response.start",
-        "status": 413,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ],
-    })
+    body = json.dumps(error_body(413, too_large_message(limit_bytes), code="request_too_large")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

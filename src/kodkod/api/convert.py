@@ -25,19 +25,20 @@ from kodkod.api.sampling import (
     sampler_problem,
 )
 from kodkod.api.state import OverrideState
-from kodkod.backends.base import Tokenizer
-from kodkod.engine.constraints import (
+from kodkod.core.constraints import (
     ConstraintFactory,
+    GrammarCompiler,
     GrammarError,
     GrammarKind,
     GrammarSpec,
 )
-from kodkod.engine.types import (
+from kodkod.core.types import (
     Constraint,
     GenerationRequest,
     LogitsProcessor,
     SamplingParams,
 )
+from kodkod.engine.backend import Tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,13 +95,13 @@ def grammar_spec(values: dict[str, Any]) -> GrammarSpec | None:
     return specs[0][1] if specs else None
 
 
-async def compile_grammar(tokenizer: Tokenizer, spec: GrammarSpec) -> ConstraintFactory:
-    """Compile `spec` for the model in a worker thread (400 if it does not compile)."""
-    make = getattr(tokenizer, "grammar_compiler", None)
-    if make is None:
+async def compile_grammar(compiler: GrammarCompiler | None, spec: GrammarSpec) -> ConstraintFactory:
+    """Compile `spec` with the model's compiler (None: its backend has none) in a worker
+    thread (400 if it does not compile)."""
+    if compiler is None:
         raise ApiError(400, "constrained decoding is not supported by this model backend")
     try:
-        return await asyncio.to_thread(lambda: make().compile(spec))
+        return await asyncio.to_thread(compiler.compile, spec)
     except GrammarError as exc:
         raise ApiError(400, str(exc), param=spec.kind.value) from None
 
@@ -110,8 +111,9 @@ def sampling_params(values: dict[str, Any], n_vocab: int) -> SamplingParams:
     kwargs = engine_kwargs(values, SAMPLER_TABLE)
     allowed, banned = kwargs["allowed_token_ids"], kwargs["banned_token_ids"]
     if allowed and set(allowed) <= set(banned):
-        raise ApiError(400, "allowed_tokens: every allowed token is also in banned_tokens",
-                       param="allowed_tokens")
+        raise ApiError(
+            400, "allowed_tokens: every allowed token is also in banned_tokens", param="allowed_tokens"
+        )
     return SamplingParams(**kwargs)
 
 
@@ -131,8 +133,9 @@ def build_generation(
     (see `grammar_spec` / `compile_grammar`); without one the request is refused. With a
     seed, choice k of n uses seed + k, so n choices differ yet each is reproducible."""
     if constraint is None and grammar_spec(values) is not None:
-        raise ApiError(400, "json_schema / regex_pattern / grammar_string are not supported on "
-                            "this endpoint yet")
+        raise ApiError(
+            400, "json_schema / regex_pattern / grammar_string are not supported on this endpoint yet"
+        )
     problem = sampler_problem(values)
     if problem is not None:
         raise ApiError(400, problem[1], param=problem[0])

@@ -20,8 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kodkod.backends.base import ModelClosedError
 from kodkod.chat import TemplateError
+from kodkod.core.backend_types import ModelClosedError
 from kodkod.engine.client import RequestError
 from kodkod.models.manager import NoModelLoaded
 from kodkod.models.params import LoadParamError
@@ -49,7 +49,12 @@ class ApiError(Exception):
     """An error with a status code and a user-facing message."""
 
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -60,8 +65,9 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None,
-               detail: Any = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, *, code: str | None = None, param: str | None = None, detail: Any = None
+) -> dict[str, Any]:
     return {
         "error": {
             "message": message,
@@ -116,7 +122,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(
             error_body(exc.status, exc.message, code=exc.code, param=exc.param),
-            status_code=exc.status, headers=exc.headers,
+            status_code=exc.status,
+            headers=exc.headers,
         )
 
     @app.exception_handler(StarletteHTTPException)

@@ -14,8 +14,8 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from kodkod.api.errors import ApiError
+from kodkod.core.types import ErrorEvent, Event
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import ErrorEvent, Event
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = "data: [DONE]\n\n"

@@ -48,7 +48,7 @@ def host_name(value: str) -> str | None:
         end = text.find("]")
         if end < 0:
             return None
-        name, rest = text[1:end], text[end + 1:]
+        name, rest = text[1:end], text[end + 1 :]
         if rest and not (rest[0] == ":" and rest[1:].isdigit()):
             return None
         return name
@@ -101,9 +101,7 @@ class HostPolicy:
             hostname = parts.hostname
         except ValueError:
             return False
-        return parts.scheme in ("http", "https") and hostname is not None and is_loopback_host(
-            hostname
-        )
+        return parts.scheme in ("http", "https") and hostname is not None and is_loopback_host(hostname)
 
     def request_allowed(self, origin: str, host: str | None) -> bool:
         """Same-origin (Origin names the Host the request went to) or an allowed origin."""
@@ -155,13 +153,21 @@ class HostOriginGuard:
                 origin = value.decode("latin-1")
         if not self.policy.host_allowed(host):
             shown = (host or "")[:100]
-            await _refuse(scope, send, 400, f"Host {shown!r} is not allowed on this server "
-                          "(list it in network.allowed_hosts)")
+            await _refuse(
+                scope,
+                send,
+                400,
+                f"Host {shown!r} is not allowed on this server (list it in network.allowed_hosts)",
+            )
             return
         if origin is not None and not self.policy.request_allowed(origin, host):
             shown = origin[:100]
-            await _refuse(scope, send, 403, f"Origin {shown!r} may not use this server "
-                          "(list it in network.cors_origins)")
+            await _refuse(
+                scope,
+                send,
+                403,
+                f"Origin {shown!r} may not use this server (list it in network.cors_origins)",
+            )
             return
         await self.app(scope, receive, send)
 
@@ -171,10 +177,11 @@ async def _refuse(scope: Scope, send: Send, status: int, message: str) -> None:
         await send({"type": "websocket.close", "code": 1008})
         return
     body = json.dumps(error_body(status, message)).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

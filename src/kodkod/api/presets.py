@@ -93,8 +93,14 @@ def normalise_overrides(data: Any, source: str) -> dict[str, dict[str, Any]]:
 
 
 def load_preset(directory: Path, name: str) -> dict[str, dict[str, Any]]:
-    if (not name or "/" in name or "\\" in name or ".." in name or "\x00" in name
-            or len(name.encode("utf-8", "replace")) > 200):
+    if (
+        not name
+        or "/" in name
+        or "\\" in name
+        or ".." in name
+        or "\x00" in name
+        or len(name.encode("utf-8", "replace")) > 200
+    ):
         raise PresetError(f"invalid preset name {name[:100]!r}")
     path = directory / f"{name}.yml"
     try:

@@ -23,17 +23,30 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kodkod.backends.base import Tokenizer
+from kodkod.core.types import (
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    TokenEvent,
+)
+from kodkod.engine.backend import Tokenizer
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from kodkod.settings.sections import LoggingSettings
 
 log = logging.getLogger("kodkod.requests")
 
 REDACTED = "<redacted>"
-SECRET_HEADERS = frozenset({
-    "authorization", "proxy-authorization", "x-api-key", "x-admin-key", "cookie", "set-cookie",
-})
+SECRET_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "x-admin-key",
+        "cookie",
+        "set-cookie",
+    }
+)
 _SECRET_WORDS = ("key", "token", "secret", "password", "auth")
 
 
@@ -130,8 +143,7 @@ class _ResponseLog:
             if isinstance(ev, TokenEvent):
                 self.pieces.append(ev.text)
             elif isinstance(ev, FinishEvent):
-                log.info("response %s (%s): %r", self.request_id, ev.reason.value,
-                         "".join(self.pieces))
+                log.info("response %s (%s): %r", self.request_id, ev.reason.value, "".join(self.pieces))
             elif isinstance(ev, ErrorEvent):
                 log.info("response %s (error): %r", self.request_id, "".join(self.pieces))
 

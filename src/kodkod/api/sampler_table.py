@@ -49,6 +49,7 @@ KOBOLD_ONLY = Surface.KOBOLD
 
 # ---- normalisers (run by pydantic on the field, before or after type validation) ----------
 
+
 def _top_k(value: int | None) -> int | None:
     return 0 if value == -1 else value
 
@@ -89,6 +90,7 @@ def _json_schema(value: Any) -> Any:
 
 
 # ---- engine conversions (resolved value → SamplingParams field) ---------------------------
+
 
 def id_list(value: Any, field: str) -> list[int]:
     """Token ids from a list or a "1,2,3" string (non-digits skipped); 422 for a non-id item."""
@@ -181,10 +183,22 @@ SAMPLER_TABLE: tuple[SamplerParam, ...] = (
     P("min_tokens", int, 0, ("min_length",), ge=0),
     P("stop", str | list[str | int], [], ("stop_sequence",)),
     P("banned_strings", str | list[str], []),
-    P("banned_tokens", list[int] | str, [], ("custom_token_bans",), engine="banned_token_ids",
-      to_engine=lambda v: id_list(v, "banned_tokens")),
-    P("allowed_tokens", list[int] | str, [], ("allowed_token_ids",), engine="allowed_token_ids",
-      to_engine=lambda v: id_list(v, "allowed_tokens")),
+    P(
+        "banned_tokens",
+        list[int] | str,
+        [],
+        ("custom_token_bans",),
+        engine="banned_token_ids",
+        to_engine=lambda v: id_list(v, "banned_tokens"),
+    ),
+    P(
+        "allowed_tokens",
+        list[int] | str,
+        [],
+        ("allowed_token_ids",),
+        engine="allowed_token_ids",
+        to_engine=lambda v: id_list(v, "allowed_tokens"),
+    ),
     P("token_healing", bool, False),
     P("temperature", float, 1.0, ge=0.0, le=10.0, engine="temperature"),
     P("temperature_last", bool, False, engine="temperature_last"),
@@ -205,16 +219,27 @@ SAMPLER_TABLE: tuple[SamplerParam, ...] = (
     P("frequency_penalty", float, 0.0, ge=-2.0, engine="frequency_penalty"),
     P("presence_penalty", float, 0.0, ge=-2.0, engine="presence_penalty"),
     P("repetition_penalty", float, 1.0, ("rep_pen",), gt=0.0, engine="repetition_penalty"),
-    P("penalty_range", int, -1,
-      ("repetition_range", "repetition_penalty_range", "rep_pen_range"), ge=-1,
-      engine="penalty_range"),
+    P(
+        "penalty_range",
+        int,
+        -1,
+        ("repetition_range", "repetition_penalty_range", "rep_pen_range"),
+        ge=-1,
+        engine="penalty_range",
+    ),
     P("repetition_decay", int, 0, ge=0, engine="repetition_decay"),
     P("dry_multiplier", float, 0.0, ge=0.0, engine="dry_multiplier"),
     P("dry_base", float, 1.75, ge=0.0, engine="dry_base"),
     P("dry_allowed_length", int, 2, ge=0, engine="dry_allowed_length"),
     P("dry_range", int, 0, ("dry_penalty_last_n",), ge=-1, engine="dry_range"),
-    P("dry_sequence_breakers", list[str] | str, ["\n", ":", '"', "*"],
-      engine="dry_sequence_breakers", to_engine=lambda v: list(v or []), before=_breakers),
+    P(
+        "dry_sequence_breakers",
+        list[str] | str,
+        ["\n", ":", '"', "*"],
+        engine="dry_sequence_breakers",
+        to_engine=lambda v: list(v or []),
+        before=_breakers,
+    ),
     P("mirostat_mode", int, 0, ("mirostat",), ge=0, le=2, engine="mirostat_mode"),
     P("mirostat_tau", float, 1.5, ge=0.0, engine="mirostat_tau"),
     P("mirostat_eta", float, 0.3, ge=0.0, engine="mirostat_eta"),

@@ -6,7 +6,7 @@ preset value model (`PresetValues`) and `FALLBACKS` from it, and holds the rules
 several fields. Every field defaults to None, meaning "not sent": the value used is then the
 sampler override preset's or the fallback in `FALLBACKS`. Range violations are 422s. Unknown
 fields are ignored, like TabbyAPI.
-Every known field is honoured (stage order: `engine.sampling.stages`); combinations that
+Every known field is honoured (stage order: `core.sampling.stages`); combinations that
 contradict each other are 400s naming the field (`sampler_problem`).
 
 Where the reference is silent or upstream is an accident, we chose:
@@ -53,8 +53,15 @@ from kodkod.api.sampler_table import (
 from kodkod.api.validation import REQUEST_CONFIG
 
 __all__ = [
-    "FALLBACKS", "INT32_MAX", "SAMPLER_FIELDS", "PresetValues", "RequestLora", "SamplerRequest",
-    "alias_map", "apply_override", "sampler_problem",
+    "FALLBACKS",
+    "INT32_MAX",
+    "SAMPLER_FIELDS",
+    "PresetValues",
+    "RequestLora",
+    "SamplerRequest",
+    "alias_map",
+    "apply_override",
+    "sampler_problem",
 ]
 
 
@@ -107,7 +114,8 @@ if TYPE_CHECKING:
     _PresetFields = SamplerFieldsBase
 else:
     _SharedFields = create_model(
-        "_SharedFields", __base__=_CrossChecked,
+        "_SharedFields",
+        __base__=_CrossChecked,
         **request_fields(Surface.OPENAI | Surface.KOBOLD),
     )
     _PresetFields = create_model(
@@ -182,19 +190,23 @@ def sampler_problem(values: dict[str, Any]) -> tuple[str, str] | None:
     adaptive = float(values["adaptive_target"]) < 1.0
     skew = float(values["skew"]) != 0.0
     if float(values["dry_multiplier"]) > 0.0 and float(values["dry_base"]) < 1.0:
-        return "dry_base", ("dry_base must be at least 1 when dry_multiplier > 0 "
-                            "(DRY's penalty is multiplier·base^excess)")
+        return "dry_base", (
+            "dry_base must be at least 1 when dry_multiplier > 0 (DRY's penalty is multiplier·base^excess)"
+        )
     if adaptive and float(values["adaptive_decay"]) > 0.99:
-        return "adaptive_decay", ("adaptive_decay must be at most 0.99 when adaptive-P is on "
-                                  "(adaptive_target < 1)")
+        return "adaptive_decay", (
+            "adaptive_decay must be at most 0.99 when adaptive-P is on (adaptive_target < 1)"
+        )
     if greedy:
         return None
     if mirostat and adaptive:
-        return "adaptive_target", ("adaptive-P (adaptive_target < 1) and mirostat both choose "
-                                   "the token: use one")
+        return "adaptive_target", (
+            "adaptive-P (adaptive_target < 1) and mirostat both choose the token: use one"
+        )
     if skew and mirostat:
         return "skew", "skew shapes the final random draw and cannot be combined with mirostat"
     if skew and adaptive:
-        return "skew", ("skew shapes the final random draw and cannot be combined with "
-                        "adaptive-P (adaptive_target < 1)")
+        return "skew", (
+            "skew shapes the final random draw and cannot be combined with adaptive-P (adaptive_target < 1)"
+        )
     return None

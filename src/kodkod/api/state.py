@@ -27,10 +27,31 @@ from kodkod.models.params import LoadPlan
 from kodkod.settings import Settings
 
 __all__ = [
-    "HEALTH_ISSUES_KEPT", "AppSettings", "AppState", "Health", "HealthIssue", "HealthLog",
-    "KoboldJobs", "Models", "OverrideState", "Paths", "Presets", "ServerPaths", "State",
-    "TemplateLibrary", "Templates", "get_health", "get_kobold_jobs", "get_model", "get_models",
-    "get_paths", "get_presets", "get_settings", "get_state", "get_templates", "split_issues",
+    "HEALTH_ISSUES_KEPT",
+    "AppSettings",
+    "AppState",
+    "Health",
+    "HealthIssue",
+    "HealthLog",
+    "KoboldJobs",
+    "Models",
+    "OverrideState",
+    "Paths",
+    "Presets",
+    "ServerPaths",
+    "State",
+    "TemplateLibrary",
+    "Templates",
+    "get_health",
+    "get_kobold_jobs",
+    "get_model",
+    "get_models",
+    "get_paths",
+    "get_presets",
+    "get_settings",
+    "get_state",
+    "get_templates",
+    "split_issues",
 ]
 
 HEALTH_ISSUES_KEPT = 100  # the newest fatal faults /health reports
@@ -126,8 +147,13 @@ class AppState:
         """How `name` would load with `fields` over the config (ModelNameError when it is not
         a model of model_dir; load parameter errors as `plan_load` raises them)."""
         return plan_load(
-            self.settings, self.paths.model_dir, self.paths.draft_model_dir,
-            name, fields, startup=startup, gpu_available=self.models.gpu_available,
+            self.settings,
+            self.paths.model_dir,
+            self.paths.draft_model_dir,
+            name,
+            fields,
+            startup=startup,
+            gpu_available=self.models.gpu_available,
         )
 
 

@@ -28,8 +28,8 @@ from starlette.types import Receive, Scope, Send
 
 from kodkod.api.errors import ApiError
 from kodkod.api.generation import SSE_HEADERS, error_for, fan_in, sse_ping
+from kodkod.core.types import ErrorEvent, FinishEvent, TokenEvent
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent
 
 T = TypeVar("T")
 
@@ -133,9 +133,7 @@ async def collect(
     """Run every stream to the end; abort them all if the client goes away (→ 422); an error
     event of any choice is the answer's error."""
     try:
-        results = await until_done(
-            request, asyncio.gather(*(s.collect() for s in streams)), poll_s
-        )
+        results = await until_done(request, asyncio.gather(*(s.collect() for s in streams)), poll_s)
     finally:
         for s in streams:
             s.close()

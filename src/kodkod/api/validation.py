@@ -46,12 +46,16 @@ def _strings(value: Any) -> list[str]:
 def _check_strings(field: str, value: Any, max_count: int, max_chars: int) -> None:
     strings = _strings(value)
     if len(strings) > max_count:
-        raise ApiError(400, f"{field}: at most {max_count} strings are allowed, got "
-                            f"{len(strings)}", param=field)
+        raise ApiError(
+            400, f"{field}: at most {max_count} strings are allowed, got {len(strings)}", param=field
+        )
     for s in strings:
         if len(s) > max_chars:
-            raise ApiError(400, f"{field}: each string may have at most {max_chars} characters, "
-                                f"got one with {len(s)}", param=field)
+            raise ApiError(
+                400,
+                f"{field}: each string may have at most {max_chars} characters, got one with {len(s)}",
+                param=field,
+            )
 
 
 def check_generation_limits(values: dict[str, Any], limits: LimitsSettings) -> None:
@@ -59,21 +63,31 @@ def check_generation_limits(values: dict[str, Any], limits: LimitsSettings) -> N
     for field in ("logprobs", "top_logprobs"):
         n = values.get(field)
         if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_logprobs:
-            raise ApiError(400, f"{field} must be at most {limits.max_logprobs}, got {n}",
-                           param=field)
-    _check_strings("stop", values.get("stop"), limits.max_stop_strings,
-                   limits.max_stop_string_chars)
-    _check_strings("banned_strings", values.get("banned_strings"), limits.max_banned_strings,
-                   limits.max_banned_string_chars)
-    _check_strings("dry_sequence_breakers", values.get("dry_sequence_breakers"),
-                   limits.max_stop_strings, limits.max_stop_string_chars)
+            raise ApiError(400, f"{field} must be at most {limits.max_logprobs}, got {n}", param=field)
+    _check_strings("stop", values.get("stop"), limits.max_stop_strings, limits.max_stop_string_chars)
+    _check_strings(
+        "banned_strings",
+        values.get("banned_strings"),
+        limits.max_banned_strings,
+        limits.max_banned_string_chars,
+    )
+    _check_strings(
+        "dry_sequence_breakers",
+        values.get("dry_sequence_breakers"),
+        limits.max_stop_strings,
+        limits.max_stop_string_chars,
+    )
 
 
 def check_choices(count: int, limits: LimitsSettings) -> None:
     """400 if one request asks for more choices (prompts × n) than the limit."""
     if count > limits.max_choices_per_request:
-        raise ApiError(400, f"this request asks for {count} choices (prompts × n); at most "
-                            f"{limits.max_choices_per_request} are allowed", param="n")
+        raise ApiError(
+            400,
+            f"this request asks for {count} choices (prompts × n); at most "
+            f"{limits.max_choices_per_request} are allowed",
+            param="n",
+        )
 
 
 def check_queue(engine: EngineClient, count: int, limits: LimitsSettings) -> None:
@@ -82,7 +96,8 @@ def check_queue(engine: EngineClient, count: int, limits: LimitsSettings) -> Non
     waiting = max(0, in_flight - engine.config.max_batch_size)
     if count and waiting > limits.max_waiting_requests:
         raise ApiError(
-            429, "the server has too many requests waiting for the model; retry later",
+            429,
+            "the server has too many requests waiting for the model; retry later",
             code="rate_limit_exceeded",
             headers={"Retry-After": str(limits.queue_full_retry_after_s)},
         )

@@ -54,8 +54,14 @@ def load_named_template(templates_dir: Path, name: str) -> ChatTemplate:
     Raises `TemplateFileError` for a missing/unreadable file or a name that could leave the
     folder (path separators, ".."), and `TemplateError` when the file does not compile.
     """
-    if (not name or "/" in name or "\\" in name or ".." in name or "\x00" in name
-            or len(name.encode("utf-8", "replace")) > 200):
+    if (
+        not name
+        or "/" in name
+        or "\\" in name
+        or ".." in name
+        or "\x00" in name
+        or len(name.encode("utf-8", "replace")) > 200
+    ):
         raise TemplateFileError(f"invalid chat template name {name[:100]!r}")
     filename = name if name.endswith(TEMPLATE_SUFFIX) else name + TEMPLATE_SUFFIX
     path = templates_dir / filename

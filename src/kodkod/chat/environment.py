@@ -52,9 +52,7 @@ class ChatSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
-        raise SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
-        )
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
@@ -71,8 +69,13 @@ def _check_repeat(seq: Any, count: Any) -> None:
 
 
 def _check_power(base: Any, exponent: Any) -> None:
-    if (isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1
-            and abs(base).bit_length() * exponent > MAX_POWER_BITS):
+    if (
+        isinstance(base, int)
+        and isinstance(exponent, int)
+        and exponent > 0
+        and abs(base) > 1
+        and abs(base).bit_length() * exponent > MAX_POWER_BITS
+    ):
         raise SecurityError(f"power would exceed {MAX_POWER_BITS} bits")
 
 
@@ -95,9 +98,7 @@ def tojson(
 ) -> str:
     """Template filter: plain JSON text (no HTML escaping, unlike Jinja's built-in)."""
     seps = (separators[0], separators[1]) if separators is not None else None
-    return json.dumps(
-        value, indent=indent, ensure_ascii=ensure_ascii, separators=seps, sort_keys=sort_keys
-    )
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=seps, sort_keys=sort_keys)
 
 
 def make_environment() -> ChatSandbox:

@@ -53,9 +53,7 @@ class ChatTemplate:
     name: str
     source: str
     _compiled: jinja2.Template | None = field(default=None, init=False, repr=False, compare=False)
-    _metadata: TemplateMetadata | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
+    _metadata: TemplateMetadata | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def compile(cls, name: str, source: str) -> ChatTemplate:
@@ -70,13 +68,11 @@ class ChatTemplate:
                 self._compiled = make_environment().from_string(self.source)
             except jinja2.TemplateSyntaxError as exc:
                 raise TemplateError(
-                    f"syntax error in chat template {self.name!r} at line {exc.lineno}: "
-                    f"{exc.message}"
+                    f"syntax error in chat template {self.name!r} at line {exc.lineno}: {exc.message}"
                 ) from None
             except Exception as exc:  # any compile failure is a template error
                 raise TemplateError(
-                    f"chat template {self.name!r} could not be compiled: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"chat template {self.name!r} could not be compiled: {type(exc).__name__}: {exc}"
                 ) from None
         return self._compiled
 
@@ -206,13 +202,9 @@ class ChatTemplate:
         except TemplateError:
             raise
         except RecursionError:
-            raise TemplateError(
-                f"chat template {self.name!r} failed: recursion too deep"
-            ) from None
+            raise TemplateError(f"chat template {self.name!r} failed: recursion too deep") from None
         except Exception as exc:  # every render failure is the template's
-            raise TemplateError(
-                f"chat template {self.name!r} failed: {type(exc).__name__}: {exc}"
-            ) from None
+            raise TemplateError(f"chat template {self.name!r} failed: {type(exc).__name__}: {exc}") from None
 
 
 def strip_leading_bos(prompt: str, bos_token: str, *, add_bos_token: bool = True) -> str:

@@ -175,10 +175,21 @@ _FORMATS: dict[str, ToolFormat] = {
     "mistral": ToolFormat("mistral", "[TOOL_CALLS]", None, parse_mistral),
 }
 _ALIASES = {
-    "json": "hermes", "qwen": "hermes", "qwen2_5": "hermes", "qwen3": "hermes", "chatml": "hermes",
-    "qwen3_5": "qwen3_coder", "step3_5": "qwen3_coder", "step3_7": "qwen3_coder",
-    "glm4_6": "glm4_5", "glm4_7": "glm4_5", "laguna": "glm4_5", "poolside_v1": "glm4_5",
-    "minimax_m2_1": "minimax_m2", "minimax_m2_5": "minimax_m2", "mistral_old": "mistral",
+    "json": "hermes",
+    "qwen": "hermes",
+    "qwen2_5": "hermes",
+    "qwen3": "hermes",
+    "chatml": "hermes",
+    "qwen3_5": "qwen3_coder",
+    "step3_5": "qwen3_coder",
+    "step3_7": "qwen3_coder",
+    "glm4_6": "glm4_5",
+    "glm4_7": "glm4_5",
+    "laguna": "glm4_5",
+    "poolside_v1": "glm4_5",
+    "minimax_m2_1": "minimax_m2",
+    "minimax_m2_5": "minimax_m2",
+    "mistral_old": "mistral",
 }
 
 
@@ -313,12 +324,14 @@ def call_schema(tools: Sequence[Mapping[str, Any]], name: str | None) -> dict[st
         if name is not None and fn.get("name") != name:
             continue
         params = _closed(fn.get("parameters") or {"type": "object"})
-        options.append({
-            "type": "object",
-            "properties": {"name": {"const": fn.get("name")}, "arguments": params},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        })
+        options.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": fn.get("name")}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
     if not options:
         raise ValueError(f"no tool named {name!r}")
     return options[0] if len(options) == 1 else {"anyOf": options}

@@ -2,7 +2,7 @@
 
 llama.cpp applies LoRA adapters to the whole context, so one `llama_decode` can only compute
 sequences that use the same adapter set. Each sequence carries an `AdapterKey`
-(`engine.types`), resolved by the backend's adapter host when the sequence is created:
+(`core.types`), resolved by the backend's adapter host when the sequence is created:
 
 * the scheduler plans a DECODE step for one group only (`pick_group`), taking the groups in
   turn (round robin by key), so concurrent requests with different adapters each advance;
@@ -22,22 +22,19 @@ resolved again too: it continues with the new set.)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from kodkod.engine.types import AdapterKey
+from kodkod.core.types import AdapterKey
+from kodkod.engine.backend import Backend
 
 if TYPE_CHECKING:
     from kodkod.engine.sequence import Sequence
 
 
-def _host(backend: Any) -> Any:
-    return getattr(backend, "adapters", None)
-
-
-def resolve_adapters(backend: Any, wanted: tuple[tuple[str, float], ...] | None) -> AdapterKey:
+def resolve_adapters(backend: Backend, wanted: tuple[tuple[str, float], ...] | None) -> AdapterKey:
     """The key for a request's adapters (None: the active set). Raises (AdapterError,
     ValueError) with a user-facing message when they cannot be used."""
-    host = _host(backend)
+    host = backend.capabilities.adapters
     if host is None:
         if wanted and any(scale != 0.0 for _, scale in wanted):
             raise ValueError("this model backend does not support LoRA adapters")
@@ -45,9 +42,9 @@ def resolve_adapters(backend: Any, wanted: tuple[tuple[str, float], ...] | None)
     return host.key_for(wanted)
 
 
-def use_adapters(backend: Any, key: AdapterKey) -> None:
+def use_adapters(backend: Backend, key: AdapterKey) -> None:
     """Make the context compute with `key`'s adapters (no-op when already in use)."""
-    host = _host(backend)
+    host = backend.capabilities.adapters
     if host is not None:
         host.use(key)
     elif key:
@@ -68,10 +65,10 @@ def pick_group(decoders: list[Sequence], last: AdapterKey | None) -> list[Sequen
 
 
 def refresh_waiting(
-    waiting: Iterable[Sequence], backend: Any, fail: Callable[[Sequence, str], None]
+    waiting: Iterable[Sequence], backend: Backend, fail: Callable[[Sequence, str], None]
 ) -> None:
     """Resolve the keys of sequences not yet admitted again (after adapters changed)."""
-    if _host(backend) is None:
+    if backend.capabilities.adapters is None:
         return
     for seq in list(waiting):
         try:

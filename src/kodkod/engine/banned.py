@@ -121,7 +121,7 @@ class LoopDetector:
         n = len(output_ids)
         if n < self._window or n % self._every:
             return False
-        w = np.asarray(output_ids[-self._window:])
+        w = np.asarray(output_ids[-self._window :])
         last = w[-1]
         tail = w[-1 - self._max_p : -1]
         for back in np.flatnonzero(tail[::-1] == last):

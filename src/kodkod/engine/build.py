@@ -9,14 +9,14 @@ stop-string matcher, banned-string guard, loop detector and sampler. A request w
 
 from __future__ import annotations
 
-from kodkod.backends.base import Backend
+from kodkod.core.types import Event, GenerationRequest
 from kodkod.engine.adapters import resolve_adapters
+from kodkod.engine.backend import Backend
 from kodkod.engine.banned import BannedStringGuard, LoopDetector
 from kodkod.engine.detokenizer import IncrementalDetokenizer
 from kodkod.engine.healing import HealingMask, healing_candidates
 from kodkod.engine.sequence import EventSink, Sequence
 from kodkod.engine.stopping import StopStringMatcher
-from kodkod.engine.types import Event, GenerationRequest
 
 
 class NullSink:
@@ -57,14 +57,22 @@ def new_sequence(
         return _b.token_bytes(t, special=_s)
 
     seq = Sequence(
-        request=req, sink=sink, tokens=prompt, num_prompt=len(prompt),
-        detok=IncrementalDetokenizer(piece_of), stops=StopStringMatcher(req.stop_strings),
-        stop_ids=stop_ids, eos_ids=backend.info.eos_ids, max_len=limit,
+        request=req,
+        sink=sink,
+        tokens=prompt,
+        num_prompt=len(prompt),
+        detok=IncrementalDetokenizer(piece_of),
+        stops=StopStringMatcher(req.stop_strings),
+        stop_ids=stop_ids,
+        eos_ids=backend.info.eos_ids,
+        max_len=limit,
         # like upstream, banned strings give way to a grammar (both would fight over tokens)
-        guard=(BannedStringGuard(req.banned_strings)
-               if req.banned_strings and req.constraint is None else None),
+        guard=(
+            BannedStringGuard(req.banned_strings) if req.banned_strings and req.constraint is None else None
+        ),
         loops=LoopDetector(req.loop_detect_window) if req.loop_detect_window > 1 else None,
-        strip_prefix=strip, adapter_key=adapter_key,
+        strip_prefix=strip,
+        adapter_key=adapter_key,
     )
     seq.sampler = backend.new_sampler(req.sampling, prompt)
     if req.cfg_scale != 1.0:
@@ -74,10 +82,17 @@ def new_sequence(
         if not neg:
             neg = [backend.info.bos_id] if backend.info.bos_id is not None else prompt[:1]
         shadow = Sequence(
-            request=req, sink=_NULL_SINK, tokens=neg, num_prompt=len(neg),
-            detok=IncrementalDetokenizer(piece_of), stops=StopStringMatcher([]),
-            stop_ids=stop_ids, eos_ids=backend.info.eos_ids, max_len=max_seq_len,
-            is_shadow=True, adapter_key=adapter_key,
+            request=req,
+            sink=_NULL_SINK,
+            tokens=neg,
+            num_prompt=len(neg),
+            detok=IncrementalDetokenizer(piece_of),
+            stops=StopStringMatcher([]),
+            stop_ids=stop_ids,
+            eos_ids=backend.info.eos_ids,
+            max_len=max_seq_len,
+            is_shadow=True,
+            adapter_key=adapter_key,
         )
         seq.partner, shadow.partner = shadow, seq
     return seq

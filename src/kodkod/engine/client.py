@@ -20,13 +20,14 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from kodkod.backends.base import Backend
+from kodkod.core.types import GenerationRequest
+from kodkod.engine.backend import Backend
 from kodkod.engine.loop import EngineConfig, EngineLoop, EngineStats
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import GenerationRequest
 from kodkod.engine.watchdog import Watchdog
 
 T = TypeVar("T")
+AdapterCheck = Callable[[tuple[tuple[str, float], ...]], None]
 
 
 class RequestError(Exception):
@@ -59,9 +60,12 @@ def check_token_ids(request: GenerationRequest, n_vocab: int) -> None:
     """RequestError naming the field and the first token id outside 0..n_vocab-1."""
     s = request.sampling
     fields: tuple[tuple[str, object], ...] = (
-        ("prompt", request.prompt_ids), ("stop", request.stop_token_ids),
-        ("logit_bias", s.logit_bias), ("banned_tokens", s.banned_token_ids),
-        ("allowed_tokens", s.allowed_token_ids), ("negative_prompt", request.negative_prompt_ids or ()),
+        ("prompt", request.prompt_ids),
+        ("stop", request.stop_token_ids),
+        ("logit_bias", s.logit_bias),
+        ("banned_tokens", s.banned_token_ids),
+        ("allowed_tokens", s.allowed_token_ids),
+        ("negative_prompt", request.negative_prompt_ids or ()),
     )
     for name, ids in fields:
         if not ids or (min(ids) >= 0 and max(ids) < n_vocab):  # type: ignore[call-overload]
@@ -73,12 +77,17 @@ def check_token_ids(request: GenerationRequest, n_vocab: int) -> None:
 
 
 class EngineClient:
-    def __init__(self, engine: EngineLoop, watchdog: Watchdog | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineLoop,
+        watchdog: Watchdog | None = None,
+        adapter_check: AdapterCheck | None = None,
+    ) -> None:
         self._engine = engine
         self._watchdog = watchdog
-        # Checks a request's named LoRA adapters (raises RequestError); set by the model
+        # Checks a request's named LoRA adapters (raises RequestError); given by the model
         # manager (models/lora.py) so unknown or incompatible adapters are a 400 up front.
-        self.adapter_check: Callable[[tuple[tuple[str, float], ...]], None] | None = None
+        self.adapter_check = adapter_check
         self._count_lock = threading.Lock()
         self._in_flight = 0
 
@@ -89,13 +98,15 @@ class EngineClient:
         config: EngineConfig,
         on_fatal: Callable[[BaseException], None] | None = None,
         draft: Backend | None = None,
+        adapter_check: AdapterCheck | None = None,
     ) -> EngineClient:
-        """`draft`: a draft model's backend for speculative decoding (the caller frees it)."""
+        """`draft`: a draft model's backend for speculative decoding (the caller frees it);
+        `adapter_check`: checks the LoRA adapters a request names (raises RequestError)."""
         engine = EngineLoop(backend, config, on_fatal, draft)
         engine.start()
         watchdog = Watchdog(engine, on_fatal)
         watchdog.start()
-        return cls(engine, watchdog)
+        return cls(engine, watchdog, adapter_check)
 
     @property
     def config(self) -> EngineConfig:
@@ -160,14 +171,15 @@ class EngineClient:
         if request.adapters and self.adapter_check is not None:
             await asyncio.to_thread(self.adapter_check, request.adapters)
 
-    def submit(
-        self, request: GenerationRequest, *, stall_timeout_s: float | None = None
-    ) -> RequestStream:
+    def submit(self, request: GenerationRequest, *, stall_timeout_s: float | None = None) -> RequestStream:
         """`stall_timeout_s`: abort the request once its output sat unread that long."""
         self.check(request)
         stream = RequestStream(
-            request.request_id, asyncio.get_running_loop(), self._engine.abort,
-            on_end=self._ended, stall_timeout_s=stall_timeout_s,
+            request.request_id,
+            asyncio.get_running_loop(),
+            self._engine.abort,
+            on_end=self._ended,
+            stall_timeout_s=stall_timeout_s,
         )
         with self._count_lock:
             self._in_flight += 1
@@ -177,9 +189,7 @@ class EngineClient:
     def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
 
-    async def run_exclusive(
-        self, fn: Callable[[Backend], T], *, cancel_running: bool = False
-    ) -> T:
+    async def run_exclusive(self, fn: Callable[[Backend], T], *, cancel_running: bool = False) -> T:
         """Run fn(backend) on the engine thread between steps, once nothing is running."""
         fut = self._engine.run_exclusive(fn, cancel_running=cancel_running)
         return await asyncio.wrap_future(fut)

@@ -7,9 +7,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from kodkod.backends.base import Backend
+from kodkod.core.types import GenerationRequest
+from kodkod.engine.backend import Backend
 from kodkod.engine.sequence import EventSink
-from kodkod.engine.types import GenerationRequest
 
 
 @dataclass(slots=True)

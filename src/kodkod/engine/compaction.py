@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kodkod.backends.base import Backend
+from kodkod.engine.backend import Backend
 from kodkod.engine.kv import common_prefix_len
 from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS, Scheduler
 

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from collections.abc import Sequence as Rows
 from dataclasses import dataclass
 
-from kodkod.backends.base import Backend, BatchRow
+from kodkod.core.backend_types import BatchRow
+from kodkod.engine.backend import Backend
 from kodkod.engine.plan import StepPlan
 from kodkod.engine.sequence import SeqStatus, Sequence
 
@@ -51,8 +52,13 @@ def _decodes_alone(backend: Backend, row: BatchRow) -> bool:
     try:
         backend.decode([row])
     except Exception as exc:
-        log.warning("decode of slot %d alone (%d tokens at %d) failed: %s",
-                    row.slot, len(row.tokens), row.start_pos, exc)
+        log.warning(
+            "decode of slot %d alone (%d tokens at %d) failed: %s",
+            row.slot,
+            len(row.tokens),
+            row.start_pos,
+            exc,
+        )
         return False
     finally:
         _clear_rows(backend, [row])
@@ -65,21 +71,27 @@ def find_culprits(backend: Backend, rows: Rows[BatchRow], error: BaseException) 
     try:
         _clear_rows(backend, rows)
     except Exception as exc:
-        raise EngineFault(f"the KV cache could not be repaired after a failed decode ({error}): "
-                          f"{exc}") from exc
+        raise EngineFault(
+            f"the KV cache could not be repaired after a failed decode ({error}): {exc}"
+        ) from exc
     suspects = [i for i, row in enumerate(rows) if not _decodes_alone(backend, row)]
     if len(suspects) < len(rows):
         return suspects
     first = rows[suspects[0]]
     if not _decodes_alone(backend, BatchRow(first.slot, [PROBE_TOKEN], first.start_pos, 0)):
-        raise EngineFault(f"the model cannot decode any more (llama_decode fails even for one "
-                          f"valid token): {error}")
+        raise EngineFault(
+            f"the model cannot decode any more (llama_decode fails even for one valid token): {error}"
+        )
     return suspects
 
 
 def isolate_failure(
-    backend: Backend, plan: StepPlan, rows: list[BatchRow], error: Exception,
-    fail: Callable[[Sequence, str], None], sync: Callable[[], None],
+    backend: Backend,
+    plan: StepPlan,
+    rows: list[BatchRow],
+    error: Exception,
+    fail: Callable[[Sequence, str], None],
+    sync: Callable[[], None],
 ) -> tuple[StepPlan, list[list[int]]]:
     """A batched decode failed: `fail(seq, message)` each culprit's sequence (the main one of a
     CFG pair), `sync()` (replays the KV ops those removals caused), decode the remaining rows
@@ -90,8 +102,11 @@ def isolate_failure(
         seq = plan.entries[i].seq
         main = seq.partner if seq.is_shadow and seq.partner is not None else seq
         if main.status is not SeqStatus.FINISHED:
-            fail(main, f"the model could not evaluate this request's tokens ({error}); other "
-                       "requests were not affected")
+            fail(
+                main,
+                f"the model could not evaluate this request's tokens ({error}); other "
+                "requests were not affected",
+            )
     keep = [i for i, e in enumerate(plan.entries) if e.seq.status is SeqStatus.RUNNING]
     sync()
     plan = StepPlan(plan.kind, [plan.entries[i] for i in keep])
@@ -122,8 +137,10 @@ class EngineHealth:
             return "the engine thread stopped unexpectedly" if started and not stopped else None
         began = self.step_started_s
         if began and time.monotonic() - began > self.stall_timeout_s:
-            return (f"the engine has been stuck in one step for more than {self.stall_timeout_s:g} s "
-                    "(limits.engine_stall_timeout_s)")
+            return (
+                f"the engine has been stuck in one step for more than {self.stall_timeout_s:g} s "
+                "(limits.engine_stall_timeout_s)"
+            )
         return None
 
     def declare(self, fault: EngineFault, report: Callable[[BaseException], None] | None) -> None:
@@ -140,5 +157,7 @@ class EngineHealth:
         """Count a failed step; too many in a row are fatal."""
         self.failed_steps += 1
         if self.failed_steps >= MAX_FAILED_STEPS:
-            self.declare(EngineFault(
-                f"{self.failed_steps} engine steps failed in a row, the last with: {error}"), report)
+            self.declare(
+                EngineFault(f"{self.failed_steps} engine steps failed in a row, the last with: {error}"),
+                report,
+            )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kodkod.backends.base import Backend
+from kodkod.engine.backend import Backend
 
 _CACHE_LIMIT = 256
 
@@ -23,10 +23,7 @@ def healing_candidates(backend: Backend, piece: bytes, cache: dict[bytes, list[i
     hit = cache.get(piece)
     if hit is not None:
         return hit
-    out = [
-        t for t in range(backend.info.n_vocab)
-        if backend.token_bytes(t, special=False).startswith(piece)
-    ]
+    out = [t for t in range(backend.info.n_vocab) if backend.token_bytes(t, special=False).startswith(piece)]
     if len(cache) >= _CACHE_LIMIT:
         cache.pop(next(iter(cache)))
     cache[piece] = out

@@ -139,8 +139,11 @@ class SlotTable:
     def lru_cached(self, exclude: int = -1) -> Slot | None:
         best: Slot | None = None
         for s in self.slots:
-            if (s.state is SlotState.CACHED and s.index != exclude
-                    and (best is None or s.last_used < best.last_used)):
+            if (
+                s.state is SlotState.CACHED
+                and s.index != exclude
+                and (best is None or s.last_used < best.last_used)
+            ):
                 best = s
         return best
 

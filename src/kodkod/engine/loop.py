@@ -25,8 +25,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from kodkod.backends.base import Backend, BatchRow
+from kodkod.core.backend_types import BatchRow
+from kodkod.core.types import (
+    EosReason,
+    ErrorEvent,
+    ErrorKind,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    Usage,
+)
 from kodkod.engine.adapters import refresh_waiting, use_adapters
+from kodkod.engine.backend import Backend
 from kodkod.engine.build import new_sequence
 from kodkod.engine.commands import Abort, Command, Exclusive, Shutdown, Submit
 from kodkod.engine.compaction import compact, plan_compaction
@@ -41,15 +51,6 @@ from kodkod.engine.speculative.speculator import Speculator
 from kodkod.engine.speculative.state import SpecConfig
 from kodkod.engine.speculative.verify import verify_drafts
 from kodkod.engine.stats import EngineStats, snapshot
-from kodkod.engine.types import (
-    EosReason,
-    ErrorEvent,
-    ErrorKind,
-    FinishEvent,
-    FinishReason,
-    GenerationRequest,
-    Usage,
-)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,9 @@ class EngineLoop:
         self._on_fatal = on_fatal
         self._host = HostPrefixCache(config.host_cache_bytes) if config.host_cache_bytes > 0 else None
         self._sched = Scheduler(
-            SchedulerConfig(config.max_batch_size, config.chunk_size,
-                            busy_cache_cells=config.busy_cache_cells),
+            SchedulerConfig(
+                config.max_batch_size, config.chunk_size, busy_cache_cells=config.busy_cache_cells
+            ),
             backend.kv_capacity,
             backend.num_slots,
             self._host,
@@ -169,8 +171,9 @@ class EngineLoop:
                     self._safe_step()
         except BaseException as exc:  # outside the guarded step: the loop itself is broken
             log.exception("the engine thread failed")
-            self.health.declare(EngineFault(f"the engine thread failed: {type(exc).__name__}: {exc}"),
-                                self._on_fatal)
+            self.health.declare(
+                EngineFault(f"the engine thread failed: {type(exc).__name__}: {exc}"), self._on_fatal
+            )
         finally:
             self._close_all()
 
@@ -211,8 +214,9 @@ class EngineLoop:
             sink.push(ErrorEvent(f"duplicate request id {req.request_id}", ErrorKind.BAD_REQUEST))
             return
         if req.max_tokens == 0:
-            sink.push(FinishEvent(FinishReason.LENGTH, EosReason.MAX_NEW_TOKENS,
-                                  Usage(len(req.prompt_ids), 0)))
+            sink.push(
+                FinishEvent(FinishReason.LENGTH, EosReason.MAX_NEW_TOKENS, Usage(len(req.prompt_ids), 0))
+            )
             return
         try:
             seq = new_sequence(req, sink, self.backend, self.config.max_seq_len, self._healing_cache)
@@ -236,8 +240,9 @@ class EngineLoop:
                 cmd.future.set_exception(exc)
         self._sched.paused = False
         # exclusive work may have swapped LoRA adapters: re-resolve requests not yet admitted
-        refresh_waiting(self._sched.waiting, self.backend,
-                        lambda seq, msg: self._fail(seq, msg, ErrorKind.BAD_REQUEST))
+        refresh_waiting(
+            self._sched.waiting, self.backend, lambda seq, msg: self._fail(seq, msg, ErrorKind.BAD_REQUEST)
+        )
 
     def _apply_kv_ops(self, ops: list) -> None:
         mirror = self._spec.mirror if self._spec.draft_backend is not None else None
@@ -314,8 +319,13 @@ class EngineLoop:
         except Exception as exc:  # fail the rows responsible, decode the others again
             speculating = False  # the retries' time says nothing about the cost model
             plan, indices = isolate_failure(
-                self.backend, plan, rows, exc, lambda s, m: self._fail(s, m, ErrorKind.BAD_REQUEST),
-                lambda: self._apply_kv_ops(sched.drain_ops()))
+                self.backend,
+                plan,
+                rows,
+                exc,
+                lambda s, m: self._fail(s, m, ErrorKind.BAD_REQUEST),
+                lambda: self._apply_kv_ops(sched.drain_ops()),
+            )
         t2 = time.perf_counter()
         if speculating:
             spec.observe_target(plan.num_tokens, t2 - t1)
@@ -368,8 +378,9 @@ class EngineLoop:
 
     def _rewind(self, seq: Sequence, keep: int) -> None:
         if not rewind_sequence(seq, keep, self._sched, self.backend, self._spec):
-            self._fail(seq, f"could not avoid the banned strings after {MAX_REWINDS} attempts",
-                       ErrorKind.BAD_REQUEST)
+            self._fail(
+                seq, f"could not avoid the banned strings after {MAX_REWINDS} attempts", ErrorKind.BAD_REQUEST
+            )
 
     # -- endings ----------------------------------------------------------------------------
 
@@ -425,5 +436,6 @@ class EngineLoop:
         if not force and now - self._published_at < PUBLISH_EVERY_S:
             return
         self._published_at = now
-        self.stats = snapshot(self._sched, self.backend, self._counters, self._decode_s,
-                              self._step_s, self._spec, self._draft_s)
+        self.stats = snapshot(
+            self._sched, self.backend, self._counters, self._decode_s, self._step_s, self._spec, self._draft_s
+        )

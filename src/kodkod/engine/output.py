@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kodkod.backends.base import Backend
+from kodkod.core.types import EosReason, FinishReason, TokenEvent, TokenLogprob
+from kodkod.engine.backend import Backend
 from kodkod.engine.sequence import Sequence
-from kodkod.engine.types import EosReason, FinishReason, TokenEvent, TokenLogprob
 
 NEG_INF = np.float32(-np.inf)
 
@@ -108,9 +108,7 @@ def _flush(seq: Sequence) -> str:
     return out + seq.stops.flush()
 
 
-def emit(
-    seq: Sequence, backend: Backend, token: int, info: TokenLogprob | None
-) -> Finish | Rewind | None:
+def emit(seq: Sequence, backend: Backend, token: int, info: TokenLogprob | None) -> Finish | Rewind | None:
     """Append `token` to `seq`, push what is now safe to show, and say what happens next."""
     req = seq.request
     seq.tokens.append(token)
@@ -161,9 +159,9 @@ def _strip_healed(seq: Sequence, text: str) -> str:
     prefix = seq.strip_prefix
     if text.startswith(prefix):
         seq.strip_prefix = ""
-        return text[len(prefix):]
+        return text[len(prefix) :]
     if prefix.startswith(text):
-        seq.strip_prefix = prefix[len(text):]
+        seq.strip_prefix = prefix[len(text) :]
         return ""
     seq.strip_prefix = ""
     return text

@@ -28,12 +28,28 @@ class _Phase(enum.Enum):
 
 
 class ReasoningBudget:
-    __slots__ = ("_budget", "_forced", "_start", "_end", "_piece", "_inside", "_phase",
-                 "_tail", "_count", "_next")
+    __slots__ = (
+        "_budget",
+        "_forced",
+        "_start",
+        "_end",
+        "_piece",
+        "_inside",
+        "_phase",
+        "_tail",
+        "_count",
+        "_next",
+    )
 
     def __init__(
-        self, budget: int, forced_ids: list[int], start_tag: str, end_tag: str,
-        piece: Callable[[int], bytes], *, starts_inside: bool,
+        self,
+        budget: int,
+        forced_ids: list[int],
+        start_tag: str,
+        end_tag: str,
+        piece: Callable[[int], bytes],
+        *,
+        starts_inside: bool,
     ) -> None:
         if budget < 0:
             raise ValueError("a reasoning budget is >= 0 tokens")
@@ -83,21 +99,21 @@ class ReasoningBudget:
         if phase is _Phase.BEFORE:
             cut = buf.find(self._start)
             if cut < 0:
-                self._tail = buf[-(len(self._start) - 1):] if len(self._start) > 1 else b""
+                self._tail = buf[-(len(self._start) - 1) :] if len(self._start) > 1 else b""
                 return
             self._phase, self._tail, self._count = _Phase.THINKING, b"", 0
-            buf = buf[cut + len(self._start):]
+            buf = buf[cut + len(self._start) :]
             if self._end in buf:
                 self._phase = _Phase.AFTER
                 return
-            self._tail = buf[-(len(self._end) - 1):] if len(self._end) > 1 else b""
+            self._tail = buf[-(len(self._end) - 1) :] if len(self._end) > 1 else b""
             self._check_budget()
             return
         self._count += 1
         if self._end in buf:
             self._phase = _Phase.AFTER
             return
-        self._tail = buf[-(len(self._end) - 1):] if len(self._end) > 1 else b""
+        self._tail = buf[-(len(self._end) - 1) :] if len(self._end) > 1 else b""
         self._check_budget()
 
     def rollback_to(self, output_ids: list[int]) -> None:

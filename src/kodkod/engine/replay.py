@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from kodkod.backends.base import Backend
+from kodkod.engine.backend import Backend
 from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.plan import CopyPrefix, KVOp, Offload, Restore, Truncate
 
 
 def replay_kv_ops(
-    backend: Backend, ops: Iterable[KVOp], host: HostPrefixCache | None,
+    backend: Backend,
+    ops: Iterable[KVOp],
+    host: HostPrefixCache | None,
     mirror: Callable[[CopyPrefix | Truncate], None] | None,
 ) -> None:
     for op in ops:

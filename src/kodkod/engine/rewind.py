@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from kodkod.backends.base import Backend
+from kodkod.engine.backend import Backend
 from kodkod.engine.detokenizer import IncrementalDetokenizer
 from kodkod.engine.sequence import Sequence
 
@@ -24,9 +24,7 @@ if TYPE_CHECKING:
 MAX_REWINDS = 1000  # banned-string rewinds per sequence before giving up
 
 
-def rewind_sequence(
-    seq: Sequence, keep: int, sched: Scheduler, backend: Backend, spec: Speculator
-) -> bool:
+def rewind_sequence(seq: Sequence, keep: int, sched: Scheduler, backend: Backend, spec: Speculator) -> bool:
     """Cut `seq` back to `keep` output tokens and ban the next one there; False (nothing
     done) once the sequence has rewound MAX_REWINDS times."""
     seq.rewinds += 1
@@ -52,6 +50,6 @@ def rewind_sequence(
             rollback(seq.output_ids)
     shadow = seq.partner
     if shadow is not None:
-        del shadow.tokens[shadow.num_prompt + keep:]
+        del shadow.tokens[shadow.num_prompt + keep :]
         sched.rollback(shadow, len(shadow.tokens) - 1)
     return True

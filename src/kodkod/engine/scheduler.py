@@ -89,13 +89,17 @@ def busy_budget(capacity: int, host_tier: bool) -> int:
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, capacity: int, num_slots: int,
+        self,
+        config: SchedulerConfig,
+        capacity: int,
+        num_slots: int,
         host: HostPrefixCache | None = None,
     ) -> None:
         self.config = config
         self.host = host
         self.busy_cache_cells = (
-            config.busy_cache_cells if config.busy_cache_cells is not None
+            config.busy_cache_cells
+            if config.busy_cache_cells is not None
             else busy_budget(capacity, host is not None)
         )
         self.pool = KVPool(capacity, num_slots)
@@ -204,8 +208,7 @@ class Scheduler:
         for other in self.running:
             if not other.in_prefill or other.adapter_key != seq.adapter_key:
                 continue
-            shared = min(common_prefix_len(other.tokens[: other.num_prompt], seq.tokens),
-                         len(seq.tokens) - 1)
+            shared = min(common_prefix_len(other.tokens[: other.num_prompt], seq.tokens), len(seq.tokens) - 1)
             if shared >= self.config.min_shared_prefix and shared > reusable:
                 return True
         return False
@@ -225,11 +228,7 @@ class Scheduler:
         if not self._make_room(len(seq.tokens) - reuse + headroom, exclude=src):
             return Admission.NO_ROOM
         src_slot = self.slots.slots[src] if src >= 0 else None
-        if (
-            src_slot is not None
-            and src_slot.state is SlotState.CACHED
-            and self.pool.length(src) == reuse
-        ):
+        if src_slot is not None and src_slot.state is SlotState.CACHED and self.pool.length(src) == reuse:
             slot = src  # the cached prefix is exactly what we need: adopt it
         else:
             free = self._take_slot(exclude=src)

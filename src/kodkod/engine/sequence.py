@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kodkod.backends.base import Sampler
+from kodkod.core.types import AdapterKey, Event, GenerationRequest, Usage
+from kodkod.engine.backend import Sampler
 from kodkod.engine.banned import BannedStringGuard, LoopDetector
 from kodkod.engine.detokenizer import IncrementalDetokenizer
 from kodkod.engine.speculative.state import SpecState
 from kodkod.engine.stopping import StopStringMatcher
-from kodkod.engine.types import AdapterKey, Event, GenerationRequest, Usage
 
 
 class EventSink(Protocol):

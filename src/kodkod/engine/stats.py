@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kodkod.backends.base import Backend
+    from kodkod.engine.backend import Backend
     from kodkod.engine.scheduler import Scheduler
     from kodkod.engine.speculative.speculator import Speculator
 
@@ -53,8 +53,13 @@ class EngineStats:
 
 
 def snapshot(
-    sched: Scheduler, backend: Backend, counters: dict[str, int], decode_s: float, step_s: float,
-    spec: Speculator, draft_s: float,
+    sched: Scheduler,
+    backend: Backend,
+    counters: dict[str, int],
+    decode_s: float,
+    step_s: float,
+    spec: Speculator,
+    draft_s: float,
 ) -> EngineStats:
     """The engine's counters as one immutable snapshot."""
     return EngineStats(

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from kodkod.engine.types import ErrorEvent, ErrorKind, Event, FinishEvent, TokenEvent
+from kodkod.core.types import ErrorEvent, ErrorKind, Event, FinishEvent, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,20 @@ class RequestStream:
     """Async iterator of a request's (merged) events; `push` is called from the engine thread."""
 
     __slots__ = (
-        "request_id", "_loop", "_lock", "_pending", "_wake_pending", "_ready", "_done", "_on_close",
-        "_tap", "_on_end", "_ended", "_stall_timeout_s", "_pending_since_s", "_stalled",
+        "request_id",
+        "_loop",
+        "_lock",
+        "_pending",
+        "_wake_pending",
+        "_ready",
+        "_done",
+        "_on_close",
+        "_tap",
+        "_on_end",
+        "_ended",
+        "_stall_timeout_s",
+        "_pending_since_s",
+        "_stalled",
     )
 
     def __init__(
@@ -90,16 +102,20 @@ class RequestStream:
                 self._stalled = stalled = True
             self._pending.append(event)
             if stalled:  # what a reader that comes back sees: no silent, normal-looking end
-                self._pending.append(ErrorEvent(
-                    f"the request was aborted: its output went unread for over "
-                    f"{self._stall_timeout_s} s", ErrorKind.INTERNAL))
+                self._pending.append(
+                    ErrorEvent(
+                        f"the request was aborted: its output went unread for over {self._stall_timeout_s} s",
+                        ErrorKind.INTERNAL,
+                    )
+                )
             wake = not self._wake_pending
             self._wake_pending = True
         if stalled or isinstance(event, FinishEvent | ErrorEvent):
             self._end()
         if stalled:
-            log.warning("request %s: output unread for over %s s, aborting it",
-                        self.request_id, self._stall_timeout_s)
+            log.warning(
+                "request %s: output unread for over %s s, aborting it", self.request_id, self._stall_timeout_s
+            )
             if self._on_close is not None:
                 self._on_close(self.request_id)
         if not wake:

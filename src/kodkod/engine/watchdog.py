@@ -24,7 +24,9 @@ MAX_POLL_S = 1.0
 
 class Watchdog:
     def __init__(
-        self, engine: EngineLoop, report: Callable[[BaseException], None] | None,
+        self,
+        engine: EngineLoop,
+        report: Callable[[BaseException], None] | None,
         poll_s: float | None = None,
     ) -> None:
         self._engine = engine

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from kodkod.backends.base import ContextConfig, ModelInfo
+from kodkod.core.backend_types import ContextConfig, ModelInfo
 from kodkod.models.params import (
     DEFAULT_MAX_BATCH_SIZE,
     DraftParams,
@@ -71,8 +71,11 @@ def _rope_geometry(info: ModelInfo) -> tuple[float, int]:
 def _kv(cache_mode: str, flash_attention: bool, who: str) -> tuple[str, str, bool]:
     type_k, type_v = cache_types(cache_mode)
     if needs_flash_attention(type_v) and not flash_attention:
-        log.info("%s: cache_mode %s quantises the V cache, which needs flash attention; "
-                 "turning it on", who, cache_mode)
+        log.info(
+            "%s: cache_mode %s quantises the V cache, which needs flash attention; turning it on",
+            who,
+            cache_mode,
+        )
         flash_attention = True
     return type_k, type_v, flash_attention
 
@@ -85,8 +88,12 @@ def plan_context(params: ModelLoadParams, info: ModelInfo, n_threads: int) -> Co
     chunk = clamp_chunk_size(params.chunk_size, max_seq_len)
     freq_base, head_dim = _rope_geometry(info)
     rope = rope_settings(
-        params.rope_scale, params.rope_alpha,
-        max_seq_len=max_seq_len, n_ctx_train=trained, freq_base=freq_base, head_dim=head_dim,
+        params.rope_scale,
+        params.rope_alpha,
+        max_seq_len=max_seq_len,
+        n_ctx_train=trained,
+        freq_base=freq_base,
+        head_dim=head_dim,
     )
     num_slots = min(MAX_SLOTS, batch + max(8, batch))
     config = ContextConfig(
@@ -101,8 +108,14 @@ def plan_context(params: ModelLoadParams, info: ModelInfo, n_threads: int) -> Co
         rope_freq_base=rope.freq_base,
     )
     return ContextPlan(
-        max_seq_len, cache_size, normalise_cache_mode(params.cache_mode), batch, chunk,
-        num_slots, rope, config,
+        max_seq_len,
+        cache_size,
+        normalise_cache_mode(params.cache_mode),
+        batch,
+        chunk,
+        num_slots,
+        rope,
+        config,
     )
 
 
@@ -114,8 +127,12 @@ def draft_context(
     type_k, type_v, flash = _kv(draft.draft_cache_mode, flash_attention, info.name)
     freq_base, head_dim = _rope_geometry(info)
     rope = rope_settings(
-        draft.draft_rope_scale, draft.draft_rope_alpha,
-        max_seq_len=main.max_seq_len, n_ctx_train=trained, freq_base=freq_base, head_dim=head_dim,
+        draft.draft_rope_scale,
+        draft.draft_rope_alpha,
+        max_seq_len=main.max_seq_len,
+        n_ctx_train=trained,
+        freq_base=freq_base,
+        head_dim=head_dim,
     )
     config = ContextConfig(
         cache_size=main.cache_size,
@@ -129,6 +146,12 @@ def draft_context(
         rope_freq_base=rope.freq_base,
     )
     return ContextPlan(
-        main.max_seq_len, main.cache_size, normalise_cache_mode(draft.draft_cache_mode),
-        main.max_batch_size, main.chunk_size, main.num_slots, rope, config,
+        main.max_seq_len,
+        main.cache_size,
+        normalise_cache_mode(draft.draft_cache_mode),
+        main.max_batch_size,
+        main.chunk_size,
+        main.num_slots,
+        rope,
+        config,
     )

@@ -14,6 +14,7 @@ a file that exists is complete; deriving again when it exists is a no-op.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from kodkod.fsutil import fsync_file
 from kodkod.models.registry import ModelEntry, resolve
 
 # llama_ftype values (llama.h) and the name part each derived file gets
+Quantizer = Callable[[Path, Path, int, int], int]
+"""(source GGUF, destination, LLAMA_FTYPE_*, threads) → the library's status code (0 = done)."""
+
 FTYPES: dict[str, tuple[int, str]] = {
     "f32": (0, "F32"),  # LLAMA_FTYPE_ALL_F32
     "f16": (1, "F16"),  # LLAMA_FTYPE_MOSTLY_F16
@@ -50,9 +54,17 @@ def _file_name(entry: ModelEntry, kind: str) -> str:
 
 
 def derive(
-    model_dir: Path, source: str, kind: str, name: str | None = None, n_threads: int = 0
+    model_dir: Path,
+    source: str,
+    kind: str,
+    name: str | None = None,
+    n_threads: int = 0,
+    *,
+    quantize: Quantizer,
 ) -> Derived:
-    """Write `<model_dir>/<name>/<file>.gguf` with every weight in `kind` (f32, f16, q8_0)."""
+    """Write `<model_dir>/<name>/<file>.gguf` with every weight in `kind` (f32, f16, q8_0);
+    `quantize` is the inference library's converter, chosen by the caller
+    (`backends.llamacpp.quantize.quantize_model`)."""
     kind = kind.lower()
     if kind not in FTYPES:
         raise DeriveError(f"unknown type {kind!r}; choose one of {', '.join(FTYPES)}")
@@ -73,17 +85,15 @@ def derive(
         raise DeriveError(f"{folder} already holds another GGUF file")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{out.name}.part"
-    _quantize(entry.gguf, tmp, FTYPES[kind][0], n_threads)
+    _quantize(quantize, entry.gguf, tmp, FTYPES[kind][0], n_threads)
     fsync_file(tmp)  # the whole file is on disk before it takes the final name
     os.replace(tmp, out)
     return Derived(name, out, True)
 
 
-def _quantize(src: Path, dst: Path, ftype: int, n_threads: int) -> None:
-    from kodkod.backends.llamacpp.quantize import quantize_model  # the inference library: lazily
-
+def _quantize(quantize: Quantizer, src: Path, dst: Path, ftype: int, n_threads: int) -> None:
     try:
-        rc = quantize_model(src, dst, ftype, n_threads)
+        rc = quantize(src, dst, ftype, n_threads)
     except BaseException:
         dst.unlink(missing_ok=True)
         raise

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kodkod.backends.base import Backend, ContextConfig, ModelInfo, ModelSource
+from kodkod.core.backend_types import ContextConfig, ModelInfo, ModelSource
+from kodkod.engine.backend import Backend
 from kodkod.engine.speculative.state import SpecConfig, SpecMode
 from kodkod.models.context import ContextPlan
 from kodkod.models.params import DraftParams, LoadParamError
@@ -76,10 +77,11 @@ class DraftModel:
 
 
 def fingerprint_backend(backend: Backend) -> str:
-    """sha256 over every token's text (llama.cpp's when available, else the token bytes)."""
-    direct = getattr(backend, "vocab_fingerprint", None)
-    if callable(direct):
-        return str(direct())
+    """sha256 over every token's text (the backend's own fingerprint when it reports one, else
+    the token bytes)."""
+    direct = backend.capabilities.vocab_fingerprint
+    if direct is not None:
+        return direct()
     h = hashlib.sha256()
     tok = backend.tokenizer
     for t in range(tok.n_vocab):
@@ -120,8 +122,7 @@ def check_same_vocab(probe: VocabProbe, target: ModelEntry, draft: ModelEntry) -
     t, d = probe.fingerprint(target), probe.fingerprint(draft)
     if t.n_vocab != d.n_vocab or t.digest != d.digest:
         detail = (
-            f"{d.n_vocab} vs {t.n_vocab} tokens" if t.n_vocab != d.n_vocab
-            else "same size, different tokens"
+            f"{d.n_vocab} vs {t.n_vocab} tokens" if t.n_vocab != d.n_vocab else "same size, different tokens"
         )
         raise DraftVocabError(
             f"draft model {draft.name!r} cannot draft for {target.name!r}: their vocabularies "

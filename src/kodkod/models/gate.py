@@ -167,7 +167,8 @@ class ModelGate(Generic[M]):
         if self._designated is not None:
             return
         candidates = [
-            w for w in self._queue
+            w
+            for w in self._queue
             if w.want is not None and w.may_switch and not self._matches(w, self._current)
         ]
         if candidates:
@@ -247,9 +248,7 @@ class ModelGate(Generic[M]):
     ) -> Lease[M] | None:
         current = self._current
         designated = self._designated
-        if self._matches(w, current) and (
-            designated is None or designated is w or w.seq < self._barrier
-        ):
+        if self._matches(w, current) and (designated is None or designated is w or w.seq < self._barrier):
             return self._grant()
         if w.want is None:
             if current is None and designated is None:

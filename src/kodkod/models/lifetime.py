@@ -55,8 +55,7 @@ class Retirer(Generic[M]):
     async def wait_for_generations(self, model: M, generation: int) -> None:
         """Until no lease on `generation` is left (see the module docstring for the bound)."""
         if self.gate.leases(generation):
-            log.info("waiting for %d requests on %s to finish",
-                     self.gate.leases(generation), model.name)
+            log.info("waiting for %d requests on %s to finish", self.gate.leases(generation), model.name)
         while self.gate.leases(generation):
             if _busy(model.engine):
                 await self.gate.wait_released(generation, POLL_S)
@@ -71,8 +70,11 @@ class Retirer(Generic[M]):
             await asyncio.to_thread(self.free, model)
             log.info("unloaded %s", model.name)
             return
-        log.warning("unloaded %s, but %d requests still use it: it is freed when the last "
-                    "one ends", model.name, self.gate.leases(generation))
+        log.warning(
+            "unloaded %s, but %d requests still use it: it is freed when the last one ends",
+            model.name,
+            self.gate.leases(generation),
+        )
         self.gate.when_released(generation, lambda: self._free_later(model))
 
     def _free_later(self, model: M) -> None:

@@ -40,9 +40,18 @@ log = logging.getLogger(__name__)
 _PARAM_KEYS = {f.name for f in dc_fields(ModelLoadParams)} - {"draft", "extra", "placement"}
 _DRAFT_KEYS = {f.name for f in dc_fields(DraftParams)}
 _EXTRA_KEYS = {
-    "reasoning", "reasoning_start_token", "reasoning_end_token", "start_in_reasoning",
-    "tool_calls_in_reasoning", "reasoning_budget_tokens", "reasoning_budget_message",
-    "tool_format", "harmony", "muse_glimmer", "template_vars_default", "template_vars_force",
+    "reasoning",
+    "reasoning_start_token",
+    "reasoning_end_token",
+    "start_in_reasoning",
+    "tool_calls_in_reasoning",
+    "reasoning_budget_tokens",
+    "reasoning_budget_message",
+    "tool_format",
+    "harmony",
+    "muse_glimmer",
+    "template_vars_default",
+    "template_vars_force",
     "force_enable_thinking",
 }
 _BOOL_KEYS = {"flash_attention", "vision", "output_chunking", "dynamic_draft"}

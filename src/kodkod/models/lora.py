@@ -27,12 +27,27 @@ from typing import Any, Literal
 
 import gguf
 
-from kodkod.engine.client import EngineClient, RequestError
-from kodkod.models.peft import PEFT_CONFIG, PEFT_WEIGHTS, BaseFacts, LoraError, ensure_gguf
+from kodkod.engine.backend import Backend
+from kodkod.engine.client import RequestError
+from kodkod.models.peft import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    BaseFacts,
+    LoraError,
+    ensure_gguf,
+)
 
 __all__ = [
-    "BaseFacts", "LoraEntry", "LoraError", "LoraLibrary", "PreparedLora", "attach_library",
-    "check_adapter", "discover_loras", "read_base", "resolve_lora",
+    "BaseFacts",
+    "LoraEntry",
+    "LoraError",
+    "LoraLibrary",
+    "PreparedLora",
+    "attach_library",
+    "check_adapter",
+    "discover_loras",
+    "read_base",
+    "resolve_lora",
 ]
 
 log = logging.getLogger(__name__)
@@ -280,8 +295,14 @@ class LoraLibrary:
             alpha, ranks, num = check_adapter(path, base, name)
             prepared = PreparedLora(name, entry.kind, path, alpha, ranks, num)
             self._prepared[name] = (state, prepared)
-            log.info("LoRA %s ready: %s, %d tensors, rank %s, alpha %g", name, path.name, num,
-                     "/".join(map(str, ranks)), alpha)
+            log.info(
+                "LoRA %s ready: %s, %d tensors, rank %s, alpha %g",
+                name,
+                path.name,
+                num,
+                "/".join(map(str, ranks)),
+                alpha,
+            )
             return prepared
 
     def prepared_path(self, name: str) -> Path:
@@ -303,15 +324,13 @@ class LoraLibrary:
                 raise RequestError(str(exc)) from None
 
 
-def attach_library(
-    lora_dir: Path | None, model_path: Path, backend: object, engine: EngineClient
-) -> LoraLibrary | None:
-    """Give a freshly loaded model its library: the backend loads adapters requests name
-    through it, and the engine client checks them before accepting a request."""
-    host = getattr(backend, "adapters", None)
+def attach_library(lora_dir: Path | None, model_path: Path, backend: Backend) -> LoraLibrary | None:
+    """Give a freshly loaded model its library (None when the backend reports no adapter
+    support): the backend loads adapters requests name through it, and the engine client is
+    started with its `check_request`, so it checks them before accepting a request."""
+    host = backend.capabilities.adapters
     if host is None or lora_dir is None:
         return None
     library = LoraLibrary(lora_dir, model_path)
     host.source = library.prepared_path
-    engine.adapter_check = library.check_request
     return library

@@ -43,8 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kodkod.backends.base import ModelInfo, ModelSource, Tokenizer
 from kodkod.chat import ChatTemplate, find_template
+from kodkod.core.backend_types import ModelInfo, ModelSource
+from kodkod.core.constraints import GrammarCompiler
+from kodkod.engine.backend import Tokenizer
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
 from kodkod.models.context import ContextPlan, draft_context, plan_context
@@ -64,7 +66,12 @@ from kodkod.models.progress import LoadProgress
 from kodkod.models.registry import ModelEntry
 
 __all__ = [
-    "BackendLoader", "DraftModel", "Lease", "LoadedModel", "ModelManager", "NoModelLoaded",
+    "BackendLoader",
+    "DraftModel",
+    "Lease",
+    "LoadedModel",
+    "ModelManager",
+    "NoModelLoaded",
     "SwitchRefused",
 ]
 
@@ -83,6 +90,7 @@ class LoadedModel:
     params: ModelLoadParams
     info: ModelInfo
     tokenizer: Tokenizer
+    grammar: GrammarCompiler | None  # the backend's, None: no constrained decoding
     engine: EngineClient
     plan: ContextPlan
     template: ChatTemplate | None
@@ -122,9 +130,9 @@ class LoadedModel:
 
 def model_key(entry: ModelEntry) -> str:
     """Identity of a model for "is it loaded?": its resolved folder, or file when it has no
-    folder (as in TabbyAPI since August 2026: names that resolve to the same path are the same
-model).
-    Two folders linking one GGUF stay different models: their tabby_config.yml may differ."""
+        folder (as in TabbyAPI since August 2026: names that resolve to the same path are the same
+    model).
+        Two folders linking one GGUF stay different models: their tabby_config.yml may differ."""
     return str((entry.folder or entry.gguf).resolve())
 
 
@@ -145,12 +153,6 @@ def release_heap() -> None:
         ctypes.CDLL(name).malloc_trim(0)
 
 
-def _probe_gpu(loader: BackendLoader) -> bool:
-    owner = getattr(loader, "__self__", None)
-    probe = getattr(owner, "supports_gpu_offload", None) or getattr(loader, "supports_gpu_offload", None)
-    return bool(probe()) if callable(probe) else False
-
-
 def _placement_kwargs(params: ModelLoadParams) -> dict[str, Any]:
     p = params.placement
     return {} if p is None else {"split_mode": p.split_mode, "tensor_split": p.tensor_split}
@@ -163,7 +165,7 @@ class ModelManager:
         templates_dir: Path,
         on_fatal: Callable[[BaseException], None] | None = None,
         *,
-        gpu_available: bool | None = None,
+        gpu_available: bool = False,
         lora_dir: Path | None = None,
         host_cache_mb: int = 0,
         unload_grace_s: float = 10.0,
@@ -179,7 +181,7 @@ class ModelManager:
         self.gate: ModelGate[LoadedModel] = ModelGate(lambda m: m.key)
         self._retirer = Retirer(self.gate, unload_grace_s, self._free)
         self.vocab = VocabProbe(backend_loader)
-        self.gpu_available = _probe_gpu(backend_loader) if gpu_available is None else gpu_available
+        self.gpu_available = gpu_available  # the backend can place layers on a GPU
         self.loading: str | None = None
 
     # -- reading ----------------------------------------------------------------------------
@@ -220,6 +222,7 @@ class ModelManager:
         want = model_key(plan.entry) if plan is not None else None
         switch = None
         if plan is not None and may_switch:
+
             async def switch() -> None:
                 await self._switch(plan)
 
@@ -291,9 +294,12 @@ class ModelManager:
             main_plan = plan_context(params, target.info, n_threads)
             draft_params = params.draft
             draft = load_draft(
-                self._loader, plan.draft_entry, draft_params,
+                self._loader,
+                plan.draft_entry,
+                draft_params,
                 lambda info: draft_context(draft_params, info, main_plan, params.flash_attention),
-                progress.callback("draft"), placement,
+                progress.callback("draft"),
+                placement,
             )
             progress.finish("draft")
         plans: list[ContextPlan] = []
@@ -324,16 +330,21 @@ class ModelManager:
                 gguf_template=backend.info.chat_template,
                 gguf_named_templates=backend.info.named_chat_templates,
             )
+            loras = attach_library(self._lora_dir, entry.gguf, backend)
             engine = EngineClient.start(
                 backend,
-                EngineConfig(ctx.max_seq_len, ctx.max_batch_size, ctx.chunk_size,
-                             spec_config(params.draft, draft is not None),
-                             host_cache_bytes=self._host_cache_bytes,
-                             stall_timeout_s=self._stall_timeout_s),
+                EngineConfig(
+                    ctx.max_seq_len,
+                    ctx.max_batch_size,
+                    ctx.chunk_size,
+                    spec_config(params.draft, draft is not None),
+                    host_cache_bytes=self._host_cache_bytes,
+                    stall_timeout_s=self._stall_timeout_s,
+                ),
                 self._on_fatal,
                 draft.backend if draft is not None else None,  # speculative decoding
+                adapter_check=loras.check_request if loras is not None else None,
             )
-            loras = attach_library(self._lora_dir, entry.gguf, backend, engine)
         except BaseException:
             backend.close()
             if draft is not None:
@@ -343,14 +354,28 @@ class ModelManager:
         log.info(
             "loaded %s in %.1f s (max_seq_len %d, cache %d tokens, %s = %s/%s, flash attention %s, "
             "batch %d%s)",
-            entry.name, elapsed, ctx.max_seq_len, ctx.cache_size, ctx.cache_mode,
-            ctx.config.cache_type_k, ctx.config.cache_type_v,
-            "on" if ctx.config.flash_attention else "off", ctx.max_batch_size,
+            entry.name,
+            elapsed,
+            ctx.max_seq_len,
+            ctx.cache_size,
+            ctx.cache_mode,
+            ctx.config.cache_type_k,
+            ctx.config.cache_type_v,
+            "on" if ctx.config.flash_attention else "off",
+            ctx.max_batch_size,
             f", draft {draft.name}" if draft else "",
         )
         return LoadedModel(
-            entry=entry, params=params, info=backend.info, tokenizer=backend.tokenizer,
-            engine=engine, plan=ctx, template=template, draft=draft, loras=loras,
+            entry=entry,
+            params=params,
+            info=backend.info,
+            tokenizer=backend.tokenizer,
+            grammar=backend.capabilities.grammar,
+            engine=engine,
+            plan=ctx,
+            template=template,
+            draft=draft,
+            loras=loras,
             load_time_s=elapsed,
         )
 

@@ -53,12 +53,22 @@ CONVERTER_VERSION = "1"
 
 # GGUF architecture → whether its HF converter permutes q_proj/k_proj rows.
 ARCHS: dict[str, bool] = {
-    "llama": True, "smollm3": True,
-    "qwen2": False, "qwen3": False, "gemma": False, "gemma2": False, "gemma3": False,
+    "llama": True,
+    "smollm3": True,
+    "qwen2": False,
+    "qwen3": False,
+    "gemma": False,
+    "gemma2": False,
+    "gemma3": False,
 }
 MODULES: dict[str, str] = {
-    "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
 }
 _LAYER = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<module>\w+)$")
 _TENSOR = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight$")
@@ -133,8 +143,7 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's rotary row order for a q/k projection's output rows (`LlamaModel.permute`)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _pattern(patterns: Any, module: str, default: float) -> float:

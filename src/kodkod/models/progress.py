@@ -34,7 +34,9 @@ class ProgressEvent:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "model_type": self.model_type, "module": self.module, "modules": self.modules,
+            "model_type": self.model_type,
+            "module": self.module,
+            "modules": self.modules,
             "status": self.status,
         }
 

@@ -28,8 +28,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         metavar="PATH",
         default=None,
-        help="YAML config file to read instead of ./config.yml; the other flags still "
-        "override its values.",
+        help="YAML config file to read instead of ./config.yml; the other flags still override its values.",
     )
     classes = section_classes()
     groups: dict[str, argparse._ArgumentGroup] = {}

@@ -146,8 +146,9 @@ def _file_layer(path: Path, warnings: list[str]) -> _Layer:
         return layer
     if not isinstance(data, dict):
         line = node.start_mark.line + 1 if node is not None else 1
-        raise ConfigError(f"{name}:{line}: expected a mapping of sections at the top level, "
-                          f"got {_describe(data)}")
+        raise ConfigError(
+            f"{name}:{line}: expected a mapping of sections at the top level, got {_describe(data)}"
+        )
 
     sections = section_classes()
     for section, body in data.items():
@@ -158,8 +159,9 @@ def _file_layer(path: Path, warnings: list[str]) -> _Layer:
         if body is None:
             continue
         if not isinstance(body, dict):
-            raise ConfigError(f"{name}:{section_line}: {section}: expected a mapping of keys, "
-                              f"got {_describe(body)}")
+            raise ConfigError(
+                f"{name}:{section_line}: {section}: expected a mapping of keys, got {_describe(body)}"
+            )
         fields = sections[section].model_fields
         for key, value in body.items():
             line = lines.get((section, str(key)), section_line)
@@ -246,9 +248,7 @@ def _failer(where: str) -> Callable[[str], ConfigError]:
     return lambda message: ConfigError(f"{where}: {message}")
 
 
-def parse_text(
-    raw: str | list[str], kind: FieldKind, fail: Callable[[str], ConfigError]
-) -> object:
+def parse_text(raw: str | list[str], kind: FieldKind, fail: Callable[[str], ConfigError]) -> object:
     """Pre-parse a text value (or several, from a CLI flag with nargs) for a key of `kind`."""
     if isinstance(raw, list):
         if len(raw) == 1:
@@ -292,13 +292,10 @@ _EXPECTED = {
     "model_type": "a mapping",
     "model_attributes_type": "a mapping",
 }
-_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
-           "less_than": "<"}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
-def _config_error(
-    exc: ValidationError, origins: dict[_Key, Origin], lines: dict[_Path, int]
-) -> ConfigError:
+def _config_error(exc: ValidationError, origins: dict[_Key, Origin], lines: dict[_Path, int]) -> ConfigError:
     errors = exc.errors(include_url=False)
     error = errors[0]
     loc: _Path = tuple(error["loc"])
@@ -310,8 +307,7 @@ def _config_error(
     if origin is None:
         return ConfigError(f"{dotted}: {message}")
     if origin.kind == "file":
-        line = next((lines[loc[:n]] for n in range(len(loc), 1, -1) if loc[:n] in lines),
-                    origin.line)
+        line = next((lines[loc[:n]] for n in range(len(loc), 1, -1) if loc[:n] in lines), origin.line)
         return ConfigError(f"{origin.name}:{line}: {dotted}: {message}")
     where = "environment " + origin.name if origin.kind == "env" else origin.name
     detail = f"{dotted}: " if len(loc) > 2 else ""
@@ -357,9 +353,7 @@ def _dotted(loc: _Path) -> str:
     return text
 
 
-def _check_use_as_default(
-    settings: Settings, origin: Origin | None, lines: dict[_Path, int]
-) -> list[str]:
+def _check_use_as_default(settings: Settings, origin: Origin | None, lines: dict[_Path, int]) -> list[str]:
     known = set(type(settings.model).model_fields) | set(type(settings.draft_model).model_fields)
     warnings = []
     for index, name in enumerate(settings.model.use_as_default):

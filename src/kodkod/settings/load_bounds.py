@@ -46,15 +46,14 @@ class LoadBound:
         noun = "an integer" if self.kind is int else "a number"
         if self.multiple_of is not None:
             return f"a positive multiple of {self.multiple_of}"
-        parts = [f"{op} {_num(v)}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le))
-                 if v is not None]
+        parts = [
+            f"{op} {_num(v)}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le)) if v is not None
+        ]
         return f"{noun} {' and '.join(parts)}" if parts else noun
 
     def check_multiple(self, value: Any) -> Any:
         """The `multiple_of` rule alone (pydantic checks the rest); ValueError if broken."""
-        if self.multiple_of is not None and value is not None and (
-            value <= 0 or value % self.multiple_of
-        ):
+        if self.multiple_of is not None and value is not None and (value <= 0 or value % self.multiple_of):
             raise ValueError(f"expected a positive multiple of {self.multiple_of}, got {value}")
         return value
 

@@ -30,9 +30,7 @@ DEFAULT_MAX_BATCH_SIZE = 32
 class ModelSettings(SectionModel):
     """Section `model`: the main model and how it is loaded."""
 
-    model_dir: str = Field(
-        "models", description="Folder holding the models (one file or folder per model)."
-    )
+    model_dir: str = Field("models", description="Folder holding the models (one file or folder per model).")
     inline_model_loading: bool = Field(
         False,
         description="Let admin requests switch models by naming another model in the "
@@ -71,16 +69,11 @@ class ModelSettings(SectionModel):
     )
     cache_mode: str = Field(
         "FP16",
-        description="KV cache precision: FP16, Q8, Q6, Q4, or a 'K,V' pair of bit widths "
-        "such as '8,8'.",
+        description="KV cache precision: FP16, Q8, Q6, Q4, or a 'K,V' pair of bit widths such as '8,8'.",
     )
     tensor_parallel: bool = Field(False, description="Split each layer across GPUs.")
-    tensor_parallel_backend: str = Field(
-        "native", description="Tensor-parallel transport: native or nccl."
-    )
-    gpu_split_auto: bool = Field(
-        True, description="Spread the model over the available GPUs automatically."
-    )
+    tensor_parallel_backend: str = Field("native", description="Tensor-parallel transport: native or nccl.")
+    gpu_split_auto: bool = Field(True, description="Spread the model over the available GPUs automatically.")
     autosplit_reserve: list[float] = Field(
         default_factory=lambda: [96.0],
         description="Megabytes of VRAM to keep free on each GPU when splitting automatically.",
@@ -91,21 +84,16 @@ class ModelSettings(SectionModel):
     )
     cpu_moe_offload_layers: CpuMoeOffloadLayers = Field(
         0,
-        description="Number of mixture-of-experts layers whose experts run on the CPU "
-        "(999 means all).",
+        description="Number of mixture-of-experts layers whose experts run on the CPU (999 means all).",
     )
-    rope_scale: RopeScale = Field(
-        1.0, description="Linear RoPE scaling factor (positive)."
-    )
+    rope_scale: RopeScale = Field(1.0, description="Linear RoPE scaling factor (positive).")
     rope_alpha: float | Literal["auto"] | None = Field(
         None, description="NTK RoPE alpha: a number, or auto/null to derive it from max_seq_len."
     )
     chunk_size: ChunkSize = Field(
         2048, description="Most prompt tokens processed in one step (chunked prefill)."
     )
-    output_chunking: bool = Field(
-        True, description="Grow each request's output cache in chunk_size steps."
-    )
+    output_chunking: bool = Field(True, description="Grow each request's output cache in chunk_size steps.")
     max_batch_size: MaxBatchSize | None = Field(
         None,
         description="Most requests generated at the same time (1 to 256). Null means "
@@ -120,8 +108,7 @@ class ModelSettings(SectionModel):
     vision: bool = Field(False, description="Load the model's vision component if it has one.")
     template_vars_default: dict[str, Any] = Field(
         default_factory=dict,
-        description="Chat template variables used unless a request sets them, "
-        "e.g. {enable_thinking: false}.",
+        description="Chat template variables used unless a request sets them, e.g. {enable_thinking: false}.",
     )
     template_vars_force: dict[str, Any] = Field(
         default_factory=dict,
@@ -136,12 +123,8 @@ class ModelSettings(SectionModel):
         description="Split output between reasoning_start_token and reasoning_end_token into "
         "reasoning_content.",
     )
-    reasoning_start_token: str = Field(
-        "<think>", description="Text that opens a reasoning block."
-    )
-    reasoning_end_token: str = Field(
-        "</think>", description="Text that closes a reasoning block."
-    )
+    reasoning_start_token: str = Field("<think>", description="Text that opens a reasoning block.")
+    reasoning_end_token: str = Field("</think>", description="Text that closes a reasoning block.")
     reasoning_suppress_header: str | None = Field(
         None, description="Legacy key from older TabbyAPI versions; accepted and ignored."
     )
@@ -150,9 +133,7 @@ class ModelSettings(SectionModel):
         description="Whether output starts inside a reasoning block: always, never, or auto "
         "(when the prompt ends with an unclosed start token).",
     )
-    tool_calls_in_reasoning: bool = Field(
-        True, description="Parse tool calls that appear inside reasoning."
-    )
+    tool_calls_in_reasoning: bool = Field(True, description="Parse tool calls that appear inside reasoning.")
     reasoning_budget_tokens: int | None = Field(
         None,
         description="Most tokens of reasoning before the block is closed; null or negative "
@@ -164,22 +145,17 @@ class ModelSettings(SectionModel):
     tool_format: str | None = Field(
         None, description="Tool-call format the model emits (e.g. qwen3_coder, mistral)."
     )
-    harmony: bool | None = Field(
-        None, description="Use the Harmony (gpt-oss) reply format; null detects it."
-    )
-    muse_glimmer: bool | None = Field(
-        None, description="Use the Muse Glimmer reply format; null detects it."
-    )
+    harmony: bool | None = Field(None, description="Use the Harmony (gpt-oss) reply format; null detects it.")
+    muse_glimmer: bool | None = Field(None, description="Use the Muse Glimmer reply format; null detects it.")
     n_threads: NThreads | None = Field(
         None,
         description="kodkod extension: CPU threads for llama.cpp; null uses every CPU this "
         "process may run on.",
     )
-    flash_attention: bool = Field(
-        True, description="kodkod extension: use flash attention in llama.cpp."
-    )
+    flash_attention: bool = Field(True, description="kodkod extension: use flash attention in llama.cpp.")
     unload_grace_s: float = Field(
-        10.0, ge=0,
+        10.0,
+        ge=0,
         description="kodkod extension: when a model is unloaded or replaced and its generations "
         "have ended, how long to wait for requests that still use it (tokenizing, sending their "
         "last chunks) before the swap goes on anyway; the old model is then freed when the last "

@@ -52,9 +52,7 @@ def render_sample_config(
         parts.append(f"\n# ===== {section}: {about}\n{section}:\n")
         entries = []
         for key, info in cls.model_fields.items():
-            comment = "".join(
-                f"  # {line}\n" for line in textwrap.wrap(info.description or key, _WIDTH - 4)
-            )
+            comment = "".join(f"  # {line}\n" for line in textwrap.wrap(info.description or key, _WIDTH - 4))
             entries.append(comment + "  " + _yaml_entry(key, defaults[section][key]))
         parts.append("\n".join(entries))
     return "".join(parts)

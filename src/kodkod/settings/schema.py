@@ -98,8 +98,8 @@ def section_classes(settings_cls: type[BaseModel] = Settings) -> dict[str, type[
 class FieldKind(enum.Enum):
     """How a text value (environment, CLI) for a key is parsed before validation."""
 
-    SCALAR = "scalar"          # the string goes to pydantic as is
-    LIST = "list"              # a YAML/JSON list literal, or comma-separated items
+    SCALAR = "scalar"  # the string goes to pydantic as is
+    LIST = "list"  # a YAML/JSON list literal, or comma-separated items
     STRUCTURED = "structured"  # a YAML/JSON literal (mappings, lists of mappings)
 
 
@@ -132,7 +132,8 @@ def cli_flag_table(settings_cls: type[BaseModel] = Settings) -> dict[str, tuple[
                 continue
             if key in table or key == "config":
                 other = ".".join(table.get(key, ("<reserved>", key)))
-                raise RuntimeError(f"CLI flag --{key.replace('_', '-')} would serve both "
-                                   f"{other} and {section}.{key}")
+                raise RuntimeError(
+                    f"CLI flag --{key.replace('_', '-')} would serve both {other} and {section}.{key}"
+                )
             table[key] = (section, key)
     return table

@@ -22,9 +22,7 @@ _ORIGIN = re.compile(r"https?://([a-z0-9_.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
 class SectionModel(BaseModel):
     """Common behaviour: unknown keys are dropped (the loader warns first), numbers fit strings."""
 
-    model_config = ConfigDict(
-        extra="ignore", protected_namespaces=(), coerce_numbers_to_str=True
-    )
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), coerce_numbers_to_str=True)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -52,13 +50,14 @@ class NetworkSettings(SectionModel):
         "0.0.0.0 serves every network interface.",
     )
     port: int = Field(
-        5000, ge=1, le=65535,
+        5000,
+        ge=1,
+        le=65535,
         description="TCP port to listen on. If it is busy, the next free port is tried.",
     )
     disable_auth: bool = Field(
         False,
-        description="Serve every request without checking API keys. Only do this on a "
-        "trusted network.",
+        description="Serve every request without checking API keys. Only do this on a trusted network.",
     )
     disable_fetch_requests: bool = Field(
         False, description="Refuse to download images that requests reference by URL."
@@ -73,9 +72,9 @@ class NetworkSettings(SectionModel):
         "(KoboldAI-compatible). Case does not matter; an empty list means OAI.",
     )
     sse_ping_interval: int = Field(
-        15, ge=0,
-        description="Seconds between keep-alive comments on idle streaming responses; "
-        "0 turns them off.",
+        15,
+        ge=0,
+        description="Seconds between keep-alive comments on idle streaming responses; 0 turns them off.",
     )
 
     allowed_hosts: list[str] = Field(
@@ -154,6 +153,7 @@ class LoggingSettings(SectionModel):
         description="Write each chat completion request (API keys removed) and its rendered "
         "prompt to logs/debug/.",
     )
+
 
 class DraftModelSettings(SectionModel):
     """Section `draft_model`: speculative decoding."""
@@ -251,7 +251,8 @@ class MemorySettings(SectionModel):
         4096, ge=0, description="Megabytes of host RAM for recurrent-model state caching."
     )
     sysmem_kv_cache: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="Megabytes of host RAM for a second-tier prefix cache: idle cached prompts "
         "pushed out of the live KV pool (they slow every decode down while they sit there) are "
         "kept here and restored instead of recomputed; 0 turns it off (the sample config sets "
@@ -264,46 +265,55 @@ class LimitsSettings(SectionModel):
     """Section `limits`: bounds on what one client can make the server hold or do."""
 
     max_request_body_bytes: int = Field(
-        16 * 1024 * 1024, ge=1024,
+        16 * 1024 * 1024,
+        ge=1024,
         description="Largest HTTP request body in bytes; a bigger one is refused with 413 before "
         "it is read (and before the API key is checked).",
     )
     header_timeout_s: float = Field(
-        30.0, gt=0,
+        30.0,
+        gt=0,
         description="Seconds a client has to send a request's line and headers after it "
         "connects (or starts the next request on a kept-alive connection); slower ones are "
         "disconnected.",
     )
     max_header_bytes: int = Field(
-        65536, ge=1024,
+        65536,
+        ge=1024,
         description="Largest request line plus headers in bytes; a bigger one is refused with 431.",
     )
     keep_alive_timeout_s: int = Field(
-        5, ge=1,
+        5,
+        ge=1,
         description="Seconds an idle keep-alive connection stays open between requests.",
     )
     max_concurrent_connections: int = Field(
-        1024, ge=0,
+        1024,
+        ge=0,
         description="Open connections plus running HTTP exchanges the server accepts at once; "
         "beyond that new requests get 503. 0 means no limit.",
     )
     max_choices_per_request: int = Field(
-        128, ge=1,
+        128,
+        ge=1,
         description="Most choices one completion request may ask for (number of prompts times "
         "n); more is refused with 400.",
     )
     max_waiting_requests: int = Field(
-        512, ge=0,
+        512,
+        ge=0,
         description="Most generation requests (each choice counts) that may wait for a place "
         "in the batch (beyond model.max_batch_size running ones); more are refused with 429 "
         "and a Retry-After header.",
     )
     queue_full_retry_after_s: int = Field(
-        1, ge=0,
+        1,
+        ge=0,
         description="Seconds the Retry-After header of a 429 (queue full) answer suggests.",
     )
     max_logprobs: int = Field(
-        20, ge=0,
+        20,
+        ge=0,
         description="Most alternatives per token a request may ask for with logprobs / "
         "top_logprobs; more is refused with 400.",
     )
@@ -320,18 +330,21 @@ class LimitsSettings(SectionModel):
         1000, ge=1, description="Longest banned string in characters; a longer one is a 400."
     )
     stalled_stream_timeout_s: float = Field(
-        60.0, gt=0,
+        60.0,
+        gt=0,
         description="Seconds a streaming client may leave generated output unread (it keeps "
         "the connection but stops reading) before its request is aborted and its KV freed.",
     )
     offload_tokenize_chars: int = Field(
-        4096, ge=0,
+        4096,
+        ge=0,
         description="Prompts longer than this (characters) are tokenized and chat templates "
         "with more text are rendered in a worker thread, so other streams never stall; 0 "
         "always uses a worker thread.",
     )
     engine_stall_timeout_s: float = Field(
-        300.0, gt=0,
+        300.0,
+        gt=0,
         description="Seconds one engine step (one batched decode) may take before the server "
         "reports the engine as stuck: /health answers 503 and new generation requests are "
         "refused with 503 until it moves again.",
@@ -348,14 +361,10 @@ class DeveloperSettings(SectionModel):
     cuda_malloc_backend: bool = Field(
         False, description="Legacy key from older TabbyAPI versions; accepted and ignored."
     )
-    uvloop: bool = Field(
-        False, description="Legacy key from older TabbyAPI versions; accepted and ignored."
-    )
+    uvloop: bool = Field(False, description="Legacy key from older TabbyAPI versions; accepted and ignored.")
     realtime_process_priority: bool = Field(
         False, description="Raise the server process to the highest scheduling priority."
     )
     seqlog: bool = Field(False, description="Send structured logs to a Seq server.")
-    seqlog_server_url: str = Field(
-        "http://localhost:5341", description="Address of the Seq server."
-    )
+    seqlog_server_url: str = Field("http://localhost:5341", description="Address of the Seq server.")
     seqlog_api_key: str | None = Field(None, description="API key for the Seq server.")

@@ -35,7 +35,8 @@ from kodkod.api.errors import ApiError
 from kodkod.api.state import AppState, Models, Paths, get_model
 from kodkod.api.validation import REQUEST_CONFIG, Name
 from kodkod.auth import Permission
-from kodkod.backends.base import AdapterError, Backend
+from kodkod.core.backend_types import AdapterError
+from kodkod.engine.backend import Backend
 from kodkod.models.lora import LoraError, LoraLibrary, discover_loras
 from kodkod.models.manager import LoadedModel, ModelManager
 
@@ -63,8 +64,7 @@ class LoraUnloadRequest(BaseModel):
 
 
 def lora_card(name: str, scaling: float | None) -> dict[str, Any]:
-    return {"id": name, "object": "lora", "created": int(time.time()), "owned_by": OWNER,
-            "scaling": scaling}
+    return {"id": name, "object": "lora", "created": int(time.time()), "owned_by": OWNER, "scaling": scaling}
 
 
 def _active_cards(model: LoadedModel | None) -> list[dict[str, Any]]:
@@ -86,7 +86,7 @@ async def _swap(
     library = _library(model)
 
     def run(backend: Backend) -> tuple[tuple[str, float], ...]:
-        host = getattr(backend, "adapters", None)
+        host = backend.capabilities.adapters
         if host is None:
             raise AdapterError("this model backend does not support LoRA adapters")
         if specs:
@@ -165,16 +165,12 @@ async def lora_active(request: Request) -> dict[str, Any]:
 
 
 @router.post("/v1/lora/load", dependencies=[ADMIN])
-async def lora_load(
-    req: LoraLoadRequest, request: Request, models: Models
-) -> dict[str, list[str | None]]:
+async def lora_load(req: LoraLoadRequest, request: Request, models: Models) -> dict[str, list[str | None]]:
     return await apply_loras(models, get_model(request), req.loras, skip_queue=req.skip_queue)
 
 
 @router.post("/v1/lora/unload", dependencies=[ADMIN])
-async def lora_unload(
-    request: Request, models: Models, req: LoraUnloadRequest | None = None
-) -> None:
+async def lora_unload(request: Request, models: Models, req: LoraUnloadRequest | None = None) -> None:
     model = get_model(request)
     await _swap(models, model, [], req.skip_queue if req is not None else False)
     log.info("LoRA adapters unloaded")

@@ -88,9 +88,7 @@ class ModelLoadRequest(BaseModel):
     autosplit_reserve: list[float] | None = None
     output_chunking: bool | None = None
     num_experts_per_token: int | None = None  # [24] only; accepted and ignored
-    draft_model: DraftLoadRequest | None = Field(
-        None, validation_alias=AliasChoices("draft_model", "draft")
-    )
+    draft_model: DraftLoadRequest | None = Field(None, validation_alias=AliasChoices("draft_model", "draft"))
     skip_queue: bool = False  # cancel the old model's running generations instead of waiting
 
     @field_validator("cache_size")
@@ -171,14 +169,9 @@ async def _load_stream(state: AppState, plan: LoadPlan, skip_queue: bool) -> Asy
     current = state.models.current
     reason = None
     if current is not None:
-        reason = (
-            f"the model {current.name!r} was unloaded: an administrator is loading "
-            f"{plan.entry.name!r}"
-        )
+        reason = f"the model {current.name!r} was unloaded: an administrator is loading {plan.entry.name!r}"
     # The load continues even if this client goes away (as in TabbyAPI since July 2026).
-    task = asyncio.ensure_future(
-        state.models.load(plan, progress, reason=reason, skip_queue=skip_queue)
-    )
+    task = asyncio.ensure_future(state.models.load(plan, progress, reason=reason, skip_queue=skip_queue))
     task.add_done_callback(lambda t: _log_outcome(plan.entry.name, t))
     task.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
     while (ev := await queue.get()) is not None:

@@ -30,9 +30,7 @@ class OverrideSwitchRequest(BaseModel):
 
 @router.get("/v1/sampling/overrides", dependencies=[API])
 @router.get("/v1/sampling/override/list", dependencies=[API])
-async def override_list(
-    presets: Presets, perm: Permission = Depends(current_permission)
-) -> dict[str, Any]:
+async def override_list(presets: Presets, perm: Permission = Depends(current_permission)) -> dict[str, Any]:
     return {
         "selected_preset": presets.active.selected_preset,
         "overrides": presets.active.overrides,

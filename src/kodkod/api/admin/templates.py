@@ -36,9 +36,7 @@ async def template_list(
 
 
 @router.post("/v1/template/switch", dependencies=[ADMIN])
-async def template_switch(
-    req: TemplateSwitchRequest, request: Request, templates: Templates
-) -> None:
+async def template_switch(req: TemplateSwitchRequest, request: Request, templates: Templates) -> None:
     model = get_model(request)
     if not req.prompt_template_name.strip():
         raise ApiError(400, "prompt_template_name must not be empty")

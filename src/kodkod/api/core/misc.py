@@ -29,9 +29,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(models: Models, health_log: Health) -> JSONResponse:
     current = models.current
-    current_issues, resolved_issues = health_log.split(
-        current.loaded_at if current is not None else None
-    )
+    current_issues, resolved_issues = health_log.split(current.loaded_at if current is not None else None)
     issues = [{"time": i.time, "description": i.description} for i in current_issues]
     resolved = [{"time": i.time, "description": i.description} for i in resolved_issues]
     problem = current.engine.problem if current is not None else None
@@ -123,7 +121,10 @@ def _encode(req: EncodeRequest, model: LoadedModel) -> dict[str, Any]:
             raise ApiError(422, "no prompt template is set, so messages cannot be encoded")
         try:
             text = model.template.render(
-                text, add_generation_prompt=False, bos_token=info.bos_text, eos_token=info.eos_text,
+                text,
+                add_generation_prompt=False,
+                bos_token=info.bos_text,
+                eos_token=info.eos_text,
                 template_vars=req.template_vars,
             )
         except TemplateError as exc:

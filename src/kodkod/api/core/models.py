@@ -93,7 +93,9 @@ def _dummies(settings: Settings) -> list[dict[str, Any]]:
 @router.get("/v1/models", dependencies=[API])
 @router.get("/v1/model/list", dependencies=[API])
 async def list_models(
-    settings: AppSettings, paths: Paths, models: Models,
+    settings: AppSettings,
+    paths: Paths,
+    models: Models,
     perm: Permission = Depends(current_permission),
 ) -> dict[str, Any]:
     if perm is Permission.ADMIN:

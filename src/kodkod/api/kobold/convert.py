@@ -30,7 +30,7 @@ from kodkod.api.convert import (
 from kodkod.api.kobold.schemas import KoboldGenerateRequest
 from kodkod.api.state import OverrideState
 from kodkod.api.validation import check_generation_limits
-from kodkod.engine.types import FinishEvent, FinishReason, GenerationRequest
+from kodkod.core.types import FinishEvent, FinishReason, GenerationRequest
 from kodkod.models.manager import LoadedModel
 from kodkod.settings import LimitsSettings
 
@@ -47,18 +47,25 @@ def kobold_values(req: KoboldGenerateRequest, overrides: OverrideState) -> dict[
 
 
 async def kobold_generation(
-    req: KoboldGenerateRequest, request_id: str, model: LoadedModel, overrides: OverrideState,
+    req: KoboldGenerateRequest,
+    request_id: str,
+    model: LoadedModel,
+    overrides: OverrideState,
     limits: LimitsSettings,
 ) -> GenerationRequest:
     """One engine request for a Kobold generate call (Kobold has no `n`)."""
     values = kobold_values(req, overrides)
     check_generation_limits(values, limits)
     spec = grammar_spec(values)
-    factory = await compile_grammar(model.tokenizer, spec) if spec is not None else None
+    factory = await compile_grammar(model.grammar, spec) if spec is not None else None
     text = (req.memory or "") + req.prompt
-    ids = await run_sized(len(text), limits.offload_tokenize_chars, lambda: tokenize_prompt(
-        model.tokenizer, text, add_bos=values["add_bos_token"], bos_id=model.info.bos_id
-    ))
+    ids = await run_sized(
+        len(text),
+        limits.offload_tokenize_chars,
+        lambda: tokenize_prompt(
+            model.tokenizer, text, add_bos=values["add_bos_token"], bos_id=model.info.bos_id
+        ),
+    )
     gen = build_generation(
         request_id,
         ids,

@@ -102,4 +102,3 @@ class JobTable:
         for job in jobs:
             job.abort()
         return len(jobs)
-

@@ -43,8 +43,8 @@ from kodkod.api.request_log import log_generation
 from kodkod.api.state import AppSettings, KoboldJobs, Presets, get_model
 from kodkod.api.streaming import event_stream, until_done
 from kodkod.api.validation import check_queue
+from kodkod.core.types import ErrorEvent, ErrorKind, FinishEvent, TokenEvent
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import ErrorEvent, ErrorKind, FinishEvent, TokenEvent
 from kodkod.models.manager import NoModelLoaded
 from kodkod.settings import Settings
 
@@ -77,7 +77,10 @@ def _caller(request: Request) -> str | None:
 
 
 async def _start(
-    request: Request, req: KoboldGenerateRequest, settings: Settings, presets: SamplerPresets,
+    request: Request,
+    req: KoboldGenerateRequest,
+    settings: Settings,
+    presets: SamplerPresets,
     jobs: JobTable,
 ) -> tuple[KoboldJob, RequestStream]:
     """Convert, submit and register one job. Bad requests raise here, before any response."""
@@ -114,7 +117,10 @@ async def _drain(job: KoboldJob, stream: RequestStream) -> FinishEvent | ErrorEv
 
 @v1.post("/generate", dependencies=[API])
 async def generate(
-    req: KoboldGenerateRequest, request: Request, settings: AppSettings, presets: Presets,
+    req: KoboldGenerateRequest,
+    request: Request,
+    settings: AppSettings,
+    presets: Presets,
     jobs: KoboldJobs,
 ) -> dict[str, Any]:
     job, stream = await _start(request, req, settings, presets, jobs)
@@ -181,7 +187,10 @@ class _KoboldFrames:
 
 @extra.post("/generate/stream", dependencies=[API])
 async def generate_stream(
-    req: KoboldGenerateRequest, request: Request, settings: AppSettings, presets: Presets,
+    req: KoboldGenerateRequest,
+    request: Request,
+    settings: AppSettings,
+    presets: Presets,
     jobs: KoboldJobs,
 ) -> StreamingResponse:
     ping_s = settings.network.sse_ping_interval or None
@@ -232,13 +241,14 @@ async def check(request: Request, jobs: KoboldJobs) -> dict[str, Any]:
 
 
 @extra.post("/tokencount", dependencies=[API])
-async def tokencount(
-    req: TokenCountRequest, request: Request, settings: AppSettings
-) -> dict[str, Any]:
+async def tokencount(req: TokenCountRequest, request: Request, settings: AppSettings) -> dict[str, Any]:
     model = await hold_model(request)  # leased: the worker thread tokenizes under the lease
     offload_chars = settings.limits.offload_tokenize_chars
-    ids = await run_sized(len(req.prompt), offload_chars, lambda: tokenize_prompt(
-        model.tokenizer, req.prompt, add_bos=req.special, bos_id=model.info.bos_id))
+    ids = await run_sized(
+        len(req.prompt),
+        offload_chars,
+        lambda: tokenize_prompt(model.tokenizer, req.prompt, add_bos=req.special, bos_id=model.info.bos_id),
+    )
     return {"value": len(ids), "ids": ids}
 
 

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     _KoboldFields = SamplerRequest
 else:  # the Kobold-only rows of the sampler table
     _KoboldFields = create_model(
-        "_KoboldFields", __base__=SamplerRequest,
+        "_KoboldFields",
+        __base__=SamplerRequest,
         **request_fields(Surface.KOBOLD, exclude=shared_names()),
     )
 

@@ -17,7 +17,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from kodkod.api.convert import build_generation, new_request_id, resolve_fields, run_sized
+from kodkod.api.convert import (
+    build_generation,
+    new_request_id,
+    resolve_fields,
+    run_sized,
+)
 from kodkod.api.deps import API
 from kodkod.api.errors import stream_error
 from kodkod.api.generation import SSE_DONE, sse
@@ -38,7 +43,7 @@ from kodkod.api.openai.schemas import ChatCompletionRequest
 from kodkod.api.state import AppSettings, Presets
 from kodkod.api.streaming import collect, event_stream
 from kodkod.api.validation import check_choices, check_generation_limits
-from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, TokenLogprob, Usage
+from kodkod.core.types import ErrorEvent, FinishEvent, TokenEvent, TokenLogprob, Usage
 
 router = APIRouter()
 
@@ -53,20 +58,28 @@ async def chat_completions(
     choice = tool_choice(req.tools, req.tool_choice)
     values = resolve_fields(req, presets.active)
     check_generation_limits(values, limits)
-    prompt = await run_sized(_size_chars(req), limits.offload_tokenize_chars,
-                             lambda: build_prompt(req, model, choice))
+    prompt = await run_sized(
+        _size_chars(req), limits.offload_tokenize_chars, lambda: build_prompt(req, model, choice)
+    )
     spec = output_spec(values, req.response_format, (req.tools or [], choice) if choice.forced else None)
     split = prompt.split  # a reply that starts inside reasoning is constrained after it
     wait_for = split.reasoning[1] if split.reasoning and split.start_in_reasoning else None
-    plan = await plan_constraint(model.tokenizer, spec, wait_for=wait_for)
+    plan = await plan_constraint(model.tokenizer, model.grammar, spec, wait_for=wait_for)
     budget = budget_factory(req, model, split, constrained=plan is not None)
     logprobs = requested_logprobs(values["logprobs"], values["top_logprobs"], chat=True)
     rid = new_request_id()
     gens = [
-        build_generation(f"{rid}-{k}", prompt.ids, values, model.info.n_vocab, logprobs=logprobs,
-                         extra_stop=prompt.stop_strings,
-                         constraint=plan.new() if plan is not None else None,
-                         processors=[budget()] if budget is not None else None, choice=k)
+        build_generation(
+            f"{rid}-{k}",
+            prompt.ids,
+            values,
+            model.info.n_vocab,
+            logprobs=logprobs,
+            extra_stop=prompt.stop_strings,
+            constraint=plan.new() if plan is not None else None,
+            processors=[budget()] if budget is not None else None,
+            choice=k,
+        )
         for k in range(req.n)
     ]
     streams = await submit_all(model, gens, limits, settings.logging)
@@ -84,16 +97,20 @@ async def chat_completions(
         out = ChoiceOutput(prompt.split, prompt.tool_format, prompt.echo)
         out.feed(tokens.text)
         out.finish()
-        choices.append({
-            "index": i,
-            "finish_reason": out.finish_reason(finish_reason(final)),
-            "stop_str": final.stop_str,
-            "eos_reason": final.eos_reason.value,
-            "message": out.message(),
-            "logprobs": logprobs_chat(content_logprobs_of(prompt.split, prompt.tool_format,
-                                                          tokens.logprobs or []))
-            if logprobs is not None else None,
-        })
+        choices.append(
+            {
+                "index": i,
+                "finish_reason": out.finish_reason(finish_reason(final)),
+                "stop_str": final.stop_str,
+                "eos_reason": final.eos_reason.value,
+                "message": out.message(),
+                "logprobs": logprobs_chat(
+                    content_logprobs_of(prompt.split, prompt.tool_format, tokens.logprobs or [])
+                )
+                if logprobs is not None
+                else None,
+            }
+        )
         add_usage(total, final.usage, first=i == 0)
     return {**head, "object": "chat.completion", "choices": choices, "usage": usage_dict(total)}
 
@@ -142,24 +159,44 @@ class _ChatFrames:
         out = self._outs[index]
         yield from self._deltas(index, out.finish())
         add_usage(self._total, ev.usage, first=index == 0)
-        yield self._chunk(index, {}, finish=out.finish_reason(finish_reason(ev)),
-                          logprobs=self._pending[index],
-                          extra={"stop_str": ev.stop_str, "eos_reason": ev.eos_reason.value})
+        yield self._chunk(
+            index,
+            {},
+            finish=out.finish_reason(finish_reason(ev)),
+            logprobs=self._pending[index],
+            extra={"stop_str": ev.stop_str, "eos_reason": ev.eos_reason.value},
+        )
 
     def on_error(self, index: int, ev: ErrorEvent) -> str:
         return sse(stream_error(ev.message))
 
     def closing(self) -> Iterator[str]:
         if self._include_usage:
-            yield sse({**self._head, "object": "chat.completion.chunk", "choices": [],
-                       "usage": usage_dict(self._total)})
+            yield sse(
+                {
+                    **self._head,
+                    "object": "chat.completion.chunk",
+                    "choices": [],
+                    "usage": usage_dict(self._total),
+                }
+            )
         yield SSE_DONE
 
-    def _chunk(self, index: int, delta: dict[str, Any], *, finish: str | None = None,
-               logprobs: list[TokenLogprob] | None = None,
-               extra: dict[str, Any] | None = None) -> str:
-        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish,
-                                  "logprobs": logprobs_chat(logprobs) if logprobs else None}
+    def _chunk(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        *,
+        finish: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        choice: dict[str, Any] = {
+            "index": index,
+            "delta": delta,
+            "finish_reason": finish,
+            "logprobs": logprobs_chat(logprobs) if logprobs else None,
+        }
         if extra:
             choice.update(extra)
         return sse({**self._head, "object": "chat.completion.chunk", "choices": [choice]})

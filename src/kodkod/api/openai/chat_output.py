@@ -16,7 +16,7 @@ from typing import Any
 
 from kodkod.chat.channels import Channel, ChannelSplitter, Piece, SplitterConfig
 from kodkod.chat.tools import ToolCall, ToolFormat, parse_tool_calls
-from kodkod.engine.types import TokenLogprob
+from kodkod.core.types import TokenLogprob
 
 
 class ChoiceOutput:
@@ -87,7 +87,7 @@ def content_logprobs(delta: dict[str, Any], pending: list[TokenLogprob]) -> list
             break
         covered += len(lp.token)
         keep += 1
-    return pending[len(pending) - keep:]
+    return pending[len(pending) - keep :]
 
 
 def content_logprobs_of(

@@ -83,9 +83,7 @@ def _starts_in_reasoning(prompt: str, start: str, end: str, mode: str) -> bool:
     return opened >= 0 and tail.rfind(end) < opened
 
 
-def _split_config(
-    model: LoadedModel, prompt: str, fmt: ToolFormat, choice: ToolChoice
-) -> SplitterConfig:
+def _split_config(model: LoadedModel, prompt: str, fmt: ToolFormat, choice: ToolChoice) -> SplitterConfig:
     extra = model.params.extra
     reasoning: tuple[str, str] | None = None
     starts_inside = False
@@ -107,15 +105,21 @@ def _split_config(
 def build_prompt(req: ChatCompletionRequest, model: LoadedModel, choice: ToolChoice) -> ChatPrompt:
     template = model.template
     if template is None:
-        raise ApiError(422, "no prompt template is set for the loaded model; switch one in with "
-                            "/v1/template/switch or load the model with prompt_template")
+        raise ApiError(
+            422,
+            "no prompt template is set for the loaded model; switch one in with "
+            "/v1/template/switch or load the model with prompt_template",
+        )
     if req.continue_final_message and req.add_generation_prompt:
         raise ApiError(422, "continue_final_message needs add_generation_prompt: false")
     messages = _messages(req, template.source, choice)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     info = model.info
     kwargs: dict[str, Any] = dict(
-        bos_token=info.bos_text, eos_token=info.eos_text, tools=tools, functions=req.functions,
+        bos_token=info.bos_text,
+        eos_token=info.eos_text,
+        tools=tools,
+        functions=req.functions,
         template_vars=template_variables(req, model),
     )
     if req.continue_final_message:

@@ -10,9 +10,15 @@ from fastapi import Request
 from kodkod.api.admin.inline import model_for_request
 from kodkod.api.request_log import log_generation
 from kodkod.api.validation import check_queue
+from kodkod.core.types import (
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    TokenLogprob,
+    Usage,
+)
 from kodkod.engine.client import RequestError
 from kodkod.engine.stream import RequestStream
-from kodkod.engine.types import FinishEvent, FinishReason, GenerationRequest, TokenLogprob, Usage
 from kodkod.models.manager import LoadedModel
 from kodkod.settings import LimitsSettings
 from kodkod.settings.sections import LoggingSettings
@@ -109,8 +115,12 @@ def logprobs_chat(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
                 "logprob": it.logprob,
                 "bytes": list(it.token.encode("utf-8")),
                 "top_logprobs": [
-                    {"token": text, "token_id": tid, "logprob": _clamp(lp),
-                     "bytes": list(text.encode("utf-8"))}
+                    {
+                        "token": text,
+                        "token_id": tid,
+                        "logprob": _clamp(lp),
+                        "bytes": list(text.encode("utf-8")),
+                    }
                     for tid, text, lp in it.top
                 ],
             }
@@ -120,7 +130,9 @@ def logprobs_chat(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
 
 
 async def submit_all(
-    model: LoadedModel, gens: list[GenerationRequest], limits: LimitsSettings,
+    model: LoadedModel,
+    gens: list[GenerationRequest],
+    limits: LimitsSettings,
     log_settings: LoggingSettings | None = None,
 ) -> list[RequestStream]:
     """Submit every choice; if one is refused, the others are withdrawn. 429 when the engine's

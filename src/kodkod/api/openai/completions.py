@@ -39,7 +39,7 @@ from kodkod.api.openai.schemas import CompletionRequest
 from kodkod.api.state import AppSettings, Presets
 from kodkod.api.streaming import collect, event_stream
 from kodkod.api.validation import check_choices, check_generation_limits
-from kodkod.engine.types import ErrorEvent, FinishEvent, TokenEvent, Usage
+from kodkod.core.types import ErrorEvent, FinishEvent, TokenEvent, Usage
 
 router = APIRouter()
 
@@ -79,26 +79,31 @@ async def completions(
     values = resolve_fields(req, presets.active)
     check_generation_limits(values, limits)
     logprobs = requested_logprobs(values["logprobs"], values["top_logprobs"], chat=False)
-    plan = await plan_constraint(model.tokenizer, output_spec(values, req.response_format))
+    plan = await plan_constraint(model.tokenizer, model.grammar, output_spec(values, req.response_format))
     rid = new_request_id()
     size = sum(len(x) for x in items)
-    prompts = await run_sized(size, limits.offload_tokenize_chars,
-                              lambda: _prompts(req, model, items))
+    prompts = await run_sized(size, limits.offload_tokenize_chars, lambda: _prompts(req, model, items))
     gens = []
     for pi, (_, ids) in enumerate(prompts):
         for k in range(req.n):
-            gens.append(build_generation(
-                f"{rid}-{pi * req.n + k}", ids, values, model.info.n_vocab, logprobs=logprobs,
-                constraint=plan.new() if plan is not None else None, choice=k,
-            ))
+            gens.append(
+                build_generation(
+                    f"{rid}-{pi * req.n + k}",
+                    ids,
+                    values,
+                    model.info.n_vocab,
+                    logprobs=logprobs,
+                    constraint=plan.new() if plan is not None else None,
+                    choice=k,
+                )
+            )
     streams = await submit_all(model, gens, limits, settings.logging)
     created = int(time.time())
     prefix = {i: (prompts[i // req.n][0] if req.echo else "") for i in range(len(gens))}
     if req.stream and not settings.developer.disable_request_streaming:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         ping_s = settings.network.sse_ping_interval or None
-        base = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created,
-                "model": model.name}
+        base = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model.name}
         return event_stream(streams, _CompletionFrames(base, prefix, include_usage), ping_s)
     results = await collect(request, streams)
     choices = []
@@ -149,10 +154,16 @@ class _CompletionFrames:
 
     def on_finish(self, index: int, ev: FinishEvent) -> Iterator[str]:
         add_usage(self.total, ev.usage, first=index == 0)
-        yield self._chunk({
-            "index": index, "text": "", "finish_reason": finish_reason(ev),
-            "stop_str": ev.stop_str, "eos_reason": ev.eos_reason.value, "logprobs": None,
-        })
+        yield self._chunk(
+            {
+                "index": index,
+                "text": "",
+                "finish_reason": finish_reason(ev),
+                "stop_str": ev.stop_str,
+                "eos_reason": ev.eos_reason.value,
+                "logprobs": None,
+            }
+        )
 
     def on_error(self, index: int, ev: ErrorEvent) -> str:
         return sse(stream_error(ev.message))

@@ -23,10 +23,16 @@ from typing import Any
 from kodkod.api.convert import compile_grammar, grammar_spec
 from kodkod.api.errors import ApiError
 from kodkod.api.openai.schemas import ResponseFormat, ToolSpec
-from kodkod.backends.base import Tokenizer
 from kodkod.chat.tools import TOOL_CALL_END, TOOL_CALL_START, call_schema
-from kodkod.engine.constraints import ConstraintFactory, DelayedConstraint, GrammarKind, GrammarSpec
-from kodkod.engine.types import Constraint
+from kodkod.core.constraints import (
+    ConstraintFactory,
+    DelayedConstraint,
+    GrammarCompiler,
+    GrammarKind,
+    GrammarSpec,
+)
+from kodkod.core.types import Constraint
+from kodkod.engine.backend import Tokenizer
 
 _ENVELOPE_KEYS = {"name", "description", "schema", "strict"}
 
@@ -51,21 +57,28 @@ def tool_choice(tools: list[ToolSpec] | None, value: str | dict[str, Any] | None
         return ToolChoice("auto" if tools else "none")
     if isinstance(value, str):
         if value not in ("auto", "none", "required"):
-            raise ApiError(400, f"tool_choice {value!r} is not one of auto, none, required or "
-                                "a function", param="tool_choice")
+            raise ApiError(
+                400,
+                f"tool_choice {value!r} is not one of auto, none, required or a function",
+                param="tool_choice",
+            )
         choice = ToolChoice(value)
     else:
         fn = value.get("function") if isinstance(value.get("function"), dict) else value
         name = fn.get("name") if isinstance(fn, dict) else None
         if value.get("type", "function") != "function" or not isinstance(name, str):
-            raise ApiError(400, 'tool_choice must name a function: {"type": "function", '
-                                '"function": {"name": ...}}', param="tool_choice")
+            raise ApiError(
+                400,
+                'tool_choice must name a function: {"type": "function", "function": {"name": ...}}',
+                param="tool_choice",
+            )
         choice = ToolChoice("function", name)
     if choice.forced and not tools:
         raise ApiError(400, f"tool_choice {choice.mode!r} needs tools", param="tool_choice")
     if choice.name is not None and all(t.function.name != choice.name for t in tools or []):
-        raise ApiError(400, f"tool_choice names {choice.name!r}, which is not among the tools",
-                       param="tool_choice")
+        raise ApiError(
+            400, f"tool_choice names {choice.name!r}, which is not among the tools", param="tool_choice"
+        )
     return choice
 
 
@@ -79,19 +92,20 @@ def response_format_spec(fmt: ResponseFormat | None) -> GrammarSpec | None:
         if isinstance(schema, dict) and "schema" in schema and set(schema) <= _ENVELOPE_KEYS:
             schema = schema["schema"] if schema["schema"] is not None else {"type": "object"}
         if not isinstance(schema, dict | bool):
-            raise ApiError(400, "response_format json_schema needs a schema object",
-                           param="response_format")
+            raise ApiError(400, "response_format json_schema needs a schema object", param="response_format")
         return GrammarSpec(GrammarKind.JSON_SCHEMA, json.dumps(schema))
-    raise ApiError(400, f"response_format type {fmt.type!r} is not supported (text, json_object, "
-                        "json_schema)", param="response_format")
+    raise ApiError(
+        400,
+        f"response_format type {fmt.type!r} is not supported (text, json_object, json_schema)",
+        param="response_format",
+    )
 
 
 def forced_tool_spec(tools: list[ToolSpec], choice: ToolChoice) -> GrammarSpec:
     """A grammar for exactly one hermes-style call of the chosen (or any) tool."""
     schema = call_schema([t.model_dump(exclude_none=True) for t in tools], choice.name)
     # Compact JSON, no \uXXXX escapes (a small model's favourite junk), unknown keywords ignored.
-    schema["x-guidance"] = {"lenient": True, "whitespace_flexible": False,
-                            "json_allowed_escapes": '"\\bfnrt'}
+    schema["x-guidance"] = {"lenient": True, "whitespace_flexible": False, "json_allowed_escapes": '"\\bfnrt'}
     start, end = json.dumps(TOOL_CALL_START + "\n"), json.dumps("\n" + TOOL_CALL_END)
     lark = f"start: {start} call {end}\ncall: %json {json.dumps(schema)}"
     return GrammarSpec(GrammarKind.LARK, lark)
@@ -114,8 +128,9 @@ def output_spec(
         found.append(("tool_choice", forced_tool_spec(*forced_tools)))
     if len(found) > 1:
         names = ", ".join(name for name, _ in found)
-        raise ApiError(400, f"only one output constraint may be used per request, got {names}",
-                       param=found[1][0])
+        raise ApiError(
+            400, f"only one output constraint may be used per request, got {names}", param=found[1][0]
+        )
     return found[0][1] if found else None
 
 
@@ -135,11 +150,15 @@ class ConstraintPlan:
 
 
 async def plan_constraint(
-    tokenizer: Tokenizer, spec: GrammarSpec | None, *, wait_for: str | None = None
+    tokenizer: Tokenizer,
+    compiler: GrammarCompiler | None,
+    spec: GrammarSpec | None,
+    *,
+    wait_for: str | None = None,
 ) -> ConstraintPlan | None:
     if spec is None:
         return None
-    factory = await compile_grammar(tokenizer, spec)
+    factory = await compile_grammar(compiler, spec)
 
     def piece(token_id: int) -> bytes:
         return tokenizer.token_bytes(token_id, special=True)

@@ -21,9 +21,11 @@ from kodkod.models.manager import LoadedModel
 
 
 def _budget(req: ChatCompletionRequest, extra: dict) -> int | None:
-    for value in (req.reasoning_budget_tokens,
-                  req.reasoning.max_tokens if req.reasoning is not None else None,
-                  extra.get("reasoning_budget_tokens")):
+    for value in (
+        req.reasoning_budget_tokens,
+        req.reasoning.max_tokens if req.reasoning is not None else None,
+        extra.get("reasoning_budget_tokens"),
+    ):
         if value is not None:
             return int(value) if int(value) >= 0 else None
     return None
@@ -47,5 +49,4 @@ def budget_factory(
     def piece(token_id: int) -> bytes:
         return tokenizer.token_bytes(token_id, special=True)
 
-    return lambda: ReasoningBudget(budget, forced, start, end, piece,
-                                   starts_inside=split.start_in_reasoning)
+    return lambda: ReasoningBudget(budget, forced, start, end, piece, starts_inside=split.start_in_reasoning)

@@ -4,8 +4,10 @@ The context is created with `kv_unified=True` so all `num_slots` sequence slots 
 of `cache_size` cells (llama.cpp rounds it up to a multiple of 256), and with `swa_full=True` so
 sliding-window models keep every position a prefix copy may need. A persistent `llama_batch`
 sized for the largest step is refilled in place each step; decode() returns the batch indices
-whose logits were requested. LoRA adapters on the context are `self.adapters`
-(`backends/llamacpp/lora.py`), freed before the context.
+whose logits were requested. What it offers beyond the contract is `self.capabilities`: LoRA
+adapters on the context (`backends/llamacpp/lora.py`, freed before the context), the model's
+grammar compiler (`backends/llamacpp/grammar.py`, closed before the model) and its vocabulary
+fingerprint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from collections.abc import Callable, Sequence
 import llama_cpp as L
 import numpy as np
 
-from kodkod.backends.base import (
+from kodkod.backends.llamacpp.grammar import LlgCompiler
+from kodkod.backends.llamacpp.lora import LoraHost
+from kodkod.backends.llamacpp.model import LlamaModel
+from kodkod.backends.llamacpp.sampler import NativeSampler
+from kodkod.core.backend_types import (
+    BackendCapabilities,
     BackendError,
     BatchRow,
     ContextConfig,
@@ -27,13 +34,9 @@ from kodkod.backends.base import (
     ModelInfo,
     ModelLoadError,
     ModelSource,
-    Tokenizer,
 )
-from kodkod.backends.llamacpp.lora import LoraHost
-from kodkod.backends.llamacpp.model import LlamaModel
-from kodkod.backends.llamacpp.sampler import NativeSampler
-from kodkod.engine.sampling.stages import build_stages
-from kodkod.engine.types import SamplingParams
+from kodkod.core.sampling.stages import build_stages
+from kodkod.core.types import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +55,19 @@ CACHE_TYPES: dict[str, int] = {
 
 
 class LlamaCppBackend:
-    """Implements `backends.base.Backend` on llama.cpp's low-level API."""
+    """Implements `engine.backend.Backend` (structurally) on llama.cpp's low-level API."""
 
     def __init__(self, model: LlamaModel, config: ContextConfig | None) -> None:
         self._model = model
-        self.tokenizer: Tokenizer = model
+        self.tokenizer: LlamaModel = model
         self.config = config
         self.info: ModelInfo = model.info
         self._ctx = None
         self._batch = None
         self._n_vocab = model.n_vocab
-        self.adapters: LoraHost | None = None  # LoRA adapters (backends.base.AdapterHost)
+        self.adapters: LoraHost | None = None  # LoRA adapters (core.backend_types.AdapterHost)
+        self._grammar: LlgCompiler | None = LlgCompiler(model)  # builds its tables on first use
+        self.capabilities = self._capabilities()
         if config is None:  # tokenizer-only
             self.num_slots = 0
             self.kv_capacity = 0
@@ -98,6 +103,7 @@ class LlamaCppBackend:
             )
         self._ctx = ctx
         self.adapters = LoraHost(model.handle, ctx)
+        self.capabilities = self._capabilities()
         self._mem = L.llama_get_memory(ctx)
         self.kv_capacity = int(L.llama_n_ctx(ctx))
         self._batch_cap = config.batch_tokens
@@ -116,8 +122,12 @@ class LlamaCppBackend:
         """Load the model, then size its context with make_config(info) (None: tokenizer only).
         `split_mode`/`tensor_split`: GPU placement (GPU builds only, see LlamaModel.load)."""
         model = LlamaModel.load(
-            source.path, source.name, vocab_only=source.vocab_only, progress=source.progress,
-            split_mode=split_mode, tensor_split=tensor_split,
+            source.path,
+            source.name,
+            vocab_only=source.vocab_only,
+            progress=source.progress,
+            split_mode=split_mode,
+            tensor_split=tensor_split,
         )
         try:
             return cls(model, make_config(model.info) if make_config is not None else None)
@@ -130,8 +140,12 @@ class LlamaCppBackend:
         """Whether this llama.cpp build can place layers on a GPU."""
         return bool(L.llama_supports_gpu_offload())
 
-    def vocab_fingerprint(self) -> str:
-        return self._model.vocab_fingerprint()
+    def _capabilities(self) -> BackendCapabilities:
+        return BackendCapabilities(
+            adapters=self.adapters,
+            grammar=self._grammar,
+            vocab_fingerprint=self._model.vocab_fingerprint,
+        )
 
     # -- tokenizer ----------------------------------------------------------------------------
 
@@ -149,9 +163,7 @@ class LlamaCppBackend:
             if self._model.closed:
                 raise ModelClosedError()
             raise BackendError("the model was loaded for tokenizing only")
-        token, pos, n_seq, seq_id, want = (
-            batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
-        )
+        token, pos, n_seq, seq_id, want = (batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits)
         out: list[list[int]] = []
         i = 0
         for row in rows:
@@ -223,13 +235,23 @@ class LlamaCppBackend:
         seed = params.seed if params.seed is not None and params.seed >= 0 else secrets.randbits(32)
         stages = build_stages(params, n_vocab=self._n_vocab, seed=seed & 0xFFFFFFFF)
         return NativeSampler(
-            self._ctx, self._model.vocab, self._n_vocab, self.kv_capacity, stages, self.logits,
-            history, num_prompt,
+            self._ctx,
+            self._model.vocab,
+            self._n_vocab,
+            self.kv_capacity,
+            stages,
+            self.logits,
+            history,
+            num_prompt,
         )
 
     # -- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
+        self.capabilities = BackendCapabilities()
+        if self._grammar is not None:
+            self._grammar.close()
+            self._grammar = None
         if self.adapters is not None:
             self.adapters.close()  # adapters first: the context points at them
             self.adapters = None

@@ -1,4 +1,4 @@
-"""llama.cpp samplers whose `apply`/`accept` run our numpy kernels (`engine.sampling.kernels`).
+"""llama.cpp samplers whose `apply`/`accept` run our numpy kernels (`core.sampling.kernels`).
 
 `PySampler` builds a `llama_sampler_i` with ctypes callbacks and registers it with
 `llama_sampler_init`, so a stage llama.cpp lacks sits at its exact position inside the native
@@ -21,8 +21,8 @@ from typing import Protocol
 import llama_cpp as L
 import numpy as np
 
-from kodkod.engine.sampling import kernels as K
-from kodkod.engine.sampling import stages as S
+from kodkod.core.sampling import kernels as K
+from kodkod.core.sampling import stages as S
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ def candidates_view(cur: L.llama_token_data_array) -> K.Candidates:
 class PySampler:
     """One custom llama_sampler wrapping a `PyStage`; `handle` goes into a chain."""
 
-    __slots__ = ("stage", "selects", "_name", "_name_cb", "_apply_cb", "_accept_cb", "_iface",
-                 "handle")
+    __slots__ = ("stage", "selects", "_name", "_name_cb", "_apply_cb", "_accept_cb", "_iface", "handle")
 
     def __init__(self, name: str, stage: PyStage, *, selects: bool = False) -> None:
         self.stage = stage
@@ -180,8 +179,13 @@ class DecayingPenaltyStage:
             return
         recent = np.asarray(self.tokens[-n:][::-1], dtype=np.int64)
         K.decayed_penalties(
-            c, recent, sustain=sustain, decay=st.decay, repeat=st.repeat,
-            frequency=st.frequency, presence=st.presence,
+            c,
+            recent,
+            sustain=sustain,
+            decay=st.decay,
+            repeat=st.repeat,
+            frequency=st.frequency,
+            presence=st.presence,
         )
 
     def accept(self, token_id: int) -> None:

@@ -1,6 +1,6 @@
 """Grammar-constrained decoding for llama.cpp models, with llguidance.
 
-`LlgCompiler` implements `engine.constraints.GrammarCompiler` for one loaded model. Its
+`LlgCompiler` implements `core.constraints.GrammarCompiler` for one loaded model. Its
 llguidance tokenizer is built once from the llama.cpp vocabulary (every token's bytes; control
 tokens get llguidance's 0xFF prefix so grammars can never produce them as text; the model's
 end-of-generation ids are the EOS set) and shared by every grammar. `compile()` turns a
@@ -29,7 +29,7 @@ import llguidance as llg
 import numpy as np
 from llguidance.gbnf_to_lark import any_to_lark
 
-from kodkod.engine.constraints import (
+from kodkod.core.constraints import (
     GrammarError,
     GrammarKind,
     GrammarSpec,
@@ -95,9 +95,7 @@ def build_tokenizer(model: LlamaModel) -> llg.LLTokenizer:
             raise GrammarError(f"token {t} is longer than {size} bytes")
         piece = buf.raw[:n]
         attr = L.llama_vocab_get_attr(vocab, t)
-        if attr & control or (
-            attr & user_defined and piece.startswith(b"<") and piece.endswith(b">")
-        ):
+        if attr & control or (attr & user_defined and piece.startswith(b"<") and piece.endswith(b">")):
             piece = b"\xff" + piece  # a special token: never matches grammar text
         tokens.append(piece)
     tokenize_fn = ctypes.cast(L.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
@@ -165,4 +163,3 @@ class LlgCompiler:
 def _short(message: str, limit: int = 600) -> str:
     message = message.strip()
     return message if len(message) <= limit else message[:limit] + " …"
-

@@ -1,4 +1,4 @@
-"""LoRA adapters on a llama.cpp context (`backends.base.AdapterHost`).
+"""LoRA adapters on a llama.cpp context (`engine.backend.AdapterHost`).
 
 `LoraAdapter` owns one `llama_adapter_lora *` (`close()` frees it). `LoraHost` keeps the loaded
 adapters by name, each with an id that is never reused, the *active* set (TabbyAPI's
@@ -25,8 +25,8 @@ from typing import Any
 
 import llama_cpp as L
 
-from kodkod.backends.base import AdapterError
-from kodkod.engine.types import AdapterKey
+from kodkod.core.backend_types import AdapterError
+from kodkod.core.types import AdapterKey
 
 log = logging.getLogger(__name__)
 

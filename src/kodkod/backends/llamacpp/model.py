@@ -14,14 +14,10 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import llama_cpp as L
 
-from kodkod.backends.base import ModelClosedError, ModelInfo, ModelLoadError
-
-if TYPE_CHECKING:
-    from kodkod.backends.llamacpp.grammar import LlgCompiler
+from kodkod.core.backend_types import ModelClosedError, ModelInfo, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +71,6 @@ class LlamaModel:
         self._special_pieces: list[bytes | None] = [None] * self.n_vocab
         self._buf = ctypes.create_string_buffer(256)
         self.info = self._read_info(name)
-        self._grammar: LlgCompiler | None = None
 
     @classmethod
     def load(
@@ -228,18 +223,7 @@ class LlamaModel:
         return self.piece(token_id, special=special)
 
     def detokenize(self, token_ids: Sequence[int], *, special: bool) -> str:
-        return b"".join(self.piece(t, special=special) for t in token_ids).decode(
-            "utf-8", errors="replace"
-        )
-
-    def grammar_compiler(self) -> LlgCompiler:
-        """The model's grammar compiler (`backends.base.SupportsGrammar`), made on first use."""
-        self.check_open()
-        if self._grammar is None:
-            from kodkod.backends.llamacpp.grammar import LlgCompiler
-
-            self._grammar = LlgCompiler(self)
-        return self._grammar
+        return b"".join(self.piece(t, special=special) for t in token_ids).decode("utf-8", errors="replace")
 
     def vocab_fingerprint(self) -> str:
         """sha256 over every token's stored text: equal for models sharing a vocabulary."""
@@ -251,9 +235,6 @@ class LlamaModel:
         return h.hexdigest()
 
     def close(self) -> None:
-        if self._grammar is not None:
-            self._grammar.close()
-            self._grammar = None
         if self.handle:
             handle, self.handle = self.handle, None  # type: ignore[assignment]
             self.vocab = None  # owned by the model: dies with it

@@ -1,6 +1,6 @@
 """Per-sequence samplers built from the engine's stage list as llama.cpp sampler chains.
 
-Each stage of `engine.sampling.stages` becomes one sampler in ONE chain, in the stage order:
+Each stage of `core.sampling.stages` becomes one sampler in ONE chain, in the stage order:
 a native llama.cpp sampler where one exists (bias, penalties, DRY, temperature, top-n-sigma,
 top-k/p, min-p, typical, XTC, mirostat, adaptive-P, greedy), otherwise a `PySampler` running
 our numpy kernel at that position (smoothing, top-a, tail-free, decaying penalties, skewed
@@ -26,8 +26,8 @@ import llama_cpp as L
 import numpy as np
 
 from kodkod.backends.llamacpp import custom_samplers as C
-from kodkod.engine.sampling import kernels as K
-from kodkod.engine.sampling import stages as S
+from kodkod.core.sampling import kernels as K
+from kodkod.core.sampling import stages as S
 
 MIROSTAT_V1_M = 100  # tokens used to estimate s_hat (the paper's and llama.cpp's value)
 
@@ -129,7 +129,11 @@ class NativeSampler:
             raise
 
     def _build(
-        self, stage: S.Stage, vocab: ctypes.c_void_p | None, n_vocab: int, n_ctx: int,
+        self,
+        stage: S.Stage,
+        vocab: ctypes.c_void_p | None,
+        n_vocab: int,
+        n_ctx: int,
         history: Sequence[int],
     ) -> ctypes.c_void_p:
         custom = _custom(stage, history)
@@ -144,7 +148,7 @@ class NativeSampler:
                 window = _window(last_n, n_ctx)
                 smpl = L.llama_sampler_init_penalties(n_vocab, window, repeat, freq, present)
                 # output-only penalties see just the generated part (kept output after a rewind)
-                feed = history[self._num_prompt:][-window:] if output_only else history[-window:]
+                feed = history[self._num_prompt :][-window:] if output_only else history[-window:]
             case S.Dry(last_n=last_n):
                 window = _window(last_n, n_ctx)
                 smpl = _dry(stage, vocab, window)
@@ -182,7 +186,9 @@ class NativeSampler:
         c = K.Candidates.from_logits(np.asarray(row, dtype=np.float32))
         arr = L.llama_token_data_array(
             data=ctypes.cast(c.data.ctypes.data, L.llama_token_data_p),
-            size=c.size, selected=-1, sorted=False,
+            size=c.size,
+            selected=-1,
+            sorted=False,
         )
         L.llama_sampler_apply(self._chain, ctypes.byref(arr))
         # a stage may advance `data` (XTC drops the head in place): view what the chain left

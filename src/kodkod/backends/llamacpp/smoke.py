@@ -16,8 +16,8 @@ import signal
 import sys
 from pathlib import Path
 
-from kodkod.backends.base import BatchRow, ContextConfig, ModelSource
 from kodkod.backends.llamacpp.backend import LlamaCppBackend
+from kodkod.core.backend_types import BatchRow, ContextConfig, ModelSource
 
 PROMPT = "The capital of France is"
 

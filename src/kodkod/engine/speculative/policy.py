@@ -193,10 +193,14 @@ class DraftConfidence:
     __slots__ = ("_hits", "_seen")
 
     def __init__(self) -> None:
-        self._hits = {True: [p * CONFIDENCE_PRIOR_WEIGHT for p in GAP_PRIOR],
-                      False: [p * CONFIDENCE_PRIOR_WEIGHT for p in PROB_PRIOR]}
-        self._seen = {True: [CONFIDENCE_PRIOR_WEIGHT] * len(GAP_PRIOR),
-                      False: [CONFIDENCE_PRIOR_WEIGHT] * len(PROB_PRIOR)}
+        self._hits = {
+            True: [p * CONFIDENCE_PRIOR_WEIGHT for p in GAP_PRIOR],
+            False: [p * CONFIDENCE_PRIOR_WEIGHT for p in PROB_PRIOR],
+        }
+        self._seen = {
+            True: [CONFIDENCE_PRIOR_WEIGHT] * len(GAP_PRIOR),
+            False: [CONFIDENCE_PRIOR_WEIGHT] * len(PROB_PRIOR),
+        }
 
     @staticmethod
     def bucket(greedy: bool, confidence: float) -> int:

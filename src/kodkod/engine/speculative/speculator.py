@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kodkod.backends.base import Backend, BatchRow
+from kodkod.core.backend_types import BatchRow
+from kodkod.engine.backend import Backend
 from kodkod.engine.scheduler import CopyPrefix, Entry, Scheduler, StepPlan, Truncate
 from kodkod.engine.speculative.ngram import NgramIndex
 from kodkod.engine.speculative.policy import (
@@ -169,8 +170,13 @@ class Speculator:
         dynamic = self.config.dynamic
         if dynamic:
             has_model = self.draft_backend is not None
-            k = choose_k(cands, others, self.target_cost, self.draft_cost if has_model else None,
-                         range(1, max(c.cap for c in cands) + 1))
+            k = choose_k(
+                cands,
+                others,
+                self.target_cost,
+                self.draft_cost if has_model else None,
+                range(1, max(c.cap for c in cands) + 1),
+            )
             if k:
                 self._drafting_steps += 1
                 if self._drafting_steps % PROBE_EVERY == 0:
@@ -224,8 +230,11 @@ class Speculator:
             except Exception:
                 self._failures += 1
                 if self._failures >= MAX_FAILURES:
-                    log.exception("the draft model failed %d times in a row; drafting with it "
-                                  "stops until the model is reloaded", self._failures)
+                    log.exception(
+                        "the draft model failed %d times in a row; drafting with it "
+                        "stops until the model is reloaded",
+                        self._failures,
+                    )
                 else:
                     log.warning("the draft model failed (its cache is cleared)", exc_info=True)
                 for e in model_entries:
@@ -286,8 +295,9 @@ class Speculator:
             idx = self._decode(backend, rows)
             for c in live:
                 c.seconds += costs.call if costs is not None else 0.0
-            live = [c for c, ix in zip(live, idx, strict=True)
-                    if self._extend(c, backend.logits(ix[-1]), costs)]
+            live = [
+                c for c, ix in zip(live, idx, strict=True) if self._extend(c, backend.logits(ix[-1]), costs)
+            ]
         for c in chains:
             _set_drafts(c.entry, c.tokens)
             c.entry.seq.spec.buckets = c.buckets  # type: ignore[union-attr]
@@ -389,8 +399,11 @@ class _Chain:
 
     def wants_more(self) -> bool:
         spec = self.entry.seq.spec
-        return (spec is not None and len(self.tokens) < spec.want
-                and self.tokens[-1] not in self.entry.seq.stop_ids)
+        return (
+            spec is not None
+            and len(self.tokens) < spec.want
+            and self.tokens[-1] not in self.entry.seq.stop_ids
+        )
 
 
 def _set_drafts(e: Entry, drafts: list[int] | tuple[int, ...]) -> None:

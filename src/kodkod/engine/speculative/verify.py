@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
-from kodkod.backends.base import Backend
+from kodkod.engine.backend import Backend
 from kodkod.engine.output import Finish, Rewind, emit, next_token
 from kodkod.engine.scheduler import Scheduler
 from kodkod.engine.sequence import Sequence
@@ -27,7 +27,11 @@ from kodkod.engine.speculative.speculator import Speculator
 
 
 def verify_drafts(
-    seq: Sequence, backend: Backend, indices: Seq[int], drafts: Seq[int], sched: Scheduler,
+    seq: Sequence,
+    backend: Backend,
+    indices: Seq[int],
+    drafts: Seq[int],
+    sched: Scheduler,
     spec: Speculator,
 ) -> tuple[Finish | Rewind | None, int]:
     """Emit tokens from the rows in `indices` while they match `drafts`, then drop the KV

@@ -6,7 +6,7 @@ pydantic. Events flow from the engine thread to the request's stream:
     TokenEvent*  then exactly one of  FinishEvent | ErrorEvent
 
 `SamplingParams` holds every generation parameter in its normalised form (aliases resolved,
-neutral values meaning "off"); `engine.sampling.stages` turns it into the ordered stage list.
+neutral values meaning "off"); `core.sampling.stages` turns it into the ordered stage list.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kodkod.engine.types import Constraint
+from kodkod.core.types import Constraint
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def mask_words(n_vocab: int) -> np.ndarray:
 
 
 class MaskConstraint:
-    """`engine.types.Constraint` over a `TokenMatcher`: one bitmask per token, applied in numpy."""
+    """`core.types.Constraint` over a `TokenMatcher`: one bitmask per token, applied in numpy."""
 
     __slots__ = ("_matcher", "_words", "_inverted", "_n_vocab", "_broken", "_consumed")
 

@@ -1,15 +1,7 @@
-"""The backend contract: what the engine needs from an inference library.
-
-The engine drives a backend from its single thread. A backend owns one model, one context with a
-unified KV pool of `kv_capacity` cells shared by `num_slots` sequence slots, and makes samplers.
-Only `backends.llamacpp` implements it with llama.cpp; tests use a fake.
-
-One `decode(rows)` call evaluates every row in one forward pass. A row is a run of tokens of
-one slot starting at `start_pos`; its last `num_logits` tokens produce logits. The call returns,
-for each row, the batch indices of its logits in order, which `logits()` and
-`Sampler.sample()` take. KV ops (`kv_copy`, `kv_remove`) keep a slot's cache equal to the
-tokens the engine believes it holds; speculative rollback is just `kv_remove` of the rejected
-tail.
+"""Backend-facing value types: what a backend reports about a model, what the engine asks it to
+decode, the capabilities it reports, and the errors it raises. Shared by the engine (which
+defines the contract, see `engine/backend.py`) and the backends (which implement it) without
+either importing the other.
 """
 
 from __future__ import annotations
@@ -19,10 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-
-from kodkod.engine.constraints import GrammarCompiler
-from kodkod.engine.types import AdapterKey, SamplingParams
+from kodkod.core.constraints import GrammarCompiler
+from kodkod.core.types import AdapterKey
 
 
 class BackendError(Exception):
@@ -105,44 +95,8 @@ class BatchRow:
     num_logits: int  # how many trailing tokens of this row produce logits (0 = none)
 
 
-class Sampler(Protocol):
-    """A per-sequence sampler; keeps its own state (RNG, penalties) across tokens."""
-
-    def sample(self, index: int) -> int:
-        """Choose (and accept) the next token from the logits at batch `index`."""
-        ...
-
-    def accept(self, token_id: int) -> None:
-        """Tell the sampler about a token chosen elsewhere (e.g. an accepted draft token)."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class Tokenizer(Protocol):
-    """The model's vocabulary. Read-only, so safe to use from any thread."""
-
-    n_vocab: int
-
-    def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]: ...
-
-    def token_bytes(self, token_id: int, *, special: bool) -> bytes: ...
-
-    def detokenize(self, token_ids: Sequence[int], *, special: bool) -> str: ...
-
-
-class SupportsGrammar(Protocol):
-    """Optional: a tokenizer that can compile grammars for constrained decoding.
-
-    `grammar_compiler()` returns the model's (cached) `engine.constraints.GrammarCompiler`.
-    Callers check with `getattr(tokenizer, "grammar_compiler", None)`.
-    """
-
-    def grammar_compiler(self) -> GrammarCompiler: ...
-
-
 class AdapterHost(Protocol):
-    """Optional (`backend.adapters`, None when absent): LoRA adapters on the context.
+    """LoRA adapters on a backend's context (`BackendCapabilities.adapters`, None when absent).
 
     Engine thread only (llama.cpp reads the adapter list while it decodes), except reading
     `active` and setting `source`. `activate`/`clear` run as exclusive work (nothing running);
@@ -174,43 +128,12 @@ class AdapterHost(Protocol):
     def use(self, key: AdapterKey) -> None: ...
 
 
-class Backend(Protocol):
-    """Engine-thread-only: decode, KV and samplers. `tokenizer` may be shared."""
+@dataclass(frozen=True, slots=True)
+class BackendCapabilities:
+    """What a backend can do beyond the required contract (`engine.backend.Backend`); a field
+    that is None means "not supported". A backend reports it as `capabilities`, and replaces
+    it with an empty record when it is closed."""
 
-    info: ModelInfo
-    tokenizer: Tokenizer
-    num_slots: int
-    kv_capacity: int
-
-    def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]: ...
-
-    def token_bytes(self, token_id: int, *, special: bool) -> bytes: ...
-
-    def decode(self, rows: Sequence[BatchRow]) -> list[list[int]]: ...
-
-    def logits(self, index: int) -> np.ndarray:
-        """A writable float32 view of the logits at batch `index`, valid until the next decode."""
-        ...
-
-    def kv_copy(self, src: int, dst: int, p0: int, p1: int) -> None: ...
-
-    def kv_remove(self, slot: int, p0: int, p1: int = -1) -> None: ...
-
-    def kv_clear(self) -> None: ...
-
-    def kv_save(self, slot: int) -> bytearray:
-        """The slot's KV as bytes (host-RAM prefix tier)."""
-        ...
-
-    def kv_restore(self, slot: int, data: bytearray) -> None:
-        """Load kv_save() bytes into an empty slot."""
-        ...
-
-    def new_sampler(
-        self, params: SamplingParams, history: Sequence[int], num_prompt: int | None = None
-    ) -> Sampler:
-        """A sampler for one sequence. `history` (prompt, plus output kept after a rewind) feeds
-        penalties and DRY; the first `num_prompt` of it are prompt (default: all)."""
-        ...
-
-    def close(self) -> None: ...
+    adapters: AdapterHost | None = None  # LoRA adapters on the context
+    grammar: GrammarCompiler | None = None  # constrained decoding (thread-safe)
+    vocab_fingerprint: Callable[[], str] | None = None  # equal for models sharing a vocabulary

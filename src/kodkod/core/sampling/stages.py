@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kodkod.engine.types import SamplingParams
+from kodkod.core.types import SamplingParams
 
 NEG_INF = float("-inf")
 
@@ -158,8 +158,24 @@ class Draw:
 
 
 Stage = (
-    LogitBias | Penalties | Dry | Smoothing | Temperature | DynamicTemperature | TopNSigma | TopK
-    | TopP | TopA | MinP | TailFree | Typical | Xtc | Mirostat | AdaptiveP | Greedy | SkewDraw
+    LogitBias
+    | Penalties
+    | Dry
+    | Smoothing
+    | Temperature
+    | DynamicTemperature
+    | TopNSigma
+    | TopK
+    | TopP
+    | TopA
+    | MinP
+    | TailFree
+    | Typical
+    | Xtc
+    | Mirostat
+    | AdaptiveP
+    | Greedy
+    | SkewDraw
     | Draw
 )
 
@@ -261,8 +277,7 @@ def build_stages(p: SamplingParams, *, n_vocab: int, seed: int) -> list[Stage]:
     if p.dry_multiplier > 0.0:
         dry_n = p.dry_range if p.dry_range > 0 else -1
         stages.append(
-            Dry(p.dry_multiplier, p.dry_base, p.dry_allowed_length, dry_n,
-                tuple(p.dry_sequence_breakers))
+            Dry(p.dry_multiplier, p.dry_base, p.dry_allowed_length, dry_n, tuple(p.dry_sequence_breakers))
         )
     if p.is_greedy:
         stages.append(Greedy())  # later stages keep the top token, so they cannot matter

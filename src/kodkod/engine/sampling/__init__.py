@@ -1,1 +1,0 @@
-"""kodkod.engine.sampling."""
