@@ -27,6 +27,27 @@ class CacheDirError(OSError):
     """The cache folder cannot be trusted (symlink, another owner, not a folder)."""
 
 
+MAX_NAME_BYTES = 200  # below every file system's name limit, with room for a suffix
+
+
+def plain_name(name: str) -> bool:
+    """Whether a client-given name can name a file directly inside a folder: not empty, no path
+    separator, no "..", no NUL, short enough for the file system."""
+    return (
+        bool(name)
+        and not any(bad in name for bad in ("/", "\\", "..", "\x00"))
+        and len(name.encode("utf-8", "replace")) <= MAX_NAME_BYTES
+    )
+
+
+def is_file(path: Path) -> bool:
+    """Path.is_file() that answers False instead of raising for names the OS refuses."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def fsync_file(path: Path) -> None:
     """Flush a file that someone else wrote (a converter, llama.cpp) to disk."""
     fd = os.open(path, os.O_RDONLY)

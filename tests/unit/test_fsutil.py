@@ -117,3 +117,13 @@ def test_private_cache_dir_refuses_another_users_folder(tmp_path: Path) -> None:
 def test_private_cache_dir_rejects_path_parts(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         private_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}, "../x")
+
+
+def test_plain_name_refuses_what_could_leave_the_folder_or_the_file_system(tmp_path: Path) -> None:
+    from kodkod.fsutil import is_file, plain_name
+
+    assert plain_name("chatml") and plain_name("x" * 200)
+    for bad in ("", "a/b", "a\\b", "..x", "a\x00b", "x" * 201):
+        assert not plain_name(bad)
+    assert not is_file(tmp_path / ("x" * 300))  # ENAMETOOLONG: False, not an exception
+    assert not is_file(tmp_path / "a\x00b")

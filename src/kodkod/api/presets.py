@@ -27,6 +27,7 @@ import yaml
 from pydantic import ValidationError
 
 from kodkod.api.sampling import PresetValues, alias_map
+from kodkod.fsutil import is_file, plain_name
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +94,10 @@ def normalise_overrides(data: Any, source: str) -> dict[str, dict[str, Any]]:
 
 
 def load_preset(directory: Path, name: str) -> dict[str, dict[str, Any]]:
-    if (
-        not name
-        or "/" in name
-        or "\\" in name
-        or ".." in name
-        or "\x00" in name
-        or len(name.encode("utf-8", "replace")) > 200
-    ):
+    if not plain_name(name):
         raise PresetError(f"invalid preset name {name[:100]!r}")
     path = directory / f"{name}.yml"
-    try:
-        found = path.is_file()
-    except (OSError, ValueError):
-        found = False
-    if not found:
+    if not is_file(path):
         raise PresetError(f"sampler override preset {name!r} was not found in {directory.name}/")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

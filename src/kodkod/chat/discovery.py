@@ -29,6 +29,7 @@ from typing import Any
 
 from kodkod.chat.errors import TemplateError, TemplateFileError
 from kodkod.chat.template import ChatTemplate
+from kodkod.fsutil import is_file, plain_name
 
 __all__ = ["find_template", "list_templates", "load_named_template"]
 
@@ -54,22 +55,11 @@ def load_named_template(templates_dir: Path, name: str) -> ChatTemplate:
     Raises `TemplateFileError` for a missing/unreadable file or a name that could leave the
     folder (path separators, ".."), and `TemplateError` when the file does not compile.
     """
-    if (
-        not name
-        or "/" in name
-        or "\\" in name
-        or ".." in name
-        or "\x00" in name
-        or len(name.encode("utf-8", "replace")) > 200
-    ):
+    if not plain_name(name):
         raise TemplateFileError(f"invalid chat template name {name[:100]!r}")
     filename = name if name.endswith(TEMPLATE_SUFFIX) else name + TEMPLATE_SUFFIX
     path = templates_dir / filename
-    try:
-        found = path.is_file()
-    except (OSError, ValueError):
-        found = False
-    if not found:
+    if not is_file(path):
         raise TemplateFileError(f"chat template {name!r} was not found")
     try:
         source = path.read_text(encoding="utf-8")

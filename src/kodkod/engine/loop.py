@@ -17,7 +17,6 @@ the thread dies, steps keep failing) is fatal: every request ends, the thread st
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from kodkod.core.types import (
 from kodkod.engine.adapters import refresh_waiting, use_adapters
 from kodkod.engine.backend import Backend
 from kodkod.engine.build import new_sequence
-from kodkod.engine.commands import Abort, Command, Exclusive, Shutdown, Submit
+from kodkod.engine.commands import Abort, Command, Exclusive, Mailbox, Shutdown, Submit
 from kodkod.engine.compaction import compact, plan_compaction
 from kodkod.engine.faults import EngineFault, EngineHealth, isolate_failure
 from kodkod.engine.host_cache import HostPrefixCache
@@ -50,7 +49,7 @@ from kodkod.engine.sequence import EventSink, Sequence
 from kodkod.engine.speculative.speculator import Speculator
 from kodkod.engine.speculative.state import SpecConfig
 from kodkod.engine.speculative.verify import verify_drafts
-from kodkod.engine.stats import EngineStats, snapshot
+from kodkod.engine.stats import EngineStats, StepCounters, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,6 @@ class EngineLoop:
         self.config = config
         self.stats = EngineStats(kv_capacity=backend.kv_capacity, num_slots=backend.num_slots)
         self._spec = Speculator(config.speculative, draft, backend.num_slots)
-        self._draft_s = 0.0
         self._on_fatal = on_fatal
         self._host = HostPrefixCache(config.host_cache_bytes) if config.host_cache_bytes > 0 else None
         self._sched = Scheduler(
@@ -96,17 +94,11 @@ class EngineLoop:
         self._seqs: dict[str, Sequence] = {}
         self._healing_cache: dict[bytes, list[int]] = {}
         self._published_at = 0.0
-        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._mail = Mailbox()
         self._exclusive: list[Exclusive] = []
         self._stopping: Shutdown | None = None
-        self._counters = dict.fromkeys(
-            ("steps", "decode_steps", "prefill_steps", "generated", "prompt_computed", "compactions"), 0
-        )
-        self._decode_s = 0.0
-        self._step_s = 0.0
+        self._counters = StepCounters()
         self._thread = threading.Thread(target=self._run, name="kodkod-engine", daemon=True)
-        self._closed_lock = threading.Lock()
-        self._closed_message: str | None = None  # set once the thread stops taking commands
         self.health = EngineHealth(config.stall_timeout_s)  # read by the watchdog
         self._inflight: Command | None = None  # the command being handled (answered if we die)
 
@@ -116,32 +108,20 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
-        with self._closed_lock:
-            if self._closed_message is None:
-                self._commands.put(Submit(request, sink))
-                return
-        sink.push(ErrorEvent(self._closed_message, ErrorKind.UNLOADED))
+        self._mail.put(Submit(request, sink))
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(Abort(request_id))
+        self._mail.put(Abort(request_id))
 
     def run_exclusive(self, fn: Callable[[Backend], Any], *, cancel_running: bool) -> Future:
         """Run fn(backend) on the engine thread once no sequence is running."""
         fut: Future = Future()
-        with self._closed_lock:
-            if self._closed_message is None:
-                self._commands.put(Exclusive(fn, cancel_running, fut))
-                return fut
-        fut.set_exception(RuntimeError(self._closed_message))
+        self._mail.put(Exclusive(fn, cancel_running, fut))
         return fut
 
     def shutdown(self, message: str) -> Future:
         cmd = Shutdown(message)
-        with self._closed_lock:
-            if self._closed_message is None:
-                self._commands.put(cmd)
-                return cmd.future
-        cmd.future.set_result(None)
+        self._mail.put(cmd)
         return cmd.future
 
     def join(self, timeout_s: float | None = None) -> None:
@@ -178,19 +158,15 @@ class EngineLoop:
             self._close_all()
 
     def _drain(self, block: bool) -> None:
-        try:
-            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-        except queue.Empty:
+        cmd = self._mail.get(0.5 if block else 0)
+        if cmd is None:
             return
-        while True:
+        while cmd is not None:
             self._inflight = cmd
             self._handle(cmd)
             self._inflight = None
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                self._publish()
-                return
+            cmd = self._mail.get(0)
+        self._publish()
 
     def _handle(self, cmd: Command) -> None:
         if isinstance(cmd, Submit):
@@ -278,7 +254,7 @@ class EngineLoop:
             log.exception("KV compaction failed; clearing the prefix cache")
             self._reset_cache()
             return
-        self._counters["compactions"] += 1
+        self._counters.compactions += 1
         self._publish()
 
     def _reset_cache(self) -> None:
@@ -305,7 +281,7 @@ class EngineLoop:
         if drafting:
             td = time.perf_counter()
             spec.draft(plan)  # fills Entry.drafts: the row is the pending token + drafts
-            self._draft_s += time.perf_counter() - td
+            self._counters.draft_s += time.perf_counter() - td
         rows = [
             BatchRow(e.seq.slot, e.seq.tokens[e.start : e.start + e.num_tokens], e.start, e.num_logits)
             if not e.drafts
@@ -331,15 +307,9 @@ class EngineLoop:
             spec.observe_target(plan.num_tokens, t2 - t1)
         sched.commit(plan)
         self._process(plan, indices)
-        c = self._counters
-        c["steps"] += 1
-        if plan.kind.value == "decode":
-            c["decode_steps"] += 1
-        else:
-            c["prefill_steps"] += 1
-            c["prompt_computed"] += plan.num_tokens
-        self._decode_s += t2 - t1
-        self._step_s += time.perf_counter() - t0
+        self._counters.record_step(
+            plan.kind is StepKind.DECODE, plan.num_tokens, t2 - t1, time.perf_counter() - t0
+        )
         self._publish(force=not sched.has_work)
 
     def _process(self, plan: StepPlan, indices: list[list[int]]) -> None:
@@ -374,7 +344,7 @@ class EngineLoop:
                 self._finish(seq, outcome)
             elif seq.partner is not None:
                 seq.partner.tokens.append(token)  # CFG pairs never draft: token is set
-        self._counters["generated"] += generated
+        self._counters.generated += generated
 
     def _rewind(self, seq: Sequence, keep: int) -> None:
         if not rewind_sequence(seq, keep, self._sched, self.backend, self._spec):
@@ -407,25 +377,13 @@ class EngineLoop:
         message = self._stopping.message if self._stopping else (self.health.fatal or "the engine stopped")
         cmd = self._inflight  # the command the thread died handling: answer it below
         if cmd is not None and not (isinstance(cmd, Submit) and cmd.request.request_id in self._seqs):
-            self._commands.put(cmd)
+            self._mail.put(cmd)
         for seq in list(self._seqs.values()):
             self._fail(seq, message, ErrorKind.UNLOADED)
         for cmd in self._exclusive:
             cmd.future.set_exception(RuntimeError(message))
         self._exclusive.clear()
-        with self._closed_lock:
-            self._closed_message = message  # from now on submit() answers by itself
-        while True:  # commands that arrived before that: answer them too
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(cmd, Submit):
-                cmd.sink.push(ErrorEvent(message, ErrorKind.UNLOADED))
-            elif isinstance(cmd, Exclusive):
-                cmd.future.set_exception(RuntimeError(message))
-            elif isinstance(cmd, Shutdown):  # a shutdown that raced the engine's own stop
-                cmd.future.set_result(None)
+        self._mail.close(message)  # from now on every command is answered at once
         self._publish()
         if self._stopping is not None:
             self._stopping.future.set_result(None)
@@ -436,6 +394,4 @@ class EngineLoop:
         if not force and now - self._published_at < PUBLISH_EVERY_S:
             return
         self._published_at = now
-        self.stats = snapshot(
-            self._sched, self.backend, self._counters, self._decode_s, self._step_s, self._spec, self._draft_s
-        )
+        self.stats = snapshot(self._sched, self.backend, self._counters, self._spec)

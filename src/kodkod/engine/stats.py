@@ -52,15 +52,32 @@ class EngineStats:
         return self.drafted_tokens / self.draft_steps if self.draft_steps else 0.0
 
 
-def snapshot(
-    sched: Scheduler,
-    backend: Backend,
-    counters: dict[str, int],
-    decode_s: float,
-    step_s: float,
-    spec: Speculator,
-    draft_s: float,
-) -> EngineStats:
+@dataclass(slots=True)
+class StepCounters:
+    """What the engine thread counts as it runs (aggregated there, published as EngineStats)."""
+
+    steps: int = 0
+    decode_steps: int = 0
+    prefill_steps: int = 0
+    generated: int = 0
+    prompt_computed: int = 0
+    compactions: int = 0
+    decode_s: float = 0.0  # inside the backend's decode
+    step_s: float = 0.0  # whole steps
+    draft_s: float = 0.0  # drafting for speculative decoding
+
+    def record_step(self, decode: bool, num_tokens: int, decode_s: float, step_s: float) -> None:
+        self.steps += 1
+        if decode:
+            self.decode_steps += 1
+        else:
+            self.prefill_steps += 1
+            self.prompt_computed += num_tokens
+        self.decode_s += decode_s
+        self.step_s += step_s
+
+
+def snapshot(sched: Scheduler, backend: Backend, c: StepCounters, spec: Speculator) -> EngineStats:
     """The engine's counters as one immutable snapshot."""
     return EngineStats(
         running=len(sched.running),
@@ -70,21 +87,21 @@ def snapshot(
         kv_capacity=backend.kv_capacity,
         num_slots=backend.num_slots,
         active_slots=len(sched.running),
-        steps=counters["steps"],
-        decode_steps=counters["decode_steps"],
-        prefill_steps=counters["prefill_steps"],
+        steps=c.steps,
+        decode_steps=c.decode_steps,
+        prefill_steps=c.prefill_steps,
         preemptions=sched.num_preemptions,
-        generated_tokens=counters["generated"],
-        prompt_tokens_computed=counters["prompt_computed"],
-        decode_time_s=decode_s,
-        step_time_s=step_s,
+        generated_tokens=c.generated,
+        prompt_tokens_computed=c.prompt_computed,
+        decode_time_s=c.decode_s,
+        step_time_s=c.step_s,
         drafted_tokens=spec.drafted,
         accepted_draft_tokens=spec.accepted,
         draft_steps=spec.draft_steps,
-        draft_time_s=draft_s,
+        draft_time_s=c.draft_s,
         draft_model=spec.draft_backend.info.name if spec.draft_backend is not None else None,
         host_cache_entries=len(sched.host.entries) if sched.host is not None else 0,
         host_cache_bytes=sched.host.bytes_used if sched.host is not None else 0,
         host_cache_restores=sched.host.restores if sched.host is not None else 0,
-        compactions=counters["compactions"],
+        compactions=c.compactions,
     )
