@@ -1,4 +1,8 @@
-"""Shared fixtures. The default model must be present (./test.sh fetches it first)."""
+"""Shared fixtures and the speed tiers. The default model must be present (./test.sh fetches it).
+
+Tests mirror the package they test (tests/engine for kodkod.engine, tests/api for kodkod.api, …);
+the speed tier is a marker: `model` (set per module: a real model in process or a real server)
+or `unit` (everything else, set here). `./test.sh -m unit` runs the fast tier alone."""
 
 from __future__ import annotations
 
@@ -8,6 +12,14 @@ from pathlib import Path
 import pytest
 
 from tests.server import DEFAULT_GGUF, KodkodServer
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "default_gguf" in getattr(item, "fixturenames", ()) and item.get_closest_marker("model") is None:
+            item.add_marker(pytest.mark.model)
+        if item.get_closest_marker("model") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ import pytest
 
 from tests.server import KodkodServer, engine_stats
 
+pytestmark = pytest.mark.model
+
 BAD = 999999999
 # a long greedy completion that must not notice the bad requests beside it
 STREAM_BODY = {

@@ -14,6 +14,8 @@ from kodkod.auth import KeyStore, Permission
 from kodkod.settings import Settings
 from tests.server import DEFAULT_MODEL, KodkodServer
 
+pytestmark = pytest.mark.model
+
 WRONG = "not-a-key-0000000000000000000000"
 
 

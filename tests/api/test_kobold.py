@@ -20,6 +20,8 @@ import pytest
 
 from tests.server import DEFAULT_MODEL, KodkodServer, engine_stats, wait_idle
 
+pytestmark = pytest.mark.model
+
 MAX_SEQ_LEN = 2048
 
 # KoboldAI Lite's default body (client-shapes.md), remote server, instruct mode.

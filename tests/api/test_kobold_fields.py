@@ -26,6 +26,8 @@ from kodkod.settings import Settings
 from tests.api.test_kobold import LITE_BODY, MAX_SEQ_LEN, lite, long_body, start_server
 from tests.server import KodkodServer
 
+pytestmark = pytest.mark.model
+
 # SillyTavern's KoboldAI Classic body.
 ST_CLASSIC_BODY: dict[str, Any] = {
     "prompt": "User: Hello!\nBot:",

@@ -22,6 +22,8 @@ import pytest
 
 from tests.server import KodkodServer, engine_stats, wait_idle
 
+pytestmark = pytest.mark.model
+
 BODY_LIMIT = 4 * 1024 * 1024
 STALL_S = 2.0
 HEADER_TIMEOUT_S = 2.0

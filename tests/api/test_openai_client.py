@@ -24,6 +24,8 @@ import pytest
 from kodkod.chat.tools import tools_system_prompt
 from tests.server import DEFAULT_MODEL, KodkodServer
 
+pytestmark = pytest.mark.model
+
 # reasoning on: the default model never writes <think> by itself, so only tests that force the
 # tags (with a regex) see a split.
 T = TypeVar("T")

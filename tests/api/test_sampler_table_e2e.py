@@ -16,8 +16,10 @@ import httpx
 import pytest
 
 from kodkod.api.sampler_table import SAMPLER_TABLE, SamplerParam, Surface
+from tests.api.test_sampler_table import BOUNDED, bound_cases, example
 from tests.server import KodkodServer
-from tests.unit.test_sampler_table import BOUNDED, bound_cases, example
+
+pytestmark = pytest.mark.model
 
 PROMPT = "Once upon a time,"
 ENDPOINT = {Surface.OPENAI: "/v1/completions", Surface.KOBOLD: "/api/v1/generate"}

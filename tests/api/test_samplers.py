@@ -18,6 +18,8 @@ import pytest
 
 from tests.server import KodkodServer
 
+pytestmark = pytest.mark.model
+
 PROMPT = "Once upon a time, in a small village by the sea,"
 
 

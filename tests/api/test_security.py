@@ -22,6 +22,8 @@ import pytest
 from tests.api.test_kobold import iter_events, long_body, settle
 from tests.server import ADMIN_KEY, API_KEY, KodkodServer
 
+pytestmark = pytest.mark.model
+
 WRONG_KEY = "5eb63bbbe01eeed093cb22bb8f5acdc3"
 PREFLIGHT = {
     "access-control-request-method": "POST",

@@ -11,6 +11,8 @@ import pytest
 
 from tests.server import MODELS, free_port
 
+pytestmark = pytest.mark.model
+
 
 def run_kodkod(
     cwd: Path, config: str | None, tokens: str | None, *args: str

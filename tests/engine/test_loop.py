@@ -167,7 +167,7 @@ def test_shutdown_ends_running_requests_with_an_error_event() -> None:
 def test_a_failing_step_fails_its_requests_and_the_engine_recovers() -> None:
     """A failure after the decode (here: reading logits) fails the running requests and clears
     the cache, but the engine serves on and nothing is reported as fatal (a decode that cannot
-    work at all is: tests/unit/test_engine_faults.py)."""
+    work at all is: tests/engine/test_faults.py)."""
     fatal: list[BaseException] = []
     backend = FakeBackend()
     logits = backend.logits

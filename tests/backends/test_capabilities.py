@@ -14,8 +14,8 @@ from kodkod.core.backend_types import BackendCapabilities
 from kodkod.core.constraints import ConstraintFactory, GrammarKind, GrammarSpec
 from kodkod.models.draft import fingerprint_backend
 from kodkod.models.lora import attach_library
+from tests.engine.test_adapters import FakeHost
 from tests.fakes import FakeBackend
-from tests.unit.test_lora_engine import FakeHost
 
 
 def test_a_backend_without_adapters_gets_no_lora_library(tmp_path: Path) -> None:

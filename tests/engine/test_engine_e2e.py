@@ -13,6 +13,8 @@ import pytest
 
 from tests.server import DEFAULT_MODEL, KodkodServer, engine_stats, wait_idle
 
+pytestmark = pytest.mark.model
+
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 # raw prompts whose first tokens differ: no request can reuse another's prefix
 OPENINGS = ["Seas", "Dragons", "Robots", "Lighthouses", "Winter", "Cities", "Cats", "Moonlight"]

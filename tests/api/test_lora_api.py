@@ -36,6 +36,8 @@ from tests.lora_fixtures import (
 )
 from tests.server import KodkodServer, wait_idle
 
+pytestmark = pytest.mark.model
+
 PROMPT = "<|im_start|>user\nWrite one sentence about a lighthouse.<|im_end|>\n<|im_start|>assistant\n"
 
 

@@ -25,6 +25,8 @@ import pytest
 
 from tests.server import REPO, free_port
 
+pytestmark = pytest.mark.model
+
 START_DEADLINE_S = 1200.0  # a cold wheel cache means compiling llama.cpp
 
 

@@ -32,6 +32,8 @@ from tests.lora_fixtures import (
     write_peft_adapter,
 )
 
+pytestmark = pytest.mark.model
+
 TOL = 1e-4
 PROMPT = "The lighthouse keeper looked at the grey sea and wrote in his journal that"
 

@@ -30,6 +30,8 @@ from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS
 from kodkod.models.derive import derive
 from tests.server import DEFAULT_MODEL, GEMMA_MODEL, MODELS, KodkodServer
 
+pytestmark = pytest.mark.model
+
 CHAT_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about rain.",

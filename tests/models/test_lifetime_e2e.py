@@ -30,6 +30,8 @@ import pytest
 from tests.lora_fixtures import make_adapter, write_gguf_adapter
 from tests.server import DEFAULT_GGUF, DEFAULT_MODEL, GEMMA_MODEL, MODELS, KodkodServer
 
+pytestmark = pytest.mark.model
+
 GEMMA_GGUF = MODELS / GEMMA_MODEL / "gemma-3-270m-q4_k_m.gguf"
 NUM_CLIENTS = 8
 NUM_OPS = 20

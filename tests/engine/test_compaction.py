@@ -20,9 +20,9 @@ from kodkod.engine.compaction import (
 from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.loop import EngineConfig
 from kodkod.engine.scheduler import CopyPrefix, Scheduler, SchedulerConfig, Truncate
+from tests.engine.test_loop import wait_idle
+from tests.engine.test_scheduler import make_seq
 from tests.fakes import FakeBackend
-from tests.unit.test_engine_loop import wait_idle
-from tests.unit.test_scheduler import make_seq
 
 
 def replay(backend: FakeBackend, sched: Scheduler, plan) -> None:

@@ -21,8 +21,8 @@ from kodkod.engine.adapters import pick_group
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
 from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind
+from tests.engine.test_scheduler import make_seq, run_step
 from tests.fakes import FakeBackend
-from tests.unit.test_scheduler import make_seq, run_step
 
 A: AdapterKey = ((1, 1.0),)
 B: AdapterKey = ((2, 0.5),)

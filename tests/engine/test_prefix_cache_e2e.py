@@ -13,6 +13,8 @@ import pytest
 from kodkod.engine.scheduler import busy_budget
 from tests.server import DEFAULT_MODEL, KodkodServer, engine_stats, wait_idle
 
+pytestmark = pytest.mark.model
+
 PREFIX = (
     "<|im_start|>system\n"
     + " ".join(f"Rule {i}: the password for door {i} is {i * 7}." for i in range(60))

@@ -30,6 +30,8 @@ from kodkod.engine.faults import find_culprits
 from kodkod.engine.loop import EngineConfig
 from kodkod.engine.stream import RequestStream
 
+pytestmark = pytest.mark.model
+
 BAD = 999999999
 PROMPT = "The lighthouse keeper looked at the grey sea and wrote in his journal that"
 

@@ -21,6 +21,8 @@ import pytest
 
 from tests.server import DEFAULT_GGUF, DEFAULT_MODEL, GEMMA_MODEL, MODELS, KodkodServer
 
+pytestmark = pytest.mark.model
+
 GEMMA_GGUF = MODELS / GEMMA_MODEL / "gemma-3-270m-q4_k_m.gguf"
 TABBY = "smol-tabby"
 TABBY_CONFIG = """\

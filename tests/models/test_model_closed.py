@@ -21,6 +21,8 @@ from kodkod.core.backend_types import (
 )
 from kodkod.core.constraints import GrammarKind, GrammarSpec
 
+pytestmark = pytest.mark.model
+
 
 def test_a_closed_model_refuses_use_cleanly(default_gguf: Path) -> None:
     backend = LlamaCppBackend.load(
