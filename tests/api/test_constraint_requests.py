@@ -13,7 +13,7 @@ from kodkod.api.openai.common import requested_logprobs
 from kodkod.api.openai.constrain import output_spec, response_format_spec, tool_choice
 from kodkod.api.openai.schemas import ResponseFormat, ToolSpec
 from kodkod.chat.channels import SplitterConfig
-from kodkod.chat.tools import tool_format
+from kodkod.chat.tool_formats import tool_format
 from kodkod.core.constraints import GrammarKind
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}

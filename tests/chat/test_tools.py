@@ -8,6 +8,7 @@ import re
 import pytest
 
 from kodkod.chat.channels import Channel, ChannelSplitter, SplitterConfig
+from kodkod.chat.tool_formats import tool_format
 from kodkod.chat.tools import (
     add_tools_system_prompt,
     call_schema,
@@ -15,7 +16,6 @@ from kodkod.chat.tools import (
     new_tool_call_id,
     parse_tool_calls,
     template_renders,
-    tool_format,
 )
 
 TOOLS = [

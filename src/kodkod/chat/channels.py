@@ -13,12 +13,16 @@ Tags may arrive split over several pieces: text that could still be the beginnin
 held back until it can't. `finish()` releases what is held at the end of generation (an
 unclosed tool block comes out as a TOOL piece with `closed=False`). Tags themselves never
 appear in REASONING or CONTENT.
+
+Whole-reply formats (harmony, muse_glimmer) have their own splitters with the same two methods
+(`TextSplitter`); see `kodkod.chat.tool_formats.addressed`.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol
 
 
 class Channel(enum.Enum):
@@ -43,7 +47,15 @@ class SplitterConfig:
     tools_in_reasoning: bool = True
 
 
-def _holdback(buf: str, tags: list[str]) -> int:
+class TextSplitter(Protocol):
+    """What turns one choice's output into labelled pieces as it streams."""
+
+    def feed(self, text: str) -> list[Piece]: ...
+
+    def finish(self) -> list[Piece]: ...
+
+
+def holdback(buf: str, tags: list[str]) -> int:
     """Length of the longest suffix of `buf` that is a proper prefix of one of `tags`."""
     best = 0
     for tag in tags:
@@ -109,7 +121,7 @@ class ChannelSplitter:
                     buf = buf[i + len(end) :]
                     self._mode = self._return
                     continue
-                keep = _holdback(buf, [end])
+                keep = holdback(buf, [end])
                 self._tool += buf[: len(buf) - keep]
                 buf = buf[len(buf) - keep :]
                 break
@@ -126,7 +138,7 @@ class ChannelSplitter:
                     self._return = self._mode
                 self._mode = hit[1]
                 continue
-            keep = _holdback(buf, [t for t, _ in tags])
+            keep = holdback(buf, [t for t, _ in tags])
             self._emit(self._mode, buf[: len(buf) - keep])
             buf = buf[len(buf) - keep :]
             break

@@ -13,7 +13,8 @@ Also parsed: `qwen3_coder` (`<function=NAME><parameter=KEY>value</parameter></fu
 (`<invoke name="NAME"><parameter name="k">v</parameter></invoke>`) and `mistral`
 (`[TOOL_CALLS]` followed by a JSON list or `NAME[ARGS]{...}`, no end tag). Parameter values in
 the XML-ish formats are decoded as JSON when they parse, else kept as strings. Unparseable tool
-text yields no calls (the caller shows it as content instead).
+text yields no calls (the caller shows it as content instead). The formats of newer models, and
+the registry that names them all, are in `kodkod.chat.tool_formats`.
 
 When a chat template ignores `tools` / `tool_calls` (SmolLM2's own template does),
 `tools_system_prompt()` describes the tools in the hermes format and `inline_tool_history()`
@@ -29,6 +30,8 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from kodkod.chat.channels import SplitterConfig, TextSplitter
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +67,16 @@ class ToolFormat:
     start: str
     end: str | None  # None: the call runs to the end of the output
     parse: Callable[[str], list[tuple[str, Any]]]  # inner text → [(name, arguments)]
+    # The format's own reasoning tags, used when reasoning is on with the default tags.
+    reasoning: tuple[str, str] | None = None
+    # Its tags are special (control) tokens, which only appear when output renders them.
+    special_tokens: bool = False
+    # A whole-reply format (harmony, muse_glimmer) splits the output with its own splitter
+    # instead of looking for `start` / `end`; it also decides what is reasoning.
+    splitter: Callable[[SplitterConfig], TextSplitter] | None = None
 
 
-def _json_value(text: str) -> Any:
+def json_value(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
@@ -120,7 +130,7 @@ _QWEN3_PARAM = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?(?:</parameter>|(?=<
 def parse_qwen3_coder(inner: str) -> list[tuple[str, Any]]:
     calls = []
     for m in _QWEN3_FN.finditer(inner):
-        args = {k: _json_value(v) for k, v in _QWEN3_PARAM.findall(m.group(2))}
+        args = {k: json_value(v) for k, v in _QWEN3_PARAM.findall(m.group(2))}
         calls.append((m.group(1), args))
     return calls
 
@@ -132,7 +142,7 @@ def parse_glm(inner: str) -> list[tuple[str, Any]]:
     name = inner.split("<arg_key>", 1)[0].strip()
     if not name:
         return []
-    return [(name, {k.strip(): _json_value(v) for k, v in _GLM_ARG.findall(inner)})]
+    return [(name, {k.strip(): json_value(v) for k, v in _GLM_ARG.findall(inner)})]
 
 
 _MINIMAX_INVOKE = re.compile(r'<invoke name="([^"]+)">(.*?)</invoke>', re.S)
@@ -141,7 +151,7 @@ _MINIMAX_PARAM = re.compile(r'<parameter name="([^"]+)">(.*?)</parameter>', re.S
 
 def parse_minimax(inner: str) -> list[tuple[str, Any]]:
     return [
-        (m.group(1), {k: _json_value(v.strip()) for k, v in _MINIMAX_PARAM.findall(m.group(2))})
+        (m.group(1), {k: json_value(v.strip()) for k, v in _MINIMAX_PARAM.findall(m.group(2))})
         for m in _MINIMAX_INVOKE.finditer(inner)
     ]
 
@@ -166,15 +176,16 @@ def parse_mistral(inner: str) -> list[tuple[str, Any]]:
     return calls
 
 
-_HERMES = ToolFormat("hermes", TOOL_CALL_START, TOOL_CALL_END, parse_hermes)
-_FORMATS: dict[str, ToolFormat] = {
-    "hermes": _HERMES,
-    "qwen3_coder": ToolFormat("qwen3_coder", TOOL_CALL_START, TOOL_CALL_END, parse_qwen3_coder),
-    "glm4_5": ToolFormat("glm4_5", TOOL_CALL_START, TOOL_CALL_END, parse_glm),
-    "minimax_m2": ToolFormat("minimax_m2", "<minimax:tool_call>", "</minimax:tool_call>", parse_minimax),
-    "mistral": ToolFormat("mistral", "[TOOL_CALLS]", None, parse_mistral),
-}
-_ALIASES = {
+HERMES = ToolFormat("hermes", TOOL_CALL_START, TOOL_CALL_END, parse_hermes)
+# The formats defined here; `kodkod.chat.tool_formats` adds the newer ones and looks names up.
+BUILTIN_FORMATS: tuple[ToolFormat, ...] = (
+    HERMES,
+    ToolFormat("qwen3_coder", TOOL_CALL_START, TOOL_CALL_END, parse_qwen3_coder),
+    ToolFormat("glm4_5", TOOL_CALL_START, TOOL_CALL_END, parse_glm),
+    ToolFormat("minimax_m2", "<minimax:tool_call>", "</minimax:tool_call>", parse_minimax),
+    ToolFormat("mistral", "[TOOL_CALLS]", None, parse_mistral),
+)
+BUILTIN_ALIASES: Mapping[str, str] = {
     "json": "hermes",
     "qwen": "hermes",
     "qwen2_5": "hermes",
@@ -191,18 +202,6 @@ _ALIASES = {
     "minimax_m2_5": "minimax_m2",
     "mistral_old": "mistral",
 }
-
-
-def tool_format(name: str | None) -> ToolFormat:
-    """The format called `name` (None → hermes); an unknown name logs and falls back to hermes."""
-    if not name:
-        return _HERMES
-    key = name.strip().lower()
-    fmt = _FORMATS.get(_ALIASES.get(key, key))
-    if fmt is None:
-        log.warning("tool_format %r is not supported here; parsing hermes-style calls", name)
-        return _HERMES
-    return fmt
 
 
 def parse_tool_calls(fmt: ToolFormat, inner: str) -> list[ToolCall]:
@@ -264,7 +263,7 @@ def _text_of(parts: Any) -> str:
 
 def format_call_text(name: str, arguments: Any) -> str:
     """One call in hermes syntax (arguments given as a JSON text or an object)."""
-    args = _json_value(arguments) if isinstance(arguments, str) else arguments
+    args = json_value(arguments) if isinstance(arguments, str) else arguments
     body = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
     return f"{TOOL_CALL_START}\n{body}\n{TOOL_CALL_END}"
 

@@ -61,6 +61,8 @@ async def chat_completions(
     prompt = await run_sized(
         _size_chars(req), limits.offload_tokenize_chars, lambda: build_prompt(req, model, choice)
     )
+    if prompt.special_tokens:  # the format's tags are special tokens: they must come out as text
+        values["skip_special_tokens"] = False
     spec = output_spec(values, req.response_format, (req.tools or [], choice) if choice.forced else None)
     split = prompt.split  # a reply that starts inside reasoning is constrained after it
     wait_for = split.reasoning[1] if split.reasoning and split.start_in_reasoning else None

@@ -1,6 +1,7 @@
 """One chat choice's output: text → content / reasoning_content / tool_calls, streamed or whole.
 
-`ChoiceOutput.feed(text)` runs new text through a `ChannelSplitter` and returns OpenAI `delta`
+`ChoiceOutput.feed(text)` runs new text through a `ChannelSplitter` (or the tool format's own
+splitter, for whole-reply formats such as harmony) and returns OpenAI `delta`
 dicts (`{"content"}`, `{"reasoning_content"}`, `{"tool_calls": [...]}`); `finish()` flushes
 what was held back. A completed tool block is parsed with the model's tool format and streamed
 as one `tool_calls` delta per call (`index`, `id`, `type`, full `function`); tool text that
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kodkod.chat.channels import Channel, ChannelSplitter, Piece, SplitterConfig
+from kodkod.chat.channels import Channel, ChannelSplitter, Piece, SplitterConfig, TextSplitter
 from kodkod.chat.tools import ToolCall, ToolFormat, parse_tool_calls
 from kodkod.core.types import TokenLogprob
 
@@ -23,7 +24,7 @@ class ChoiceOutput:
     __slots__ = ("_splitter", "_fmt", "content", "reasoning", "tool_calls")
 
     def __init__(self, split: SplitterConfig, fmt: ToolFormat, echo: str = "") -> None:
-        self._splitter = ChannelSplitter(split)
+        self._splitter: TextSplitter = fmt.splitter(split) if fmt.splitter else ChannelSplitter(split)
         self._fmt = fmt
         self.content: list[str] = [echo] if echo else []
         self.reasoning: list[str] = []
