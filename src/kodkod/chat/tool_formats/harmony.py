@@ -12,7 +12,8 @@ articles/openai-harmony.md). A reply is a sequence of messages:
 (the call is one line, broken here to fit). The `analysis` channel is reasoning; `final` (and
 `commentary` without a recipient, a preamble meant for the user) is content; a message with a
 recipient (`to=functions.NAME`, also allowed before the channel: `assistant to=functions.NAME
-<|channel|>commentary json<|message|>`) is a tool call whose body is the JSON arguments. `<|call|>`, `<|return|>` and `<|end|>` end a message.
+<|channel|>commentary json<|message|>`) is a tool call whose body is the JSON arguments.
+`<|call|>`, `<|return|>` and `<|end|>` end a message.
 
 These tags are special tokens: the output is decoded with special tokens so they can be seen.
 The channel syntax is parsed here directly; the `openai-harmony` package would need to download
