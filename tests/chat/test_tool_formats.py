@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from kodkod.api.openai import chat_prompt
 from kodkod.api.openai.chat_output import ChoiceOutput
 from kodkod.api.openai.chat_prompt import model_tool_format
+from kodkod.api.openai.constrain import ToolChoice
 from kodkod.chat.channels import SplitterConfig
 from kodkod.chat.tool_formats import has_special_token, reply_format, tool_format
 from kodkod.chat.tools import ToolFormat
@@ -333,3 +335,20 @@ def test_detected_reply_format_supersedes_tool_format() -> None:
     assert model_tool_format(model(GLIMMER_VOCAB)).name == "muse_glimmer"
     assert model_tool_format(model((), tool_format="dsv4")).name == "deepseek_v4"
     assert model_tool_format(model(HARMONY_VOCAB, harmony=False, tool_format="gemma4")).name == "gemma4"
+
+
+def test_reasoning_uses_the_formats_own_tags_unless_configured() -> None:
+    def split(prompt: str, fmt: str, **extra: Any) -> SplitterConfig:
+        model = SimpleNamespace(params=SimpleNamespace(extra={"reasoning": True, **extra}))
+        chosen = tool_format(fmt)
+        return chat_prompt.split_config(model, prompt, chosen, chosen, ToolChoice("auto"))  # type: ignore[arg-type]
+
+    # hy3 with the default tags: its suffixed tags, and a template-opened block is noticed
+    cfg = split("<｜hy_Assistant:opensource｜><think:opensource>", "hy3")
+    assert cfg.reasoning == ("<think:opensource>", "</think:opensource>") and cfg.start_in_reasoning
+    assert cfg.tool == ("<tool_calls:opensource>", "</tool_calls:opensource>")
+    # tags set in config win
+    cfg = split("x", "gemma4", reasoning_start_token="<r>", reasoning_end_token="</r>")
+    assert cfg.reasoning == ("<r>", "</r>") and not cfg.start_in_reasoning
+    # a whole-reply format splits reasoning itself
+    assert split("x", "harmony").reasoning is None

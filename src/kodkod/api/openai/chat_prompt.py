@@ -95,9 +95,10 @@ def model_tool_format(model: LoadedModel) -> ToolFormat:
     return tool_format(reply or extra.get("tool_format"))
 
 
-def _split_config(
+def split_config(
     model: LoadedModel, prompt: str, fmt: ToolFormat, model_fmt: ToolFormat, choice: ToolChoice
 ) -> SplitterConfig:
+    """How a reply is split: `fmt` parses calls; `model_fmt` (the model's own) gives reasoning tags."""
     extra = model.params.extra
     reasoning: tuple[str, str] | None = None
     starts_inside = False
@@ -157,7 +158,7 @@ def build_prompt(req: ChatCompletionRequest, model: LoadedModel, choice: ToolCho
         text=text,
         ids=ids,
         stop_strings=list(template.metadata().stop_strings),
-        split=_split_config(model, text, fmt, model_fmt, choice),
+        split=split_config(model, text, fmt, model_fmt, choice),
         tool_format=fmt,
         echo=echo,
         special_tokens=model_fmt.special_tokens,
