@@ -67,11 +67,12 @@ def tool_format(name: str | None) -> ToolFormat:
 
 
 def has_special_token(tokenizer: Tokenizer, text: str) -> bool:
-    """Whether `text` is one special token of the vocabulary (not just text it can spell)."""
-    special = tokenizer.tokenize(text, add_bos=False, parse_special=True)
-    if len(special) != 1:
-        return False
-    return tokenizer.tokenize(text, add_bos=False, parse_special=False) != special
+    """Whether the vocabulary has `text` as one token of its own.
+
+    Tags such as `<|channel|>` are never ordinary merges: a single token means an added
+    (special or user-defined) token, so this is true for exactly the tags a format needs.
+    """
+    return len(text) > 1 and len(tokenizer.tokenize(text, add_bos=False, parse_special=True)) == 1
 
 
 def reply_format(settings: Mapping[str, object], is_special: Callable[[str], bool]) -> str | None:
