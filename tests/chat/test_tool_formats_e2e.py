@@ -4,7 +4,8 @@ SmolLM2 knows none of these formats, so each request constrains the output with 
 spells one sample reply exactly; the server must then split it into reasoning, content and
 tool calls as the loaded model's format says, streamed and not. One server: its config sets
 `harmony: true` (so the startup load is harmony) and `tool_format: gemma4` with `reasoning: true`
-as `use_as_default` keys, so reloading the model through the API gives gemma4.
+as `use_as_default` keys, so reloading the model through the API gives gemma4. The special-token
+check behind auto-detection is also run against the real llama.cpp vocabularies of both models.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server import DEFAULT_MODEL, KodkodServer
+from kodkod.backends.llamacpp.model import LlamaModel
+from kodkod.chat.tool_formats import has_special_token, reply_format
+from tests.server import DEFAULT_MODEL, MODELS, KodkodServer
 
 pytestmark = pytest.mark.model
 
@@ -120,3 +123,21 @@ def test_harmony_from_config_then_gemma4_after_reload(srv: KodkodServer) -> None
         r = admin.post("/v1/model/load", json={"model_name": DEFAULT_MODEL})
         assert r.status_code == 200, r.text
     check(srv, GEMMA4_REPLY, "\nplan", "OK")
+
+
+@pytest.mark.parametrize(
+    ("gguf", "own_token"),
+    [
+        ("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf", "<|im_start|>"),
+        ("gemma-3-270m/gemma-3-270m-q4_k_m.gguf", "<start_of_turn>"),
+    ],
+)
+def test_detection_with_llama_cpp_vocabularies(default_gguf: Path, gguf: str, own_token: str) -> None:
+    """The check finds a vocabulary's own special token, and no harmony / glimmer in these."""
+    model = LlamaModel.load(MODELS / gguf, "vocab", vocab_only=True)
+    try:
+        assert has_special_token(model, own_token)
+        assert not has_special_token(model, "<|channel|>") and not has_special_token(model, "<|eom|>")
+        assert reply_format({}, lambda text: has_special_token(model, text)) is None
+    finally:
+        model.close()
