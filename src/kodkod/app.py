@@ -33,6 +33,7 @@ from kodkod.api.kobold.jobs import JobTable
 from kodkod.api.openai import chat, completions
 from kodkod.api.presets import PresetError, SamplerPresets
 from kodkod.api.request_log import RequestLogMiddleware
+from kodkod.api.web_page import router as web_page_router
 from kodkod.api.state import AppState, HealthLog, ServerPaths, TemplateLibrary
 from kodkod.auth import KeyStore
 from kodkod.models.manager import BackendLoader, ModelManager
@@ -139,6 +140,7 @@ def create_app(
     install_error_handlers(app)
     for module in (misc, models, admin_model, admin_lora, admin_templates, admin_overrides, unavailable):
         app.include_router(module.router)
+    app.include_router(web_page_router)  # the page at / (no key; what it calls needs one)
     servers = settings.network.api_server_set()
     if "oai" in servers:
         app.include_router(completions.router)

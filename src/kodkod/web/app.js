@@ -1,0 +1,426 @@
+// kodkod's web page: keys, chat with streamed replies, and the live view.
+// Keys live in sessionStorage (this tab only) and travel only in the Authorization header of
+// same-origin requests; nothing here writes them to the page, a URL or the browser log.
+"use strict";
+
+window.Kodkod = (() => {
+  const $ = (id) => document.getElementById(id);
+  const STORE_API = "kodkod.apiKey";
+  const STORE_ADMIN = "kodkod.adminKey";
+  const POLL_MS = 1000;
+
+  const state = {
+    controller: null, // AbortController of the reply being streamed
+    messages: [], // the conversation sent with each request
+    reply: null, // element of the latest assistant message
+    lastSample: null, // {time_ms, generated} of the previous live sample
+    metricsAbsent: false, // /metrics answered 404: use /health's counters
+    metricsRetryAt: 0,
+  };
+
+  function storedKey(name) {
+    try {
+      return window.sessionStorage.getItem(name) || "";
+    } catch {
+      return "";
+    }
+  }
+
+  function apiKey() {
+    return $("api-key").value.trim() || storedKey(STORE_API) || adminKey();
+  }
+
+  function adminKey() {
+    return $("admin-key").value.trim() || storedKey(STORE_ADMIN);
+  }
+
+  function setStatus(el, text, kind = "") {
+    el.textContent = text;
+    el.dataset.kind = kind;
+  }
+
+  // fetch with the key in a header; `admin` picks the admin key
+  function call(path, { admin = false, method = "GET", body, signal } = {}) {
+    const key = admin ? adminKey() : apiKey();
+    const headers = {};
+    if (key) headers.Authorization = `Bearer ${key}`;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    return fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal,
+      cache: "no-store",
+      credentials: "omit",
+      referrerPolicy: "no-referrer",
+    });
+  }
+
+  async function errorText(resp) {
+    try {
+      const body = await resp.json();
+      if (body && body.error && body.error.message) return `${resp.status}: ${body.error.message}`;
+      if (body && typeof body.detail === "string") return `${resp.status}: ${body.detail}`;
+    } catch {
+      // not JSON
+    }
+    return `HTTP ${resp.status}`;
+  }
+
+  // the `data:` payloads of a server-sent event stream
+  async function* sseData(resp) {
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n")) >= 0) {
+        let line = buffer.slice(0, end);
+        buffer = buffer.slice(end + 1);
+        if (line.endsWith("\r")) line = line.slice(0, -1);
+        if (line.startsWith("data:")) yield line.slice(5).trimStart();
+      }
+    }
+  }
+
+  // ---- keys ----
+  function saveKeys() {
+    try {
+      const api = $("api-key").value.trim();
+      const admin = $("admin-key").value.trim();
+      if (api) window.sessionStorage.setItem(STORE_API, api);
+      if (admin) window.sessionStorage.setItem(STORE_ADMIN, admin);
+    } catch {
+      // storage disabled: the keys still work from the fields
+    }
+    showKeyStatus();
+  }
+
+  function showKeyStatus() {
+    const parts = [];
+    parts.push(apiKey() ? "API key set" : "no API key");
+    if (adminKey()) parts.push("admin key set");
+    setStatus($("key-status"), parts.join(", "), apiKey() ? "ok" : "");
+    for (const [id, name] of [["api-key", STORE_API], ["admin-key", STORE_ADMIN]]) {
+      $(id).placeholder = storedKey(name) ? "stored for this tab" : id === "api-key" ? "from api_tokens.yml" : "optional";
+    }
+  }
+
+  function forgetKeys() {
+    try {
+      window.sessionStorage.removeItem(STORE_API);
+      window.sessionStorage.removeItem(STORE_ADMIN);
+    } catch {
+      // nothing stored
+    }
+    $("api-key").value = "";
+    $("admin-key").value = "";
+    showKeyStatus();
+    document.dispatchEvent(new Event("kodkod:keys"));
+  }
+
+  // ---- chat ----
+  function addMessage(role, text) {
+    const el = document.createElement("div");
+    el.className = `msg ${role}`;
+    const label = document.createElement("span");
+    label.className = "role";
+    label.textContent = role;
+    const body = document.createElement("span");
+    body.className = "text";
+    body.textContent = text;
+    el.append(label, body);
+    $("messages").append(el);
+    el.scrollIntoView({ block: "end" });
+    return el;
+  }
+
+  function samplers() {
+    const out = {};
+    for (const name of ["temperature", "top_p", "min_p", "repetition_penalty"]) {
+      const v = parseFloat($(name).value);
+      if (Number.isFinite(v)) out[name] = v;
+    }
+    for (const name of ["top_k", "max_tokens"]) {
+      const v = parseInt($(name).value, 10);
+      if (Number.isFinite(v)) out[name] = v;
+    }
+    if ($("ban_eos_token").checked) out.ban_eos_token = true;
+    return out;
+  }
+
+  function setStreaming(on) {
+    $("send").disabled = on;
+    $("stop").disabled = !on;
+  }
+
+  async function send() {
+    const text = $("chat-input").value.trim();
+    if (!text || state.controller) return;
+    const status = $("chat-status");
+    if (!apiKey()) {
+      setStatus(status, "Enter the API key first.", "error");
+      return;
+    }
+    $("chat-input").value = "";
+    state.messages.push({ role: "user", content: text });
+    addMessage("user", text);
+    if (state.reply) delete state.reply.dataset.testid;
+    const replyEl = addMessage("assistant", "");
+    replyEl.dataset.testid = "reply";
+    replyEl.dataset.state = "streaming";
+    state.reply = replyEl;
+    const textEl = replyEl.querySelector(".text");
+
+    const system = $("system-prompt").value.trim();
+    const messages = system ? [{ role: "system", content: system }, ...state.messages] : [...state.messages];
+    const body = { messages, stream: true, stream_options: { include_usage: true }, ...samplers() };
+    const controller = new AbortController();
+    state.controller = controller;
+    setStreaming(true);
+    setStatus(status, "waiting for the first token…");
+    let content = "";
+    let pieces = 0;
+    let firstAt = null;
+    let usage = null;
+    let finish = null;
+    const rate = () => (firstAt && pieces > 1 ? (pieces - 1) / ((performance.now() - firstAt) / 1000) : 0);
+    try {
+      const resp = await call("/v1/chat/completions", { method: "POST", body, signal: controller.signal });
+      if (!resp.ok) throw new Error(await errorText(resp));
+      for await (const data of sseData(resp)) {
+        if (data === "[DONE]") break;
+        let event;
+        try {
+          event = JSON.parse(data);
+        } catch {
+          continue;
+        }
+        if (event.error) throw new Error(event.error.message || "the server reported an error");
+        if (event.usage) usage = event.usage;
+        const choice = event.choices && event.choices[0];
+        if (!choice) continue;
+        const piece = (choice.delta && choice.delta.content) || "";
+        if (piece) {
+          content += piece;
+          pieces += 1;
+          if (firstAt === null) firstAt = performance.now();
+          textEl.textContent = content;
+          replyEl.scrollIntoView({ block: "end" });
+          setStatus(status, `streaming: ${pieces} tokens, ${rate().toFixed(1)} tokens/s`);
+        }
+        if (choice.finish_reason) finish = choice.finish_reason;
+      }
+      replyEl.dataset.state = "done";
+      const n = usage ? usage.completion_tokens : pieces;
+      setStatus(status, `done (${finish || "end"}): ${n} tokens, ${rate().toFixed(1)} tokens/s`, "ok");
+    } catch (err) {
+      if (err && err.name === "AbortError") {
+        replyEl.dataset.state = "stopped";
+        setStatus(status, `stopped after ${pieces} tokens`);
+      } else {
+        replyEl.dataset.state = "error";
+        setStatus(status, String(err && err.message ? err.message : err), "error");
+      }
+    } finally {
+      if (content) state.messages.push({ role: "assistant", content });
+      state.controller = null;
+      setStreaming(false);
+    }
+  }
+
+  function stop() {
+    if (state.controller) state.controller.abort();
+  }
+
+  function clearChat() {
+    stop();
+    state.messages = [];
+    state.reply = null;
+    $("messages").replaceChildren();
+    setStatus($("chat-status"), "");
+  }
+
+  // ---- live view ----
+  const charts = window.KodkodCharts;
+  const series = {
+    tps: new charts.Series(60),
+    running: new charts.Series(60),
+    waiting: new charts.Series(60),
+    kv: new charts.Series(60),
+  };
+
+  // sum of every sample of each metric family in Prometheus' text format
+  function parsePrometheus(text) {
+    const sums = new Map();
+    for (const raw of text.split("\n")) {
+      const line = raw.trim();
+      if (!line || line.startsWith("#")) continue;
+      const m = /^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)/.exec(line);
+      if (!m) continue;
+      const value = Number(m[3]);
+      if (Number.isFinite(value)) sums.set(m[1], (sums.get(m[1]) || 0) + value);
+    }
+    return sums;
+  }
+
+  // {generated, running, waiting, kv (0..1)} from /metrics, or null when it is not there
+  async function fromMetrics() {
+    const status = $("metrics-status");
+    if (!apiKey() || (state.metricsAbsent && Date.now() < state.metricsRetryAt)) return null;
+    let resp;
+    try {
+      resp = await call("/metrics");
+    } catch {
+      return null;
+    }
+    if (resp.status === 404) {
+      state.metricsAbsent = true;
+      state.metricsRetryAt = Date.now() + 30000;
+      setStatus(status, "metrics unavailable (this server has no /metrics): showing /health's counters");
+      return null;
+    }
+    if (!resp.ok) {
+      setStatus(status, `metrics unavailable (${await errorText(resp)}): showing /health's counters`, "error");
+      return null;
+    }
+    state.metricsAbsent = false;
+    const m = parsePrometheus(await resp.text());
+    if (!m.has("kodkod:generation_tokens_total")) {
+      setStatus(status, "metrics unavailable (no kodkod counters yet): showing /health's counters");
+      return null;
+    }
+    setStatus(status, "from /metrics");
+    return {
+      generated: m.get("kodkod:generation_tokens_total"),
+      running: m.get("kodkod:num_requests_running") || 0,
+      waiting: m.get("kodkod:num_requests_waiting") || 0,
+      kv: m.get("kodkod:kv_cache_usage_perc") || 0,
+    };
+  }
+
+  async function fromHealth() {
+    let body = null;
+    try {
+      const resp = await fetch("/health", { cache: "no-store", credentials: "omit" });
+      body = await resp.json();
+    } catch {
+      $("model-name").textContent = "server unreachable";
+      return null;
+    }
+    const engine = body && body.engine;
+    $("model-name").textContent = engine ? engine.model : "none loaded";
+    if (!engine) return null;
+    const cap = engine.kv_capacity || 0;
+    return {
+      generated: engine.generated_tokens || 0,
+      running: engine.running || 0,
+      waiting: engine.waiting || 0,
+      kv: cap ? (cap - engine.free_kv_cells) / cap : 0,
+    };
+  }
+
+  function show(id, text) {
+    $(id).textContent = text;
+  }
+
+  async function poll() {
+    const health = await fromHealth();
+    const sample = (await fromMetrics()) || health;
+    const now = performance.now();
+    if (sample) {
+      let tps = 0;
+      const prev = state.lastSample;
+      if (prev && sample.generated >= prev.generated && now > prev.time_ms) {
+        tps = (sample.generated - prev.generated) / ((now - prev.time_ms) / 1000);
+      }
+      state.lastSample = { time_ms: now, generated: sample.generated };
+      if (prev) {
+        series.tps.push(tps);
+        show("tokens-per-second", tps.toFixed(1));
+      }
+      series.running.push(sample.running);
+      series.waiting.push(sample.waiting);
+      series.kv.push(100 * sample.kv);
+      show("running", String(sample.running));
+      show("waiting", String(sample.waiting));
+      show("kv-use", `${(100 * sample.kv).toFixed(1)} %`);
+    } else {
+      state.lastSample = null;
+      show("tokens-per-second", "–");
+    }
+    const accent = charts.cssColor("--accent", "#5fa8ff");
+    const accent2 = charts.cssColor("--accent2", "#f2b45a");
+    charts.draw($("chart-tps"), [{ series: series.tps, color: accent, fill: true }]);
+    charts.draw($("chart-requests"), [
+      { series: series.running, color: accent },
+      { series: series.waiting, color: accent2 },
+    ]);
+    charts.draw($("chart-kv"), [{ series: series.kv, color: charts.cssColor("--ok", "#5fd08a"), fill: true }], {
+      max: 100,
+      unit: " %",
+    });
+  }
+
+  function startPolling() {
+    const tick = async () => {
+      try {
+        await poll();
+      } finally {
+        window.setTimeout(tick, POLL_MS);
+      }
+    };
+    tick();
+  }
+
+  async function showPreset() {
+    if (!apiKey()) return;
+    try {
+      const resp = await call("/v1/sampling/override/list");
+      if (!resp.ok) return;
+      const body = await resp.json();
+      const n = body.overrides ? Object.keys(body.overrides).length : 0;
+      $("preset-status").textContent = body.selected_preset ? `${body.selected_preset} (${n} overrides)` : n ? `${n} overrides` : "none";
+    } catch {
+      // shown as before
+    }
+  }
+
+  function init() {
+    $("keys").addEventListener("submit", (e) => {
+      e.preventDefault();
+      saveKeys();
+      document.dispatchEvent(new Event("kodkod:keys"));
+    });
+    for (const id of ["api-key", "admin-key"]) {
+      $(id).addEventListener("change", () => {
+        saveKeys();
+        document.dispatchEvent(new Event("kodkod:keys"));
+      });
+    }
+    $("keys-forget").addEventListener("click", forgetKeys);
+    $("chat-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      send();
+    });
+    $("chat-input").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey) {
+        e.preventDefault();
+        send();
+      }
+    });
+    $("stop").addEventListener("click", stop);
+    $("chat-clear").addEventListener("click", clearChat);
+    document.addEventListener("kodkod:keys", showPreset);
+    document.addEventListener("kodkod:preset", showPreset);
+    showKeyStatus();
+    showPreset();
+    startPolling();
+  }
+
+  document.addEventListener("DOMContentLoaded", init);
+  return { $, call, errorText, sseData, setStatus, adminKey };
+})();
