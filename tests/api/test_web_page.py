@@ -54,7 +54,14 @@ def test_the_page_and_its_files_need_no_key_and_carry_a_strict_policy(client: Te
 
 @pytest.mark.parametrize(
     "path",
-    ["/web/__init__.py", "/web/..%2f__init__.py", "/web/%2e%2e/app.py", "/web/app.js%00", "/web/", "/web/APP.JS"],
+    [
+        "/web/__init__.py",
+        "/web/..%2f__init__.py",
+        "/web/%2e%2e/app.py",
+        "/web/app.js%00",
+        "/web/",
+        "/web/APP.JS",
+    ],
 )
 def test_only_the_page_files_exist(client: TestClient, path: str) -> None:
     r = client.get(path)

@@ -53,7 +53,8 @@
 
   async function refreshLoras() {
     const list = await getJson("/v1/loras");
-    fillSelect($("lora-select"), list.data.map((c) => c.id));
+    const names = list.data.map((c) => c.id);
+    fillSelect($("lora-select"), names, undefined, names.length ? undefined : "(no adapters in lora_dir)");
     const resp = await call("/v1/lora", { admin: true });
     const active = resp.ok ? (await resp.json()).data || [] : [];
     $("lora-active").textContent = active.length
@@ -66,7 +67,8 @@
     const resp = await call("/v1/model", { admin: true });
     const card = resp.ok ? await resp.json() : null;
     const current = card && card.parameters ? card.parameters.prompt_template : null;
-    fillSelect($("template-select"), list.data, current);
+    const names = current && !list.data.includes(current) ? [current, ...list.data] : list.data;
+    fillSelect($("template-select"), names, current);
   }
 
   async function refreshPresets() {
@@ -152,12 +154,12 @@
       bar.value = 100;
       setStatus(status, `${name} loaded`, "ok");
       $("model-name").textContent = name;
-      await refreshAll();
     } catch (err) {
       setStatus(status, String(err.message || err), "error");
     } finally {
       busy(false);
     }
+    await refreshAll();
   }
 
   // run an admin action, report its outcome, refresh the lists

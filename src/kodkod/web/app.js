@@ -170,10 +170,15 @@ window.Kodkod = (() => {
     addMessage("user", text);
     if (state.reply) delete state.reply.dataset.testid;
     const replyEl = addMessage("assistant", "");
-    replyEl.dataset.testid = "reply";
-    replyEl.dataset.state = "streaming";
-    state.reply = replyEl;
     const textEl = replyEl.querySelector(".text");
+    textEl.dataset.testid = "reply"; // the reply's text alone, without the role label
+    state.reply = textEl;
+    // "streaming", then "done", "stopped" or "error" (on the message and on its text)
+    const setState = (value) => {
+      replyEl.dataset.state = value;
+      textEl.dataset.state = value;
+    };
+    setState("streaming");
 
     const system = $("system-prompt").value.trim();
     const messages = system ? [{ role: "system", content: system }, ...state.messages] : [...state.messages];
@@ -214,15 +219,15 @@ window.Kodkod = (() => {
         }
         if (choice.finish_reason) finish = choice.finish_reason;
       }
-      replyEl.dataset.state = "done";
+      setState("done");
       const n = usage ? usage.completion_tokens : pieces;
       setStatus(status, `done (${finish || "end"}): ${n} tokens, ${rate().toFixed(1)} tokens/s`, "ok");
     } catch (err) {
       if (err && err.name === "AbortError") {
-        replyEl.dataset.state = "stopped";
+        setState("stopped");
         setStatus(status, `stopped after ${pieces} tokens`);
       } else {
-        replyEl.dataset.state = "error";
+        setState("error");
         setStatus(status, String(err && err.message ? err.message : err), "error");
       }
     } finally {
@@ -314,7 +319,8 @@ window.Kodkod = (() => {
     const engine = body && body.engine;
     $("model-name").textContent = engine ? engine.model : "none loaded";
     if (!engine) return null;
-    const cap = engine.kv_capacity || 0;
+    // before its first step the engine reports no free cells yet: nothing is in use then
+    const cap = engine.steps ? engine.kv_capacity || 0 : 0;
     return {
       generated: engine.generated_tokens || 0,
       running: engine.running || 0,
