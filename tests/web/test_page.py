@@ -11,148 +11,21 @@ packages when they are missing; otherwise it skips and says why.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.server import ADMIN_KEY, API_KEY, GEMMA_MODEL, KodkodServer, engine_stats, wait_idle
+from tests.web.browser import By, Page, Select, open_browser, wait_for
 
 pytestmark = pytest.mark.model
-
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="selenium is not installed (pip install -e .[test])"
-)
-from selenium.common.exceptions import WebDriverException  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-# Without the background-networking flags Chromium keeps calling home, which a closed network
-# answers with a flood of errors.
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--window-size=1400,1000",
-]
-
-T = TypeVar("T")
-
-
-def ensure_chromium() -> None:
-    """Debian's chromium and chromium-driver: present, installed now (root), or skip."""
-    if CHROMIUM.exists() and CHROMEDRIVER.exists():
-        return
-    if os.geteuid() != 0:
-        pytest.skip(
-            "browser tests skipped: Debian's chromium and chromium-driver are not installed and this "
-            "run is not root (install them: apt-get install chromium chromium-driver)"
-        )
-    if shutil.which("apt-get") is None:
-        pytest.skip("browser tests skipped: chromium is missing and there is no apt-get to install it")
-    steps = [
-        ["apt-get", "update"],
-        ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "chromium", "chromium-driver"],
-    ]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in steps:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
-        if done.returncode != 0:
-            pytest.skip(f"browser tests skipped: `{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("browser tests skipped: the chromium packages installed no /usr/bin/chromium(driver)")
-
-
-def wait_for(what: str, check: Callable[[], T | None], timeout_s: float, poll_s: float = 0.05) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(poll_s)
-
-
-class Page:
-    """The browser on the page, with small helpers by data-testid."""
-
-    def __init__(self, driver: Any, base_url: str, shots: Path) -> None:
-        self.driver = driver
-        self.base_url = base_url
-        self.shots = shots
-
-    def el(self, testid: str) -> WebElement:
-        return self.driver.find_element(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
-
-    def text(self, testid: str) -> str:
-        found = self.driver.find_elements(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
-        return str(found[0].text) if found else ""
-
-    def attr(self, testid: str, name: str) -> str | None:
-        found = self.driver.find_elements(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
-        value = found[0].get_attribute(name) if found else None
-        return None if value is None else str(value)
-
-    def type(self, testid: str, text: str) -> None:
-        field = self.el(testid)
-        field.clear()
-        field.send_keys(text)
-
-    def number(self, testid: str) -> float | None:
-        try:
-            return float(self.text(testid))
-        except ValueError:
-            return None
-
-    def shot(self, name: str) -> Path:
-        path = self.shots / f"{name}.png"
-        self.driver.save_screenshot(str(path))
-        return path
 
 
 @pytest.fixture(scope="module")
 def page(server: KodkodServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Page]:
-    ensure_chromium()
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    tmp = tmp_path_factory.mktemp("browser")
-    shots = tmp / "screenshots"
-    shots.mkdir()
-    print(f"screenshots: {shots}")
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for flag in [*FLAGS, f"--user-data-dir={tmp / 'profile'}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp / "chromedriver.log"))
-    try:
-        driver = webdriver.Chrome(options=options, service=service)
-    except WebDriverException as exc:
-        pytest.fail(f"headless Chromium did not start: {exc.msg}")
-    driver.set_page_load_timeout(30)
-    try:
-        driver.get(server.base_url + "/")
-        yield Page(driver, server.base_url, shots)
-    finally:
-        driver.quit()
+    with open_browser(tmp_path_factory.mktemp("browser"), server.base_url + "/") as opened:
+        yield opened
 
 
 def test_the_page_needs_no_key_and_has_a_strict_policy(server: KodkodServer) -> None:
@@ -328,3 +201,43 @@ def test_admin_loads_gemma_with_a_progress_bar_to_100_and_the_model_name_changes
     wait_for("the model name to change", lambda: page.text("model-name") == GEMMA_MODEL, 10)
     card = httpx.get(server.base_url + "/v1/model", headers=server.headers(), timeout=10).json()
     assert card["id"] == GEMMA_MODEL
+
+
+# Stands in for the Prometheus endpoint another branch adds: answers /metrics (with the API key
+# only) in the text format with the metric names the page reads; the generated-token counter
+# grows at 50 tokens per second of page time.
+FAKE_METRICS = """
+(() => {
+  const realFetch = window.fetch.bind(window);
+  window.fetch = (input, init = {}) => {
+    if (String(input) !== "/metrics") return realFetch(input, init);
+    const auth = (init.headers || {}).Authorization || "";
+    if (auth !== "Bearer " + window.sessionStorage.getItem("kodkod.apiKey")) {
+      return Promise.resolve(new Response("{}", { status: 401 }));
+    }
+    const tokens = Math.round(performance.now() / 1000 * 50);
+    const body = [
+      "# TYPE kodkod:generation_tokens_total counter",
+      `kodkod:generation_tokens_total{model_name="m"} ${tokens}`,
+      'kodkod:generation_tokens_created{model_name="m"} 1.7e9',
+      'kodkod:num_requests_running{model_name="m"} 3',
+      'kodkod:num_requests_waiting{model_name="m"} 2',
+      'kodkod:kv_cache_usage_perc{model_name="m"} 0.25',
+      "",
+    ].join("\\n");
+    return Promise.resolve(new Response(body, { status: 200, headers: { "Content-Type": "text/plain" } }));
+  };
+})();
+"""
+
+
+def test_the_live_view_prefers_prometheus_metrics_when_the_server_has_them(page: Page) -> None:
+    page.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FAKE_METRICS})
+    page.driver.refresh()
+    wait_for("the page to read /metrics", lambda: page.text("metrics-status") == "from /metrics", 15)
+    wait_for("running from the metrics", lambda: page.text("running") == "3", 10)
+    assert page.text("waiting") == "2"
+    assert page.text("kv-use") == "25.0 %"
+    rate = wait_for("a tokens/s number", lambda: page.number("tokens-per-second"), 10)
+    assert 40 <= rate <= 60, rate  # the counter grows by 50 per second
+    page.shot("live-from-metrics")

@@ -3,7 +3,7 @@
 "use strict";
 
 (() => {
-  const { $, call, errorText, sseData, setStatus, adminKey } = window.Kodkod;
+  const { $, call, errorText, sseData, setStatus, adminKey, authOff } = window.Kodkod;
 
   function result(text, kind = "") {
     setStatus($("admin-result"), text, kind);
@@ -102,7 +102,7 @@
   async function checkAdmin() {
     const controls = $("admin-controls");
     const status = $("admin-status");
-    if (!adminKey()) {
+    if (!adminKey() && !authOff()) {
       controls.disabled = true;
       setStatus(status, "Enter the admin key to manage models.");
       return;
@@ -115,7 +115,7 @@
       return;
     }
     controls.disabled = false;
-    setStatus(status, "Admin key accepted.", "ok");
+    setStatus(status, adminKey() ? "Admin key accepted." : "Admin: this server needs no key.", "ok");
     await refreshAll();
   }
 

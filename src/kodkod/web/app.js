@@ -1,4 +1,5 @@
-// kodkod's web page: keys, chat with streamed replies, and the live view.
+// kodkod's web page: keys and chat with streamed replies (live.js: the live view, admin.js: the
+// admin panel; both use what this file exports as window.Kodkod).
 // Keys live in sessionStorage (this tab only) and travel only in the Authorization header of
 // same-origin requests; nothing here writes them to the page, a URL or the browser log.
 "use strict";
@@ -7,15 +8,12 @@ window.Kodkod = (() => {
   const $ = (id) => document.getElementById(id);
   const STORE_API = "kodkod.apiKey";
   const STORE_ADMIN = "kodkod.adminKey";
-  const POLL_MS = 1000;
 
   const state = {
     controller: null, // AbortController of the reply being streamed
     messages: [], // the conversation sent with each request
     reply: null, // element of the latest assistant message
-    lastSample: null, // {time_ms, generated} of the previous live sample
-    metricsAbsent: false, // /metrics answered 404: use /health's counters
-    metricsRetryAt: 0,
+    authOff: false, // the server needs no key (network.disable_auth)
   };
 
   function storedKey(name) {
@@ -99,7 +97,23 @@ window.Kodkod = (() => {
     showKeyStatus();
   }
 
+  // a server with network.disable_auth answers without a key: say so, and need none
+  async function probeAuth() {
+    try {
+      const resp = await fetch("/v1/auth/permission", { cache: "no-store", credentials: "omit" });
+      state.authOff = resp.ok;
+    } catch {
+      state.authOff = false;
+    }
+    showKeyStatus();
+    if (state.authOff) document.dispatchEvent(new Event("kodkod:keys"));
+  }
+
   function showKeyStatus() {
+    if (state.authOff && !apiKey()) {
+      setStatus($("key-status"), "this server needs no key", "ok");
+      return;
+    }
     const parts = [];
     parts.push(apiKey() ? "API key set" : "no API key");
     if (adminKey()) parts.push("admin key set");
@@ -161,7 +175,7 @@ window.Kodkod = (() => {
     const text = $("chat-input").value.trim();
     if (!text || state.controller) return;
     const status = $("chat-status");
-    if (!apiKey()) {
+    if (!apiKey() && !state.authOff) {
       setStatus(status, "Enter the API key first.", "error");
       return;
     }
@@ -192,11 +206,23 @@ window.Kodkod = (() => {
     let firstAt = null;
     let usage = null;
     let finish = null;
+    let streamed = true;
+    const startedAt = performance.now();
     const rate = () => (firstAt && pieces > 1 ? (pieces - 1) / ((performance.now() - firstAt) / 1000) : 0);
     try {
       const resp = await call("/v1/chat/completions", { method: "POST", body, signal: controller.signal });
       if (!resp.ok) throw new Error(await errorText(resp));
-      for await (const data of sseData(resp)) {
+      streamed = (resp.headers.get("content-type") || "").startsWith("text/event-stream");
+      if (!streamed) {
+        // the server answers in one piece (developer.disable_request_streaming)
+        const whole = await resp.json();
+        const choice = whole.choices && whole.choices[0];
+        content = (choice && choice.message && choice.message.content) || "";
+        textEl.textContent = content;
+        usage = whole.usage || null;
+        finish = choice ? choice.finish_reason : null;
+      }
+      for await (const data of streamed ? sseData(resp) : []) {
         if (data === "[DONE]") break;
         let event;
         try {
@@ -221,7 +247,8 @@ window.Kodkod = (() => {
       }
       setState("done");
       const n = usage ? usage.completion_tokens : pieces;
-      setStatus(status, `done (${finish || "end"}): ${n} tokens, ${rate().toFixed(1)} tokens/s`, "ok");
+      const perSecond = streamed ? rate() : n / ((performance.now() - startedAt) / 1000);
+      setStatus(status, `done (${finish || "end"}): ${n} tokens, ${perSecond.toFixed(1)} tokens/s`, "ok");
     } catch (err) {
       if (err && err.name === "AbortError") {
         setState("stopped");
@@ -249,141 +276,8 @@ window.Kodkod = (() => {
     setStatus($("chat-status"), "");
   }
 
-  // ---- live view ----
-  const charts = window.KodkodCharts;
-  const series = {
-    tps: new charts.Series(60),
-    running: new charts.Series(60),
-    waiting: new charts.Series(60),
-    kv: new charts.Series(60),
-  };
-
-  // sum of every sample of each metric family in Prometheus' text format
-  function parsePrometheus(text) {
-    const sums = new Map();
-    for (const raw of text.split("\n")) {
-      const line = raw.trim();
-      if (!line || line.startsWith("#")) continue;
-      const m = /^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)/.exec(line);
-      if (!m) continue;
-      const value = Number(m[3]);
-      if (Number.isFinite(value)) sums.set(m[1], (sums.get(m[1]) || 0) + value);
-    }
-    return sums;
-  }
-
-  // {generated, running, waiting, kv (0..1)} from /metrics, or null when it is not there
-  async function fromMetrics() {
-    const status = $("metrics-status");
-    if (!apiKey() || (state.metricsAbsent && Date.now() < state.metricsRetryAt)) return null;
-    let resp;
-    try {
-      resp = await call("/metrics");
-    } catch {
-      return null;
-    }
-    if (resp.status === 404) {
-      state.metricsAbsent = true;
-      state.metricsRetryAt = Date.now() + 30000;
-      setStatus(status, "metrics unavailable (this server has no /metrics): showing /health's counters");
-      return null;
-    }
-    if (!resp.ok) {
-      setStatus(status, `metrics unavailable (${await errorText(resp)}): showing /health's counters`, "error");
-      return null;
-    }
-    state.metricsAbsent = false;
-    const m = parsePrometheus(await resp.text());
-    if (!m.has("kodkod:generation_tokens_total")) {
-      setStatus(status, "metrics unavailable (no kodkod counters yet): showing /health's counters");
-      return null;
-    }
-    setStatus(status, "from /metrics");
-    return {
-      generated: m.get("kodkod:generation_tokens_total"),
-      running: m.get("kodkod:num_requests_running") || 0,
-      waiting: m.get("kodkod:num_requests_waiting") || 0,
-      kv: m.get("kodkod:kv_cache_usage_perc") || 0,
-    };
-  }
-
-  async function fromHealth() {
-    let body = null;
-    try {
-      const resp = await fetch("/health", { cache: "no-store", credentials: "omit" });
-      body = await resp.json();
-    } catch {
-      $("model-name").textContent = "server unreachable";
-      return null;
-    }
-    const engine = body && body.engine;
-    $("model-name").textContent = engine ? engine.model : "none loaded";
-    if (!engine) return null;
-    // before its first step the engine reports no free cells yet: nothing is in use then
-    const cap = engine.steps ? engine.kv_capacity || 0 : 0;
-    return {
-      generated: engine.generated_tokens || 0,
-      running: engine.running || 0,
-      waiting: engine.waiting || 0,
-      kv: cap ? (cap - engine.free_kv_cells) / cap : 0,
-    };
-  }
-
-  function show(id, text) {
-    $(id).textContent = text;
-  }
-
-  async function poll() {
-    const health = await fromHealth();
-    const sample = (await fromMetrics()) || health;
-    const now = performance.now();
-    if (sample) {
-      let tps = 0;
-      const prev = state.lastSample;
-      if (prev && sample.generated >= prev.generated && now > prev.time_ms) {
-        tps = (sample.generated - prev.generated) / ((now - prev.time_ms) / 1000);
-      }
-      state.lastSample = { time_ms: now, generated: sample.generated };
-      if (prev) {
-        series.tps.push(tps);
-        show("tokens-per-second", tps.toFixed(1));
-      }
-      series.running.push(sample.running);
-      series.waiting.push(sample.waiting);
-      series.kv.push(100 * sample.kv);
-      show("running", String(sample.running));
-      show("waiting", String(sample.waiting));
-      show("kv-use", `${(100 * sample.kv).toFixed(1)} %`);
-    } else {
-      state.lastSample = null;
-      show("tokens-per-second", "–");
-    }
-    const accent = charts.cssColor("--accent", "#5fa8ff");
-    const accent2 = charts.cssColor("--accent2", "#f2b45a");
-    charts.draw($("chart-tps"), [{ series: series.tps, color: accent, fill: true }]);
-    charts.draw($("chart-requests"), [
-      { series: series.running, color: accent },
-      { series: series.waiting, color: accent2 },
-    ]);
-    charts.draw($("chart-kv"), [{ series: series.kv, color: charts.cssColor("--ok", "#5fd08a"), fill: true }], {
-      max: 100,
-      unit: " %",
-    });
-  }
-
-  function startPolling() {
-    const tick = async () => {
-      try {
-        await poll();
-      } finally {
-        window.setTimeout(tick, POLL_MS);
-      }
-    };
-    tick();
-  }
-
   async function showPreset() {
-    if (!apiKey()) return;
+    if (!apiKey() && !state.authOff) return;
     try {
       const resp = await call("/v1/sampling/override/list");
       if (!resp.ok) return;
@@ -424,9 +318,10 @@ window.Kodkod = (() => {
     document.addEventListener("kodkod:preset", showPreset);
     showKeyStatus();
     showPreset();
-    startPolling();
+    probeAuth();
   }
 
   document.addEventListener("DOMContentLoaded", init);
-  return { $, call, errorText, sseData, setStatus, adminKey };
+  const authOff = () => state.authOff;
+  return { $, call, errorText, sseData, setStatus, apiKey, adminKey, authOff };
 })();
