@@ -121,6 +121,10 @@ def test_the_live_view_says_where_its_numbers_come_from(page: Page, server: Kodk
 
 
 def test_keys_stay_out_of_the_page_the_url_and_the_browser_log(page: Page, server: KodkodServer) -> None:
+    page.type("admin-key", API_KEY)  # the wrong key: the admin panel stays closed
+    page.el("keys-save").click()
+    wait_for("the refusal", lambda: "not an admin key" in page.text("admin-status"), 20)
+    assert not page.el("model-load").is_enabled()
     page.type("admin-key", ADMIN_KEY)
     page.el("keys-save").click()
     wait_for("the admin key to be accepted", lambda: "accepted" in page.text("admin-status"), 20)
