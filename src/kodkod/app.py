@@ -4,8 +4,8 @@
 passed in by the CLI or by tests) and the one place services are built: `build_state()` makes
 every service (model manager, sampler presets, templates, Kobold job table, health log) into
 the typed `AppState` that routes reach through the dependencies of `kodkod.api.state`.
-Routers are mounted per `network.api_servers`: the core and admin routes always, the OpenAI
-ones for `oai`, the Kobold ones for `kobold`.
+Routers are mounted per `network.api_servers`: the core and admin routes and the web page at
+`/` always, the OpenAI ones for `oai`, the Kobold ones for `kobold`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from kodkod.api.openai import chat, completions
 from kodkod.api.presets import PresetError, SamplerPresets
 from kodkod.api.request_log import RequestLogMiddleware
 from kodkod.api.state import AppState, HealthLog, ServerPaths, TemplateLibrary
+from kodkod.api.web_page import router as web_page_router
 from kodkod.auth import KeyStore
 from kodkod.models.manager import BackendLoader, ModelManager
 from kodkod.settings import Settings
@@ -139,6 +140,7 @@ def create_app(
     install_error_handlers(app)
     for module in (misc, models, admin_model, admin_lora, admin_templates, admin_overrides, unavailable):
         app.include_router(module.router)
+    app.include_router(web_page_router)  # the page at / (no key; what it calls needs one)
     servers = settings.network.api_server_set()
     if "oai" in servers:
         app.include_router(completions.router)
