@@ -197,8 +197,10 @@ def test_hf_listing_and_revision(hub: FakeHub) -> None:
     assert {(f.path, f.size) for f in main.files} == {("w.gguf", 9), ("README.md", 8), ("sub/t.json", 2)}
     v2 = real.list_files("t/repo", "v2", None)
     assert v2.commit == "b" * 40 and [f.path for f in v2.files] == ["w.gguf"]
-    with pytest.raises(Exception, match=r"(?i)not found|404"):
+    with pytest.raises(DownloadError, match="was not found"):
         real.list_files("t/missing", None, None)
+    with pytest.raises(DownloadError, match="no revision 'nope'"):
+        real.list_files("t/repo", "nope", None)
 
 
 def test_hf_download_through_library(hub: FakeHub, tmp_path: Path) -> None:
@@ -226,3 +228,20 @@ def test_hf_cancel_mid_transfer(hub: FakeHub, tmp_path: Path) -> None:
     assert hub.log.aborted.wait(30), "the transfer was not dropped"
     assert _leftovers(tmp_path) == []
     assert not any(name.startswith(TEMP_PREFIX) for name in os.listdir(tmp_path))
+
+
+def test_cli_download(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from kodkod.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    args = ["models", "download", "t/repo", "--include", "*.gguf", "*.md", "--exclude", "README*"]
+    assert main([*args, "--model-dir", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().endswith(str(tmp_path / "m" / "repo"))
+    assert "1/1 w.gguf" in out.err  # the progress bar
+    assert _leftovers(tmp_path / "m" / "repo") == ["w.gguf"]
+    assert main([*args, "--model-dir", str(tmp_path / "m")]) == 1  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert main(["models", "download", "t/repo", "--folder-name", "../x", "--model-dir", "m"]) == 1
+    assert "invalid folder name" in capsys.readouterr().err

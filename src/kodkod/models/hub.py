@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kodkod.models.download import BlockHook, RemoteFile, RepoListing
+from kodkod.models.download import BlockHook, DownloadError, RemoteFile, RepoListing
 
 ENDPOINT_VAR = "HF_ENDPOINT"
 
@@ -35,11 +35,19 @@ class HfHub:
 
     def list_files(self, repo_id: str, revision: str | None, token: str | None) -> RepoListing:
         from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
         api = HfApi(endpoint=self.endpoint)
-        info = api.model_info(
-            repo_id, revision=revision, files_metadata=True, token=token, timeout=self.timeout_s
-        )
+        try:
+            info = api.model_info(
+                repo_id, revision=revision, files_metadata=True, token=token, timeout=self.timeout_s
+            )
+        except RevisionNotFoundError:
+            raise DownloadError(f"{repo_id} has no revision {revision!r}") from None
+        except RepositoryNotFoundError:
+            raise DownloadError(
+                f"the repository {repo_id} was not found (a private or gated one needs a token)"
+            ) from None
         files = tuple(RemoteFile(s.rfilename, s.size) for s in info.siblings or ())
         return RepoListing(info.sha, files)
 
