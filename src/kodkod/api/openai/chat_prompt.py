@@ -10,6 +10,7 @@ and whether the reply starts inside reasoning, and the tool-call format.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from kodkod.api.openai.constrain import ToolChoice
 from kodkod.api.openai.schemas import ChatCompletionRequest
 from kodkod.chat import strip_leading_bos
 from kodkod.chat.channels import SplitterConfig
-from kodkod.chat.messages import flatten_content
+from kodkod.chat.messages import dropped_parts, flatten_content
 from kodkod.chat.tools import (
     ToolFormat,
     add_tools_system_prompt,
@@ -27,6 +28,8 @@ from kodkod.chat.tools import (
     tool_format,
 )
 from kodkod.models.manager import LoadedModel
+
+log = logging.getLogger(__name__)
 
 # How far from the end of the prompt an unclosed reasoning start tag still counts (reasoning `auto` mode).
 REASONING_LOOKBACK_CHARS = 512
@@ -102,6 +105,19 @@ def _split_config(model: LoadedModel, prompt: str, fmt: ToolFormat, choice: Tool
     )
 
 
+def _warn_dropped(messages: list[dict[str, Any]]) -> None:
+    """Non-text parts (image_url, …) are left out, as TabbyAPI does without vision — said in
+    the log once per request, never silently (the parts themselves are not logged)."""
+    dropped = dropped_parts(messages)
+    if dropped:
+        parts = ", ".join(f"{n} {kind}" for kind, n in sorted(dropped.items()))
+        log.warning(
+            "chat request: dropped content parts the model cannot read (%s): this server has no "
+            "vision or audio input; only the text parts reach the model",
+            parts,
+        )
+
+
 def build_prompt(req: ChatCompletionRequest, model: LoadedModel, choice: ToolChoice) -> ChatPrompt:
     template = model.template
     if template is None:
@@ -112,6 +128,7 @@ def build_prompt(req: ChatCompletionRequest, model: LoadedModel, choice: ToolCho
         )
     if req.continue_final_message and req.add_generation_prompt:
         raise ApiError(422, "continue_final_message needs add_generation_prompt: false")
+    _warn_dropped([{"content": m.content} for m in req.messages])
     messages = _messages(req, template.source, choice)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     info = model.info
