@@ -45,4 +45,3 @@ async def embedding_unload() -> None:
 @router.post("/v1/embeddings", dependencies=[API])
 async def embeddings(_: Request) -> None:
     raise ApiError(501, _EMBED, code="not_implemented")
-
