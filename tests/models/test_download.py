@@ -126,6 +126,12 @@ def test_existing_folder_is_refused_untouched(tmp_path: Path) -> None:
     assert (tmp_path / "model" / "mine.txt").read_text() == "keep"
 
 
+def test_reserved_name_blocks_a_second_download(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()  # what a running (or interrupted) download holds
+    with pytest.raises(DownloadError, match="empty: a download of it is running"):
+        download_repo(DownloadJob("o/model", tmp_path), Cancel(), LogProgress(), MemHub({"a": b"1"}))
+
+
 def test_nothing_selected(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="no file"):
         job = DownloadJob("o/model", tmp_path, include=("*.gguf",))

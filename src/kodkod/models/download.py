@@ -201,7 +201,7 @@ def download_repo(job: DownloadJob, cancel: Cancel, progress: Progress, hub: Hub
     check_patterns(job.exclude, "exclude")
     target = job.target_dir / folder
     if os.path.lexists(target):
-        raise DownloadError(f"the folder {folder!r} already exists in {job.target_dir}")
+        raise _exists(target)
     try:
         listing = hub.list_files(job.repo_id, job.revision, job.token)
     except DownloadError:
@@ -224,7 +224,7 @@ def download_repo(job: DownloadJob, cancel: Cancel, progress: Progress, hub: Hub
     try:
         target.mkdir()  # reserves the name
     except FileExistsError:
-        raise DownloadError(f"the folder {folder!r} already exists in {job.target_dir}") from None
+        raise _exists(target) from None
     temp = job.target_dir / f"{TEMP_PREFIX}{folder}.{os.urandom(4).hex()}"
     done = False
     try:
@@ -270,6 +270,14 @@ def _fetch_one(
     written = (temp / remote.path).resolve()
     if temp.resolve() not in written.parents or not written.is_file():
         raise DownloadError(f"downloading {remote.path} did not produce a file inside the folder")
+
+
+def _exists(target: Path) -> DownloadError:
+    hint = ""
+    with contextlib.suppress(OSError):
+        if target.is_dir() and not any(target.iterdir()):
+            hint = " (empty: a download of it is running, or one was interrupted; remove it to retry)"
+    return DownloadError(f"the folder {target.name!r} already exists in {target.parent}{hint}")
 
 
 def _is_bookkeeping(path: str) -> bool:

@@ -94,8 +94,17 @@ async def _download(job: DownloadJob, cancel: Cancel) -> Path:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         cancel.set("the client went away")
-        log.warning("download of %s cancelled: the client went away; its files are removed", job.repo_id)
+        log.warning("download of %s cancelled: the client went away", job.repo_id)
+        future.add_done_callback(lambda f: _log_stopped(job.repo_id, f))
         raise
+
+
+def _log_stopped(repo_id: str, future: asyncio.Future[Path]) -> None:
+    """The worker of a cancelled download has ended (its files are gone by then)."""
+    if not future.cancelled() and future.exception() is None:
+        log.info("download of %s had finished before the cancel; kept in %s", repo_id, future.result())
+    else:
+        log.info("download of %s stopped; nothing of it is kept", repo_id)
 
 
 @router.post("/v1/download", dependencies=[ADMIN])
