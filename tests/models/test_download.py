@@ -251,3 +251,13 @@ def test_cli_download(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "already exists" in capsys.readouterr().err
     assert main(["models", "download", "t/repo", "--folder-name", "../x", "--model-dir", "m"]) == 1
     assert "invalid folder name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("repo_id", ["../../etc/x", "a/b/c", "owner/na me", "owner/x\x00"])
+def test_bad_repo_ids_are_refused_before_any_request(hub: FakeHub, tmp_path: Path, repo_id: str) -> None:
+    before = len(hub.log.auth_headers)
+    with pytest.raises(DownloadError):
+        job = DownloadJob(repo_id, tmp_path, folder_name="f")
+        download_repo(job, Cancel(), LogProgress(), HfHub(hub.url))
+    assert len(hub.log.auth_headers) == before  # the library's own id check refused it
+    assert _leftovers(tmp_path) == []
