@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from kodkod import __version__
+from kodkod.api.admin import download as admin_download
 from kodkod.api.admin import lora as admin_lora
 from kodkod.api.admin import model as admin_model
 from kodkod.api.admin import overrides as admin_overrides
@@ -138,7 +139,8 @@ def create_app(
     # added last = outermost: an oversized body is refused before auth or anything reads it
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.limits.max_request_body_bytes)
     install_error_handlers(app)
-    for module in (misc, models, admin_model, admin_lora, admin_templates, admin_overrides, unavailable):
+    routers = (misc, models, admin_model, admin_lora, admin_templates, admin_overrides, admin_download)
+    for module in (*routers, unavailable):
         app.include_router(module.router)
     app.include_router(web_page_router)  # the page at / (no key; what it calls needs one)
     servers = settings.network.api_server_set()

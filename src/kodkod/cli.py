@@ -3,6 +3,8 @@
     kodkod [--config PATH] [--port N] [--model-name X] ...   serve (every config key is a flag)
     kodkod models fetch [--gemma] [--embedding] [--all]       put the offline models in model_dir
     kodkod models list                                        list the models in model_dir
+    kodkod models download REPO [--include G …] [--exclude G …] [--revision R] [--lora]
+                                [--folder-name N]             a Hugging Face repo (HF_ENDPOINT)
     kodkod models derive NAME --type f32|f16|q8_0 [--name N]  another precision of a model
     kodkod check [server flags] [--force]                     one decode of the startup model in a
                                                               child process (start.sh runs it)
@@ -197,6 +199,9 @@ def models_command(argv: list[str]) -> int:
     der.add_argument("--type", required=True, choices=["f32", "f16", "q8_0"])
     der.add_argument("--name", default=None, help="new model name (default: SOURCE-TYPE)")
     der.add_argument("--model-dir", default=None)
+    from kodkod.models import download_cli
+
+    download_cli.add_arguments(sub.add_parser("download", help="download a Hugging Face repo"))
     ns = parser.parse_args(argv)
 
     from kodkod.settings import ConfigError, load_settings
@@ -206,6 +211,8 @@ def models_command(argv: list[str]) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     model_dir = Path(ns.model_dir or settings.model.model_dir)
+    if ns.action == "download":
+        return download_cli.run(ns, model_dir, Path(ns.model_dir or settings.lora.lora_dir))
     if ns.action == "derive":
         from kodkod.backends.llamacpp.quantize import quantize_model
         from kodkod.models.derive import DeriveError, derive

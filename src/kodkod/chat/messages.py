@@ -10,6 +10,9 @@
 * a run of consecutive `tool` messages is put in the order of the ids in the preceding
   assistant message's `tool_calls` (unknown ids keep their relative order, at the end).
 The function is idempotent, so preparing prepared messages changes nothing.
+
+`dropped_parts()` counts, by type, the content parts that flattening leaves out (images,
+audio, …), so the caller can say so in the log instead of dropping them silently.
 """
 
 from __future__ import annotations
@@ -42,6 +45,20 @@ def flatten_content(content: Any) -> Any:
                     texts.append(text)
         return "".join(texts)
     return content
+
+
+def dropped_parts(messages: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many non-text content parts of each type `flatten_content` would drop."""
+    counts: dict[str, int] = {}
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str) or not isinstance(content, Sequence):
+            continue
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type", "text") != "text":
+                kind = str(part.get("type"))[:40]
+                counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def _prepare_message(message: Mapping[str, Any]) -> dict[str, Any]:

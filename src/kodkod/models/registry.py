@@ -5,6 +5,7 @@ Rules (the same for models, drafts and adapters):
   after the folder (projector files `mmproj*` are ignored);
 * a bare `*.gguf` file is a model named after its stem (split parts other than the first are
   not separate models);
+* hidden names (a leading ".", e.g. a download in progress) are skipped;
 * anything else is ignored with a debug log.
 A name may be nested (`family/model`) but must stay inside the directory: `..`, absolute paths
 and links that point outside are refused.
@@ -87,6 +88,8 @@ def discover(directory: Path) -> list[ModelEntry]:
     root = directory.resolve()
     for child in sorted(directory.iterdir()):
         entry = None
+        if child.name.startswith("."):
+            continue  # hidden: a download in progress (models/download.py), editor files
         if child.is_symlink() and root not in child.resolve().parents:
             log.debug("ignoring %s: it links outside the directory", child)
             continue

@@ -45,13 +45,3 @@ async def embedding_unload() -> None:
 @router.post("/v1/embeddings", dependencies=[API])
 async def embeddings(_: Request) -> None:
     raise ApiError(501, _EMBED, code="not_implemented")
-
-
-@router.post("/v1/download", dependencies=[ADMIN])
-async def download(_: Request) -> None:
-    raise ApiError(
-        501,
-        "downloading from Hugging Face is not available: this server loads models only from "
-        "model_dir (use `kodkod models fetch` for the bundled models)",
-        code="not_implemented",
-    )

@@ -44,6 +44,14 @@ def draft_card(draft: DraftModel) -> dict[str, Any]:
     )
 
 
+def batch_limit(model: LoadedModel) -> int:
+    """How many requests the engine really runs at once: its `max_batch_size`, or fewer when
+    llama.cpp gave the context fewer sequence slots than were asked for."""
+    limit = model.engine.config.max_batch_size
+    slots = model.engine.stats.num_slots
+    return min(limit, slots) if slots > 0 else limit
+
+
 def model_parameters(model: LoadedModel) -> dict[str, Any]:
     plan = model.plan
     out: dict[str, Any] = {
@@ -52,7 +60,7 @@ def model_parameters(model: LoadedModel) -> dict[str, Any]:
         "cache_mode": plan.cache_mode,
         "rope_scale": plan.rope.scale,
         "rope_alpha": plan.rope.alpha,
-        "max_batch_size": plan.max_batch_size,
+        "max_batch_size": batch_limit(model),
         "chunk_size": plan.chunk_size,
         "prompt_template": model.template.name if model.template else None,
         "prompt_template_content": model.template.source if model.template else None,
@@ -143,7 +151,7 @@ async def list_drafts(
 async def props(request: Request) -> dict[str, Any]:
     model = get_model(request)
     return {
-        "total_slots": model.max_batch_size,
+        "total_slots": batch_limit(model),
         "chat_template": model.template.source if model.template else "",
         "default_generation_settings": {"n_ctx": model.max_seq_len},
     }

@@ -13,6 +13,7 @@ whether output is decoded with special tokens (formats whose tags are special to
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from kodkod.api.openai.constrain import ToolChoice
 from kodkod.api.openai.schemas import ChatCompletionRequest
 from kodkod.chat import strip_leading_bos
 from kodkod.chat.channels import SplitterConfig
-from kodkod.chat.messages import flatten_content
+from kodkod.chat.messages import dropped_parts, flatten_content
 from kodkod.chat.tool_formats import has_special_token, reply_format, tool_format
 from kodkod.chat.tools import (
     ToolFormat,
@@ -30,6 +31,8 @@ from kodkod.chat.tools import (
     template_renders,
 )
 from kodkod.models.manager import LoadedModel
+
+log = logging.getLogger(__name__)
 
 # How far from the end of the prompt an unclosed reasoning start tag still counts (reasoning `auto` mode).
 REASONING_LOOKBACK_CHARS = 512
@@ -119,6 +122,19 @@ def split_config(
     )
 
 
+def _warn_dropped(messages: list[dict[str, Any]]) -> None:
+    """Non-text parts (image_url, …) are left out, as TabbyAPI does without vision — said in
+    the log once per request, never silently (the parts themselves are not logged)."""
+    dropped = dropped_parts(messages)
+    if dropped:
+        parts = ", ".join(f"{n} {kind}" for kind, n in sorted(dropped.items()))
+        log.warning(
+            "chat request: dropped content parts the model cannot read (%s): this server has no "
+            "vision or audio input; only the text parts reach the model",
+            parts,
+        )
+
+
 def build_prompt(req: ChatCompletionRequest, model: LoadedModel, choice: ToolChoice) -> ChatPrompt:
     template = model.template
     if template is None:
@@ -129,6 +145,7 @@ def build_prompt(req: ChatCompletionRequest, model: LoadedModel, choice: ToolCho
         )
     if req.continue_final_message and req.add_generation_prompt:
         raise ApiError(422, "continue_final_message needs add_generation_prompt: false")
+    _warn_dropped([{"content": m.content} for m in req.messages])
     messages = _messages(req, template.source, choice)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     info = model.info
