@@ -23,6 +23,7 @@ what it did instead (the row's `note`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 from kodkod.settings.cache_mode import normalise_cache_mode
@@ -54,7 +55,8 @@ def _backend(value: Any) -> Any:
 
 
 P = LoadParam
-M, D = Section.MODEL, Section.DRAFT
+E = functools.partial(LoadParam, surfaces=NOT_IN_REQUEST, use=Use.EXTRA)  # chat-layer keys
+D = Section.DRAFT
 
 LOAD_TABLE: tuple[LoadParam, ...] = (
     # ---- model ------------------------------------------------------------------------------
@@ -187,53 +189,41 @@ LOAD_TABLE: tuple[LoadParam, ...] = (
         note="a legacy TabbyAPI key; llama.cpp uses the model's own number of experts",
     ),
     P("vision", bool, False, "Load the model's vision component if it has one."),
-    P(
+    E(
         "template_vars_default",
         dict[str, Any],
         {},
         "Chat template variables used unless a request sets them, e.g. {enable_thinking: false}.",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
-    P(
+    E(
         "template_vars_force",
         dict[str, Any],
         {},
         "Chat template variables that override whatever a request sends.",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
-    P(
+    E(
         "force_enable_thinking",
         bool,
         False,
         "Deprecated: same as forcing the template variable enable_thinking: true.",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
-    P(
+    E(
         "reasoning",
         bool,
         False,
         "Split output between reasoning_start_token and reasoning_end_token into reasoning_content.",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
-    P(
+    E(
         "reasoning_start_token",
         str,
         "<think>",
         "Text that opens a reasoning block.",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
-    P(
+    E(
         "reasoning_end_token",
         str,
         "</think>",
         "Text that closes a reasoning block.",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
     P(
         "reasoning_suppress_header",
@@ -244,64 +234,50 @@ LOAD_TABLE: tuple[LoadParam, ...] = (
         use=Use.IGNORED,
         note="a legacy TabbyAPI key with no effect",
     ),
-    P(
+    E(
         "start_in_reasoning",
         Literal["auto", "always", "never"],
         "auto",
         "Whether output starts inside a reasoning block: always, never, or auto (when the "
         "prompt ends with an unclosed start token).",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
         before=lower,
     ),
-    P(
+    E(
         "tool_calls_in_reasoning",
         bool,
         True,
         "Parse tool calls that appear inside reasoning.",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
-    P(
+    E(
         "reasoning_budget_tokens",
         int,
         None,
         "Most tokens of reasoning before the block is closed; null or negative means no "
         "limit. Requests may set their own.",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
-    P(
+    E(
         "reasoning_budget_message",
         str,
         None,
         "Text inserted when the reasoning budget runs out.",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
-    P(
+    E(
         "tool_format",
         str,
         None,
         "Tool-call format the model emits (e.g. qwen3_coder, mistral).",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
-    P(
+    E(
         "harmony",
         bool,
         None,
         "Use the Harmony (gpt-oss) reply format; null detects it.",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
-    P(
+    E(
         "muse_glimmer",
         bool,
         None,
         "Use the Muse Glimmer reply format; null detects it.",
-        surfaces=NOT_IN_REQUEST,
-        use=Use.EXTRA,
     ),
     P(
         "n_threads",
@@ -421,8 +397,3 @@ def config_fields(section: Section) -> dict[str, Any]:
 def request_fields(section: Section) -> dict[str, Any]:
     """`create_model` field specs of the load request (MODEL) or its draft object (DRAFT)."""
     return {r.name: r.request_field() for r in rows(section, Surface.REQUEST)}
-
-
-def block_fields(section: Section) -> dict[str, Any]:
-    """`create_model` field specs of a tabby_config.yml block."""
-    return {r.name: r.block_field() for r in rows(section, Surface.TABBY)}
