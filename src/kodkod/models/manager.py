@@ -24,6 +24,11 @@ level. Native loads and frees are serialised by one thread lock. Each loaded mod
 `LoraLibrary` for the adapters in `lora_dir` (`models/lora.py`); the adapters themselves belong
 to the backend and are freed with it.
 
+A plan's notes (GPU fields ignored on a CPU build, unknown keys: `LoadPlan.notes`) are logged
+and sent as progress events with a `message` when its load starts, whatever started it
+(startup, the admin API or an inline switch). `LoadedModel` and its helpers live in
+`models/loaded.py`.
+
 The concrete backend is injected (`backend_loader`), so this module never imports llama.cpp.
 """
 
