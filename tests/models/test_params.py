@@ -12,7 +12,7 @@ import pytest
 
 from kodkod.core.backend_types import ModelInfo
 from kodkod.models.context import plan_context
-from kodkod.models.loading import build_params, plan_load, read_tabby_config
+from kodkod.models.loading import build_params, build_plan_params, plan_load, read_tabby_config
 from kodkod.models.params import (
     LoadParamError,
     ModelLoadParams,
@@ -20,14 +20,14 @@ from kodkod.models.params import (
     cache_types,
     clamp_chunk_size,
     context_sizes,
-    gpu_placement,
     needs_flash_attention,
-    normalise_cache_mode,
     rope_settings,
 )
+from kodkod.models.placement import gpu_placement, tensor_split
 from kodkod.models.progress import ConsoleProgress, LoadProgress, ProgressEvent
 from kodkod.models.registry import ModelEntry
 from kodkod.settings import Settings
+from kodkod.settings.cache_mode import normalise_cache_mode
 
 
 @pytest.mark.parametrize(
@@ -96,34 +96,73 @@ def test_rope() -> None:
         rope_settings(None, "big", max_seq_len=1, n_ctx_train=1, freq_base=1e4, head_dim=64)
 
 
-def test_gpu_fields_without_gpu() -> None:
-    assert gpu_placement(gpu_available=False) is None
-    assert gpu_placement(gpu_available=False, gpu_split_auto=False, autosplit_reserve=[96]) is None
-    for kwargs in (
-        {"gpu_split": [20.0]},
-        {"tensor_parallel": True},
-        {"autosplit_reserve": [512.0]},
-        {"draft_gpu_split": [1.0]},
-    ):
-        with pytest.raises(LoadParamError, match="no GPU in this build") as err:
-            gpu_placement(gpu_available=False, **kwargs)  # type: ignore[arg-type]
-        assert next(iter(kwargs)) in str(err.value)
-    with pytest.raises(LoadParamError, match="tensor_parallel_backend"):
-        gpu_placement(gpu_available=False, tensor_parallel_backend="mpi")
+GPU_EXAMPLE = {  # TabbyAPI's documented load example, less the name
+    "max_seq_len": 8192,
+    "tensor_parallel": True,
+    "gpu_split_auto": False,
+    "gpu_split": [20.0, 25.0],
+    "cache_mode": "Q8",
+}
 
 
-def test_gpu_fields_with_gpu() -> None:
-    auto = gpu_placement(gpu_available=True)
-    assert auto is not None and auto.split_mode == "layer" and auto.tensor_split == ()
-    manual = gpu_placement(gpu_available=True, gpu_split=[20.0, 10.0])
+def test_gpu_fields_without_devices_are_noted_once_each() -> None:
+    assert gpu_placement({}, {}, devices_available=False) == (None, [])
+    defaults = {"gpu_split_auto": True, "autosplit_reserve": [96.0], "gpu_split": []}
+    assert gpu_placement(defaults, {}, devices_available=False) == (None, [])
+    asked = {**GPU_EXAMPLE, "autosplit_reserve": [512.0], "tensor_parallel_backend": "nccl"}
+    placement, notes = gpu_placement(asked, {"draft_gpu_split": [1.0]}, devices_available=False)
+    assert placement is None
+    named = [n.split(":")[0] for n in notes]
+    assert named == [
+        "tensor_parallel",
+        "tensor_parallel_backend",
+        "gpu_split_auto",
+        "autosplit_reserve",
+        "gpu_split",
+        "draft_gpu_split",
+    ]
+    assert all("ignored" in n and "runs on the CPU" in n for n in notes)
+    assert "gpu_split: [20, 25] ignored" in notes[4]
+
+
+def test_gpu_fields_with_devices() -> None:
+    auto, notes = gpu_placement({}, {}, devices_available=True)
+    assert auto is not None and auto.split_mode == "layer" and auto.tensor_split == () and notes == []
+    manual, _ = gpu_placement({"gpu_split": [20.0, 10.0]}, {}, devices_available=True)
     assert manual is not None and manual.split_mode == "layer"
     assert manual.tensor_split == pytest.approx((2 / 3, 1 / 3))
-    tp = gpu_placement(gpu_available=True, tensor_parallel=True)
+    tp, _ = gpu_placement({"tensor_parallel": True}, {}, devices_available=True)
     assert tp is not None and tp.split_mode == "row"
-    single = gpu_placement(gpu_available=True, gpu_split_auto=False)
+    single, _ = gpu_placement({"gpu_split_auto": False}, {}, devices_available=True)
     assert single is not None and single.split_mode == "none"
-    with pytest.raises(LoadParamError, match="autosplit_reserve"):
-        gpu_placement(gpu_available=True, autosplit_reserve=[1024.0])
+    reserve, notes = gpu_placement({"autosplit_reserve": [1024.0]}, {}, devices_available=True)
+    assert reserve is not None and reserve.split_mode == "layer"
+    assert len(notes) == 1 and notes[0].startswith("autosplit_reserve: [1024] ignored")
+
+
+def test_tensor_split_is_proportional_to_the_gb_per_device() -> None:
+    assert tensor_split([20, 25]) == pytest.approx((20 / 45, 25 / 45))
+    assert tensor_split([0, 8, 8]) == pytest.approx((0.0, 0.5, 0.5))  # 0: that device unused
+    assert tensor_split([3.5]) == (1.0,)
+    assert sum(tensor_split([1e-6, 7, 1e6])) == pytest.approx(1.0)
+    for bad in ([], [0, 0], [-1, 2]):
+        with pytest.raises(LoadParamError, match="gpu_split"):
+            tensor_split(bad)
+
+
+def test_the_documented_gpu_example_plans_with_notes(tmp_path: Path) -> None:
+    entry = _model_folder(tmp_path, "model:\n  autosplit_reserve: [512]\n  gpu_splitt: [1]\n")
+    params, notes = build_plan_params(Settings(), entry, GPU_EXAMPLE, startup=False)
+    assert params.max_seq_len == 8192 and params.cache_mode == "Q8" and params.placement is None
+    assert notes[0] == (
+        "tabby_config.yml in m: model: unknown key 'gpu_splitt' ignored; did you mean 'gpu_split'?"
+    )
+    assert [n.split(":")[0] for n in notes[1:]] == [
+        "tensor_parallel",
+        "gpu_split_auto",
+        "autosplit_reserve",
+        "gpu_split",
+    ]
 
 
 # -- precedence ------------------------------------------------------------------------------
@@ -193,8 +232,10 @@ def test_old_flat_tabby_config_layout(tmp_path: Path) -> None:
         ("model:\n  cache_size: lots\n", "cache_size"),
         ("model:\n  cache_mode: Q3\n", "cache_mode"),
         ("model:\n  vision: true\n", "vision"),
-        ("model:\n  gpu_split: [8]\n", "no GPU in this build"),
-        ("model:\n  backend: exllamav3\n", "backend"),
+        ("model:\n  gpu_split: [-8]\n", "gpu_split"),
+        ("model:\n  backend: vllm\n", "backend"),
+        ("model:\n  rope_alpha: lots\n", "rope_alpha"),
+        ("draft_model:\n  draft_mode: sometimes\n", "draft_mode"),
         ("model: [1, 2\n", "not valid YAML"),
     ],
 )

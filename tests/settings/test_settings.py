@@ -200,8 +200,9 @@ def test_wrong_type_names_key_and_line(tmp_path: Path) -> None:
         ("model:\n  cache_size: 0\n", ":2: model.cache_size: expected a positive multiple"),
         ("network:\n  api_servers: [oai, soap]\n", ":2: network.api_servers: expected one of"),
         (
-            "draft_model:\n  draft_rope_alpha: auto\n",
-            ":2: draft_model.draft_rope_alpha: expected a number, got 'auto'",
+            # "auto" is accepted, as for model.rope_alpha and the load request (one rule)
+            "draft_model:\n  draft_rope_alpha: lots\n",
+            ":2: draft_model.draft_rope_alpha: expected a number or 'auto', got 'lots'",
         ),
         (
             "lora:\n  loras:\n    - name: a\n    - name: b\n      scaling: -1\n",

@@ -22,9 +22,9 @@ from kodkod.models.params import (
     clamp_chunk_size,
     context_sizes,
     needs_flash_attention,
-    normalise_cache_mode,
     rope_settings,
 )
+from kodkod.settings.cache_mode import normalise_cache_mode
 
 log = logging.getLogger(__name__)
 

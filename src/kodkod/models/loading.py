@@ -8,54 +8,75 @@ Sources, low → high priority (the newest upstream order, 2026-07-18+):
        layout with `draft:`/`draft_model:` sub-blocks is accepted too)
 
 Top-level keys merge shallowly; the draft block merges on its own. Request nulls are dropped
-before merging. Values from YAML are type-checked here (the request was checked by pydantic),
-so a bad `tabby_config.yml` is a 400 naming the key, before any loading starts; numeric keys
-use the bounds of `settings.load_bounds`, like the config and the request.
+before merging. The config and the request were validated by pydantic from the load-parameter
+table (`settings.load_table`); a `tabby_config.yml` block is validated here by a model built
+from the same rows, so a bad value is a 400 naming the file and key before any loading starts,
+and an unknown key is a note naming the closest known one. The merged values are then split
+by each row's `use`: `ModelLoadParams` / `DraftParams` fields, chat-layer extras, GPU placement
+(`models.placement`) and notes for keys llama.cpp has no use for; the notes travel with the
+plan (`LoadPlan.notes`) to the log and the load progress stream.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import fields as dc_fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from kodkod.models.params import (
-    DraftParams,
-    LoadParamError,
-    LoadPlan,
-    ModelLoadParams,
-    check_backend,
-    gpu_placement,
-    normalise_cache_mode,
-)
+from kodkod.models.params import DraftParams, LoadParamError, LoadPlan, ModelLoadParams
+from kodkod.models.placement import gpu_placement, ignored_note
 from kodkod.models.registry import ModelEntry, ModelNameError, resolve
 from kodkod.settings import Settings
-from kodkod.settings.load_bounds import LOAD_BOUNDS
+from kodkod.settings.load_param import Section, Surface, Use, unknown_key_hint
+from kodkod.settings.load_table import names, rows
 
 log = logging.getLogger(__name__)
 
-_PARAM_KEYS = {f.name for f in dc_fields(ModelLoadParams)} - {"draft", "extra", "placement"}
-_DRAFT_KEYS = {f.name for f in dc_fields(DraftParams)}
-_EXTRA_KEYS = {
-    "reasoning",
-    "reasoning_start_token",
-    "reasoning_end_token",
-    "start_in_reasoning",
-    "tool_calls_in_reasoning",
-    "reasoning_budget_tokens",
-    "reasoning_budget_message",
-    "tool_format",
-    "harmony",
-    "muse_glimmer",
-    "template_vars_default",
-    "template_vars_force",
-    "force_enable_thinking",
-}
-_BOOL_KEYS = {"flash_attention", "vision", "output_chunking", "dynamic_draft"}
-_STR_KEYS = {"cache_mode", "draft_cache_mode", "prompt_template", "draft_model_name", "draft_mode"}
+MAX_KEY_NOTES = 16
+"""Most unknown-key notes one source produces (the rest are counted in one more)."""
+
+
+class _Block(BaseModel):
+    """A tabby_config.yml block: one optional field per row the file may set."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+def _block_model(section: Section) -> type[BaseModel]:
+    fields: dict[str, Any] = {r.name: r.block_field() for r in rows(section, Surface.TABBY)}
+    return create_model(f"TabbyConfig_{section.value}", __base__=_Block, **fields)
+
+
+_BLOCKS = {section: _block_model(section) for section in Section}
+
+
+def unknown_key_notes(keys: list[str], known: frozenset[str], where: str) -> list[str]:
+    """One note per unknown key (at most MAX_KEY_NOTES), naming the closest known key."""
+    notes = []
+    for key in keys[:MAX_KEY_NOTES]:
+        shown = key if len(key) <= 64 else key[:61] + "..."
+        notes.append(f"{where}: unknown key {shown!r} ignored{unknown_key_hint(key, known)}")
+    if len(keys) > MAX_KEY_NOTES:
+        notes.append(f"{where}: {len(keys) - MAX_KEY_NOTES} more unknown keys ignored")
+    return notes
+
+
+def check_block(raw: dict[str, Any], section: Section, where: str) -> tuple[dict[str, Any], list[str]]:
+    """A tabby_config.yml block validated by the table's rules: (values set, notes)."""
+    known = names(section, Surface.TABBY)
+    unknown = [str(k) for k in raw if k not in known]
+    try:
+        block = _BLOCKS[section].model_validate({k: v for k, v in raw.items() if k in known})
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise LoadParamError(f"{where}: {section.value}.{key}: {message}") from None
+    values = {k: getattr(block, k) for k in raw if k in known}
+    return values, unknown_key_notes(unknown, known, f"{where}: {section.value}")
 
 
 def read_tabby_config(folder: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -84,38 +105,16 @@ def read_tabby_config(folder: Path | None) -> tuple[dict[str, Any], dict[str, An
     return model, draft
 
 
-def _checked(values: dict[str, Any]) -> dict[str, Any]:
-    """Type-check merged values (YAML sources are not validated elsewhere)."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if value is None:
-            out[key] = None
-        elif key in LOAD_BOUNDS:  # the same bounds as the config and the load request
-            try:
-                out[key] = LOAD_BOUNDS[key].check(value)
-            except ValueError as exc:
-                raise LoadParamError(str(exc)) from None
-        elif key in _BOOL_KEYS:
-            if not isinstance(value, bool):
-                raise LoadParamError(f"{key} must be true or false, not {value!r}")
-            out[key] = value
-        elif key in _STR_KEYS:
-            if not isinstance(value, str):
-                raise LoadParamError(f"{key} must be a string, not {value!r}")
-            out[key] = value.strip().lower() if key == "draft_mode" else value
-        else:
-            out[key] = value
-    return out
-
-
 def _layers(
     settings: Settings, entry: ModelEntry, request: dict[str, Any], startup: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     model_layer: dict[str, Any] = {}
     draft_layer: dict[str, Any] = {}
     if startup:
-        model_layer.update(settings.model.model_dump(exclude_none=True))
-        draft_layer.update(settings.draft_model.model_dump(exclude_none=True))
+        model_layer.update(settings.model.model_dump(exclude_none=True, include=set(names(Section.MODEL))))
+        draft_layer.update(
+            settings.draft_model.model_dump(exclude_none=True, include=set(names(Section.DRAFT)))
+        )
     else:
         model_layer.update(settings.model_defaults())
         draft_layer.update(settings.draft_defaults())
@@ -124,9 +123,55 @@ def _layers(
         model_layer.update({k: v for k, v in req.items() if v is not None})
         draft_layer.update({k: v for k, v in req_draft.items() if v is not None})
     folder_model, folder_draft = read_tabby_config(entry.folder)
-    model_layer.update(folder_model)
-    draft_layer.update(folder_draft)
-    return model_layer, draft_layer
+    where = f"tabby_config.yml in {entry.folder.name}" if entry.folder is not None else ""
+    model_values, notes = check_block(folder_model, Section.MODEL, where)
+    draft_values, draft_notes = check_block(folder_draft, Section.DRAFT, where)
+    model_layer.update(model_values)
+    draft_layer.update(draft_values)
+    return model_layer, draft_layer, notes + draft_notes
+
+
+def _split(
+    section: Section, layer: dict[str, Any], notes: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(PARAM values set, EXTRA values) of a merged layer; notes for CHECK/IGNORED rows."""
+    params: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for row in rows(section):
+        value = layer.get(row.name)
+        if row.use is Use.PARAM and value is not None:
+            params[row.name] = value
+        elif row.use is Use.EXTRA and row.name in layer:
+            extra[row.name] = value
+        elif row.use in (Use.CHECK, Use.IGNORED) and row.needs_note(value):
+            notes.append(ignored_note(row, value, row.note))
+    return params, extra
+
+
+def build_plan_params(
+    settings: Settings,
+    entry: ModelEntry,
+    request: dict[str, Any],
+    *,
+    startup: bool,
+    gpu_available: bool = False,
+) -> tuple[ModelLoadParams, list[str]]:
+    """Merge the sources above into load parameters and notes (LoadParamError on bad values)."""
+    model_layer, draft_layer, notes = _layers(settings, entry, request, startup)
+    values, extra = _split(Section.MODEL, model_layer, notes)
+    values.setdefault("n_threads", settings.model.n_threads)
+    values.setdefault("flash_attention", settings.model.flash_attention)
+    if values.get("vision"):
+        raise LoadParamError(
+            "vision: true needs a vision projector, and this server has no vision support yet; "
+            "load the model without vision"
+        )
+    params = ModelLoadParams(**values, extra=extra)
+    draft_values, _ = _split(Section.DRAFT, draft_layer, notes)
+    if draft_values.get("draft_model_name") or draft_values.get("draft_mode") in ("ngram", "mtp"):
+        params.draft = DraftParams(**draft_values)
+    params.placement, gpu_notes = gpu_placement(model_layer, draft_layer, devices_available=gpu_available)
+    return params, notes + gpu_notes
 
 
 def build_params(
@@ -137,43 +182,8 @@ def build_params(
     startup: bool,
     gpu_available: bool = False,
 ) -> ModelLoadParams:
-    """Merge the sources above into load parameters (LoadParamError on bad values)."""
-    model_layer, draft_layer = _layers(settings, entry, request, startup)
-    check_backend(model_layer.get("backend"))
-    values = _checked({k: v for k, v in model_layer.items() if k in _PARAM_KEYS})
-    if values.get("n_threads") is None:
-        values["n_threads"] = settings.model.n_threads
-    if values.get("flash_attention") is None:
-        values["flash_attention"] = settings.model.flash_attention
-    for key in ("cache_mode", "chunk_size", "output_chunking", "vision"):
-        if values.get(key) is None:
-            values.pop(key, None)
-    if values.get("vision"):
-        raise LoadParamError(
-            "vision: true needs a vision projector, and this server has no vision support yet; "
-            "load the model without vision"
-        )
-    params = ModelLoadParams(**values)
-    params.cache_mode = normalise_cache_mode(params.cache_mode)  # 400 before any stream starts
-    params.extra = {k: v for k, v in model_layer.items() if k in _EXTRA_KEYS}
-    draft_values = _checked({k: v for k, v in draft_layer.items() if k in _DRAFT_KEYS})
-    draft_values = {k: v for k, v in draft_values.items() if v is not None}
-    if draft_values.get("draft_model_name") or draft_values.get("draft_mode") in ("ngram", "mtp"):
-        draft = DraftParams(**draft_values)
-        if draft.draft_mode not in ("model", "disabled", "ngram", "mtp"):
-            raise LoadParamError("draft_mode must be one of model, disabled, ngram, mtp")
-        draft.draft_cache_mode = normalise_cache_mode(draft.draft_cache_mode)
-        params.draft = draft
-    params.placement = gpu_placement(
-        gpu_available=gpu_available,
-        gpu_split_auto=bool(model_layer.get("gpu_split_auto", True)),
-        gpu_split=model_layer.get("gpu_split") or [],
-        tensor_parallel=bool(model_layer.get("tensor_parallel", False)),
-        tensor_parallel_backend=str(model_layer.get("tensor_parallel_backend") or "native"),
-        autosplit_reserve=model_layer.get("autosplit_reserve"),
-        draft_gpu_split=draft_values.get("draft_gpu_split") or [],
-    )
-    return params
+    """The load parameters alone (`build_plan_params` without its notes)."""
+    return build_plan_params(settings, entry, request, startup=startup, gpu_available=gpu_available)[0]
 
 
 def plan_load(
@@ -188,11 +198,11 @@ def plan_load(
 ) -> LoadPlan:
     """Resolve the model (and draft) names and merge the parameters: 400-type errors only."""
     entry = resolve(model_dir, name)
-    params = build_params(settings, entry, request, startup=startup, gpu_available=gpu_available)
+    params, notes = build_plan_params(settings, entry, request, startup=startup, gpu_available=gpu_available)
     draft_entry = None
     if params.draft is not None and params.draft.wants_model:
         try:
             draft_entry = resolve(draft_dir, params.draft.draft_model_name or "")
         except ModelNameError as exc:
             raise ModelNameError(f"draft model: {exc}") from None
-    return LoadPlan(entry, params, draft_entry)
+    return LoadPlan(entry, params, draft_entry, tuple(notes))

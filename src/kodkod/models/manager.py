@@ -24,29 +24,26 @@ level. Native loads and frees are serialised by one thread lock. Each loaded mod
 `LoraLibrary` for the adapters in `lora_dir` (`models/lora.py`); the adapters themselves belong
 to the backend and are freed with it.
 
+A plan's notes (GPU fields ignored on a CPU build, unknown keys: `LoadPlan.notes`) are logged
+and sent as progress events with a `message` when its load starts, whatever started it
+(startup, the admin API or an inline switch). `LoadedModel` and its helpers live in
+`models/loaded.py`.
+
 The concrete backend is injected (`backend_loader`), so this module never imports llama.cpp.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import ctypes.util
-import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kodkod.chat import ChatTemplate, find_template
+from kodkod.chat import find_template
 from kodkod.core.backend_types import ModelInfo, ModelSource
-from kodkod.core.constraints import GrammarCompiler
-from kodkod.engine.backend import Tokenizer
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
 from kodkod.models.context import ContextPlan, draft_context, plan_context
@@ -60,10 +57,17 @@ from kodkod.models.draft import (
 )
 from kodkod.models.gate import Lease, ModelGate, SwitchRefused
 from kodkod.models.lifetime import Retirer
-from kodkod.models.lora import LoraLibrary, attach_library
-from kodkod.models.params import LoadPlan, ModelLoadParams
+from kodkod.models.loaded import (
+    LoadedModel,
+    NoModelLoaded,
+    available_threads,
+    model_key,
+    placement_kwargs,
+    release_heap,
+)
+from kodkod.models.lora import attach_library
+from kodkod.models.params import LoadPlan
 from kodkod.models.progress import LoadProgress
-from kodkod.models.registry import ModelEntry
 
 __all__ = [
     "BackendLoader",
@@ -73,89 +77,12 @@ __all__ = [
     "ModelManager",
     "NoModelLoaded",
     "SwitchRefused",
+    "model_key",
 ]
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.05
-
-
-class NoModelLoaded(Exception):
-    """Raised by model-dependent code when nothing is loaded (→ 503)."""
-
-
-@dataclass(slots=True)
-class LoadedModel:
-    entry: ModelEntry
-    params: ModelLoadParams
-    info: ModelInfo
-    tokenizer: Tokenizer
-    grammar: GrammarCompiler | None  # the backend's, None: no constrained decoding
-    engine: EngineClient
-    plan: ContextPlan
-    template: ChatTemplate | None
-    draft: DraftModel | None = None
-    loras: LoraLibrary | None = None  # LoRA adapters of lora_dir for this model (models/lora.py)
-    load_time_s: float = 0.0
-    loaded_at: float = field(default_factory=time.time)
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
-
-    @property
-    def key(self) -> str:
-        return model_key(self.entry)
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.plan.max_seq_len
-
-    @property
-    def cache_size(self) -> int:
-        return self.plan.cache_size
-
-    @property
-    def cache_mode(self) -> str:
-        return self.plan.cache_mode
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.plan.max_batch_size
-
-    @property
-    def chunk_size(self) -> int:
-        return self.plan.chunk_size
-
-
-def model_key(entry: ModelEntry) -> str:
-    """Identity of a model for "is it loaded?": its resolved folder, or file when it has no
-        folder (as in TabbyAPI since August 2026: names that resolve to the same path are the same
-    model).
-        Two folders linking one GGUF stay different models: their tabby_config.yml may differ."""
-    return str((entry.folder or entry.gguf).resolve())
-
-
-def available_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def release_heap() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them otherwise)."""
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL(name).malloc_trim(0)
-
-
-def _placement_kwargs(params: ModelLoadParams) -> dict[str, Any]:
-    p = params.placement
-    return {} if p is None else {"split_mode": p.split_mode, "tensor_split": p.tensor_split}
 
 
 class ModelManager:
@@ -270,6 +197,8 @@ class ModelManager:
 
     async def _load_locked(self, plan: LoadPlan, progress: LoadProgress | None) -> LoadedModel:
         progress = progress or LoadProgress(plan.entry.name)
+        for note in plan.notes:  # what the load does instead of what was asked
+            progress.note(note)
         self.loading = plan.entry.name
         try:
             loaded = await asyncio.to_thread(self._load_blocking, plan, progress)
@@ -287,7 +216,7 @@ class ModelManager:
         t0 = time.perf_counter()
         params, entry = plan.params, plan.entry
         n_threads = params.n_threads or available_threads()
-        placement = _placement_kwargs(params)
+        placement = placement_kwargs(params)
         draft: DraftModel | None = None
         if plan.draft_entry is not None and params.draft is not None:
             target = check_same_vocab(self.vocab, entry, plan.draft_entry)

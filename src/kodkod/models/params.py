@@ -3,20 +3,15 @@
 `ModelLoadParams` / `DraftParams` are the merged result of config, request and
 `tabby_config.yml` (merging lives in `models/loading.py`); `LoadPlan` adds the resolved files.
 
-* `cache_types(mode)` — TabbyAPI cache modes → llama.cpp KV types (k, v):
-
-      FP16 → f16,f16     Q8 → q8_0,q8_0     Q6 → q8_0,q8_0     Q4 → q4_0,q4_0
-      "K,V" bit pairs 2..8, per component: 8,7,6 → q8_0; 5 → q5_1; 4,3,2 → q4_0
-      llama.cpp type names (f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 q4_0 iq4_nl), also as "k,v"
-
-  llama.cpp has no 6-bit cache type, so 6 (and 7) bits take the nearest type that is at
-  least as precise: q8_0 (q5_1 holds only 5 value bits). Likewise 2 and 3 bits use q4_0.
-  A quantised V cache needs flash attention in llama.cpp; `needs_flash_attention()` says when.
+* `cache_types(mode)` — TabbyAPI cache modes → llama.cpp KV types (k, v); the mapping lives in
+  `settings.cache_mode` (the load-parameter table checks it on every surface).
 * `rope_settings()` — linear `rope_scale` → `rope_freq_scale = 1/scale`; NTK `rope_alpha` →
   `rope_freq_base = base · alpha^(d/(d-2))` (d = head dim), "auto"/null derived from the
   ratio of max_seq_len to the trained context with TabbyAPI's formula.
-* `gpu_placement()` — the GPU fields of a load → llama.cpp split options, or a
-  LoadParamError saying "no GPU in this build" when llama.cpp was built without one.
+
+Which fields exist, their types and bounds are declared in `settings.load_table`; the
+dataclasses below hold the rows whose `use` is PARAM (a test checks that they match). GPU
+placement is `models.placement`.
 """
 
 from __future__ import annotations
@@ -25,14 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kodkod.models.registry import ModelEntry
+from kodkod.settings.cache_mode import UNQUANTISED, parse_cache_mode
 
 DEFAULT_MAX_BATCH_SIZE = 32
-DEFAULT_AUTOSPLIT_RESERVE_MB = (96.0,)
-
-LLAMA_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
-_UNQUANTISED = frozenset({"f32", "f16", "bf16"})
-_MODES = {"FP16": ("f16", "f16"), "Q8": ("q8_0", "q8_0"), "Q6": ("q8_0", "q8_0"), "Q4": ("q4_0", "q4_0")}
-_BACKENDS = frozenset({"", "auto", "llamacpp", "llama.cpp", "llama_cpp", "llama-cpp"})
 
 
 class LoadParamError(ValueError):
@@ -45,7 +35,6 @@ class DraftParams:
     draft_rope_scale: float | None = None
     draft_rope_alpha: float | str | None = None
     draft_cache_mode: str = "FP16"
-    draft_gpu_split: list[float] = field(default_factory=list)
     draft_mode: str = "model"
     draft_num_tokens: int | None = None
     dynamic_draft: bool = False
@@ -78,7 +67,6 @@ class ModelLoadParams:
     n_threads: int | None = None
     flash_attention: bool = True
     vision: bool = False
-    output_chunking: bool = True  # accepted; llama.cpp's unified KV pool needs no output chunks
     placement: GpuPlacement | None = None
     draft: DraftParams | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # config-only keys (reasoning, ...)
@@ -91,6 +79,7 @@ class LoadPlan:
     entry: ModelEntry
     params: ModelLoadParams
     draft_entry: ModelEntry | None = None
+    notes: tuple[str, ...] = ()  # what the load does instead of what was asked (log + progress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,46 +90,17 @@ class RopeSettings:
     freq_base: float  # for llama.cpp; 0.0 = from the model
 
 
-def _bits_type(bits: int) -> str:
-    if bits >= 6:
-        return "q8_0"
-    if bits == 5:
-        return "q5_1"
-    return "q4_0"
-
-
 def cache_types(mode: str | None) -> tuple[str, str]:
     """KV cache types (k, v) for a cache mode string; LoadParamError if unknown."""
-    text = (mode or "FP16").strip()
-    if text.upper() in _MODES:
-        return _MODES[text.upper()]
-    if text.lower() in LLAMA_CACHE_TYPES:
-        return text.lower(), text.lower()
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) == 2:
-        if all(p.isdigit() and 2 <= int(p) <= 8 for p in parts):
-            return _bits_type(int(parts[0])), _bits_type(int(parts[1]))
-        if all(p.lower() in LLAMA_CACHE_TYPES for p in parts):
-            return parts[0].lower(), parts[1].lower()
-    raise LoadParamError(
-        f"cache_mode {mode!r} is not supported; use FP16, Q8, Q6, Q4, a 'K,V' pair of bit "
-        f"widths 2-8 such as '8,4', or llama.cpp cache types ({', '.join(LLAMA_CACHE_TYPES)}) "
-        "alone or as a 'k,v' pair"
-    )
-
-
-def normalise_cache_mode(mode: str | None) -> str:
-    """The cache mode as reported back: FP16/Q8/Q6/Q4 upper-case, pairs without spaces."""
-    text = (mode or "FP16").strip()
-    cache_types(text)
-    if text.upper() in _MODES:
-        return text.upper()
-    return ",".join(p.strip().lower() for p in text.split(","))
+    try:
+        return parse_cache_mode(mode)
+    except ValueError as exc:
+        raise LoadParamError(str(exc)) from None
 
 
 def needs_flash_attention(type_v: str) -> bool:
     """llama.cpp refuses a quantised V cache without flash attention."""
-    return type_v not in _UNQUANTISED
+    return type_v not in UNQUANTISED
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -207,69 +167,3 @@ def rope_settings(
     if alpha != 1.0 and head_dim > 2 and freq_base > 0:
         freq_base_out = freq_base * alpha ** (head_dim / (head_dim - 2))
     return RopeSettings(scale, alpha, freq_scale, freq_base_out)
-
-
-def check_backend(backend: str | None) -> None:
-    if backend is not None and str(backend).strip().lower() not in _BACKENDS:
-        raise LoadParamError(
-            f"backend {backend!r} is not available: this server runs GGUF models on llama.cpp "
-            "only (leave backend unset)"
-        )
-
-
-def gpu_placement(
-    *,
-    gpu_available: bool,
-    gpu_split_auto: bool = True,
-    gpu_split: list[float] | None = None,
-    tensor_parallel: bool = False,
-    tensor_parallel_backend: str = "native",
-    autosplit_reserve: list[float] | None = None,
-    draft_gpu_split: list[float] | None = None,
-) -> GpuPlacement | None:
-    """Validate the GPU fields and map them onto llama.cpp's split options.
-
-    Without a GPU in the llama.cpp build, anything that asks for GPU placement is refused
-    (never silently ignored): a manual `gpu_split`, `tensor_parallel: true`, a non-default
-    `autosplit_reserve` or a `draft_gpu_split`. `gpu_split_auto` (true or false) alone is
-    fine: with no GPU there is nothing to split. With a GPU: tensor_parallel → row split,
-    gpu_split → layer split in those proportions (GB per device), autosplit → layer split by
-    free memory; `autosplit_reserve` has no llama.cpp counterpart and is refused.
-    """
-    if tensor_parallel_backend not in ("native", "nccl"):
-        raise LoadParamError("tensor_parallel_backend must be 'native' or 'nccl'")
-    split = [float(x) for x in (gpu_split or [])]
-    reserve = tuple(float(x) for x in (autosplit_reserve or DEFAULT_AUTOSPLIT_RESERVE_MB))
-    if any(x < 0 for x in split):
-        raise LoadParamError("gpu_split values must not be negative")
-    if not gpu_available:
-        asked = [
-            name
-            for name, used in (
-                ("gpu_split", bool(split)),
-                ("tensor_parallel", tensor_parallel),
-                ("autosplit_reserve", reserve != DEFAULT_AUTOSPLIT_RESERVE_MB),
-                ("draft_gpu_split", bool(draft_gpu_split)),
-            )
-            if used
-        ]
-        if asked:
-            raise LoadParamError(
-                f"{', '.join(asked)}: no GPU in this build (llama.cpp was built for CPU only); "
-                "remove these fields"
-            )
-        return None
-    if reserve != DEFAULT_AUTOSPLIT_RESERVE_MB:
-        raise LoadParamError(
-            "autosplit_reserve is not supported by the llama.cpp backend (it splits by free "
-            "memory); use gpu_split to set the share of each GPU"
-        )
-    if tensor_parallel:
-        total = sum(split)
-        return GpuPlacement("row", tuple(x / total for x in split) if total else ())
-    if split:
-        total = sum(split)
-        if total <= 0:
-            raise LoadParamError("gpu_split must give at least one GPU a positive amount")
-        return GpuPlacement("layer", tuple(x / total for x in split))
-    return GpuPlacement("layer" if gpu_split_auto else "none")

@@ -7,6 +7,12 @@ load reports most of a file at once) — and when the component is completely re
 created, engine started) the last step once more as `finished`. So every component's events
 are 1..100 `processing` then 100 `finished`, in order.
 
+A note about the load (a GPU field ignored on this CPU build, an unknown key, …) is logged as a
+warning and sent as an event with an optional `message` field (`note()`): `status`
+"processing" and `module` = the steps the component has reached so far (0 before it starts),
+so the step sequence above is unchanged and a client that does not know `message` sees one
+more "processing" event and ignores it. The field is only present on such events.
+
 The console gets a `\\r` progress bar when stderr is a terminal, else one log line per 10 %.
 """
 
@@ -31,14 +37,18 @@ class ProgressEvent:
     module: int
     modules: int
     status: str  # "processing" | "finished"
+    message: str | None = None  # a note about the load (kodkod extension)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "model_type": self.model_type,
             "module": self.module,
             "modules": self.modules,
             "status": self.status,
         }
+        if self.message is not None:
+            out["message"] = self.message
+        return out
 
 
 class ConsoleProgress:
@@ -83,6 +93,7 @@ class LoadProgress:
         console: ConsoleProgress | None = None,
         modules: int = MODULES,
     ) -> None:
+        self._name = name
         self._emit = emit
         self._console = console if console is not None else ConsoleProgress(name)
         self._modules = modules
@@ -99,6 +110,14 @@ class LoadProgress:
                 if self._emit is not None:
                     self._emit(ProgressEvent(model_type, m, self._modules, "processing"))
             self._console.update(model_type, module, self._modules)
+
+    def note(self, message: str, model_type: str = "model") -> None:
+        """Log `message` and send it as a progress event (see the module docstring)."""
+        log.warning("loading %s: %s", self._name, message)
+        with self._lock:
+            reached = self._reached.get(model_type, 0)
+        if self._emit is not None:
+            self._emit(ProgressEvent(model_type, reached, self._modules, "processing", message))
 
     def callback(self, model_type: str) -> Callable[[float], None]:
         """A fraction callback for one component (0.0 .. 1.0)."""

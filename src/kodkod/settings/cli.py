@@ -55,7 +55,7 @@ def cli_overrides_from_namespace(ns: argparse.Namespace) -> dict[str, object]:
 
 def _metavar(annotation: object) -> str:
     origin = typing.get_origin(annotation)
-    if origin is Annotated:  # a bounded type (settings.load_bounds)
+    if origin is Annotated:  # a bounded type (settings.load_table)
         return _metavar(typing.get_args(annotation)[0])
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]

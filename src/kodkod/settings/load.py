@@ -4,7 +4,8 @@
 `Origin` it came from, merges them per key (file < environment < CLI; nulls never override),
 then validates the result once with pydantic. A validation error is turned into a one-line
 `ConfigError` that points at the origin of the offending value: `file:line: dotted.key: ...`,
-`environment VAR: ...` or `--flag: ...`. Unknown sections and keys only produce warnings.
+`environment VAR: ...` or `--flag: ...`. Unknown sections and keys only produce warnings, which
+name the closest known one (`unknown key 'model.gpu_splt' (ignored); did you mean 'gpu_split'?`).
 
 YAML is composed into a node tree first so every key's line number is known, then constructed
 from that same tree. Text values from the environment or the CLI are pre-parsed by the kind of
@@ -23,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kodkod.settings.errors import ConfigError
+from kodkod.settings.load_param import unknown_key_hint
 from kodkod.settings.schema import (
     FieldKind,
     Settings,
@@ -154,7 +156,8 @@ def _file_layer(path: Path, warnings: list[str]) -> _Layer:
     for section, body in data.items():
         section_line = lines.get((str(section),), 1)
         if section not in sections:
-            warnings.append(f"{name}:{section_line}: unknown section '{section}' (ignored)")
+            hint = unknown_key_hint(str(section), sections)
+            warnings.append(f"{name}:{section_line}: unknown section '{section}' (ignored){hint}")
             continue
         if body is None:
             continue
@@ -166,7 +169,8 @@ def _file_layer(path: Path, warnings: list[str]) -> _Layer:
         for key, value in body.items():
             line = lines.get((section, str(key)), section_line)
             if key not in fields:
-                warnings.append(f"{name}:{line}: unknown key '{section}.{key}' (ignored)")
+                hint = unknown_key_hint(str(key), fields)
+                warnings.append(f"{name}:{line}: unknown key '{section}.{key}' (ignored){hint}")
             elif value is not None:
                 layer.values[(section, key)] = (value, Origin("file", name, line))
     return layer
@@ -217,7 +221,8 @@ def _env_layer(environ: Mapping[str, str], warnings: list[str]) -> _Layer:
             match = next((s for s in by_length if var.startswith(f"{prefix}{s.upper()}_")), None)
             if match is not None:
                 key = var[len(prefix) + len(match) + 1 :].lower()
-                warnings.append(f"environment {var}: unknown key '{match}.{key}' (ignored)")
+                hint = unknown_key_hint(key, sections[match].model_fields)
+                warnings.append(f"environment {var}: unknown key '{match}.{key}' (ignored){hint}")
                 break
     return layer
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import types
 import typing
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -104,8 +104,10 @@ class FieldKind(enum.Enum):
 
 
 def field_kind(annotation: object) -> FieldKind:
-    """Classify a field annotation (Optional is looked through)."""
+    """Classify a field annotation (Optional and Annotated are looked through)."""
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return field_kind(typing.get_args(annotation)[0])
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         kinds = {field_kind(a) for a in args}

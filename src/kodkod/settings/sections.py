@@ -8,11 +8,12 @@ the help of the CLI flag. Sections drop unknown keys; the loader warns about the
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
-from kodkod.settings.load_bounds import DraftNumTokens, DraftRopeScale, NgramMatchMin
+from kodkod.settings.load_param import Section
+from kodkod.settings.load_table import config_fields
 
 API_SERVERS = ("oai", "kobold")
 _HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])")
@@ -155,46 +156,26 @@ class LoggingSettings(SectionModel):
     )
 
 
-class DraftModelSettings(SectionModel):
-    """Section `draft_model`: speculative decoding."""
+class _DraftServerKeys(SectionModel):
+    """The `draft_model` keys that are not load parameters."""
 
-    draft_mode: Literal["model", "disabled", "mtp", "ngram"] = Field(
-        "model",
-        description="How tokens are drafted: model (a draft model, when draft_model_name is "
-        "set), ngram (from text already seen), mtp (the model's own prediction head), "
-        "or disabled.",
-    )
     draft_model_dir: str = Field("models", description="Folder holding the draft models.")
-    draft_model_name: str | None = Field(
-        None, description="Draft model (name inside draft_model_dir); null uses none."
-    )
-    draft_rope_scale: DraftRopeScale = Field(
-        1.0, description="Linear RoPE scaling of the draft model (positive)."
-    )
-    draft_rope_alpha: float | None = Field(
-        None, description="NTK RoPE alpha of the draft model; null derives it."
-    )
-    draft_cache_mode: str = Field(
-        "FP16", description="KV cache precision of the draft model (FP16, Q8, Q6, Q4)."
-    )
-    draft_gpu_split: list[float] = Field(
-        default_factory=list,
-        description="Gigabytes of VRAM per GPU for the draft model; empty splits automatically.",
-    )
-    draft_num_tokens: DraftNumTokens | None = Field(
-        None, description="Tokens drafted per step (1 to 32); null picks a default."
-    )
-    dynamic_draft: bool = Field(
-        False, description="Adapt the number of drafted tokens to how many get accepted."
-    )
-    ngram_match_min: NgramMatchMin = Field(
-        2, description="Shortest repeated n-gram that ngram drafting will follow."
+
+    if TYPE_CHECKING:  # the load keys are added from the table at runtime
+
+        def __getattr__(self, name: str) -> Any: ...
+
+
+if TYPE_CHECKING:
+    _DraftFields = _DraftServerKeys
+else:
+    _DraftFields = create_model(
+        "_DraftFields", __base__=_DraftServerKeys, __module__=__name__, **config_fields(Section.DRAFT)
     )
 
-    @field_validator("draft_mode", mode="before")
-    @classmethod
-    def _lower_mode(cls, value: object) -> object:
-        return lower_choice(value)
+
+class DraftModelSettings(_DraftFields):
+    """Section `draft_model`: speculative decoding (load keys from `settings.load_table`)."""
 
 
 class LoraSpec(BaseModel):

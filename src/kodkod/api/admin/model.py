@@ -1,10 +1,12 @@
 """Admin model management: /v1/model/load (SSE progress) and /v1/model/unload.
 
 A load request is checked completely before the stream starts — name inside model_dir, every
-field (pydantic), the merged parameters (`models/loading.py`: use_as_default < request <
-tabby_config.yml), GPU fields, the draft's vocabulary — so mistakes are plain 400/422 answers.
-Then the stream reports progress events (`models/progress.py`) and closes after the
-main model's `finished` event, or with an error event if the load fails. The load runs as its
+field (pydantic, from the load-parameter table: `api/admin/load_request.py`), the merged
+parameters (`models/loading.py`: use_as_default < request < tabby_config.yml), the draft's
+vocabulary — so mistakes are plain 400/422 answers. Then the stream reports progress events
+(`models/progress.py`) and closes after the main model's `finished` event, or with an error
+event if the load fails. Notes about the load (GPU fields ignored on a CPU build, unknown
+fields) are progress events with a `message`, and log warnings. The load runs as its
 own task: a client that goes away does not stop it (as in TabbyAPI since July 2026).
 
 Loading a different model, or the same one with different parameters, replaces the loaded one:
@@ -19,105 +21,24 @@ TabbyAPI since July 2026).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import math
 import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from kodkod.api.admin.load_request import ModelLoadRequest, request_notes, request_values
 from kodkod.api.deps import ADMIN
 from kodkod.api.errors import ApiError, stream_error
 from kodkod.api.generation import sse, sse_response
 from kodkod.api.state import AppState, Models, State
-from kodkod.api.validation import REQUEST_CONFIG, Name
 from kodkod.models.params import LoadPlan
 from kodkod.models.progress import LoadProgress, ProgressEvent
-from kodkod.settings.load_bounds import (
-    LOAD_BOUNDS,
-    CacheSize,
-    ChunkSize,
-    DraftNumTokens,
-    DraftRopeScale,
-    MaxBatchSize,
-    MaxSeqLen,
-    NgramMatchMin,
-    RopeScale,
-)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-
-
-class DraftLoadRequest(BaseModel):
-    model_config = ConfigDict(**REQUEST_CONFIG, populate_by_name=True)
-    draft_model_name: Name = Field(validation_alias=AliasChoices("draft_model_name", "name"))
-    draft_rope_scale: DraftRopeScale | None = None
-    draft_rope_alpha: float | str | None = None
-    draft_cache_mode: Name | None = None
-    draft_gpu_split: list[float] | None = None
-    draft_mode: str | None = None
-    draft_num_tokens: DraftNumTokens | None = None
-    dynamic_draft: bool | None = None
-    ngram_match_min: NgramMatchMin | None = None
-
-
-class ModelLoadRequest(BaseModel):
-    """Every field of TabbyAPI's load request, with the old aliases (`name`, `draft`)."""
-
-    model_config = ConfigDict(**REQUEST_CONFIG, populate_by_name=True, protected_namespaces=())
-    model_name: Name = Field(validation_alias=AliasChoices("model_name", "name"))
-    backend: str | None = None
-    max_seq_len: MaxSeqLen | None = None
-    override_base_seq_len: int | None = None  # [24] only; accepted and ignored
-    cache_size: CacheSize | None = None
-    cache_mode: Name | None = None
-    chunk_size: ChunkSize | None = None
-    # kodkod honours max_batch_size (config-only upstream)
-    max_batch_size: MaxBatchSize | None = None
-    rope_scale: RopeScale | None = None
-    rope_alpha: float | str | None = None
-    prompt_template: Name | None = None
-    vision: bool | None = None
-    tensor_parallel: bool | None = None
-    tensor_parallel_backend: str | None = None
-    gpu_split_auto: bool | None = None
-    gpu_split: list[float] | None = None
-    autosplit_reserve: list[float] | None = None
-    output_chunking: bool | None = None
-    num_experts_per_token: int | None = None  # [24] only; accepted and ignored
-    draft_model: DraftLoadRequest | None = Field(None, validation_alias=AliasChoices("draft_model", "draft"))
-    skip_queue: bool = False  # cancel the old model's running generations instead of waiting
-
-    @field_validator("cache_size")
-    @classmethod
-    def _cache_size(cls, value: int | None) -> int | None:
-        return LOAD_BOUNDS["cache_size"].check_multiple(value)
-
-
-def _request_fields(req: ModelLoadRequest) -> dict[str, Any]:
-    fields = req.model_dump(
-        exclude_none=True,
-        exclude={"model_name", "skip_queue", "override_base_seq_len", "num_experts_per_token"},
-    )
-    if isinstance(fields.get("rope_alpha"), str):
-        fields["rope_alpha"] = _alpha(fields["rope_alpha"])
-    return fields
-
-
-def _alpha(value: str) -> float | str:
-    text = value.strip().lower()
-    if text == "auto":
-        return "auto"
-    try:
-        alpha = float(text)
-    except ValueError:
-        alpha = math.nan
-    if not math.isfinite(alpha):
-        raise ApiError(400, f"rope_alpha must be a number or 'auto', not {value!r}")
-    return alpha
 
 
 def make_plan(state: AppState, name: str, fields: dict[str, Any], *, startup: bool) -> LoadPlan:
@@ -139,11 +60,15 @@ def _event(ev: ProgressEvent) -> str:
 
 @router.post("/v1/model/load", dependencies=[ADMIN])
 async def load(req: ModelLoadRequest, state: State) -> Any:
-    plan = make_plan(state, req.model_name, _request_fields(req), startup=False)
+    plan = make_plan(state, req.model_name, request_values(req), startup=False)
+    plan = dataclasses.replace(plan, notes=(*request_notes(req), *plan.notes))
     await state.models.check_draft(plan)  # 400 naming both models before the stream starts
     if state.models.is_loaded(plan, same_params=True):
 
         async def already() -> AsyncIterator[str]:
+            for note in plan.notes:
+                log.warning("loading %s: %s", plan.entry.name, note)
+                yield _event(ProgressEvent("model", 0, 1, "processing", note))
             yield _event(ProgressEvent("model", 1, 1, "processing"))
             yield _event(ProgressEvent("model", 1, 1, "finished"))
 
