@@ -100,7 +100,9 @@ done
 
 state_dir="$workdir/.cluster"
 log_dir="$state_dir/logs"
-mkdir -p "$log_dir"
+# owner only: a replica that creates api_tokens.yml prints the new keys into its log
+(umask 077 && mkdir -p "$log_dir")
+chmod 700 "$state_dir" "$log_dir"
 config="$state_dir/haproxy.cfg"
 {
     cat "$REPO/deploy/haproxy.cfg"
