@@ -11,6 +11,7 @@ package: installed here when the tests run as root, else the module is skipped.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,26 +151,33 @@ def processes_under(workdir: Path) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterator[Cluster]:
-    ensure_haproxy()
-    workdir = tmp_path_factory.mktemp("cluster")
+def prepare_workdir(workdir: Path, *, keys: bool) -> Path:
+    """config.yml, templates, models and (with `keys`) a key file; returns the kodkod program."""
     for name in ("templates", "sampler_overrides"):
         shutil.copytree(REPO / name, workdir / name)
     (workdir / "models").symlink_to(MODELS, target_is_directory=True)
     config = {"model": {"model_dir": "models", "model_name": DEFAULT_MODEL, "n_threads": 1}}
     (workdir / "config.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    tokens = workdir / "api_tokens.yml"
-    tokens.write_text(yaml.safe_dump({"api_key": API_KEY, "admin_key": ADMIN_KEY}), encoding="utf-8")
-    tokens.chmod(0o600)
+    if keys:
+        tokens = workdir / "api_tokens.yml"
+        tokens.write_text(yaml.safe_dump({"api_key": API_KEY, "admin_key": ADMIN_KEY}), encoding="utf-8")
+        tokens.chmod(0o600)
     # the kodkod under test: this checkout's source with the test's interpreter
     program = workdir / "kodkod"
     program.write_text(f'#!/bin/sh\nexec {sys.executable} -m kodkod "$@"\n', encoding="utf-8")
     program.chmod(0o755)
-    port = port_block(3)
+    return program
+
+
+@contextmanager
+def running_cluster(workdir: Path, replicas: int, *, keys: bool, args: list[str]) -> Iterator[Cluster]:
+    """scripts/cluster.sh started as a user would (its own session, like a terminal's job)."""
+    ensure_haproxy()
+    program = prepare_workdir(workdir, keys=keys)
+    port = port_block(replicas + 1)
+    command = [str(CLUSTER_SH), str(replicas), "--port", str(port), "--workdir", str(workdir)]
     proc = subprocess.Popen(
-        [str(CLUSTER_SH), "2", "--port", str(port), "--workdir", str(workdir), "--kodkod", str(program)]
-        + ["--host-name", PUBLIC_NAME, "--host-name", "localhost", "--max-seq-len", "2048"],
+        [*command, "--kodkod", str(program), *args],
         cwd=REPO,
         env={**clean_env(), "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
@@ -188,6 +197,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Ite
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterator[Cluster]:
+    args = ["--host-name", PUBLIC_NAME, "--host-name", "localhost", "--max-seq-len", "2048"]
+    with running_cluster(tmp_path_factory.mktemp("cluster"), 2, keys=True, args=args) as c:
+        yield c
 
 
 def chat(text: str, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
@@ -245,20 +261,56 @@ def test_fifty_mixed_requests_through_haproxy_succeed(cluster: Cluster) -> None:
 
 
 def test_a_stream_reaches_the_client_while_the_replica_still_generates(cluster: Cluster) -> None:
-    body = chat("Write a long story about a dragon.", max_tokens=400, stream=True, ignore_eos=True)
+    max_tokens = 1800
+    body = chat("Write a long story about a dragon.", max_tokens=max_tokens, stream=True, ignore_eos=True)
     with (
         httpx.Client(base_url=cluster.url, timeout=120) as client,
         client.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as r,
     ):
         assert r.status_code == 200
         instance = r.headers["x-kodkod-instance"]
+        replica = f"http://127.0.0.1:{int(instance.rsplit(':', 1)[1])}"
+        before = httpx.get(f"{replica}/health", timeout=30).json()["engine"]["generated_tokens"]
         lines = r.iter_lines()
         # the first chunk with generated text (not the role chunk, not the end)
         next(line for line in lines if '"content":"' in line and '"content":""' not in line)
         # the reply is not over: the replica that serves it is still running the request
-        replica_port = int(instance.rsplit(":", 1)[1])
-        health = httpx.get(f"http://127.0.0.1:{replica_port}/health", timeout=30).json()
+        health = httpx.get(f"{replica}/health", timeout=30).json()
         assert health["engine"]["running"] >= 1, health
+    # the client went away mid-stream: HAProxy closes the replica's connection, which aborts the
+    # generation long before its max_tokens
+    deadline = time.monotonic() + 60
+    while (engine := httpx.get(f"{replica}/health", timeout=30).json()["engine"])["running"]:
+        assert time.monotonic() < deadline, engine
+        time.sleep(0.2)
+    assert engine["generated_tokens"] - before < max_tokens, engine
+
+
+def test_hostile_affinity_keys_are_served_or_refused_cleanly(cluster: Cluster) -> None:
+    def post(content: bytes, headers: dict[str, str | bytes] | None = None) -> httpx.Response:
+        h = {**AUTH, "Content-Type": "application/json", **(headers or {})}
+        return httpx.post(f"{cluster.url}/v1/chat/completions", content=content, headers=h, timeout=120)
+
+    def body(**extra: Any) -> bytes:
+        return json.dumps(chat("Hi.", 2, **extra)).encode()
+
+    served = [
+        post(body(user="u" * 5000)),  # longer than the stick-table key
+        post(body(user="x", padding="p" * 100_000)),  # larger than HAProxy's buffer
+        post(body(), {"X-Session-Id": "s" * 2000}),
+        post(body(), {"X-Session-Id": "\u00e9t\u00e9 ; , = \"'".encode("latin-1")}),
+    ]
+    assert [r.status_code for r in served] == [200] * len(served), [r.text[:200] for r in served]
+    refused = [
+        post(body(user={"nested": [1, 2]})),  # not a string: no affinity, the replica says why
+        post(body(user=12.5)),
+        post(b'{"messages": [{"role": "user", "content": "Hi."}], "user": "x"'),  # cut short
+    ]
+    for r in refused:
+        assert r.status_code in (400, 422) and "error" in r.json(), r.text
+        assert r.headers["x-kodkod-instance"]  # refused by a replica, not by HAProxy
+    nul = post(body(user="a\u0000b"))
+    assert nul.status_code == 200, nul.text
 
 
 def instances_per_key(cluster: Cluster, make: Any, keys: list[str], rounds: int) -> dict[str, set[str]]:
@@ -376,6 +428,23 @@ def test_sigterm_stops_haproxy_and_every_replica(cluster: Cluster) -> None:
         httpx.get(f"{cluster.url}/health", timeout=5)
 
 
+def test_a_fresh_cluster_shares_one_new_key_file_and_ctrl_c_stops_it(
+    tmp_path: Path, default_gguf: Path
+) -> None:
+    workdir = tmp_path / "fresh"
+    workdir.mkdir()
+    with running_cluster(workdir, 2, keys=False, args=[]) as c:
+        keys = yaml.safe_load((workdir / "api_tokens.yml").read_text())
+        for port in (c.port + 1, c.port + 2):  # both replicas took the one file's keys
+            r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"X-Api-Key": keys["api_key"]})
+            assert r.status_code == 200, r.text
+        assert httpx.get(f"{c.url}/v1/models", headers=AUTH).status_code == 401
+        assert processes_under(workdir)
+        os.killpg(c.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole job
+        assert c.proc.wait(90) == 0, c.output
+        assert processes_under(workdir) == []
+
+
 def test_cluster_sh_explains_a_missing_haproxy_and_bad_arguments(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -392,5 +461,7 @@ def test_cluster_sh_explains_a_missing_haproxy_and_bad_arguments(tmp_path: Path)
         (["2", "--port", "65535"], "--port must leave room"),
         (["2", "--host", "0.0.0.0"], "set by cluster.sh"),
     ):
-        bad = subprocess.run(["/bin/bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=60)
+        bad = subprocess.run(
+            ["/bin/bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=60
+        )
         assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
