@@ -31,7 +31,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.server import ADMIN_KEY, API_KEY, DEFAULT_MODEL, GEMMA_MODEL, MODELS, REPO, free_port
+from tests.scripts.haproxy import ensure_haproxy, port_block
+from tests.server import ADMIN_KEY, API_KEY, DEFAULT_MODEL, GEMMA_MODEL, MODELS, REPO
 
 pytestmark = pytest.mark.model
 
@@ -40,43 +41,6 @@ ADMIN_SH = REPO / "scripts" / "cluster-admin.sh"
 PUBLIC_NAME = "kodkod.example.test"  # a non-loopback Host the replicas are told to admit
 START_DEADLINE_S = 300.0
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def ensure_haproxy() -> None:
-    if shutil.which("haproxy"):
-        return
-    if os.geteuid() != 0:
-        pytest.skip("HAProxy is not installed and the tests do not run as root: apt-get install haproxy")
-    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
-    subprocess.run(
-        ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-qq", "haproxy"],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )
-    assert shutil.which("haproxy"), "apt-get installed haproxy, yet it is not on PATH"
-
-
-def port_block(count: int) -> int:
-    """A port P with P … P+count-1 all free on loopback."""
-    for _ in range(50):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        if all(port_free(base + i) for i in range(count)):
-            return base
-    raise AssertionError("no block of free ports")
-
-
-def port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def clean_env() -> dict[str, str]:
