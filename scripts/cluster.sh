@@ -120,6 +120,7 @@ logs=()
 ticker="" # the pid of the `sleep` the main loop waits on
 
 stop_all() {
+    set +e # a process that is already gone must not end the clean-up half way
     trap '' INT TERM
     local pid deadline alive
     [ -n "$ticker" ] && kill "$ticker" 2>/dev/null
