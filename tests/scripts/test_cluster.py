@@ -2,28 +2,28 @@
 
 Through HAProxy: 50 mixed requests succeed (streams, completions, a Host name the replicas were
 told to admit); a stream's first chunk arrives while the replica is still generating (HAProxy
-does not buffer it); the same `X-Session-Id`, or the same OpenAI `user`, always lands on the same
-replica (`X-Kodkod-Instance`) and different ones spread over both; scripts/cluster-admin.sh loads
-a model on every replica; a replica killed mid-run is routed around, every later request
-succeeding; SIGTERM to cluster.sh stops every process it started. HAProxy comes from the Debian
-package: installed here when the tests run as root, else the module is skipped.
+does not buffer it) and a client that goes away mid-stream stops the generation; the same
+`X-Session-Id`, or the same OpenAI `user`, always lands on the same replica
+(`X-Kodkod-Instance`) and different ones spread over both; hostile affinity keys are served or
+refused by a replica with its error shape; scripts/cluster-admin.sh loads a model on every
+replica; a replica killed mid-run is routed around, every later request succeeding; SIGTERM to
+cluster.sh stops every process it started. A second, fresh cluster shows the replicas sharing
+the one key file they create and Ctrl-C stopping everything. HAProxy comes from the Debian
+package: installed here when the tests run as root, else those tests are skipped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,136 +31,14 @@ import httpx
 import pytest
 import yaml
 
-from tests.scripts.haproxy import ensure_haproxy, port_block
-from tests.server import ADMIN_KEY, API_KEY, DEFAULT_MODEL, GEMMA_MODEL, MODELS, REPO
+from tests.scripts.cluster_run import CLUSTER_SH, Cluster, clean_env, processes_under, running_cluster
+from tests.server import ADMIN_KEY, API_KEY, DEFAULT_MODEL, GEMMA_MODEL, REPO
 
 pytestmark = pytest.mark.model
 
-CLUSTER_SH = REPO / "scripts" / "cluster.sh"
 ADMIN_SH = REPO / "scripts" / "cluster-admin.sh"
 PUBLIC_NAME = "kodkod.example.test"  # a non-loopback Host the replicas are told to admit
-START_DEADLINE_S = 300.0
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("TABBY_", "KODKOD_"))}
-
-
-@dataclass
-class Cluster:
-    """A running scripts/cluster.sh whose output is collected line by line."""
-
-    workdir: Path
-    port: int
-    proc: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
-    changed: threading.Condition = field(default_factory=threading.Condition)
-    eof: bool = False
-
-    def __post_init__(self) -> None:
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self.changed:
-                self.lines.append(line)
-                self.changed.notify_all()
-        with self.changed:
-            self.eof = True
-            self.changed.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self.changed:
-            return "".join(self.lines)
-
-    def wait_line(self, pattern: str, deadline_s: float) -> re.Match[str]:
-        deadline = time.monotonic() + deadline_s
-        with self.changed:
-            while True:
-                for line in self.lines:
-                    if m := re.search(pattern, line):
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0 or self.eof:
-                    raise AssertionError(f"no line matching {pattern!r}:\n{''.join(self.lines)}")
-                self.changed.wait(min(left, 1.0))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def replica_pid(self, index: int) -> int:
-        return int(self.wait_line(rf"replica {index} on 127\.0\.0\.1:\d+, pid (\d+)", 1).group(1))
-
-    def haproxy_pid(self) -> int:
-        return int(self.wait_line(r"HAProxy on \S+, pid (\d+)", 1).group(1))
-
-
-def processes_under(workdir: Path) -> list[str]:
-    """Processes running in `workdir` or naming it on their command line (replicas, HAProxy)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if str(workdir) in cmdline or cwd == str(workdir):
-            found.append(f"{entry.name}: {cmdline}")
-    return found
-
-
-def prepare_workdir(workdir: Path, *, keys: bool) -> Path:
-    """config.yml, templates, models and (with `keys`) a key file; returns the kodkod program."""
-    for name in ("templates", "sampler_overrides"):
-        shutil.copytree(REPO / name, workdir / name)
-    (workdir / "models").symlink_to(MODELS, target_is_directory=True)
-    config = {"model": {"model_dir": "models", "model_name": DEFAULT_MODEL, "n_threads": 1}}
-    (workdir / "config.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    if keys:
-        tokens = workdir / "api_tokens.yml"
-        tokens.write_text(yaml.safe_dump({"api_key": API_KEY, "admin_key": ADMIN_KEY}), encoding="utf-8")
-        tokens.chmod(0o600)
-    # the kodkod under test: this checkout's source with the test's interpreter
-    program = workdir / "kodkod"
-    program.write_text(f'#!/bin/sh\nexec {sys.executable} -m kodkod "$@"\n', encoding="utf-8")
-    program.chmod(0o755)
-    return program
-
-
-@contextmanager
-def running_cluster(workdir: Path, replicas: int, *, keys: bool, args: list[str]) -> Iterator[Cluster]:
-    """scripts/cluster.sh started as a user would (its own session, like a terminal's job)."""
-    ensure_haproxy()
-    program = prepare_workdir(workdir, keys=keys)
-    port = port_block(replicas + 1)
-    command = [str(CLUSTER_SH), str(replicas), "--port", str(port), "--workdir", str(workdir)]
-    proc = subprocess.Popen(
-        [*command, "--kodkod", str(program), *args],
-        cwd=REPO,
-        env={**clean_env(), "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    c = Cluster(workdir, port, proc)
-    try:
-        c.wait_line(r"kodkod cluster ready", START_DEADLINE_S)
-        yield c
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
 
 
 @pytest.fixture(scope="module")

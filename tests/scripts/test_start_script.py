@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.scripts.haproxy import ensure_haproxy, port_block
+from tests.scripts.cluster_run import ensure_haproxy, port_block
 from tests.server import REPO, free_port
 
 pytestmark = pytest.mark.model
