@@ -218,6 +218,14 @@ def test_cluster_admin_loads_a_model_on_every_replica(cluster: Cluster) -> None:
     )
     assert missing.returncode == 1 and f"127.0.0.1:{cluster.port + 1}" in missing.stderr
     assert models() == [DEFAULT_MODEL, DEFAULT_MODEL]
+    status = subprocess.run(
+        [str(ADMIN_SH), "--workdir", str(cluster.workdir), "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
+    assert len(status) == 2 and all(f'"id":"{DEFAULT_MODEL}"' in line for line in status), status
 
 
 def test_a_replica_killed_mid_run_is_routed_around(cluster: Cluster) -> None:
