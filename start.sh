@@ -1,17 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything on first run (venv, package, default model, config.yml), check that the
 # llama.cpp build decodes on this CPU, then serve the default model on 127.0.0.1:5000. Extra
-# arguments are server flags (e.g. ./start.sh --port 5001).
+# arguments are server flags (e.g. ./start.sh --port 5001). Several replicas behind HAProxy:
+# scripts/cluster.sh (docs/scaling.md).
 set -euo pipefail
 cd "$(dirname "$0")"
-./scripts/setup.sh
-if [ ! -e config.yml ]; then
-    # Atomically: write a temp file beside it, flush it, then hard-link it into place (never
-    # replaces a config.yml that appeared meanwhile, never leaves a half-written one).
-    tmp="$(mktemp ./.config.yml.XXXXXX)"
-    cp config_sample.yml "$tmp" && chmod 0644 "$tmp" && sync "$tmp" && { ln "$tmp" config.yml || true; }
-    rm -f "$tmp"
-fi
-.venv/bin/kodkod models fetch
-.venv/bin/kodkod check "$@"
+./scripts/prepare.sh "$@"
 exec .venv/bin/kodkod "$@"

@@ -30,6 +30,7 @@ from kodkod.api.body_limit import BodySizeLimitMiddleware
 from kodkod.api.core import misc, models
 from kodkod.api.errors import install_error_handlers
 from kodkod.api.guard import HostOriginGuard, HostPolicy, PolicyCORSMiddleware
+from kodkod.api.instance_header import InstanceHeaderMiddleware
 from kodkod.api.kobold.jobs import JobTable
 from kodkod.api.openai import chat, completions
 from kodkod.api.presets import PresetError, SamplerPresets
@@ -138,6 +139,8 @@ def create_app(
     app.add_middleware(HostOriginGuard, policy=policy)  # DNS rebinding, foreign pages
     # added last = outermost: an oversized body is refused before auth or anything reads it
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.limits.max_request_body_bytes)
+    # outermost of all: every answer, refusals included, names the replica that gave it
+    app.add_middleware(InstanceHeaderMiddleware, name=settings.network.instance_name)
     install_error_handlers(app)
     routers = (misc, models, admin_model, admin_lora, admin_templates, admin_overrides, admin_download)
     for module in (*routers, unavailable):

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
+from tests.scripts.cluster_run import ensure_haproxy, port_block
 from tests.server import REPO, free_port
 
 pytestmark = pytest.mark.model
@@ -50,11 +52,11 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Started:
     """A ./start.sh process whose output is read line by line."""
 
-    def __init__(self, clone: Path, port: int, env: dict[str, str]) -> None:
+    def __init__(self, clone: Path, port: int, env: dict[str, str], command: list[str] | None = None) -> None:
         self.port = port
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            ["./start.sh", "--port", str(port), "--n-threads", "1"],
+            command or ["./start.sh", "--port", str(port), "--n-threads", "1"],
             cwd=clone,
             env=env,
             stdout=subprocess.PIPE,
@@ -155,6 +157,26 @@ def test_second_start_reuses_config_and_keys(clone: Path, started: list[Started]
     run.proc.communicate(timeout=60)
     assert (clone / "config.yml").read_text() == config
     assert (clone / "api_tokens.yml").read_text() == tokens
+
+
+def test_cluster_sh_in_the_clone_serves_through_haproxy(clone: Path, started: list[Started]) -> None:
+    """scripts/cluster.sh without --kodkod: start.sh's setup path, the clone's own kodkod, its
+    config.yml and keys; SIGTERM stops HAProxy and the replicas."""
+    ensure_haproxy()
+    port = port_block(3)
+    command = ["scripts/cluster.sh", "2", "--port", str(port), "--n-threads", "1"]
+    run = Started(clone, port, _env(), command)
+    started.append(run)
+    assert run.read_until(r"kodkod cluster ready", 300), run.output
+    assert "(checked before)" in run.output, run.output  # the setup ran, and found nothing to do
+    key = yaml.safe_load((clone / "api_tokens.yml").read_text())["api_key"]
+    r = httpx.get(f"http://127.0.0.1:{port}/v1/model", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200 and r.json()["id"] == "SmolLM2-135M-Instruct", r.text
+    assert r.headers["x-kodkod-instance"].endswith((f":{port + 1}", f":{port + 2}"))
+    run.proc.send_signal(signal.SIGTERM)
+    rest, _ = run.proc.communicate(timeout=90)
+    assert run.proc.returncode == 0, run.output + rest
+    assert not any(_listening(p) for p in (port, port + 1, port + 2))
 
 
 def test_a_crashing_build_stops_start_sh_with_a_clear_message(clone: Path, started: list[Started]) -> None:

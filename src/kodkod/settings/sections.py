@@ -17,6 +17,7 @@ from kodkod.settings.load_table import config_fields
 
 API_SERVERS = ("oai", "kobold")
 _HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])")
+_HEADER_TEXT = re.compile(r"[\x20-\x7e]+")
 _ORIGIN = re.compile(r"https?://([a-z0-9_.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
 
 
@@ -95,6 +96,22 @@ class NetworkSettings(SectionModel):
         "needs its user's key, like a script), only those local pages with disable_auth. "
         "Credentials (cookies) are never shared: clients send their key in a header.",
     )
+
+    instance_name: str = Field(
+        "",
+        max_length=200,
+        description="Name this server gives itself in the X-Kodkod-Instance header of every "
+        "response, so a client behind a load balancer sees which replica answered. Empty: "
+        "<machine host name>:<port>.",
+    )
+
+    @field_validator("instance_name")
+    @classmethod
+    def _check_instance_name(cls, value: str) -> str:
+        text = value.strip()
+        if text and not _HEADER_TEXT.fullmatch(text):
+            raise ValueError(f"expected printable ASCII text without control characters, got {value!r}")
+        return text
 
     @field_validator("allowed_hosts")
     @classmethod
