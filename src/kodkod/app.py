@@ -10,6 +10,7 @@ ones for `oai`, the Kobold ones for `kobold`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from kodkod import __version__
+from kodkod.api.admin import embedding as admin_embedding
 from kodkod.api.admin import lora as admin_lora
 from kodkod.api.admin import model as admin_model
 from kodkod.api.admin import overrides as admin_overrides
@@ -30,11 +32,13 @@ from kodkod.api.core import misc, models
 from kodkod.api.errors import install_error_handlers
 from kodkod.api.guard import HostOriginGuard, HostPolicy, PolicyCORSMiddleware
 from kodkod.api.kobold.jobs import JobTable
-from kodkod.api.openai import chat, completions
+from kodkod.api.openai import chat, completions, embeddings
 from kodkod.api.presets import PresetError, SamplerPresets
 from kodkod.api.request_log import RequestLogMiddleware
 from kodkod.api.state import AppState, HealthLog, ServerPaths, TemplateLibrary
 from kodkod.auth import KeyStore
+from kodkod.core.encoder_types import EncoderLoader
+from kodkod.models.embeddings import EmbeddingService
 from kodkod.models.manager import BackendLoader, ModelManager
 from kodkod.settings import Settings
 
@@ -52,6 +56,7 @@ def build_state(
     base_dir: Path,
     *,
     gpu_available: bool = False,
+    encoder_loader: EncoderLoader | None = None,
 ) -> AppState:
     """Every service of one server (nothing runs yet: the lifespan loads the model)."""
     paths = ServerPaths.resolve_all(settings, base_dir)
@@ -66,6 +71,17 @@ def build_state(
         unload_grace_s=settings.model.unload_grace_s,
         engine_stall_timeout_s=settings.limits.engine_stall_timeout_s,
     )
+
+    def chat_busy() -> bool:
+        current = manager.current
+        return current is not None and current.engine.stats.running > 0
+
+    embedder = EmbeddingService(
+        encoder_loader,
+        paths.embedding_model_dir,
+        n_threads=settings.model.effective_n_threads(),
+        chat_busy=chat_busy,
+    )
     return AppState(
         settings=settings,
         paths=paths,
@@ -75,6 +91,7 @@ def build_state(
         templates=TemplateLibrary(paths.templates_dir),
         kobold_jobs=JobTable(),
         health=health,
+        embeddings=embedder,
     )
 
 
@@ -84,15 +101,22 @@ def create_app(
     keys: KeyStore,
     backend_loader: BackendLoader,
     gpu_available: bool = False,
+    encoder_loader: EncoderLoader | None = None,
     base_dir: Path | None = None,
     on_startup_error: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The app. If the startup model fails to load, `on_startup_error(message)` is called (the
     CLI stops the server and prints the one-line message); without it, StartupError is raised.
-    `backend_loader` and `gpu_available` (its backend can offload layers to a GPU) come from the
-    caller, which picks the concrete backend."""
+    `backend_loader`, `gpu_available` (its backend can offload layers to a GPU) and
+    `encoder_loader` (embedding models; None: loads answer 400) come from the caller, which
+    picks the concrete backend."""
     state = build_state(
-        settings, keys, backend_loader, (base_dir or Path.cwd()).resolve(), gpu_available=gpu_available
+        settings,
+        keys,
+        backend_loader,
+        (base_dir or Path.cwd()).resolve(),
+        gpu_available=gpu_available,
+        encoder_loader=encoder_loader,
     )
 
     @asynccontextmanager
@@ -119,10 +143,17 @@ def create_app(
                 if on_startup_error is None:
                     raise StartupError(message)
                 on_startup_error(message)
+        embedding_name = settings.embeddings.embedding_model_name
+        if embedding_name:
+            try:
+                await state.embeddings.load(embedding_name)
+            except Exception as exc:  # as upstream: a failed embedding load only logs
+                log.error("could not load the startup embedding model %r: %s", embedding_name, exc)
         try:
             yield
         finally:
             await state.models.unload("the server is shutting down")
+            await asyncio.to_thread(state.embeddings.shutdown)
 
     app = FastAPI(title="kodkod", version=__version__, lifespan=lifespan)
     app.state.kodkod = state
@@ -137,12 +168,22 @@ def create_app(
     # added last = outermost: an oversized body is refused before auth or anything reads it
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.limits.max_request_body_bytes)
     install_error_handlers(app)
-    for module in (misc, models, admin_model, admin_lora, admin_templates, admin_overrides, unavailable):
+    for module in (
+        misc,
+        models,
+        admin_model,
+        admin_lora,
+        admin_templates,
+        admin_overrides,
+        admin_embedding,
+        unavailable,
+    ):
         app.include_router(module.router)
     servers = settings.network.api_server_set()
     if "oai" in servers:
         app.include_router(completions.router)
         app.include_router(chat.router)
+        app.include_router(embeddings.router)
     if "kobold" in servers:
         from kodkod.api.kobold import router as kobold_router
 
