@@ -9,8 +9,9 @@ lose their `##`, whole words gain a leading U+2581, control tokens stay as they 
 pooling type from the pooling config, and two keys of our own (`kodkod.embedding.normalize`,
 `kodkod.embedding.max_seq_length`) that the encoder reads back. Safetensors are parsed here
 (an 8-byte header length, a JSON header, raw little-endian data), so the server needs no
-extra package. Weights are written as float32: the file is small and the vectors stay
-as close to the PyTorch reference as the kernels allow.
+extra package. The weight matrices are written as float16 (llama.cpp's CPU kernels run them
+faster than float32, and the vectors stay within float32 rounding of the reference:
+docs/measurements.md); norms, biases and the lookup tables stay float32.
 
 `cached_gguf(folder)` does the conversion once and keeps the result in the private cache
 folder, named by a hash of every source file (never in a model folder, where it would be
@@ -41,7 +42,7 @@ __all__ = [
     "read_folder",
 ]
 
-CONVERTER_VERSION = "1"  # part of the cache key: bump when the written file changes
+CONVERTER_VERSION = "2"  # part of the cache key: bump when the written file changes
 NORMALIZE_KEY = "kodkod.embedding.normalize"
 MAX_SEQ_KEY = "kodkod.embedding.max_seq_length"
 KNOWN_ARCHITECTURES = ("BertModel",)
@@ -57,6 +58,7 @@ _SOURCE_FILES = (
     "sentence_bert_config.json",
     "1_Pooling/config.json",
 )
+_F32_TABLES = ("token_embd", "position_embd", "token_types")  # looked up by row, not multiplied
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -190,11 +192,35 @@ def _wpm_spelling(token: str, is_control: bool) -> str:
     return token[2:] if token.startswith("##") else "\u2581" + token
 
 
+def _add_special_tokens(w: Any, folder: Path, tokens: list[str]) -> None:
+    """BERT's frame: [CLS] text [SEP]. llama.cpp's WordPiece tokenizer adds its BOS first and
+    its SEP last, so BOS is the CLS token and EOS/SEP the SEP token."""
+    names: dict[str, str] = {"cls": "[CLS]", "sep": "[SEP]", "unk": "[UNK]", "pad": "[PAD]", "mask": "[MASK]"}
+    cfg_path = folder / "special_tokens_map.json"
+    if cfg_path.is_file():
+        for key, value in _read_json(cfg_path).items():
+            text = value.get("content") if isinstance(value, dict) else value
+            if key.endswith("_token") and isinstance(text, str):
+                names[key.removesuffix("_token")] = text
+    ids = {k: tokens.index(v) for k, v in names.items() if v in tokens}
+    if "cls" not in ids or "sep" not in ids:
+        raise ConversionError(f"{folder.name}: the vocabulary has no CLS or SEP token")
+    w.add_bos_token_id(ids["cls"])
+    w.add_eos_token_id(ids["sep"])
+    w.add_sep_token_id(ids["sep"])
+    adders = {"unk": w.add_unk_token_id, "pad": w.add_pad_token_id, "mask": w.add_mask_token_id}
+    for kind, add in adders.items():
+        if kind in ids:
+            add(ids[kind])
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(True)
+
+
 # -- writing --------------------------------------------------------------------------------------
 
 
-def convert_folder(folder: Path, out: Path) -> EncoderFolder:
-    """Write the GGUF of the encoder in `folder` to `out`."""
+def convert_folder(folder: Path, out: Path, *, f16: bool = True) -> EncoderFolder:
+    """Write the GGUF of the encoder in `folder` to `out` (`f16`: matrices as float16)."""
     import gguf  # lazily: only a conversion needs it
 
     desc = read_folder(folder)
@@ -222,7 +248,7 @@ def convert_folder(folder: Path, out: Path) -> EncoderFolder:
     w.add_layer_norm_eps(float(cfg.get("layer_norm_eps", 1e-12)))
     w.add_causal_attention(False)
     w.add_pooling_type(gguf.PoolingType(_POOLING[desc.pooling]))
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     w.add_bool(NORMALIZE_KEY, desc.normalize)
     w.add_uint32(MAX_SEQ_KEY, desc.max_seq_length)
     w.add_tokenizer_model("bert")
@@ -232,7 +258,7 @@ def convert_folder(folder: Path, out: Path) -> EncoderFolder:
         [_wpm_spelling(t, k == gguf.TokenType.CONTROL) for t, k in zip(tokens, types, strict=True)]
     )
     w.add_token_types(types)
-    gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    _add_special_tokens(w, folder, tokens)
 
     for name, array in tensors.items():
         key = name.removeprefix("bert.")
@@ -241,6 +267,8 @@ def convert_folder(folder: Path, out: Path) -> EncoderFolder:
         mapped = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise ConversionError(f"{folder.name}: unexpected tensor {name}")
+        if f16 and array.ndim == 2 and not mapped.startswith(_F32_TABLES):
+            array = array.astype(np.float16)
         w.add_tensor(mapped, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()

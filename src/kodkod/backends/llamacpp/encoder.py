@@ -30,7 +30,9 @@ from kodkod.core.encoder_types import EncoderInfo
 __all__ = ["BATCH_SEQUENCES", "LlamaEncoder"]
 
 BATCH_SEQUENCES = 64  # inputs packed into one call (llama.cpp's sequence ids per context)
-MIN_BATCH_TOKENS = 512
+# Tokens of one call: every token attends over the whole micro-batch (masked by sequence), so
+# the cost per token grows with it; a few hundred tokens is the fast range (docs/measurements.md).
+MIN_BATCH_TOKENS = 256
 _POOLING_NAMES = {
     L.LLAMA_POOLING_TYPE_MEAN: "mean",
     L.LLAMA_POOLING_TYPE_CLS: "cls",
