@@ -61,6 +61,7 @@ def make_service(tmp_path: Path, busy: list[bool]) -> tuple[EmbeddingService, li
             batch_sequences=4,
             pooling="mean",
             normalize=True,
+            pack_tokens=7,
         )
         made.append(FakeEncoder(info))
         return made[-1]
@@ -96,6 +97,7 @@ def test_load_embed_unload(tmp_path: Path) -> None:
         result = await service.embed(texts)
         assert result.vectors[:, 0].tolist() == [3, 4, 5, 6, 7, 8]  # order kept across batches
         assert result.prompt_tokens == 33 and result.model == "enc"
+        assert [n for n, _ in made[0].calls] == [2, 1, 1, 1, 1]  # packed to 7 tokens per call
         assert all(threads == 4 for _, threads in made[0].calls)
         busy[0] = True
         await service.embed(["a b"])

@@ -30,6 +30,7 @@ class EncoderInfo:
     batch_sequences: int  # inputs of one embed() call
     pooling: str  # "mean" | "cls" | "last"
     normalize: bool  # vectors are L2-normalised
+    pack_tokens: int = 0  # the fastest tokens per call to pack inputs into (0: batch_tokens)
 
 
 class Encoder(Protocol):

@@ -6,7 +6,7 @@ it; a Hugging Face sentence-transformers folder is converted once (`models/hf_en
 the cached GGUF loads. All native work -- loading, tokenizing, embedding, closing -- runs on
 one worker thread owned by the service, so nothing closes under a running batch. A request is
 tokenized first (an input over the model's limit is refused with the numbers, before any
-batch runs), then packed into batches of at most the encoder's token and sequence limits; each
+batch runs), then packed into batches of the encoder's preferred size (within its limits); each
 batch is one job on the worker, so concurrent requests interleave batch by batch. While the
 chat engine has running streams an embedding batch runs on half the threads (a fair share of
 the cores); otherwise on all of them.
@@ -64,7 +64,8 @@ class EmbeddingResult:
 
 
 def _plan_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> list[range]:
-    """Consecutive input ranges, each within the token and sequence limits of one batch."""
+    """Consecutive input ranges of at most `max_seqs` inputs and `max_tokens` tokens (an input
+    longer than `max_tokens` forms a range of its own)."""
     out: list[range] = []
     start, tokens = 0, 0
     for i, n in enumerate(lengths):
@@ -191,7 +192,8 @@ class EmbeddingService:
         ids = await loop.run_in_executor(self._worker, _tokenize_all, encoder, inputs)
         info = encoder.info
         out = np.empty((len(ids), info.n_embd), dtype=np.float32)
-        batches = _plan_batches([len(x) for x in ids], info.batch_tokens, info.batch_sequences)
+        pack = info.pack_tokens or info.batch_tokens
+        batches = _plan_batches([len(x) for x in ids], pack, info.batch_sequences)
         for part in batches:
             threads = max(1, self._n_threads // 2) if self._chat_busy() else self._n_threads
             chunk = [ids[i] for i in part]

@@ -30,9 +30,10 @@ from kodkod.core.encoder_types import EncoderInfo
 __all__ = ["BATCH_SEQUENCES", "LlamaEncoder"]
 
 BATCH_SEQUENCES = 64  # inputs packed into one call (llama.cpp's sequence ids per context)
-# Tokens of one call: every token attends over the whole micro-batch (masked by sequence), so
-# the cost per token grows with it; a few hundred tokens is the fast range (docs/measurements.md).
+# The micro-batch holds at least one whole input of the longest kind; inputs are packed into
+# calls of about PACK_TOKENS, where the cost per input is lowest (docs/measurements.md).
 MIN_BATCH_TOKENS = 256
+PACK_TOKENS = 128
 _POOLING_NAMES = {
     L.LLAMA_POOLING_TYPE_MEAN: "mean",
     L.LLAMA_POOLING_TYPE_CLS: "cls",
@@ -90,6 +91,7 @@ class LlamaEncoder:
             batch_sequences=BATCH_SEQUENCES,
             pooling=_POOLING_NAMES[pooling],
             normalize=normalize,
+            pack_tokens=min(PACK_TOKENS, batch_tokens),
         )
 
     @classmethod
