@@ -5,11 +5,12 @@
 Starts a real server (default chat model plus `all-MiniLM-L6-v2`, both with `--threads`
 llama.cpp threads, default: every CPU this process may use) and measures, in the same run:
 
-1. the batches below through sentence-transformers (PyTorch, CPU, the same number of threads)
-   on the same Hugging Face weights, in this process, before the server starts;
-2. inputs/s of `POST /v1/embeddings` (official `openai` client, float format) for batches of 1,
-   16 and 256 short sentences, the best of `--rounds` (on a shared machine the best round is
-   the one least disturbed by other work; both sides are measured the same way);
+1. inputs/s of `POST /v1/embeddings` (official `openai` client, float format) for batches of 1,
+   16 and 256 short sentences;
+2. the same batches through sentence-transformers (PyTorch, CPU, the same number of threads,
+   OpenMP threads passive) on the same Hugging Face weights, in this process, its rounds
+   interleaved with ours; each side's best of `--rounds` (on a shared machine the best round
+   is the one least disturbed by other work);
 3. a chat stream's tokens/s (greedy, 128 tokens, `ignore_eos`) alone, then while another
    client sends batches of 16 sentences back to back.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -55,14 +57,18 @@ def sentences(n: int) -> list[str]:
     return [f"{SUBJECTS[i % 8]} {VERBS[(i // 8) % 8]} {OBJECTS[(i // 64) % 6]} on day {i}." for i in range(n)]
 
 
-def rate(fn, n_inputs: int, rounds: int) -> float:  # type: ignore[no-untyped-def]
-    fn()  # warm-up
-    times = []
+def best_rates(ours, theirs, n_inputs: int, rounds: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """inputs/s of both, rounds interleaved (ours, theirs, ours, ...) so that a change in the
+    machine's load hits both alike; the best round of each."""
+    ours()
+    theirs()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return n_inputs / min(times)
+        for fn, out in ((ours, times[0]), (theirs, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return n_inputs / min(times[0]), n_inputs / min(times[1])
 
 
 def stream_rate(server: KodkodServer, tokens: int) -> float:
@@ -94,15 +100,14 @@ def main() -> None:
     ap.add_argument("--stream-tokens", type=int, default=128)
     args = ap.parse_args()
 
+    # OpenMP threads that spin after each PyTorch call would steal the server's cores
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(args.threads)
     ref = SentenceTransformer(str(MODELS / EMBED_MODEL), device="cpu")
     texts = sentences(256)
-    batches = (1, 16, 256)
-    # PyTorch first, then the server: OpenMP's spinning threads must not overlap our run
-    theirs = {b: rate(lambda p=texts[:b]: ref.encode(p, batch_size=len(p)), b, args.rounds) for b in batches}
     rows: list[tuple[str, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="kodkod-bench-") as tmp:
         server = KodkodServer.start(
@@ -113,15 +118,15 @@ def main() -> None:
         )
         try:
             client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
-            for batch in batches:
-                ours = rate(
-                    lambda p=texts[:batch]: client.embeddings.create(
-                        model="x", input=p, encoding_format="float"
-                    ),
+            for batch in (1, 16, 256):
+                part = texts[:batch]
+                ours, theirs = best_rates(
+                    lambda p=part: client.embeddings.create(model="x", input=p, encoding_format="float"),
+                    lambda p=part: ref.encode(p, batch_size=len(p)),
                     batch,
                     args.rounds,
                 )
-                rows.append((f"batch {batch}", ours, theirs[batch]))
+                rows.append((f"batch {batch}", ours, theirs))
 
             alone = statistics.median(stream_rate(server, args.stream_tokens) for _ in range(3))
             stop = threading.Event()
