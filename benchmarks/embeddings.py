@@ -5,8 +5,8 @@
 Starts a real server (default chat model plus `all-MiniLM-L6-v2`, both with `--threads`
 llama.cpp threads, default: every CPU this process may use) and measures, in the same run:
 
-1. inputs/s of `POST /v1/embeddings` (official `openai` client, float format) for batches of 1,
-   16 and 256 short sentences;
+1. inputs/s of `POST /v1/embeddings` (official `openai` client with its default: base64, decoded
+   by the client) for batches of 1, 16 and 256 short sentences;
 2. the same batches through sentence-transformers (PyTorch, CPU, the same number of threads,
    OpenMP threads passive) on the same Hugging Face weights, in this process, its rounds
    interleaved with ours; each side's best of `--rounds` (on a shared machine the best round
@@ -121,7 +121,7 @@ def main() -> None:
             for batch in (1, 16, 256):
                 part = texts[:batch]
                 ours, theirs = best_rates(
-                    lambda p=part: client.embeddings.create(model="x", input=p, encoding_format="float"),
+                    lambda p=part: client.embeddings.create(model="x", input=p),
                     lambda p=part: ref.encode(p, batch_size=len(p)),
                     batch,
                     args.rounds,
