@@ -7,6 +7,7 @@ cd "$(dirname "$0")"
 ./scripts/setup.sh test
 . .venv/bin/activate
 .venv/bin/kodkod models fetch --gemma
+.venv/bin/kodkod models fetch --embedding
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
 mypy src

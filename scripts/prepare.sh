@@ -13,5 +13,10 @@ if [ ! -e config.yml ]; then
     cp config_sample.yml "$tmp" && chmod 0644 "$tmp" && sync "$tmp" && { ln "$tmp" config.yml || true; }
     rm -f "$tmp"
 fi
-.venv/bin/kodkod models fetch
+# the bundled embedding model is fetched when it is asked for on the command line
+fetch_extra=""
+case " $* " in
+*" --embedding-model-name all-MiniLM-L6-v2 "* | *" --embedding-model-name=all-MiniLM-L6-v2 "*) fetch_extra="--embedding" ;;
+esac
+.venv/bin/kodkod models fetch $fetch_extra
 .venv/bin/kodkod check "$@"

@@ -10,6 +10,7 @@ Routers are mounted per `network.api_servers`: the core and admin routes and the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,11 +20,11 @@ from fastapi import FastAPI
 
 from kodkod import __version__
 from kodkod.api.admin import download as admin_download
+from kodkod.api.admin import embedding as admin_embedding
 from kodkod.api.admin import lora as admin_lora
 from kodkod.api.admin import model as admin_model
 from kodkod.api.admin import overrides as admin_overrides
 from kodkod.api.admin import templates as admin_templates
-from kodkod.api.admin import unavailable
 from kodkod.api.admin.inline import LeaseMiddleware
 from kodkod.api.auth_gate import AuthGate
 from kodkod.api.body_limit import BodySizeLimitMiddleware
@@ -32,12 +33,14 @@ from kodkod.api.errors import install_error_handlers
 from kodkod.api.guard import HostOriginGuard, HostPolicy, PolicyCORSMiddleware
 from kodkod.api.instance_header import InstanceHeaderMiddleware
 from kodkod.api.kobold.jobs import JobTable
-from kodkod.api.openai import chat, completions
+from kodkod.api.openai import chat, completions, embeddings
 from kodkod.api.presets import PresetError, SamplerPresets
 from kodkod.api.request_log import RequestLogMiddleware
 from kodkod.api.state import AppState, HealthLog, ServerPaths, TemplateLibrary
 from kodkod.api.web_page import router as web_page_router
 from kodkod.auth import KeyStore
+from kodkod.core.encoder_types import EncoderLoader
+from kodkod.models.embeddings import EmbeddingService
 from kodkod.models.manager import BackendLoader, ModelManager
 from kodkod.settings import Settings
 
@@ -55,6 +58,7 @@ def build_state(
     base_dir: Path,
     *,
     gpu_available: bool = False,
+    encoder_loader: EncoderLoader | None = None,
 ) -> AppState:
     """Every service of one server (nothing runs yet: the lifespan loads the model)."""
     paths = ServerPaths.resolve_all(settings, base_dir)
@@ -69,6 +73,17 @@ def build_state(
         unload_grace_s=settings.model.unload_grace_s,
         engine_stall_timeout_s=settings.limits.engine_stall_timeout_s,
     )
+
+    def chat_busy() -> bool:
+        current = manager.current
+        return current is not None and current.engine.stats.running > 0
+
+    embedder = EmbeddingService(
+        encoder_loader,
+        paths.embedding_model_dir,
+        n_threads=settings.model.effective_n_threads(),
+        chat_busy=chat_busy,
+    )
     return AppState(
         settings=settings,
         paths=paths,
@@ -78,6 +93,7 @@ def build_state(
         templates=TemplateLibrary(paths.templates_dir),
         kobold_jobs=JobTable(),
         health=health,
+        embeddings=embedder,
     )
 
 
@@ -87,15 +103,22 @@ def create_app(
     keys: KeyStore,
     backend_loader: BackendLoader,
     gpu_available: bool = False,
+    encoder_loader: EncoderLoader | None = None,
     base_dir: Path | None = None,
     on_startup_error: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The app. If the startup model fails to load, `on_startup_error(message)` is called (the
     CLI stops the server and prints the one-line message); without it, StartupError is raised.
-    `backend_loader` and `gpu_available` (its backend can offload layers to a GPU) come from the
-    caller, which picks the concrete backend."""
+    `backend_loader`, `gpu_available` (its backend can offload layers to a GPU) and
+    `encoder_loader` (embedding models; None: loads answer 400) come from the caller, which
+    picks the concrete backend."""
     state = build_state(
-        settings, keys, backend_loader, (base_dir or Path.cwd()).resolve(), gpu_available=gpu_available
+        settings,
+        keys,
+        backend_loader,
+        (base_dir or Path.cwd()).resolve(),
+        gpu_available=gpu_available,
+        encoder_loader=encoder_loader,
     )
 
     @asynccontextmanager
@@ -122,10 +145,17 @@ def create_app(
                 if on_startup_error is None:
                     raise StartupError(message)
                 on_startup_error(message)
+        embedding_name = settings.embeddings.embedding_model_name
+        if embedding_name:
+            try:
+                await state.embeddings.load(embedding_name)
+            except Exception as exc:  # as upstream: a failed embedding load only logs
+                log.error("could not load the startup embedding model %r: %s", embedding_name, exc)
         try:
             yield
         finally:
             await state.models.unload("the server is shutting down")
+            await asyncio.to_thread(state.embeddings.shutdown)
 
     app = FastAPI(title="kodkod", version=__version__, lifespan=lifespan)
     app.state.kodkod = state
@@ -143,13 +173,14 @@ def create_app(
     app.add_middleware(InstanceHeaderMiddleware, name=settings.network.instance_name)
     install_error_handlers(app)
     routers = (misc, models, admin_model, admin_lora, admin_templates, admin_overrides, admin_download)
-    for module in (*routers, unavailable):
+    for module in (*routers, admin_embedding):
         app.include_router(module.router)
     app.include_router(web_page_router)  # the page at / (no key; what it calls needs one)
     servers = settings.network.api_server_set()
     if "oai" in servers:
         app.include_router(completions.router)
         app.include_router(chat.router)
+        app.include_router(embeddings.router)
     if "kobold" in servers:
         from kodkod.api.kobold import router as kobold_router
 

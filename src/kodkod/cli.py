@@ -101,6 +101,7 @@ def serve(argv: list[str]) -> int:
 
     from kodkod.app import create_app
     from kodkod.backends.llamacpp.backend import LlamaCppBackend
+    from kodkod.backends.llamacpp.encoder import LlamaEncoder
     from kodkod.http_protocol import bounded_http_protocol
 
     startup_errors: list[str] = []
@@ -114,6 +115,7 @@ def serve(argv: list[str]) -> int:
         keys=keys,
         backend_loader=LlamaCppBackend.load,
         gpu_available=LlamaCppBackend.supports_gpu_offload(),
+        encoder_loader=LlamaEncoder.load,
         on_startup_error=startup_failed,
     )
     limits = settings.limits

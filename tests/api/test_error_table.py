@@ -107,11 +107,10 @@ def test_row_no_model_loaded_503(admin: httpx.Client, api: httpx.Client) -> None
 
 
 def test_row_embeddings_without_embedding_model(api: httpx.Client, admin: httpx.Client) -> None:
-    # TabbyAPI: 503 (no embedding model loaded) and 400 for a failed embedding load. kodkod has
-    # no embedding engine at all, so it says so with 501 on every embedding endpoint
-    # (README "Model loading"), in the same body shape.
-    check(api.post("/v1/embeddings", json={"input": "x"}), 501, "embedding")
-    check(admin.post("/v1/model/embedding/load", json={"embedding_model_name": "x"}), 501, "embedding")
+    # TabbyAPI (newest era): 503 while no embedding model is loaded, 400 for a failed embedding load
+    body = check(api.post("/v1/embeddings", json={"input": "x"}), 503, "embedding")
+    assert body["error"]["code"] == "model_not_loaded"
+    check(admin.post("/v1/model/embedding/load", json={"embedding_model_name": "x"}), 400, "x")
 
 
 def test_row_chat_without_template_422(admin: httpx.Client, api: httpx.Client) -> None:

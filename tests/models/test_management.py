@@ -351,9 +351,10 @@ def test_unload_returns_memory(server: KodkodServer, admin: httpx.Client) -> Non
     load(admin, {"model_name": DEFAULT_MODEL})
 
 
-def test_embedding_endpoints_do_not_pretend(server: KodkodServer, admin: httpx.Client) -> None:
-    assert admin.post("/v1/model/embedding/load", json={"embedding_model_name": "x"}).status_code == 501
+def test_embedding_endpoints_without_an_embedding_model(server: KodkodServer, admin: httpx.Client) -> None:
+    r = admin.post("/v1/model/embedding/load", json={"embedding_model_name": "x"})
+    assert r.status_code == 400 and "not found" in r.json()["detail"]
     with server.client() as api:
         r = api.post("/v1/embeddings", json={"input": "hello"})
-        assert r.status_code == 501 and "not supported" in r.json()["detail"]
+        assert r.status_code == 503 and "No embedding model" in r.json()["detail"]
         assert api.get("/v1/model/embedding/list").json() == {"object": "list", "data": []}

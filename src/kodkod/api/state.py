@@ -21,6 +21,7 @@ from kodkod.api.kobold.jobs import JobTable
 from kodkod.api.presets import OverrideState, SamplerPresets
 from kodkod.auth import KeyStore
 from kodkod.chat import ChatTemplate, list_templates, load_named_template
+from kodkod.models.embeddings import EmbeddingService
 from kodkod.models.loading import plan_load
 from kodkod.models.manager import LoadedModel, ModelManager
 from kodkod.models.params import LoadPlan
@@ -30,6 +31,7 @@ __all__ = [
     "HEALTH_ISSUES_KEPT",
     "AppSettings",
     "AppState",
+    "Embeddings",
     "Health",
     "HealthIssue",
     "HealthLog",
@@ -42,6 +44,7 @@ __all__ = [
     "State",
     "TemplateLibrary",
     "Templates",
+    "get_embeddings",
     "get_health",
     "get_kobold_jobs",
     "get_model",
@@ -65,6 +68,7 @@ class ServerPaths:
     model_dir: Path
     draft_model_dir: Path
     lora_dir: Path
+    embedding_model_dir: Path
     templates_dir: Path
     overrides_dir: Path
 
@@ -79,6 +83,7 @@ class ServerPaths:
             model_dir=resolve(settings.model.model_dir),
             draft_model_dir=resolve(settings.draft_model.draft_model_dir),
             lora_dir=resolve(settings.lora.lora_dir),
+            embedding_model_dir=resolve(settings.embeddings.embedding_model_dir),
             templates_dir=base_dir / "templates",
             overrides_dir=base_dir / "sampler_overrides",
         )
@@ -141,6 +146,7 @@ class AppState:
     templates: TemplateLibrary
     kobold_jobs: JobTable
     health: HealthLog
+    embeddings: EmbeddingService
     started_at: float = field(default_factory=time.time)
 
     def load_plan(self, name: str, fields: dict[str, Any], *, startup: bool) -> LoadPlan:
@@ -192,6 +198,10 @@ def get_health(request: Request) -> HealthLog:
     return get_state(request).health
 
 
+def get_embeddings(request: Request) -> EmbeddingService:
+    return get_state(request).embeddings
+
+
 def get_model(request: Request) -> LoadedModel:
     """The loaded model, or NoModelLoaded (→ 503). Called in a route's body (not as a
     dependency) so that a malformed request is still a 422 when no model is loaded."""
@@ -206,3 +216,4 @@ Presets = Annotated[SamplerPresets, Depends(get_presets)]
 Templates = Annotated[TemplateLibrary, Depends(get_templates)]
 KoboldJobs = Annotated[JobTable, Depends(get_kobold_jobs)]
 Health = Annotated[HealthLog, Depends(get_health)]
+Embeddings = Annotated[EmbeddingService, Depends(get_embeddings)]

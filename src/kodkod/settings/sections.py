@@ -225,6 +225,9 @@ class EmbeddingsSettings(SectionModel):
     embedding_model_name: str | None = Field(
         None, description="Embedding model to load at startup; null loads none."
     )
+    max_embedding_inputs: int = Field(
+        2048, ge=1, description="Most inputs one /v1/embeddings request may hold (kodkod extension)."
+    )
 
     @field_validator("embeddings_device", mode="before")
     @classmethod

@@ -1,0 +1,161 @@
+"""Embedding throughput against sentence-transformers, and what embedding work costs a chat stream.
+
+    .venv/bin/python benchmarks/embeddings.py [--rounds 7] [--threads N]
+
+Starts a real server (default chat model plus `all-MiniLM-L6-v2`, both with `--threads`
+llama.cpp threads, default: every CPU this process may use) and measures, in the same run:
+
+1. inputs/s of `POST /v1/embeddings` (official `openai` client with its default: base64, decoded
+   by the client) for batches of 1, 16 and 256 short sentences;
+2. the same batches through sentence-transformers (PyTorch, CPU, the same number of threads,
+   OpenMP threads passive) on the same Hugging Face weights, in this process, its rounds
+   interleaved with ours; each side's best of `--rounds` (on a shared machine the best round
+   is the one least disturbed by other work);
+3. a chat stream's tokens/s (greedy, 128 tokens, `ignore_eos`) alone, then while another
+   client sends batches of 16 sentences back to back.
+
+Prints one table; the ratio column is kodkod / sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
+
+import openai  # noqa: E402
+
+from kodkod.models.manager import available_threads  # noqa: E402
+from tests.server import MODELS, KodkodServer  # noqa: E402
+
+EMBED_MODEL = "all-MiniLM-L6-v2"
+SUBJECTS = [
+    "The cat",
+    "A student",
+    "My neighbour",
+    "The old ship",
+    "A robot",
+    "The river",
+    "Our team",
+    "A bird",
+]
+VERBS = ["watches", "builds", "finds", "paints", "follows", "remembers", "carries", "opens"]
+OBJECTS = ["the door", "a small house", "the morning sun", "an old map", "the garden", "a red kite"]
+
+
+def sentences(n: int) -> list[str]:
+    return [f"{SUBJECTS[i % 8]} {VERBS[(i // 8) % 8]} {OBJECTS[(i // 64) % 6]} on day {i}." for i in range(n)]
+
+
+def best_rates(ours, theirs, n_inputs: int, rounds: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """inputs/s of both, rounds interleaved (ours, theirs, ours, ...) so that a change in the
+    machine's load hits both alike; the best round of each."""
+    ours()
+    theirs()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for fn, out in ((ours, times[0]), (theirs, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return n_inputs / min(times[0]), n_inputs / min(times[1])
+
+
+def stream_rate(server: KodkodServer, tokens: int) -> float:
+    async def run() -> float:
+        async with openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0) as c:
+            stream = await c.completions.create(
+                model="x",
+                prompt="Once upon a time, in a lighthouse by the sea,",
+                max_tokens=tokens,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            stamps = []
+            n = 0
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    n += 1
+                    stamps.append(time.perf_counter())
+            return (n - 1) / (stamps[-1] - stamps[0])
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=available_threads())
+    ap.add_argument("--stream-tokens", type=int, default=128)
+    args = ap.parse_args()
+
+    # OpenMP threads that spin after each PyTorch call would steal the server's cores
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(args.threads)
+    ref = SentenceTransformer(str(MODELS / EMBED_MODEL), device="cpu")
+    texts = sentences(256)
+    rows: list[tuple[str, float, float]] = []
+    with tempfile.TemporaryDirectory(prefix="kodkod-bench-") as tmp:
+        server = KodkodServer.start(
+            Path(tmp),
+            {"network": {"disable_auth": True}, "model": {"n_threads": args.threads}},
+            args=["--embedding-model-name", EMBED_MODEL],
+            wait_s=300,
+        )
+        try:
+            client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+            for batch in (1, 16, 256):
+                part = texts[:batch]
+                ours, theirs = best_rates(
+                    lambda p=part: client.embeddings.create(model="x", input=p),
+                    lambda p=part: ref.encode(p, batch_size=len(p)),
+                    batch,
+                    args.rounds,
+                )
+                rows.append((f"batch {batch}", ours, theirs))
+
+            alone = statistics.median(stream_rate(server, args.stream_tokens) for _ in range(3))
+            stop = threading.Event()
+            sent = [0]
+
+            def load() -> None:
+                with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0) as c:
+                    while not stop.is_set():
+                        c.embeddings.create(model="x", input=texts[:16], encoding_format="float")
+                        sent[0] += 16
+
+            worker = threading.Thread(target=load)
+            worker.start()
+            try:
+                busy = statistics.median(stream_rate(server, args.stream_tokens) for _ in range(3))
+            finally:
+                stop.set()
+                worker.join()
+        finally:
+            server.stop()
+
+    print(f"threads: {args.threads} (llama.cpp chat and embedding; torch)")
+    print(f"{'':<12}{'kodkod inputs/s':>18}{'sentence-transformers':>24}{'ratio':>8}")
+    for name, ours, theirs in rows:
+        print(f"{name:<12}{ours:>18.1f}{theirs:>24.1f}{ours / theirs:>8.2f}")
+    drop = 100.0 * (1.0 - busy / alone)
+    print(f"chat stream alone: {alone:.1f} tok/s; with embedding load: {busy:.1f} tok/s ({drop:.0f}% slower)")
+    print(f"(embedding inputs served during the loaded streams: {sent[0]})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""`POST /v1/embeddings`: OpenAI's embeddings request on the loaded embedding model.
+
+`input` is a string, a list of strings, a list of token ids or a list of token-id lists (ids
+are used as given); `encoding_format` is `float` (JSON numbers) or `base64` (little-endian
+float32 bytes); `model` is ignored. Every input is checked before any work: an input longer
+than the model takes is a 400 naming both numbers. The answer carries the prompt token count
+in `usage`, and 503 means no embedding model is loaded.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from kodkod.api.deps import API
+from kodkod.api.errors import ApiError
+from kodkod.api.state import AppSettings, Embeddings
+from kodkod.api.validation import REQUEST_CONFIG
+from kodkod.models.embeddings import EmbeddingInputError, InputTooLong, NoEmbeddingModel
+
+router = APIRouter()
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class EmbeddingsRequest(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
+    encoding_format: Literal["float", "base64"] = "float"
+    model: str | None = None
+
+
+def _inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(value, str):
+        return [value]
+    ids = [v for v in value if isinstance(v, int)]
+    if value and len(ids) == len(value):
+        return [ids]  # one input given as token ids
+    return [v for v in value if not isinstance(v, int)]
+
+
+def _encode(row: np.ndarray, fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        return base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+    return [float(x) for x in row]
+
+
+@router.post("/v1/embeddings", dependencies=[API])
+async def embeddings(req: EmbeddingsRequest, service: Embeddings, settings: AppSettings) -> dict[str, Any]:
+    inputs = _inputs(req.input)
+    limit = settings.embeddings.max_embedding_inputs
+    if not inputs:
+        raise ApiError(400, "input is empty: give a string or a list of strings", param="input")
+    if len(inputs) > limit:
+        raise ApiError(400, f"{len(inputs)} inputs in one request; the limit is {limit}", param="input")
+    try:
+        result = await service.embed(inputs)
+    except NoEmbeddingModel:
+        raise ApiError(503, "No embedding model is currently loaded", code="model_not_loaded") from None
+    except EmbeddingInputError as exc:
+        code = "context_length_exceeded" if isinstance(exc, InputTooLong) else None
+        raise ApiError(400, str(exc), param="input", code=code) from None
+    data = [
+        {"object": "embedding", "embedding": _encode(row, req.encoding_format), "index": i}
+        for i, row in enumerate(result.vectors)
+    ]
+    tokens = result.prompt_tokens
+    return {
+        "object": "list",
+        "data": data,
+        "model": result.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+    }
