@@ -61,3 +61,35 @@ def test_resolve_refuses_paths_outside(model_dir: Path, name: str) -> None:
 def test_resolve_refuses_non_models(model_dir: Path, name: str) -> None:
     with pytest.raises(ModelNameError):
         resolve(model_dir, name)
+
+
+def _write_gguf(path: Path, arch: str) -> None:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("t", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_encoder_ggufs_are_never_chat_models(tmp_path: Path) -> None:
+    from kodkod.models.gguf_header import read_architecture
+
+    root = tmp_path / "models"
+    (root / "minilm").mkdir(parents=True)
+    _write_gguf(root / "minilm" / "minilm.gguf", "bert")
+    _write_gguf(root / "loose-encoder.gguf", "nomic-bert")
+    _write_gguf(root / "chat.gguf", "llama")
+    (root / "truncated.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")  # unreadable header: still listed
+    assert read_architecture(root / "chat.gguf") == "llama"
+    assert read_architecture(root / "minilm" / "minilm.gguf") == "bert"
+    assert read_architecture(root / "truncated.gguf") is None
+    assert [e.name for e in discover(root)] == ["chat", "truncated"]
+    for name in ("minilm", "loose-encoder"):
+        with pytest.raises(ModelNameError, match="not found"):
+            resolve(root, name)
+    assert resolve(root, "chat").gguf == root / "chat.gguf"

@@ -6,6 +6,8 @@ Rules (the same for models, drafts and adapters):
 * a bare `*.gguf` file is a model named after its stem (split parts other than the first are
   not separate models);
 * hidden names (a leading ".", e.g. a download in progress) are skipped;
+* encoder-only GGUFs (BERT-family embedding models, `models/gguf_header.py`) are never models
+  here: they are served by the embedding API;
 * anything else is ignored with a debug log.
 A name may be nested (`family/model`) but must stay inside the directory: `..`, absolute paths
 and links that point outside are refused.
@@ -17,6 +19,8 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from kodkod.models.gguf_header import is_encoder
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,18 @@ def _first_of_split(files: list[Path]) -> Path | None:
     return next(f for f in files if _SPLIT.match(f.name)["idx"] == "00001")  # type: ignore[index]
 
 
+def _not_encoder(entry: ModelEntry | None) -> ModelEntry | None:
+    if entry is not None and is_encoder(entry.gguf):
+        log.debug("ignoring %s: an embedding model (load it with /v1/model/embedding/load)", entry.gguf)
+        return None
+    return entry
+
+
 def entry_for_folder(folder: Path, name: str) -> ModelEntry | None:
+    return _not_encoder(_entry_for_folder(folder, name))
+
+
+def _entry_for_folder(folder: Path, name: str) -> ModelEntry | None:
     ggufs = sorted(p for p in folder.iterdir() if _is_gguf(p))
     if len(ggufs) == 1:
         return ModelEntry(name, ggufs[0], folder)
@@ -70,6 +85,10 @@ def entry_for_folder(folder: Path, name: str) -> ModelEntry | None:
 
 
 def entry_for_file(path: Path) -> ModelEntry | None:
+    return _not_encoder(_entry_for_file(path))
+
+
+def _entry_for_file(path: Path) -> ModelEntry | None:
     if not _is_gguf(path):
         return None
     m = _SPLIT.match(path.name)
