@@ -26,10 +26,12 @@ from kodkod.api.admin import unavailable
 from kodkod.api.admin.inline import LeaseMiddleware
 from kodkod.api.auth_gate import AuthGate
 from kodkod.api.body_limit import BodySizeLimitMiddleware
-from kodkod.api.core import misc, models
+from kodkod.api.core import misc, models, observe
 from kodkod.api.errors import install_error_handlers
 from kodkod.api.guard import HostOriginGuard, HostPolicy, PolicyCORSMiddleware
 from kodkod.api.kobold.jobs import JobTable
+from kodkod.api.metrics.http import RequestErrorsMiddleware
+from kodkod.api.metrics.service import ServerMetrics
 from kodkod.api.openai import chat, completions
 from kodkod.api.presets import PresetError, SamplerPresets
 from kodkod.api.request_log import RequestLogMiddleware
@@ -75,6 +77,7 @@ def build_state(
         templates=TemplateLibrary(paths.templates_dir),
         kobold_jobs=JobTable(),
         health=health,
+        metrics=ServerMetrics(manager) if settings.logging.metrics else None,
     )
 
 
@@ -136,9 +139,14 @@ def create_app(
     app.add_middleware(HostOriginGuard, policy=policy)  # DNS rebinding, foreign pages
     # added last = outermost: an oversized body is refused before auth or anything reads it
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.limits.max_request_body_bytes)
+    if state.metrics is not None:  # outermost: sees every answer and every client that left
+        app.add_middleware(RequestErrorsMiddleware, metrics=state.metrics)
     install_error_handlers(app)
     for module in (misc, models, admin_model, admin_lora, admin_templates, admin_overrides, unavailable):
         app.include_router(module.router)
+    app.include_router(observe.slots_router)
+    if state.metrics is not None:
+        app.include_router(observe.metrics_router)
     servers = settings.network.api_server_set()
     if "oai" in servers:
         app.include_router(completions.router)
