@@ -8,6 +8,7 @@ back through prometheus_client's own text parser.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
@@ -119,15 +120,16 @@ def test_token_counters_grow_by_exactly_the_usage_and_histograms_count_each_requ
         with api.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             lines = [line for line in r.iter_lines() if line.startswith("data: {")]
-        import json
-
         chunks = [json.loads(line[6:]) for line in lines]
         usages.append(next(c["usage"] for c in chunks if c.get("usage")))
-        finish_reasons.append(next(c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]))
+        ends = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        finish_reasons.append(next(f for f in ends if f))
     after = scrape(server)
 
     def grew(name: str, **labels: str) -> float:
-        return value(after, name, model_name=model, **labels) - value(before, name, model_name=model, **labels)
+        return value(after, name, model_name=model, **labels) - value(
+            before, name, model_name=model, **labels
+        )
 
     assert grew("kodkod:prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
     assert grew("kodkod:generation_tokens_total") == sum(u["completion_tokens"] for u in usages)
@@ -179,7 +181,9 @@ def test_bad_requests_are_counted_by_kind(server: KodkodServer) -> None:
             before, key, model_name=model, reason=reason
         )
     # a wrong key is not a request error
-    assert httpx.get(f"{server.base_url}/v1/model", headers={"x-api-key": "nope"}, timeout=30).status_code == 401
+    assert (
+        httpx.get(f"{server.base_url}/v1/model", headers={"x-api-key": "nope"}, timeout=30).status_code == 401
+    )
     assert value(scrape(server), key, model_name=model, reason="bad_request") == value(
         after, key, model_name=model, reason="bad_request"
     )
@@ -241,14 +245,20 @@ def test_slots_during_four_streams_and_a_full_queue(server: KodkodServer) -> Non
     asyncio.run(main())
     after = wait_for(
         server,
-        lambda s: value(s, key, model_name=model, reason="client_disconnect")
-        - value(before, key, model_name=model, reason="client_disconnect")
-        >= BATCH + 1,
+        lambda s: (
+            value(s, key, model_name=model, reason="client_disconnect")
+            - value(before, key, model_name=model, reason="client_disconnect")
+            >= BATCH + 1
+        ),
     )
-    assert value(after, key, model_name=model, reason="overload") - value(
-        before, key, model_name=model, reason="overload"
-    ) == 1
-    assert value(after, key, model_name=model, reason="client_disconnect") - value(
-        before, key, model_name=model, reason="client_disconnect"
-    ) == BATCH + 1
+    assert (
+        value(after, key, model_name=model, reason="overload")
+        - value(before, key, model_name=model, reason="overload")
+        == 1
+    )
+    assert (
+        value(after, key, model_name=model, reason="client_disconnect")
+        - value(before, key, model_name=model, reason="client_disconnect")
+        == BATCH + 1
+    )
     wait_idle(server)

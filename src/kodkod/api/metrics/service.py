@@ -153,7 +153,7 @@ class ServerMetrics:
         """Record `stream`'s request as its consumer takes its events. `counts_prompt`: its
         prompt is the one the answer's usage reports (the first choice of an HTTP request; the
         others share or follow it and their prompts are not in `usage`)."""
-        stream.add_tap(_RequestTap(self, model_name, outcome, counts_prompt))
+        stream.add_tap(RequestTap(self, model_name, outcome, counts_prompt))
 
     def record_finish(self, model_name: str, ev: FinishEvent, *, counts_prompt: bool = True) -> None:
         u = ev.usage
@@ -190,7 +190,7 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-class _RequestTap:
+class RequestTap:
     """Sees one request's event batches on the consumer's event loop."""
 
     __slots__ = ("_metrics", "_model", "_outcome", "_counts_prompt", "_last_token_s")
