@@ -75,6 +75,10 @@ class RequestErrorsMiddleware:
 
         try:
             await self.app(scope, watch_receive, watch_send)
+        except Exception:
+            if status == 0:
+                status = 500  # unhandled: the outermost error middleware answers 500
+            raise
         finally:
             reason = (
                 ErrorReason.CLIENT_DISCONNECT if disconnected else outcome.error or reason_of_status(status)
