@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from kodkod.api.metrics.collector import EngineCollector
+from kodkod.api.metrics.histogram import TokenGapHistogram
 from kodkod.core.types import ErrorEvent, ErrorKind, Event, FinishEvent, TokenEvent
 from kodkod.engine.stream import RequestStream
 from kodkod.models.manager import ModelManager
@@ -123,9 +124,12 @@ class ServerMetrics:
         self.ttft = histogram(
             "time_to_first_token_seconds", "Time from reaching the engine to the first token.", TTFT_BUCKETS_S
         )
-        self.itl = histogram(
-            "inter_token_latency_seconds", "Time between tokens as the consumer received them.", ITL_BUCKETS_S
+        self.itl = TokenGapHistogram(  # observed per token: a lock-free histogram (histogram.py)
+            PREFIX + "inter_token_latency_seconds",
+            "Time between tokens as the consumer received them.",
+            ITL_BUCKETS_S,
         )
+        reg.register(self.itl)
         self.e2e = histogram(
             "e2e_request_latency_seconds",
             "Time from reaching the engine to the end of the request.",
@@ -193,7 +197,7 @@ class ServerMetrics:
 class RequestTap:
     """Sees one request's event batches on the consumer's event loop."""
 
-    __slots__ = ("_metrics", "_model", "_outcome", "_counts_prompt", "_last_token_s")
+    __slots__ = ("_metrics", "_model", "_outcome", "_counts_prompt", "_gaps", "_last_token_s")
 
     def __init__(
         self, metrics: ServerMetrics, model_name: str, outcome: RequestOutcome | None, counts_prompt: bool
@@ -202,6 +206,7 @@ class RequestTap:
         self._model = model_name
         self._outcome = outcome
         self._counts_prompt = counts_prompt
+        self._gaps = metrics.itl.series(model_name)
         self._last_token_s = 0.0  # when the previous batch with tokens arrived
 
     def __call__(self, events: list[Event]) -> None:
@@ -223,8 +228,5 @@ class RequestTap:
         if self._last_token_s:
             # n tokens arrived together: spread the wait over them (a reader that lags gets
             # merged batches; each token still counts once)
-            each_s = (now - self._last_token_s) / n
-            itl = self._metrics.itl.labels(self._model)
-            for _ in range(n):
-                itl.observe(each_s)
+            self._gaps.observe((now - self._last_token_s) / n, n)
         self._last_token_s = now
