@@ -286,8 +286,11 @@ def main() -> None:
         default="on",
         help="logging.metrics of the server (Prometheus recording; on by default)",
     )
+    ap.add_argument(
+        "--threads", type=int, default=0, help="llama.cpp threads of both sides (0: every available core)"
+    )
     args = ap.parse_args()
-    threads = available_threads()
+    threads = args.threads or available_threads()
     print(
         f"model {DEFAULT_GGUF.name}, {threads} threads, {args.tokens} tokens, {args.clients} clients, "
         f"{args.rounds} rounds x {args.pairs} single-stream pairs, host KV tier {args.host_cache_mb} MB, "
