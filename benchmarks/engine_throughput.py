@@ -1,6 +1,6 @@
 """Engine throughput through the HTTP server vs a raw llama.cpp loop, measured in one run.
 
-    .venv/bin/python benchmarks/engine_throughput.py [--tokens 256] [--clients 8]
+    .venv/bin/python benchmarks/engine_throughput.py [--tokens 256] [--clients 8] [--metrics off]
 
 1. Raw baseline (no server): a minimal low-level llama.cpp decode loop with argmax sampling on
    the same model, threads and context settings — 1 sequence, and N sequences in one batch.
@@ -280,11 +280,21 @@ def main() -> None:
         default=1024,
         help="memory.sysmem_kv_cache of the server (the sample config's 1024; 0: no host tier)",
     )
+    ap.add_argument(
+        "--metrics",
+        choices=("on", "off"),
+        default="on",
+        help="logging.metrics of the server (Prometheus recording; on by default)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=0, help="llama.cpp threads of both sides (0: every available core)"
+    )
     args = ap.parse_args()
-    threads = available_threads()
+    threads = args.threads or available_threads()
     print(
         f"model {DEFAULT_GGUF.name}, {threads} threads, {args.tokens} tokens, {args.clients} clients, "
-        f"{args.rounds} rounds x {args.pairs} single-stream pairs, host KV tier {args.host_cache_mb} MB"
+        f"{args.rounds} rounds x {args.pairs} single-stream pairs, host KV tier {args.host_cache_mb} MB, "
+        f"metrics {args.metrics}"
     )
     runs = []
     raw = RawLoop(threads)
@@ -296,6 +306,7 @@ def main() -> None:
                     {
                         "model": {"max_batch_size": max(8, args.clients), "n_threads": threads},
                         "memory": {"sysmem_kv_cache": args.host_cache_mb},
+                        "logging": {"metrics": args.metrics == "on"},
                     },
                 )
                 try:

@@ -28,11 +28,13 @@ from kodkod.api.admin import templates as admin_templates
 from kodkod.api.admin.inline import LeaseMiddleware
 from kodkod.api.auth_gate import AuthGate
 from kodkod.api.body_limit import BodySizeLimitMiddleware
-from kodkod.api.core import misc, models
+from kodkod.api.core import misc, models, observe
 from kodkod.api.errors import install_error_handlers
 from kodkod.api.guard import HostOriginGuard, HostPolicy, PolicyCORSMiddleware
 from kodkod.api.instance_header import InstanceHeaderMiddleware
 from kodkod.api.kobold.jobs import JobTable
+from kodkod.api.metrics.http import RequestErrorsMiddleware
+from kodkod.api.metrics.service import ServerMetrics
 from kodkod.api.openai import chat, completions, embeddings
 from kodkod.api.presets import PresetError, SamplerPresets
 from kodkod.api.request_log import RequestLogMiddleware
@@ -94,6 +96,7 @@ def build_state(
         kobold_jobs=JobTable(),
         health=health,
         embeddings=embedder,
+        metrics=ServerMetrics(manager) if settings.logging.metrics else None,
     )
 
 
@@ -169,6 +172,8 @@ def create_app(
     app.add_middleware(HostOriginGuard, policy=policy)  # DNS rebinding, foreign pages
     # added last = outermost: an oversized body is refused before auth or anything reads it
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.limits.max_request_body_bytes)
+    if state.metrics is not None:  # sees every answer and every client that left
+        app.add_middleware(RequestErrorsMiddleware, metrics=state.metrics)
     # outermost of all: every answer, refusals included, names the replica that gave it
     app.add_middleware(InstanceHeaderMiddleware, name=settings.network.instance_name)
     install_error_handlers(app)
@@ -176,6 +181,9 @@ def create_app(
     for module in (*routers, admin_embedding):
         app.include_router(module.router)
     app.include_router(web_page_router)  # the page at / (no key; what it calls needs one)
+    app.include_router(observe.slots_router)
+    if state.metrics is not None:
+        app.include_router(observe.metrics_router)
     servers = settings.network.api_server_set()
     if "oai" in servers:
         app.include_router(completions.router)

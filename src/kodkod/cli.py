@@ -233,6 +233,7 @@ def models_command(argv: list[str]) -> int:
         return 0
 
     from kodkod.models.fetch import GEMMA3, MINILM, SMOLLM2, FetchError, fetch_spec
+    from kodkod.models.fetch_report import reporter_for
 
     specs = [SMOLLM2]
     if ns.gemma or ns.all:
@@ -240,9 +241,10 @@ def models_command(argv: list[str]) -> int:
     if ns.embedding or ns.all:
         specs.append(MINILM)
     model_dir.mkdir(parents=True, exist_ok=True)
+    report = reporter_for(sys.stdout)  # a bar per file on a terminal, plain lines otherwise
     try:
         for spec in specs:
-            fetch_spec(spec, model_dir)
+            fetch_spec(spec, model_dir, report)
     except FetchError as exc:
         return _fail(str(exc), 1)
     return 0

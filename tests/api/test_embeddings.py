@@ -159,10 +159,26 @@ def test_shapes_usage_and_encodings(client: openai.OpenAI, reference: object) ->
     assert np.allclose(np.array(as_ids.data[0].embedding), floats[1], atol=1e-4)
 
 
-def test_batch_of_64_matches_each_input_alone(client: openai.OpenAI) -> None:
+def _embedded_inputs(server: KodkodServer) -> float:
+    """`kodkod:embeddings_inputs_total` summed over models, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with server.client() as http:
+        text = http.get("/metrics").text
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "kodkod:embeddings_inputs_total"
+    )
+
+
+def test_batch_of_64_matches_each_input_alone(server: KodkodServer, client: openai.OpenAI) -> None:
     inputs = [SENTENCES[i % len(SENTENCES)] + f" #{i}" for i in range(64)]
+    before = _embedded_inputs(server)
     batch = vectors(client, inputs)
     assert batch.shape == (64, N_EMBD)
+    assert _embedded_inputs(server) - before == 64  # the metrics count exactly the inputs
     for i in (0, 17, 33, 63):
         alone = vectors(client, [inputs[i]])[0]
         assert np.allclose(batch[i], alone, atol=1e-4), i

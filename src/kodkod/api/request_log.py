@@ -155,6 +155,6 @@ def log_generation(
     if settings.log_prompt:
         prompt = tokenizer.detokenize(gen.prompt_ids, special=True)
         log.info("prompt %s: %r", gen.request_id, prompt)
-        stream.set_tap(_ResponseLog(gen.request_id))
+        stream.add_tap(_ResponseLog(gen.request_id))
     if settings.log_generation_params:
         log.info("generation params %s: %s", gen.request_id, _params_text(gen))

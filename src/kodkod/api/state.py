@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from kodkod.api.kobold.jobs import JobTable
+from kodkod.api.metrics.service import ServerMetrics
 from kodkod.api.presets import OverrideState, SamplerPresets
 from kodkod.auth import KeyStore
 from kodkod.chat import ChatTemplate, list_templates, load_named_template
@@ -36,6 +37,7 @@ __all__ = [
     "HealthIssue",
     "HealthLog",
     "KoboldJobs",
+    "Metrics",
     "Models",
     "OverrideState",
     "Paths",
@@ -47,6 +49,7 @@ __all__ = [
     "get_embeddings",
     "get_health",
     "get_kobold_jobs",
+    "get_metrics",
     "get_model",
     "get_models",
     "get_paths",
@@ -147,6 +150,7 @@ class AppState:
     kobold_jobs: JobTable
     health: HealthLog
     embeddings: EmbeddingService
+    metrics: ServerMetrics | None = None  # None: logging.metrics is off
     started_at: float = field(default_factory=time.time)
 
     def load_plan(self, name: str, fields: dict[str, Any], *, startup: bool) -> LoadPlan:
@@ -202,6 +206,11 @@ def get_embeddings(request: Request) -> EmbeddingService:
     return get_state(request).embeddings
 
 
+def get_metrics(request: Request) -> ServerMetrics | None:
+    """The server's metrics (record embeddings with `record_embeddings`); None when off."""
+    return get_state(request).metrics
+
+
 def get_model(request: Request) -> LoadedModel:
     """The loaded model, or NoModelLoaded (→ 503). Called in a route's body (not as a
     dependency) so that a malformed request is still a 422 when no model is loaded."""
@@ -217,3 +226,4 @@ Templates = Annotated[TemplateLibrary, Depends(get_templates)]
 KoboldJobs = Annotated[JobTable, Depends(get_kobold_jobs)]
 Health = Annotated[HealthLog, Depends(get_health)]
 Embeddings = Annotated[EmbeddingService, Depends(get_embeddings)]
+Metrics = Annotated[ServerMetrics | None, Depends(get_metrics)]

@@ -119,6 +119,7 @@ class Usage:
     completion_time_s: float = 0.0
     drafted_tokens: int = 0
     accepted_draft_tokens: int = 0
+    queue_time_s: float = 0.0  # from reaching the engine to first running
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ from typing import TypeVar
 from kodkod.core.types import GenerationRequest
 from kodkod.engine.backend import Backend
 from kodkod.engine.loop import EngineConfig, EngineLoop, EngineStats
+from kodkod.engine.slots import EngineSlots
 from kodkod.engine.stream import RequestStream
 from kodkod.engine.watchdog import Watchdog
 
@@ -188,6 +189,22 @@ class EngineClient:
 
     def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
+
+    async def slots(self, *, with_prompt: bool = False, timeout_s: float = 10.0) -> EngineSlots:
+        """The engine's live sequences and cache, read on the engine thread between steps.
+
+        The ask is answered when the engine next publishes its stats; an abort of a request id
+        no request has ("") wakes an idle engine thread for that without touching anything.
+        EngineUnavailableError when the engine cannot answer (stopped, or not within timeout_s).
+        """
+        if not self._engine.alive:
+            raise EngineUnavailableError("the engine is not running")
+        fut = self._engine._counters.probe.ask(with_prompt)  # the engine thread answers it at publish
+        self._engine.abort("")
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
+        except TimeoutError:
+            raise EngineUnavailableError("the engine did not answer in time") from None
 
     async def run_exclusive(self, fn: Callable[[Backend], T], *, cancel_running: bool = False) -> T:
         """Run fn(backend) on the engine thread between steps, once nothing is running."""

@@ -30,13 +30,14 @@ class HostEntry:
 
 
 class HostPrefixCache:
-    __slots__ = ("budget_bytes", "entries", "bytes_used", "restores", "_clock")
+    __slots__ = ("budget_bytes", "entries", "bytes_used", "restores", "saves", "_clock")
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self.entries: list[HostEntry] = []
         self.bytes_used = 0
         self.restores = 0
+        self.saves = 0  # prefixes saved to host RAM
         self._clock = 0
 
     def _tick(self) -> int:
@@ -74,6 +75,7 @@ class HostPrefixCache:
     def stored(self, entry: HostEntry, data: bytearray) -> None:
         """The engine saved `entry`'s KV: account for it and keep within the budget."""
         entry.data = data
+        self.saves += 1
         if entry not in self.entries:  # superseded by a longer entry meanwhile
             return
         self.bytes_used += len(data)

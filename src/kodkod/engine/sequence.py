@@ -45,13 +45,13 @@ class Sequence:
     stop_ids: frozenset[int]  # EOS ids plus the request's stop token ids
     eos_ids: frozenset[int]
     max_len: int  # len(tokens) may not exceed this (prompt + max_tokens, capped by max_seq_len)
-    status: SeqStatus = SeqStatus.WAITING
+    _status: SeqStatus = field(default=SeqStatus.WAITING, init=False)
     slot: int = -1
     num_computed: int = 0
     num_cached: int = 0  # prompt tokens reused from the prefix cache
     sampler: Sampler | None = None
     arrival_s: float = field(default_factory=time.perf_counter)
-    start_s: float = 0.0
+    start_s: float = 0.0  # first admitted (set by the `status` setter)
     first_token_s: float = 0.0
     num_preemptions: int = 0
     drafted: int = 0
@@ -65,6 +65,16 @@ class Sequence:
     is_shadow: bool = False  # this is a CFG partner: decoded, never sampled
     adapter_key: AdapterKey = ()  # LoRA set it runs with (engine/adapters.py); () = base model
     spec: SpecState | None = None  # speculative decoding: how it drafts (engine/speculative/)
+
+    @property
+    def status(self) -> SeqStatus:
+        return self._status
+
+    @status.setter
+    def status(self, value: SeqStatus) -> None:
+        if value is SeqStatus.RUNNING and self.start_s == 0.0:
+            self.start_s = time.perf_counter()  # the end of its time in the queue
+        self._status = value
 
     @property
     def request_id(self) -> str:
@@ -92,6 +102,7 @@ class Sequence:
             completion_tokens=self.num_output,
             cached_tokens=self.num_cached,
             prompt_time_s=max(0.0, first - self.arrival_s),
+            queue_time_s=max(0.0, (self.start_s or first) - self.arrival_s),
             completion_time_s=max(0.0, now - first),
             drafted_tokens=self.drafted,
             accepted_draft_tokens=self.accepted,

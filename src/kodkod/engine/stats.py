@@ -1,9 +1,15 @@
-"""`EngineStats`: the snapshot of counters the engine thread publishes (read lock-free)."""
+"""`EngineStats`: the snapshot of counters the engine thread publishes (read lock-free).
+
+Publishing is also when the engine answers a pending `/slots` ask (`engine/slots.py`): the
+`SlotsProbe` lives with the step counters, and costs one attribute read when nobody asks.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from kodkod.engine.slots import SlotsProbe
 
 if TYPE_CHECKING:
     from kodkod.engine.backend import Backend
@@ -41,6 +47,7 @@ class EngineStats:
     host_cache_entries: int = 0
     host_cache_bytes: int = 0
     host_cache_restores: int = 0
+    host_cache_saves: int = 0
     compactions: int = 0  # idle KV compactions (engine/compaction.py)
 
     @property
@@ -65,6 +72,7 @@ class StepCounters:
     decode_s: float = 0.0  # inside the backend's decode
     step_s: float = 0.0  # whole steps
     draft_s: float = 0.0  # drafting for speculative decoding
+    probe: SlotsProbe = field(default_factory=SlotsProbe)  # `/slots` asks, answered at publish
 
     def record_step(self, decode: bool, num_tokens: int, decode_s: float, step_s: float) -> None:
         self.steps += 1
@@ -78,7 +86,9 @@ class StepCounters:
 
 
 def snapshot(sched: Scheduler, backend: Backend, c: StepCounters, spec: Speculator) -> EngineStats:
-    """The engine's counters as one immutable snapshot."""
+    """The engine's counters as one immutable snapshot (and the answer to pending slot asks)."""
+    if c.probe.pending:
+        c.probe.answer(sched, backend)
     return EngineStats(
         running=len(sched.running),
         waiting=len(sched.waiting),
@@ -103,5 +113,6 @@ def snapshot(sched: Scheduler, backend: Backend, c: StepCounters, spec: Speculat
         host_cache_entries=len(sched.host.entries) if sched.host is not None else 0,
         host_cache_bytes=sched.host.bytes_used if sched.host is not None else 0,
         host_cache_restores=sched.host.restores if sched.host is not None else 0,
+        host_cache_saves=sched.host.saves if sched.host is not None else 0,
         compactions=c.compactions,
     )

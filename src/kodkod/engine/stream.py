@@ -55,7 +55,7 @@ class RequestStream:
         "_ready",
         "_done",
         "_on_close",
-        "_tap",
+        "_taps",
         "_on_end",
         "_ended",
         "_stall_timeout_s",
@@ -80,7 +80,7 @@ class RequestStream:
         self._ready = asyncio.Event()
         self._done = False
         self._on_close = on_close
-        self._tap: Callable[[list[Event]], None] | None = None
+        self._taps: tuple[Callable[[list[Event]], None], ...] = ()
         self._on_end = on_end
         self._ended = False
         self._stall_timeout_s = stall_timeout_s
@@ -178,8 +178,8 @@ class RequestStream:
                         merged = merged[: i + 1]
                         self._done = True
                         break
-                if self._tap is not None:
-                    self._tap(merged)
+                for tap in self._taps:
+                    tap(merged)
                 yield merged
         finally:
             self.close()
@@ -211,10 +211,10 @@ class RequestStream:
         assert final is not None
         return TokenEvent("".join(text), ids, logprobs if any_logprobs else None), final
 
-    def set_tap(self, tap: Callable[[list[Event]], None]) -> None:
+    def add_tap(self, tap: Callable[[list[Event]], None]) -> None:
         """Also hand every batch the consumer takes to `tap` (on the consumer's event loop;
-        used by the request log)."""
-        self._tap = tap
+        used by the request log and the metrics)."""
+        self._taps = (*self._taps, tap)
 
     @property
     def finished(self) -> bool:

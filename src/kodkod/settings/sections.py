@@ -171,6 +171,11 @@ class LoggingSettings(SectionModel):
         description="Write each chat completion request (API keys removed) and its rendered "
         "prompt to logs/debug/.",
     )
+    metrics: bool = Field(
+        True,
+        description="Serve Prometheus metrics at GET /metrics (needs an API key unless auth is off) "
+        "and count them; false: no /metrics route and nothing recorded.",
+    )
 
 
 class _DraftServerKeys(SectionModel):

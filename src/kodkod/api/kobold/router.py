@@ -38,6 +38,7 @@ from kodkod.api.generation import error_for
 from kodkod.api.kobold.convert import finish_reason, kobold_generation
 from kodkod.api.kobold.jobs import JobTable, KoboldJob
 from kodkod.api.kobold.schemas import KoboldGenerateRequest, TokenCountRequest
+from kodkod.api.metrics.http import track_streams
 from kodkod.api.presets import SamplerPresets
 from kodkod.api.request_log import log_generation
 from kodkod.api.state import AppSettings, KoboldJobs, Presets, get_model
@@ -92,6 +93,7 @@ async def _start(
     check_queue(model.engine, 1, limits)  # 429 when too many wait; no await before submit
     stream = model.engine.submit(gen, stall_timeout_s=limits.stalled_stream_timeout_s)
     log_generation(settings.logging, gen, stream, model.tokenizer)
+    track_streams(request, model.name, [stream])
     job = KoboldJob(
         genkey=req.genkey or request_id,
         request_id=request_id,

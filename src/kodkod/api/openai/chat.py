@@ -26,6 +26,7 @@ from kodkod.api.convert import (
 from kodkod.api.deps import API
 from kodkod.api.errors import stream_error
 from kodkod.api.generation import SSE_DONE, sse
+from kodkod.api.metrics.http import track_streams
 from kodkod.api.openai.chat_output import ChoiceOutput, content_logprobs, content_logprobs_of
 from kodkod.api.openai.chat_prompt import ChatPrompt, build_prompt
 from kodkod.api.openai.common import (
@@ -85,6 +86,7 @@ async def chat_completions(
         for k in range(req.n)
     ]
     streams = await submit_all(model, gens, limits, settings.logging)
+    track_streams(request, model.name, streams)
     created = int(time.time())
     head = {"id": f"chatcmpl-{rid}", "created": created, "model": model.name}
     if req.stream and not settings.developer.disable_request_streaming:

@@ -25,6 +25,7 @@ from kodkod.api.convert import (
 from kodkod.api.deps import API
 from kodkod.api.errors import stream_error
 from kodkod.api.generation import SSE_DONE, sse
+from kodkod.api.metrics.http import track_streams
 from kodkod.api.openai.common import (
     add_usage,
     finish_reason,
@@ -98,6 +99,7 @@ async def completions(
                 )
             )
     streams = await submit_all(model, gens, limits, settings.logging)
+    track_streams(request, model.name, streams)
     created = int(time.time())
     prefix = {i: (prompts[i // req.n][0] if req.echo else "") for i in range(len(gens))}
     if req.stream and not settings.developer.disable_request_streaming:

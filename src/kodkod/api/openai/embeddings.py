@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from kodkod.api.deps import API
 from kodkod.api.errors import ApiError
-from kodkod.api.state import AppSettings, Embeddings
+from kodkod.api.state import AppSettings, Embeddings, Metrics
 from kodkod.api.validation import REQUEST_CONFIG
 from kodkod.models.embeddings import EmbeddingInputError, InputTooLong, NoEmbeddingModel
 
@@ -51,7 +51,9 @@ def _encode(row: np.ndarray, fmt: str) -> list[float] | str:
 
 
 @router.post("/v1/embeddings", dependencies=[API])
-async def embeddings(req: EmbeddingsRequest, service: Embeddings, settings: AppSettings) -> dict[str, Any]:
+async def embeddings(
+    req: EmbeddingsRequest, service: Embeddings, settings: AppSettings, metrics: Metrics
+) -> dict[str, Any]:
     inputs = _inputs(req.input)
     limit = settings.embeddings.max_embedding_inputs
     if not inputs:
@@ -70,6 +72,8 @@ async def embeddings(req: EmbeddingsRequest, service: Embeddings, settings: AppS
         for i, row in enumerate(result.vectors)
     ]
     tokens = result.prompt_tokens
+    if metrics is not None:
+        metrics.record_embeddings(result.model, len(inputs))
     return {
         "object": "list",
         "data": data,
