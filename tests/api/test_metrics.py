@@ -156,6 +156,32 @@ def test_token_counters_grow_by_exactly_the_usage_and_histograms_count_each_requ
     assert 0 < ttft <= e2e
 
 
+def test_a_list_of_prompts_counts_every_prompt_once(server: KodkodServer) -> None:
+    """`/v1/completions` with two prompts and n=2: usage sums both prompts (each once, not per
+    choice), streamed or not, and the prompt counters grow by exactly that."""
+    model = model_label(server)
+    prompts = ["A short prompt.", PROMPT + " on a rocky coast, where the keepers"]
+    with server.client() as api:
+        lengths = [len(api.post("/v1/token/encode", json={"text": p}).json()["tokens"]) for p in prompts]
+        wait_idle(server)
+        before = scrape(server)
+        base = {"prompt": prompts, "n": 2, "max_tokens": 4, "ignore_eos": True}
+        plain = api.post("/v1/completions", json=base)
+        assert plain.status_code == 200, plain.text
+        body = {**base, "stream": True, "stream_options": {"include_usage": True}}
+        with api.stream("POST", "/v1/completions", json=body) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = next(c["usage"] for c in chunks if c.get("usage"))
+    for usage in (plain.json()["usage"], streamed):
+        assert usage["prompt_tokens"] == sum(lengths), (usage, lengths)
+        assert usage["completion_tokens"] == 4 * 4
+    after = scrape(server)
+    grown = value(after, "kodkod:prompt_tokens_total", model_name=model) - value(
+        before, "kodkod:prompt_tokens_total", model_name=model
+    )
+    assert grown == 2 * sum(lengths)
+
+
 def test_bad_requests_are_counted_by_kind(server: KodkodServer) -> None:
     model = model_label(server)
     before = scrape(server)

@@ -87,11 +87,14 @@ class RequestErrorsMiddleware:
                 self._metrics.record_error(reason)
 
 
-def track_streams(request: Request, model_name: str, streams: Iterable[RequestStream]) -> None:
-    """Record these generations of `request` in the server's metrics (nothing when off)."""
+def track_streams(
+    request: Request, model_name: str, streams: Iterable[RequestStream], *, choices_per_prompt: int = 1
+) -> None:
+    """Record these generations of `request` in the server's metrics (nothing when off); each
+    prompt's first choice counts the prompt, as the answer's `usage` does."""
     metrics: ServerMetrics | None = request.app.state.kodkod.metrics
     if metrics is None:
         return
     outcome = outcome_of(request)
     for i, stream in enumerate(streams):
-        metrics.track(stream, model_name, outcome, counts_prompt=i == 0)
+        metrics.track(stream, model_name, outcome, counts_prompt=i % choices_per_prompt == 0)

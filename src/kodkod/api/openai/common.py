@@ -59,11 +59,12 @@ def usage_dict(u: Usage) -> dict[str, Any]:
 
 
 def add_usage(total: Usage, u: Usage, *, first: bool) -> None:
-    """n>1: the first choice's prompt stats, summed completions, the longest completion time."""
+    """Sum one choice into a request's usage. `first`: the first choice of its prompt — each
+    prompt counts once (n>1 choices share it; a completions list of prompts sums them)."""
     if first:
-        total.prompt_tokens = u.prompt_tokens
-        total.cached_tokens = u.cached_tokens
-        total.prompt_time_s = u.prompt_time_s
+        total.prompt_tokens += u.prompt_tokens
+        total.cached_tokens += u.cached_tokens
+        total.prompt_time_s = max(total.prompt_time_s, u.prompt_time_s)
     total.completion_tokens += u.completion_tokens
     total.completion_time_s = max(total.completion_time_s, u.completion_time_s)
     total.drafted_tokens += u.drafted_tokens

@@ -99,14 +99,14 @@ async def completions(
                 )
             )
     streams = await submit_all(model, gens, limits, settings.logging)
-    track_streams(request, model.name, streams)
+    track_streams(request, model.name, streams, choices_per_prompt=req.n)
     created = int(time.time())
     prefix = {i: (prompts[i // req.n][0] if req.echo else "") for i in range(len(gens))}
     if req.stream and not settings.developer.disable_request_streaming:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         ping_s = settings.network.sse_ping_interval or None
         base = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model.name}
-        return event_stream(streams, _CompletionFrames(base, prefix, include_usage), ping_s)
+        return event_stream(streams, _CompletionFrames(base, prefix, include_usage, req.n), ping_s)
     results = await collect(request, streams)
     choices = []
     total = Usage(0, 0)
@@ -121,7 +121,7 @@ async def completions(
                 "logprobs": logprobs_legacy(tokens.logprobs, len(prefix[i])) if logprobs else None,
             }
         )
-        add_usage(total, final.usage, first=i == 0)
+        add_usage(total, final.usage, first=i % req.n == 0)
     return {
         "id": f"cmpl-{rid}",
         "object": "text_completion",
@@ -139,6 +139,7 @@ class _CompletionFrames:
     base: dict[str, Any]  # id, object, created, model
     prefix: dict[int, str]  # choice → echoed prompt
     include_usage: bool
+    n: int  # choices per prompt
     offsets: dict[int, int] = field(default_factory=dict)  # choice → text offset (logprobs)
     total: Usage = field(default_factory=lambda: Usage(0, 0))
 
@@ -155,7 +156,7 @@ class _CompletionFrames:
             yield self._chunk({"index": index, "text": ev.text, "finish_reason": None, "logprobs": lp})
 
     def on_finish(self, index: int, ev: FinishEvent) -> Iterator[str]:
-        add_usage(self.total, ev.usage, first=index == 0)
+        add_usage(self.total, ev.usage, first=index % self.n == 0)
         yield self._chunk(
             {
                 "index": index,
