@@ -178,7 +178,8 @@ LOAD_TABLE: tuple[LoadParam, ...] = (
         "authentication: use workers on a private network only.",
         use=Use.GPU,
         before=_rpc_servers,
-        note="",
+        note="the load notes each device's share of the layers instead",
+        noted=lambda _: False,  # models.placement notes each device (with or without GPUs)
     ),
     P(
         "cpu_moe_offload_layers",
