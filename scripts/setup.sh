@@ -29,7 +29,7 @@ cflags=""
 case "$machine" in
     x86_64|amd64|i?86) cflags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" ;;
 esac
-cmake_args="-DGGML_NATIVE=ON"
+cmake_args="-DGGML_NATIVE=ON -DGGML_RPC=ON"
 # quoted: scikit-build-core splits CMAKE_ARGS like a shell
 [ -n "$cflags" ] && cmake_args="$cmake_args '-DCMAKE_C_FLAGS=$cflags' '-DCMAKE_CXX_FLAGS=$cflags'"
 [ -n "${KODKOD_CMAKE_ARGS:-}" ] && cmake_args="$cmake_args ${KODKOD_CMAKE_ARGS}"

@@ -9,6 +9,9 @@
     kodkod check [server flags] [--force]                     one decode of the startup model in a
                                                               child process (start.sh runs it)
     kodkod build-info                                         how llama.cpp was built, and for what
+    kodkod rpc-worker [--host H] [--port P] [--threads N] [--mem MB]
+                                                              lend this machine's CPU to a server
+                                                              (llama.cpp RPC; loopback by default)
     kodkod export-config [--export-path PATH]                 write config_sample.yml
     kodkod export-openapi [--export-path PATH]                write the OpenAPI schema
 
@@ -181,8 +184,11 @@ def build_info_command() -> int:
     from kodkod.buildinfo import describe, read_record
 
     print(f"kodkod {__version__}, llama-cpp-python {library_version()}")
+    from kodkod.backends.llamacpp.rpc import rpc_available
+
     print(describe(read_record()))
     print(f"llama.cpp system info: {system_info()}")
+    print(f"RPC backend (rpc_servers, kodkod rpc-worker): {'yes' if rpc_available() else 'no'}")
     return 0
 
 
@@ -293,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         return check_command(args[1:])
     if args and args[0] == "build-info":
         return build_info_command()
+    if args and args[0] == "rpc-worker":
+        from kodkod.rpc_worker import run
+
+        return run(args[1:])
     if args and args[0] in ("export-config", "export-openapi"):
         return export_command(args[0], args[1:])
     if args and args[0] == "serve":

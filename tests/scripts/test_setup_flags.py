@@ -27,6 +27,7 @@ def _flags() -> dict[str, str]:
 def test_flags_are_native_and_keyed() -> None:
     flags = _flags()
     assert "-DGGML_NATIVE=ON" in shlex.split(flags["CMAKE_ARGS"])
+    assert "-DGGML_RPC=ON" in shlex.split(flags["CMAKE_ARGS"])  # rpc_servers, kodkod rpc-worker
     assert len(flags["KEY"]) == 16
 
 

@@ -30,6 +30,10 @@ SPECIAL: dict[str, tuple[list[Any], list[Any]]] = {
     "cache_mode": (["Q8", "fp16", "8,4", "q4_0", "Q8_0,F16"], ["Q3", "9,9", "a\x00b"]),
     "draft_cache_mode": (["Q4", "6,6"], ["Q5", "banana"]),
     "backend": (["llamacpp", "auto", "exllamav3", "ExLlamaV2"], ["vllm", "a\x00b"]),
+    "rpc_servers": (
+        [[], ["127.0.0.1:50052"], ["10.0.0.2:1", "worker.lan:50052"]],
+        [["nohost"], ["h:0"], ["h:1", "h:1"], [f"h:{p}" for p in range(1, 18)]],
+    ),
 }
 
 

@@ -41,6 +41,7 @@ class BackendLoader(Protocol):
         *,
         split_mode: str | None = ...,
         tensor_split: Sequence[float] = ...,
+        rpc_servers: Sequence[str] = ...,
     ) -> Backend: ...
 
 

@@ -104,4 +104,9 @@ def release_heap() -> None:
 
 def placement_kwargs(params: ModelLoadParams) -> dict[str, Any]:
     p = params.placement
-    return {} if p is None else {"split_mode": p.split_mode, "tensor_split": p.tensor_split}
+    if p is None:
+        return {}
+    out: dict[str, Any] = {"split_mode": p.split_mode, "tensor_split": p.tensor_split}
+    if p.rpc_servers:
+        out["rpc_servers"] = p.rpc_servers
+    return out

@@ -48,10 +48,11 @@ class DraftParams:
 
 @dataclass(frozen=True, slots=True)
 class GpuPlacement:
-    """llama.cpp split options for a GPU build (never built on a CPU-only build)."""
+    """llama.cpp split options for a GPU build or RPC workers (else never built)."""
 
     split_mode: str  # "none" | "layer" | "row"
     tensor_split: tuple[float, ...] = ()  # proportions per device; () = by free memory
+    rpc_servers: tuple[str, ...] = ()  # RPC workers: tensor_split is then local CPU first
 
 
 @dataclass(slots=True)

@@ -12,6 +12,10 @@ where, so:
   `gpu_split_auto: false` without a split → one device. Fields llama.cpp has no counterpart
   for (`autosplit_reserve`, `tensor_parallel_backend`, `cpu_moe_offload_layers`,
   `draft_gpu_split`) are noted and ignored.
+- with `rpc_servers` (llama.cpp RPC workers): the devices are this machine's CPU and the
+  workers, whatever the build has; `gpu_split` gives one amount per device, local CPU first
+  (default: equal shares), and the load notes each device's share. The other GPU fields are
+  noted and ignored (RPC layers are split by layer, in those proportions).
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ def gpu_placement(
         r.name: (draft if r.section is Section.DRAFT else model).get(r.name, r.default) for r in gpu_rows
     }
     set_rows = [r for r in gpu_rows if r.needs_note(values[r.name])]
+    rpc_servers = tuple(values["rpc_servers"] or ())
+    if rpc_servers:
+        return rpc_placement(rpc_servers, list(values["gpu_split"] or []), set_rows, values)
     if not devices_available:
         return None, [ignored_note(r, values[r.name], r.note) for r in set_rows]
     notes = [
@@ -81,6 +88,27 @@ def gpu_placement(
         return GpuPlacement("layer", tensor_split(split)), notes
     auto = values["gpu_split_auto"]
     return GpuPlacement("layer" if auto is None or auto else "none"), notes
+
+
+def rpc_placement(
+    rpc_servers: tuple[str, ...], split_gb: list[float], set_rows: list[LoadParam], values: dict[str, Any]
+) -> tuple[GpuPlacement, list[str]]:
+    """Layers over the local CPU and the RPC workers: (placement, one note per device + notes
+    for the GPU fields that do not apply)."""
+    n_devices = 1 + len(rpc_servers)
+    if split_gb and len(split_gb) != n_devices:
+        raise LoadParamError(
+            f"gpu_split has {len(split_gb)} entries for {n_devices} devices (this machine's CPU "
+            f"and {len(rpc_servers)} RPC worker(s)): give one amount per device, local CPU first"
+        )
+    shares = tensor_split(split_gb) if split_gb else tuple(1.0 / n_devices for _ in range(n_devices))
+    why = "with rpc_servers the layers are split over the CPU and the workers by gpu_split"
+    notes = [ignored_note(r, values[r.name], why) for r in set_rows if r.name != "gpu_split"]
+    names = ("this machine's CPU", *(f"RPC worker {e}" for e in rpc_servers))
+    notes += [
+        f"rpc_servers: {n} holds {share:.0%} of the layers" for n, share in zip(names, shares, strict=True)
+    ]
+    return GpuPlacement("layer", shares, rpc_servers), notes
 
 
 GPU_FIELDS = frozenset(n for n, r in BY_NAME.items() if r.use is Use.GPU)

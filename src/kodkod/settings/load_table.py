@@ -43,6 +43,30 @@ EXLLAMA_BACKENDS = frozenset({"exllamav2", "exllamav3"})
 NO_DEVICES = "this llama.cpp build has no GPU devices to place the model on; it runs on the CPU"
 
 
+MAX_RPC_SERVERS = 16  # ggml-rpc's own limit (GGML_RPC_MAX_SERVERS)
+
+
+def _rpc_servers(value: Any) -> Any:
+    """A list of distinct "host:port" strings of RPC workers."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError('expected a list of "host:port" strings')
+    if len(value) > MAX_RPC_SERVERS:
+        raise ValueError(f"at most {MAX_RPC_SERVERS} RPC servers")
+    out = []
+    for item in value:
+        text = item.strip()
+        host, sep, port = text.rpartition(":")
+        bad_host = not host or any(c.isspace() or c in "\x00/@" for c in host)
+        if not sep or bad_host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f'{item[:80]!r} is not "host:port" (e.g. "192.168.1.20:50052")')
+        if text in out:
+            raise ValueError(f"{text!r} is listed twice")
+        out.append(text)
+    return out
+
+
 def _backend(value: Any) -> Any:
     if value is None:
         return None
@@ -143,6 +167,19 @@ LOAD_TABLE: tuple[LoadParam, ...] = (
         "llama.cpp devices the amounts become proportional tensor_split values.",
         use=Use.GPU,
         note=NO_DEVICES,
+    ),
+    P(
+        "rpc_servers",
+        list[str],
+        [],
+        'llama.cpp RPC workers ("host:port" of `kodkod rpc-worker`) that hold part of the '
+        "model's layers; the rest stay on this machine's CPU. gpu_split then gives one amount "
+        "per device, this machine's CPU first (default: equal shares). The protocol has no "
+        "authentication: use workers on a private network only.",
+        use=Use.GPU,
+        before=_rpc_servers,
+        note="the load notes each device's share of the layers instead",
+        noted=lambda _: False,  # models.placement notes each device (with or without GPUs)
     ),
     P(
         "cpu_moe_offload_layers",

@@ -23,6 +23,7 @@ import numpy as np
 from kodkod.backends.llamacpp.grammar import LlgCompiler
 from kodkod.backends.llamacpp.lora import LoraHost
 from kodkod.backends.llamacpp.model import LlamaModel
+from kodkod.backends.llamacpp.rpc import gpu_devices_present
 from kodkod.backends.llamacpp.sampler import NativeSampler
 from kodkod.core.backend_types import (
     BackendCapabilities,
@@ -118,9 +119,11 @@ class LlamaCppBackend:
         *,
         split_mode: str | None = None,
         tensor_split: Sequence[float] = (),
+        rpc_servers: Sequence[str] = (),
     ) -> LlamaCppBackend:
         """Load the model, then size its context with make_config(info) (None: tokenizer only).
-        `split_mode`/`tensor_split`: GPU placement (GPU builds only, see LlamaModel.load)."""
+        `split_mode`/`tensor_split`: GPU placement (GPU builds only), or with `rpc_servers`
+        the shares of the local CPU and each RPC worker (see LlamaModel.load)."""
         model = LlamaModel.load(
             source.path,
             source.name,
@@ -128,6 +131,7 @@ class LlamaCppBackend:
             progress=source.progress,
             split_mode=split_mode,
             tensor_split=tensor_split,
+            rpc_servers=rpc_servers,
         )
         try:
             return cls(model, make_config(model.info) if make_config is not None else None)
@@ -138,7 +142,7 @@ class LlamaCppBackend:
     @staticmethod
     def supports_gpu_offload() -> bool:
         """Whether this llama.cpp build can place layers on a GPU."""
-        return bool(L.llama_supports_gpu_offload())
+        return gpu_devices_present()  # llama.cpp counts an RPC-enabled build as one
 
     def _capabilities(self) -> BackendCapabilities:
         return BackendCapabilities(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import llama_cpp as L
 
+from kodkod.backends.llamacpp.rpc import add_servers, device_array, gpu_devices_present
 from kodkod.core.backend_types import ModelClosedError, ModelInfo, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def _apply_split(
     """Set GPU split options; returns the array that must outlive the load call."""
     if split_mode is None:
         return None
-    if not L.llama_supports_gpu_offload():
+    if not gpu_devices_present():
         raise ModelLoadError("GPU split options given, but this llama.cpp build has no GPU")
     params.split_mode = _SPLIT_MODES[split_mode]
     if not tensor_split:
@@ -57,6 +58,56 @@ def _apply_split(
     arr = (ctypes.c_float * n)(*list(tensor_split)[:n])
     params.tensor_split = arr
     return arr
+
+
+def _block_count(path: Path) -> int:
+    """The model's number of repeating layers, from its GGUF metadata."""
+    from gguf import GGUFReader  # imported lazily: only RPC loads need it
+
+    fields = GGUFReader(str(path)).fields
+    arch = fields.get("general.architecture")
+    key = f"{arch.contents() if arch is not None else ''}.block_count"
+    count = fields.get(key)
+    value = count.contents() if count is not None else None
+    if not isinstance(value, int) or value <= 0:
+        raise ModelLoadError(f"'{path.name}' has no {key} to split its layers by")
+    return value
+
+
+def _apply_rpc(
+    params: L.llama_model_params, path: Path, endpoints: Sequence[str], shares: Sequence[float]
+) -> tuple[object, list[str]]:
+    """Place layers on the local CPU and the RPC workers in proportions `shares` (local CPU
+    first, then one per worker device; () = equal shares). Returns the arrays that must outlive
+    the load call and one line per device saying where its layers went."""
+    devices = add_servers(tuple(endpoints))
+    n_devices = len(devices) + 1
+    weights = [float(x) for x in shares] if shares else [1.0] * n_devices
+    if len(weights) != n_devices:
+        raise ModelLoadError(
+            f"gpu_split has {len(weights)} entries, but the load has {n_devices} devices (the local "
+            f"CPU and {len(devices)} RPC device(s)): give one amount per device, local CPU first"
+        )
+    total = sum(weights)
+    n_offloadable = _block_count(path) + 1  # the repeating layers and the output layer
+    n_local = round(n_offloadable * weights[0] / total)
+    params.n_gpu_layers = n_offloadable - n_local
+    params.split_mode = _SPLIT_MODES["layer"]
+    remote = weights[1:]
+    split = (ctypes.c_float * int(L.llama_max_devices()))(*remote) if sum(remote) > 0 else None
+    if split is not None:
+        params.tensor_split = split
+    dev_list = device_array(devices)
+    # the binding declares the field a plain pointer ("unused"): give it the array's address
+    params.devices = ctypes.addressof(dev_list)  # type: ignore[assignment]
+    lines = [f"local CPU: {n_local} of {n_offloadable} layers"]
+    remote_total = sum(remote) or 1.0
+    lines += [
+        f"{d.name} (RPC worker {d.endpoint}): about {round(params.n_gpu_layers * w / remote_total)} "
+        f"of {n_offloadable} layers"
+        for d, w in zip(devices, remote, strict=True)
+    ]
+    return (split, dev_list), lines
 
 
 class LlamaModel:
@@ -82,14 +133,23 @@ class LlamaModel:
         progress: Callable[[float], bool] | None = None,
         split_mode: str | None = None,
         tensor_split: Sequence[float] = (),
+        rpc_servers: Sequence[str] = (),
     ) -> LlamaModel:
         """Load a model; `split_mode` ("none"/"layer"/"row") and `tensor_split` (proportions
-        per device) place it on GPUs and are only given on builds that have one."""
+        per device) place it on GPUs and are only given on builds that have one. With
+        `rpc_servers` ("host:port" of `kodkod rpc-worker`s) the layers are split over the local
+        CPU and the workers instead, `tensor_split` giving one share per device (local CPU
+        first); the log says where each device's layers went."""
         init_llama()
         params = L.llama_model_default_params()
-        params.n_gpu_layers = 0 if not L.llama_supports_gpu_offload() else -1
+        params.n_gpu_layers = 0 if not gpu_devices_present() else -1
         params.vocab_only = vocab_only
-        split_ref = _apply_split(params, split_mode, tensor_split)
+        if rpc_servers and not vocab_only:
+            split_ref, lines = _apply_rpc(params, path, rpc_servers, tensor_split)
+            for line in lines:
+                log.info("loading %s: %s", name, line)
+        else:
+            split_ref = _apply_split(params, split_mode, tensor_split)
         callback_ref = None
         if progress is not None:
 
