@@ -26,8 +26,8 @@ from tests.fakes import FakeBackend
 
 
 def replay(backend: FakeBackend, sched: Scheduler, plan) -> None:
-    """What the engine loop does with a plan: KV ops, then the rows (fake decode)."""
-    for op in plan.kv_ops + sched.drain_ops():
+    """What the model runner does with a plan: KV ops, then the rows (fake decode)."""
+    for op in plan.kv_ops:
         if isinstance(op, CopyPrefix):
             backend.kv_copy(op.src, op.dst, 0, op.length)
         elif isinstance(op, Truncate):
@@ -65,10 +65,10 @@ def test_with_a_host_tier_compaction_keeps_the_cached_slot_live() -> None:
     sched.evicted_since_compaction = COMPACT_AFTER_EVICTED
     assert [e.tokens for e in host.entries] == [list(range(300))]  # pushed out while c ran
     assert sched.pool.length(a) == 0
-    sched.drain_ops()
+    sched.flush()
     moves = plan_compaction(sched)
     assert moves == [Move(c, -1, 0)]
-    assert len(host.entries) == 1 and not sched.drain_ops()
+    assert len(host.entries) == 1 and sched.flush() is None
     assert sched.slots.num_cached_tokens == 100
 
 

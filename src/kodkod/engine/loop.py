@@ -1,6 +1,10 @@
 """The engine loop: one thread that owns the backend and runs steps.
 
-    step(): admit → plan (scheduler) → replay KV ops → decode → sample → emit
+    step(): plan (scheduler, speculation's draft plan) → run (model runner: KV ops, drafts,
+            decode) → process (output processor: sample, verify, emit) → end what finished
+
+The parts are `engine/scheduler.py`, `speculative/speculator.py`, `engine/runner.py` and
+`engine/processor.py`; the loop itself handles commands, endings, health and stats.
 
 Everything else talks to it through a thread-safe command queue (submit, abort, exclusive
 work, shutdown). When there is nothing to do the thread blocks on that queue. `llama_decode`
@@ -24,7 +28,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from kodkod.core.backend_types import BatchRow
 from kodkod.core.types import (
     EosReason,
     ErrorEvent,
@@ -34,21 +37,20 @@ from kodkod.core.types import (
     GenerationRequest,
     Usage,
 )
-from kodkod.engine.adapters import refresh_waiting, use_adapters
+from kodkod.engine.adapters import refresh_waiting
 from kodkod.engine.backend import Backend
 from kodkod.engine.build import new_sequence
 from kodkod.engine.commands import Abort, Command, Exclusive, Mailbox, Shutdown, Submit
 from kodkod.engine.compaction import compact, plan_compaction
-from kodkod.engine.faults import EngineFault, EngineHealth, isolate_failure
+from kodkod.engine.faults import EngineFault, EngineHealth
 from kodkod.engine.host_cache import HostPrefixCache
-from kodkod.engine.output import Finish, Rewind, emit, next_token
-from kodkod.engine.replay import replay_kv_ops
-from kodkod.engine.rewind import MAX_REWINDS, rewind_sequence
-from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind, StepPlan
+from kodkod.engine.output import Finish
+from kodkod.engine.processor import OutputProcessor
+from kodkod.engine.runner import ModelRunner
+from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind
 from kodkod.engine.sequence import EventSink, Sequence
 from kodkod.engine.speculative.speculator import Speculator
 from kodkod.engine.speculative.state import SpecConfig
-from kodkod.engine.speculative.verify import verify_drafts
 from kodkod.engine.stats import EngineStats, StepCounters, snapshot
 
 log = logging.getLogger(__name__)
@@ -82,15 +84,23 @@ class EngineLoop:
         self.stats = EngineStats(kv_capacity=backend.kv_capacity, num_slots=backend.num_slots)
         self._spec = Speculator(config.speculative, draft, backend.num_slots)
         self._on_fatal = on_fatal
-        self._host = HostPrefixCache(config.host_cache_bytes) if config.host_cache_bytes > 0 else None
+        host = HostPrefixCache(config.host_cache_bytes) if config.host_cache_bytes > 0 else None
         self._sched = Scheduler(
             SchedulerConfig(
                 config.max_batch_size, config.chunk_size, busy_cache_cells=config.busy_cache_cells
             ),
             backend.kv_capacity,
             backend.num_slots,
-            self._host,
+            host,
         )
+        self._runner = ModelRunner(
+            backend,
+            host,
+            self._spec,
+            lambda s, m: self._fail(s, m, ErrorKind.BAD_REQUEST),
+            self._sched.flush,
+        )
+        self._processor = OutputProcessor(backend, self._sched, self._spec)
         self._seqs: dict[str, Sequence] = {}
         self._healing_cache: dict[bytes, list[int]] = {}
         self._published_at = 0.0
@@ -207,7 +217,7 @@ class EngineLoop:
     def _run_exclusive_if_ready(self) -> None:
         if not self._exclusive or self._sched.running:
             return
-        self._apply_kv_ops(self._sched.drain_ops())
+        self._runner.sync()
         while self._exclusive:
             cmd = self._exclusive.pop(0)
             try:
@@ -219,10 +229,6 @@ class EngineLoop:
         refresh_waiting(
             self._sched.waiting, self.backend, lambda seq, msg: self._fail(seq, msg, ErrorKind.BAD_REQUEST)
         )
-
-    def _apply_kv_ops(self, ops: list) -> None:
-        mirror = self._spec.mirror if self._spec.draft_backend is not None else None
-        replay_kv_ops(self.backend, ops, self._host, mirror)
 
     def _safe_step(self) -> None:
         health = self.health
@@ -247,7 +253,7 @@ class EngineLoop:
         moves = plan_compaction(self._sched)
         if moves is None:
             return
-        self._apply_kv_ops(self._sched.drain_ops())
+        self._runner.sync()
         try:
             compact(self.backend, self._sched, moves)
         except Exception:
@@ -260,97 +266,39 @@ class EngineLoop:
     def _reset_cache(self) -> None:
         """After a failure the KV state is unknown: start from an empty cache."""
         self._sched.clear_cache()
-        self._sched.drain_ops()
+        self._sched.flush()  # its ops are moot: the backend's cache is cleared instead
         self.backend.kv_clear()
         self._spec.clear()
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        sched = self._sched
+        sched, spec = self._sched, self._spec
         plan = sched.schedule()
-        spec = self._spec  # speculation: plan drafts (reserving cells) before the KV ops run
-        speculating = spec.active > 0 and plan is not None and plan.kind is StepKind.DECODE
-        drafting = speculating and spec.plan(plan, sched)  # type: ignore[arg-type]
-        if plan is not None:
-            self._apply_kv_ops(plan.kv_ops)
-        self._apply_kv_ops(sched.drain_ops())
-        if plan is None:
+        if plan is not None and plan.kind is StepKind.DECODE and spec.active > 0:
+            drafts = spec.propose(plan, sched.prefill_pending)  # speculation plugs in here
+            if drafts is not None:
+                sched.accept_drafts(plan, drafts)
+        decoded = self._runner.run(plan) if plan is not None else None
+        if decoded is None:  # nothing plannable right now (e.g. waiting for room)
             self._publish()
-            time.sleep(0.001)  # nothing plannable right now (e.g. waiting for room)
+            time.sleep(0.001)
             return
-        if drafting:
-            td = time.perf_counter()
-            spec.draft(plan)  # fills Entry.drafts: the row is the pending token + drafts
-            self._counters.draft_s += time.perf_counter() - td
-        rows = [
-            BatchRow(e.seq.slot, e.seq.tokens[e.start : e.start + e.num_tokens], e.start, e.num_logits)
-            if not e.drafts
-            else BatchRow(e.seq.slot, [e.seq.tokens[e.start], *e.drafts], e.start, e.num_logits)
-            for e in plan.entries
-        ]
-        t1 = time.perf_counter()
-        use_adapters(self.backend, plan.entries[0].seq.adapter_key)  # one LoRA set per plan
-        try:
-            indices = self.backend.decode(rows)
-        except Exception as exc:  # fail the rows responsible, decode the others again
-            speculating = False  # the retries' time says nothing about the cost model
-            plan, indices = isolate_failure(
-                self.backend,
-                plan,
-                rows,
-                exc,
-                lambda s, m: self._fail(s, m, ErrorKind.BAD_REQUEST),
-                lambda: self._apply_kv_ops(sched.drain_ops()),
-            )
-        t2 = time.perf_counter()
-        if speculating:
-            spec.observe_target(plan.num_tokens, t2 - t1)
-        sched.commit(plan)
-        self._process(plan, indices)
-        self._counters.record_step(
-            plan.kind is StepKind.DECODE, plan.num_tokens, t2 - t1, time.perf_counter() - t0
+        sched.commit(decoded.plan)
+        out = self._processor.process(decoded.plan, decoded.indices)
+        for seq, finish in out.finished:
+            self._finish(seq, finish)
+        for seq, message in out.failed:
+            self._fail(seq, message, ErrorKind.BAD_REQUEST)
+        counters = self._counters
+        counters.generated += out.generated
+        counters.draft_s += decoded.draft_s
+        counters.record_step(
+            decoded.plan.kind is StepKind.DECODE,
+            decoded.plan.num_tokens,
+            decoded.decode_s,
+            time.perf_counter() - t0,
         )
         self._publish(force=not sched.has_work)
-
-    def _process(self, plan: StepPlan, indices: list[list[int]]) -> None:
-        backend, sched, spec = self.backend, self._sched, self._spec
-        now = time.perf_counter()
-        generated = 0
-        cfg_rows: dict[int, int] | None = None
-        if any(e.seq.partner is not None for e in plan.entries):
-            cfg_rows = {id(e.seq): i[-1] for e, i in zip(plan.entries, indices, strict=True) if i}
-        for entry, idx in zip(plan.entries, indices, strict=True):
-            seq = entry.seq
-            if not idx or seq.is_shadow or seq.request_id not in self._seqs:
-                continue
-            cfg_index = None
-            if seq.partner is not None:
-                assert cfg_rows is not None
-                cfg_index = cfg_rows.get(id(seq.partner))
-                if cfg_index is None:  # the partner is not caught up: sample next step
-                    continue
-            if seq.first_token_s == 0.0:
-                seq.first_token_s = now
-            if entry.drafts:  # speculative: emit the accepted drafts + one; drop the rest
-                outcome, emitted = verify_drafts(seq, backend, idx, entry.drafts, sched, spec)
-                generated += emitted
-            else:
-                token, info = next_token(seq, backend, idx[-1], cfg_index)
-                generated += 1
-                outcome = emit(seq, backend, token, info)
-            if isinstance(outcome, Rewind):
-                self._rewind(seq, outcome.output_index)
-            elif outcome is not None:
-                self._finish(seq, outcome)
-            elif seq.partner is not None:
-                seq.partner.tokens.append(token)  # CFG pairs never draft: token is set
-        self._counters.generated += generated
-
-    def _rewind(self, seq: Sequence, keep: int) -> None:
-        if not rewind_sequence(seq, keep, self._sched, self.backend, self._spec):
-            self._fail(
-                seq, f"could not avoid the banned strings after {MAX_REWINDS} attempts", ErrorKind.BAD_REQUEST
-            )
 
     # -- endings ----------------------------------------------------------------------------
 

@@ -28,8 +28,12 @@ pushed out goes to the host-RAM tier (`engine/host_cache.py`) when one is config
 comes back from there (`Restore`) when a later request shares it. With that tier the budget is
 zero: nothing idle stays live while anything decodes.
 
-KV operations decided here are applied to the `KVPool` mirror at once and returned in the plan
-for the engine loop to replay on the backend before the decode.
+KV operations decided here are applied to the `KVPool` mirror at once and queued; the next
+plan carries every queued op (`engine/plan.py`), and the model runner (`engine/runner.py`)
+replays them on the backend before the decode. Ops queued between steps (`remove`,
+`rollback`, `clear_cache`) ride in the next plan; work between steps that needs the backend
+in sync at once takes them as a KV-only plan from `flush()`. Speculation asks for the cells of
+its drafts through one call, `accept_drafts()`; it never edits scheduler state.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from kodkod.engine.kv import KVPool, SlotState, SlotTable, common_prefix_len
 from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     Admission,
     CopyPrefix,
+    DraftPlan,
     Entry,
     KVOp,
     Offload,
@@ -197,9 +202,19 @@ class Scheduler:
             self._evict()
             cached = self.slots.cached()
 
-    def drain_ops(self) -> list[KVOp]:
+    def _take_ops(self) -> list[KVOp]:
         ops, self._ops = self._ops, []
         return ops
+
+    def flush(self) -> StepPlan | None:
+        """A KV-only plan of the ops queued since the last plan (None: nothing queued), for
+        work between steps that needs the backend in sync now."""
+        return StepPlan(StepKind.KV_ONLY, [], self._take_ops()) if self._ops else None
+
+    @property
+    def prefill_pending(self) -> bool:
+        """Requests wait for admission or a running sequence is still prefilling."""
+        return bool(self.waiting) or any(s.in_prefill for s in self.running)
 
     # -- admission --------------------------------------------------------------------------
 
@@ -332,7 +347,7 @@ class Scheduler:
                 return None
             decoders = self._decoders()
         entries = [Entry(s, s.num_computed, 1, 1) for s in decoders]
-        return StepPlan(StepKind.DECODE, entries, self.drain_ops()) if entries else None
+        return StepPlan(StepKind.DECODE, entries) if entries else None
 
     def _plan_prefill(self, seq: Sequence) -> StepPlan | None:
         # a CFG pair computes its last prompt tokens together in a decode step (both logits)
@@ -346,7 +361,7 @@ class Scheduler:
         if chunk <= 0:
             return None
         logits = 1 if chunk == remaining and end == len(seq.tokens) else 0
-        return StepPlan(StepKind.PREFILL, [Entry(seq, seq.num_computed, chunk, logits)], self.drain_ops())
+        return StepPlan(StepKind.PREFILL, [Entry(seq, seq.num_computed, chunk, logits)])
 
     def _decoders(self) -> list[Sequence]:
         """Caught-up sequences; a CFG pair only when both are caught up, main then partner."""
@@ -363,6 +378,8 @@ class Scheduler:
         return pick_group(out, self._last_group)
 
     def schedule(self) -> StepPlan | None:
+        """The next step: a DECODE or PREFILL plan, a KV-only plan when nothing can run but KV
+        ops are queued, or None when there is nothing to do. The plan carries every queued op."""
         self._admit()
         decoders = self._decoders()
         prefillers = [s for s in self.running if s.in_prefill]
@@ -375,6 +392,9 @@ class Scheduler:
         if plan is None and prefillers:
             plan = self._plan_prefill(prefillers[0])
             self._prefill_next = False
+        if plan is None:
+            return self.flush()
+        plan.kv_ops = self._take_ops()
         return plan
 
     def commit(self, plan: StepPlan) -> None:
@@ -388,7 +408,12 @@ class Scheduler:
         self._truncate(seq.slot, length)
         seq.num_computed = min(seq.num_computed, length)
 
-    def reserve(self, cells: int) -> bool:
-        """Make `cells` cells free for this step (drafted tokens), evicting cached prefixes
-        only — never a running sequence. The evictions' ops come out of `drain_ops()`."""
-        return self._make_room(cells)
+    def accept_drafts(self, plan: StepPlan, drafts: DraftPlan) -> bool:
+        """Speculation's one way in: make the draft plan's cells free for this DECODE `plan`
+        by evicting cached prefixes only (never a running sequence). Accepted: the plan carries
+        the draft plan. Either way the evictions' ops join the plan's KV ops."""
+        ok = self._make_room(drafts.cells)
+        plan.kv_ops += self._take_ops()
+        if ok:
+            plan.draft = drafts
+        return ok
