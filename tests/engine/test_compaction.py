@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-import kodkod.engine.loop as loop_module
+import kodkod.engine.compaction as compaction_module
 from kodkod.core.types import FinishEvent, GenerationRequest
 from kodkod.engine.client import EngineClient
 from kodkod.engine.compaction import (
@@ -125,7 +125,7 @@ def test_engine_compacts_when_idle_and_keeps_serving(monkeypatch: pytest.MonkeyP
             seen.append(moves)
         return moves
 
-    monkeypatch.setattr(loop_module, "plan_compaction", recording_plan)
+    monkeypatch.setattr(compaction_module, "plan_compaction", recording_plan)
 
     async def main() -> None:
         config = EngineConfig(max_seq_len=200, max_batch_size=4, chunk_size=16, busy_cache_cells=120)

@@ -25,24 +25,17 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
-from kodkod.core.types import (
-    EosReason,
-    ErrorEvent,
-    ErrorKind,
-    FinishEvent,
-    FinishReason,
-    GenerationRequest,
-    Usage,
-)
+from kodkod.core.types import EosReason, ErrorEvent, ErrorKind, FinishEvent, FinishReason, GenerationRequest
 from kodkod.engine.adapters import refresh_waiting
 from kodkod.engine.backend import Backend
-from kodkod.engine.build import new_sequence
+from kodkod.engine.build import accept_request
 from kodkod.engine.commands import Abort, Command, Exclusive, Mailbox, Shutdown, Submit
-from kodkod.engine.compaction import compact, plan_compaction
+from kodkod.engine.compaction import compact_if_due
+from kodkod.engine.config import EngineConfig
 from kodkod.engine.faults import EngineFault, EngineHealth
+from kodkod.engine.group import mains, members
 from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.output import Finish
 from kodkod.engine.processor import OutputProcessor
@@ -50,23 +43,11 @@ from kodkod.engine.runner import ModelRunner
 from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind
 from kodkod.engine.sequence import EventSink, Sequence
 from kodkod.engine.speculative.speculator import Speculator
-from kodkod.engine.speculative.state import SpecConfig
 from kodkod.engine.stats import EngineStats, StepCounters, snapshot
 
 log = logging.getLogger(__name__)
 
 PUBLISH_EVERY_S = 0.02  # least time between stats snapshots while steps run
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    max_seq_len: int
-    max_batch_size: int
-    chunk_size: int
-    speculative: SpecConfig = field(default_factory=SpecConfig)  # drafting (engine/speculative/)
-    host_cache_bytes: int = 0  # second prefix-cache tier in host RAM (0: off)
-    busy_cache_cells: int | None = None  # idle live cells while running (scheduler.py)
-    stall_timeout_s: float = 300.0  # one step taking longer is reported as stuck (problem())
 
 
 class EngineLoop:
@@ -102,7 +83,7 @@ class EngineLoop:
         )
         self._processor = OutputProcessor(backend, self._sched, self._spec)
         self._seqs: dict[str, Sequence] = {}
-        self._healing_cache: dict[bytes, list[int]] = {}
+        self._healing: dict[bytes, list[int]] = {}  # token healing candidates by piece
         self._published_at = 0.0
         self._mail = Mailbox()
         self._exclusive: list[Exclusive] = []
@@ -151,8 +132,9 @@ class EngineLoop:
         try:
             while self._stopping is None and self.health.fatal is None:
                 idle = not self._sched.has_work and not self._exclusive
-                if idle:
-                    self._maybe_compact()
+                if idle and compact_if_due(self.backend, self._sched, self._runner.sync, self._reset_cache):
+                    self._counters.compactions += 1
+                    self._publish()
                 self._drain(block=idle)
                 if self._stopping is not None:
                     break
@@ -180,7 +162,14 @@ class EngineLoop:
 
     def _handle(self, cmd: Command) -> None:
         if isinstance(cmd, Submit):
-            self._add(cmd.request, cmd.sink)
+            req = cmd.request
+            seq = accept_request(
+                req, cmd.sink, self.backend, self.config.max_seq_len, self._seqs, self._healing
+            )
+            if seq is not None:
+                self._seqs[req.request_id] = seq
+                self._spec.attach(seq)
+                self._sched.add(seq)
         elif isinstance(cmd, Abort):
             seq = self._seqs.get(cmd.request_id)
             if seq is not None:
@@ -189,30 +178,10 @@ class EngineLoop:
             self._exclusive.append(cmd)
             self._sched.paused = True
             if cmd.cancel_running:
-                for seq in list(self._sched.running):
-                    if not seq.is_shadow:
-                        self._fail(seq, "cancelled by an administrative operation", ErrorKind.UNLOADED)
+                for seq in mains(self._sched.running):
+                    self._fail(seq, "cancelled by an administrative operation", ErrorKind.UNLOADED)
         else:
             self._stopping = cmd
-
-    def _add(self, req: GenerationRequest, sink: EventSink) -> None:
-        if req.request_id in self._seqs:
-            sink.push(ErrorEvent(f"duplicate request id {req.request_id}", ErrorKind.BAD_REQUEST))
-            return
-        if req.max_tokens == 0:
-            sink.push(
-                FinishEvent(FinishReason.LENGTH, EosReason.MAX_NEW_TOKENS, Usage(len(req.prompt_ids), 0))
-            )
-            return
-        try:
-            seq = new_sequence(req, sink, self.backend, self.config.max_seq_len, self._healing_cache)
-        except Exception as exc:  # bad sampler parameters and the like
-            log.warning("request %s refused: %s", req.request_id, exc)
-            sink.push(ErrorEvent(f"invalid generation settings: {exc}", ErrorKind.BAD_REQUEST))
-            return
-        self._seqs[req.request_id] = seq
-        self._spec.attach(seq)
-        self._sched.add(seq)
 
     def _run_exclusive_if_ready(self) -> None:
         if not self._exclusive or self._sched.running:
@@ -240,28 +209,12 @@ class EngineLoop:
             health.declare(fault, self._on_fatal)
         except Exception as exc:
             log.exception("engine step failed")
-            for seq in list(self._sched.running):
-                if not seq.is_shadow:
-                    self._fail(seq, f"generation failed: {exc}", ErrorKind.INTERNAL)
+            for seq in mains(self._sched.running):
+                self._fail(seq, f"generation failed: {exc}", ErrorKind.INTERNAL)
             self._reset_cache()
             health.step_failed(exc, self._on_fatal)
         finally:
             health.step_started_s = 0.0
-
-    def _maybe_compact(self) -> None:
-        """Idle: pack the cached prefixes into the low cells (engine/compaction.py)."""
-        moves = plan_compaction(self._sched)
-        if moves is None:
-            return
-        self._runner.sync()
-        try:
-            compact(self.backend, self._sched, moves)
-        except Exception:
-            log.exception("KV compaction failed; clearing the prefix cache")
-            self._reset_cache()
-            return
-        self._counters.compactions += 1
-        self._publish()
 
     def _reset_cache(self) -> None:
         """After a failure the KV state is unknown: start from an empty cache."""
@@ -289,37 +242,25 @@ class EngineLoop:
             self._finish(seq, finish)
         for seq, message in out.failed:
             self._fail(seq, message, ErrorKind.BAD_REQUEST)
-        counters = self._counters
-        counters.generated += out.generated
-        counters.draft_s += decoded.draft_s
-        counters.record_step(
-            decoded.plan.kind is StepKind.DECODE,
-            decoded.plan.num_tokens,
-            decoded.decode_s,
-            time.perf_counter() - t0,
-        )
+        self._counters.record(decoded, out.generated, time.perf_counter() - t0)
         self._publish(force=not sched.has_work)
 
     # -- endings ----------------------------------------------------------------------------
 
     def _finish(self, seq: Sequence, finish: Finish) -> None:
-        self._spec.detach(seq)
-        self._sched.remove(seq)
-        if seq.partner is not None:
-            self._sched.remove(seq.partner)
-        self._seqs.pop(seq.request_id, None)
-        event = FinishEvent(finish.reason, finish.eos_reason, seq.usage(), finish.stop_str)
-        seq.close()  # before the final event: a client that saw its end holds nothing native
-        seq.sink.push(event)
+        self._end(seq, FinishEvent(finish.reason, finish.eos_reason, seq.usage(), finish.stop_str))
 
     def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> None:
+        self._end(seq, ErrorEvent(message, kind))
+
+    def _end(self, seq: Sequence, event: FinishEvent | ErrorEvent) -> None:
+        """Every sequence ends here, once: out of the scheduler with its group, then its event."""
         self._spec.detach(seq)
-        self._sched.remove(seq)
-        if seq.partner is not None:
-            self._sched.remove(seq.partner)
+        for s in members(seq):
+            self._sched.remove(s)
         self._seqs.pop(seq.request_id, None)
-        seq.close()
-        seq.sink.push(ErrorEvent(message, kind))
+        seq.close()  # before the final event: a client that saw its end holds nothing native
+        seq.sink.push(event)
 
     def _close_all(self) -> None:
         message = self._stopping.message if self._stopping else (self.health.fatal or "the engine stopped")

@@ -48,21 +48,24 @@ class OutputProcessor:
         out.failed.clear()
         now = time.perf_counter()
         generated = 0
-        cfg_rows: dict[int, int] | None = None
-        if any(e.seq.partner is not None for e in plan.entries):
+        cfg_rows: dict[int, int] | None = None  # CFG shadows' logits rows, by id
+        if any(e.seq.group is not None for e in plan.entries):
             cfg_rows = {id(e.seq): i[-1] for e, i in zip(plan.entries, indices, strict=True) if i}
         for entry, idx in zip(plan.entries, indices, strict=True):
             seq = entry.seq
-            if not idx or seq.is_shadow or seq.status is not SeqStatus.RUNNING:
+            group = seq.group
+            if not idx or seq.status is not SeqStatus.RUNNING:
                 continue
             cfg_index = None
-            if seq.partner is not None:
-                assert cfg_rows is not None
-                cfg_index = cfg_rows.get(id(seq.partner))
-                if cfg_index is None:  # the partner is not caught up: sample next step
+            if group is not None:
+                if group.shadow is seq:  # decoded for its row, never sampled
                     continue
-            if seq.first_token_s == 0.0:
-                seq.first_token_s = now
+                assert cfg_rows is not None
+                cfg_index = cfg_rows.get(id(group.shadow))
+                if cfg_index is None:  # the shadow is not caught up: sample next step
+                    continue
+            if seq.stats.first_token_s == 0.0:
+                seq.stats.first_token_s = now
             if entry.drafts:  # speculative: emit the accepted drafts + one; drop the rest
                 outcome, emitted = verify_drafts(seq, backend, idx, entry.drafts, self._sched, self._spec)
                 generated += emitted
@@ -77,7 +80,7 @@ class OutputProcessor:
                     )
             elif outcome is not None:
                 out.finished.append((seq, outcome))
-            elif seq.partner is not None:
-                seq.partner.tokens.append(token)  # CFG pairs never draft: token is set
+            elif group is not None:
+                group.shadow.tokens.append(token)  # CFG groups never draft: token is set
         out.generated = generated
         return out

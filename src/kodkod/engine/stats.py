@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kodkod.engine.plan import StepKind
+
 if TYPE_CHECKING:
     from kodkod.engine.backend import Backend
+    from kodkod.engine.runner import Decoded
     from kodkod.engine.scheduler import Scheduler
     from kodkod.engine.speculative.speculator import Speculator
 
@@ -66,14 +69,17 @@ class StepCounters:
     step_s: float = 0.0  # whole steps
     draft_s: float = 0.0  # drafting for speculative decoding
 
-    def record_step(self, decode: bool, num_tokens: int, decode_s: float, step_s: float) -> None:
+    def record(self, decoded: Decoded, generated: int, step_s: float) -> None:
+        """Count one step that decoded (`generated` tokens sampled, `step_s` in all)."""
         self.steps += 1
-        if decode:
+        if decoded.plan.kind is StepKind.DECODE:
             self.decode_steps += 1
         else:
             self.prefill_steps += 1
-            self.prompt_computed += num_tokens
-        self.decode_s += decode_s
+            self.prompt_computed += decoded.plan.num_tokens
+        self.generated += generated
+        self.decode_s += decoded.decode_s
+        self.draft_s += decoded.draft_s
         self.step_s += step_s
 
 

@@ -129,7 +129,9 @@ class DraftModelRunner:
             idx = self._decode(rows)
             for c in live:
                 c.seconds += costs.call if costs is not None else 0.0
-            live = [c for c, ix in zip(live, idx, strict=True) if self._extend(c, backend.logits(ix[-1]), costs)]
+            live = [
+                c for c, ix in zip(live, idx, strict=True) if self._extend(c, backend.logits(ix[-1]), costs)
+            ]
         return [(c.tokens, c.buckets) if c is not None else ([], []) for c in chains]
 
     def _extend(self, chain: _Chain, row: np.ndarray, costs: DraftCosts | None) -> bool:

@@ -60,7 +60,7 @@ class Speculator:
     def attach(self, seq: Sequence) -> None:
         """Decide how `seq` drafts: per request (`speculative_ngram`), else the model's mode.
         CFG pairs never draft (their two rows must stay in step)."""
-        if seq.partner is not None or seq.is_shadow:
+        if seq.group is not None:
             return
         mode, flag = self.config.mode, seq.request.speculative_ngram
         has_model = mode is SpecMode.MODEL and self.draft_backend is not None
@@ -211,7 +211,9 @@ class Speculator:
         if model and runner is not None:
             seqs = [drafts.entries[i].seq for i in model]
             try:
-                chains = runner.run(seqs, [drafts.wants[i] for i in model], lambda n: self._costs(n, num_rows))
+                chains = runner.run(
+                    seqs, [drafts.wants[i] for i in model], lambda n: self._costs(n, num_rows)
+                )
                 self._failures = 0
             except Exception:
                 self._failures += 1
