@@ -33,16 +33,12 @@ from kodkod.engine.backend import Backend
 from kodkod.engine.build import accept_request
 from kodkod.engine.commands import Abort, Command, Exclusive, Mailbox, Shutdown, Submit
 from kodkod.engine.compaction import compact_if_due
-from kodkod.engine.config import EngineConfig
+from kodkod.engine.config import EngineConfig, build_parts
 from kodkod.engine.faults import EngineFault, EngineHealth
 from kodkod.engine.group import mains, members
-from kodkod.engine.host_cache import HostPrefixCache
 from kodkod.engine.output import Finish
-from kodkod.engine.processor import OutputProcessor
-from kodkod.engine.runner import ModelRunner
-from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind
+from kodkod.engine.scheduler import StepKind
 from kodkod.engine.sequence import EventSink, Sequence
-from kodkod.engine.speculative.speculator import Speculator
 from kodkod.engine.stats import EngineStats, StepCounters, snapshot
 
 log = logging.getLogger(__name__)
@@ -63,25 +59,10 @@ class EngineLoop:
         self.backend = backend
         self.config = config
         self.stats = EngineStats(kv_capacity=backend.kv_capacity, num_slots=backend.num_slots)
-        self._spec = Speculator(config.speculative, draft, backend.num_slots)
         self._on_fatal = on_fatal
-        host = HostPrefixCache(config.host_cache_bytes) if config.host_cache_bytes > 0 else None
-        self._sched = Scheduler(
-            SchedulerConfig(
-                config.max_batch_size, config.chunk_size, busy_cache_cells=config.busy_cache_cells
-            ),
-            backend.kv_capacity,
-            backend.num_slots,
-            host,
-        )
-        self._runner = ModelRunner(
-            backend,
-            host,
-            self._spec,
-            lambda s, m: self._fail(s, m, ErrorKind.BAD_REQUEST),
-            self._sched.flush,
-        )
-        self._processor = OutputProcessor(backend, self._sched, self._spec)
+        parts = build_parts(backend, config, draft, lambda s, m: self._fail(s, m, ErrorKind.BAD_REQUEST))
+        self._sched, self._spec = parts.sched, parts.spec
+        self._runner, self._processor = parts.runner, parts.processor
         self._seqs: dict[str, Sequence] = {}
         self._healing: dict[bytes, list[int]] = {}  # token healing candidates by piece
         self._published_at = 0.0
