@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
-from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS
+from kodkod.engine.budget import MIN_BUSY_CACHE_CELLS
 from tests.lora_fixtures import (
     Adapter,
     make_adapter,

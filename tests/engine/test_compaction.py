@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-import kodkod.engine.loop as loop_module
+import kodkod.engine.compaction as compaction_module
 from kodkod.core.types import FinishEvent, GenerationRequest
 from kodkod.engine.client import EngineClient
 from kodkod.engine.compaction import (
@@ -26,8 +26,8 @@ from tests.fakes import FakeBackend
 
 
 def replay(backend: FakeBackend, sched: Scheduler, plan) -> None:
-    """What the engine loop does with a plan: KV ops, then the rows (fake decode)."""
-    for op in plan.kv_ops + sched.drain_ops():
+    """What the model runner does with a plan: KV ops, then the rows (fake decode)."""
+    for op in plan.kv_ops:
         if isinstance(op, CopyPrefix):
             backend.kv_copy(op.src, op.dst, 0, op.length)
         elif isinstance(op, Truncate):
@@ -65,10 +65,10 @@ def test_with_a_host_tier_compaction_keeps_the_cached_slot_live() -> None:
     sched.evicted_since_compaction = COMPACT_AFTER_EVICTED
     assert [e.tokens for e in host.entries] == [list(range(300))]  # pushed out while c ran
     assert sched.pool.length(a) == 0
-    sched.drain_ops()
+    sched.flush()
     moves = plan_compaction(sched)
     assert moves == [Move(c, -1, 0)]
-    assert len(host.entries) == 1 and not sched.drain_ops()
+    assert len(host.entries) == 1 and sched.flush() is None
     assert sched.slots.num_cached_tokens == 100
 
 
@@ -125,7 +125,7 @@ def test_engine_compacts_when_idle_and_keeps_serving(monkeypatch: pytest.MonkeyP
             seen.append(moves)
         return moves
 
-    monkeypatch.setattr(loop_module, "plan_compaction", recording_plan)
+    monkeypatch.setattr(compaction_module, "plan_compaction", recording_plan)
 
     async def main() -> None:
         config = EngineConfig(max_seq_len=200, max_batch_size=4, chunk_size=16, busy_cache_cells=120)

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kodkod.engine.scheduler import busy_budget
+from kodkod.engine.budget import busy_budget
 from tests.server import DEFAULT_MODEL, KodkodServer, engine_stats, wait_idle
 
 pytestmark = pytest.mark.model

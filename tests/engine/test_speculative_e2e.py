@@ -26,7 +26,7 @@ import jsonschema
 import pytest
 
 from kodkod.backends.llamacpp.quantize import quantize_model
-from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS
+from kodkod.engine.budget import MIN_BUSY_CACHE_CELLS
 from kodkod.models.derive import derive
 from tests.server import DEFAULT_MODEL, GEMMA_MODEL, MODELS, KodkodServer
 

@@ -19,6 +19,7 @@ import numpy as np
 from kodkod.core.types import EosReason, FinishEvent, FinishReason, GenerationRequest
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
+from kodkod.engine.plan import DraftPlan
 from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind
 from kodkod.engine.speculative.state import SpecConfig, SpecMode
 from kodkod.engine.stats import EngineStats
@@ -254,16 +255,20 @@ def test_commit_then_rollback_keeps_num_computed_one_behind() -> None:
     seq.tokens.append(4)  # sampled
     plan = sched.schedule()
     assert plan is not None and plan.kind is StepKind.DECODE
-    assert sched.reserve(1 + 3)
     e = plan.entries[0]
-    e.drafts, e.num_tokens, e.num_logits = (5, 6, 9), 4, 4
+    drafts = DraftPlan([e], [3], 1 + 3)
+    assert sched.accept_drafts(plan, drafts) and plan.draft is drafts
+    drafts.drafts = [(5, 6, 9)]  # what the draft runner proposes
+    plan.take_drafts(drafts)
+    assert (e.drafts, e.num_tokens, e.num_logits) == ((5, 6, 9), 4, 4)
     sched.commit(plan)
     assert seq.num_computed == 7 and sched.pool.length(seq.slot) == 7
     length = len(seq.tokens)
     seq.tokens += [5, 6, 7]  # drafts 5, 6 accepted; 7 is the correction of 9
     sched.rollback(seq, length + 2)
     assert seq.num_computed == len(seq.tokens) - 1 == sched.pool.length(seq.slot)
-    assert [type(op).__name__ for op in sched.drain_ops()] == ["Truncate"]
+    flushed = sched.flush()  # the rollback's op rides in the next plan
+    assert flushed is not None and [type(op).__name__ for op in flushed.kv_ops] == ["Truncate"]
 
 
 def test_static_speculation_drafts_the_configured_length_every_step() -> None:

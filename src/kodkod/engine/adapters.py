@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from kodkod.core.types import AdapterKey
 from kodkod.engine.backend import Backend
+from kodkod.engine.group import members
 
 if TYPE_CHECKING:
     from kodkod.engine.sequence import Sequence
@@ -76,6 +77,5 @@ def refresh_waiting(
         except Exception as exc:
             fail(seq, f"LoRA adapters unavailable: {exc}")
             continue
-        seq.adapter_key = key
-        if seq.partner is not None:
-            seq.partner.adapter_key = key
+        for s in members(seq):
+            s.adapter_key = key

@@ -1,4 +1,4 @@
-"""Building a `Sequence` (and its CFG partner) from a request, on the engine thread.
+"""Building a `Sequence` (and its CFG group) from a request, on the engine thread.
 
 `new_sequence()` resolves the request's LoRA set, applies token healing (the last prompt token
 is removed and re-generated under a mask of the tokens that extend it), sets the length limit
@@ -9,11 +9,24 @@ stop-string matcher, banned-string guard, loop detector and sampler. A request w
 
 from __future__ import annotations
 
-from kodkod.core.types import Event, GenerationRequest
+import logging
+from collections.abc import Container
+
+from kodkod.core.types import (
+    EosReason,
+    ErrorEvent,
+    ErrorKind,
+    Event,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    Usage,
+)
 from kodkod.engine.adapters import resolve_adapters
 from kodkod.engine.backend import Backend
 from kodkod.engine.banned import BannedStringGuard, LoopDetector
 from kodkod.engine.detokenizer import IncrementalDetokenizer
+from kodkod.engine.group import cfg_group
 from kodkod.engine.healing import HealingMask, healing_candidates
 from kodkod.engine.sequence import EventSink, Sequence
 from kodkod.engine.stopping import StopStringMatcher
@@ -27,6 +40,31 @@ class NullSink:
 
 
 _NULL_SINK = NullSink()
+log = logging.getLogger(__name__)
+
+
+def accept_request(
+    req: GenerationRequest,
+    sink: EventSink,
+    backend: Backend,
+    max_seq_len: int,
+    running: Container[str],
+    healing_cache: dict[bytes, list[int]],
+) -> Sequence | None:
+    """The sequence for a submitted request, or None when it ends at once (its event pushed):
+    a duplicate of an id in `running`, `max_tokens == 0`, or settings the backend refuses."""
+    if req.request_id in running:
+        sink.push(ErrorEvent(f"duplicate request id {req.request_id}", ErrorKind.BAD_REQUEST))
+        return None
+    if req.max_tokens == 0:
+        sink.push(FinishEvent(FinishReason.LENGTH, EosReason.MAX_NEW_TOKENS, Usage(len(req.prompt_ids), 0)))
+        return None
+    try:
+        return new_sequence(req, sink, backend, max_seq_len, healing_cache)
+    except Exception as exc:  # bad sampler parameters and the like
+        log.warning("request %s refused: %s", req.request_id, exc)
+        sink.push(ErrorEvent(f"invalid generation settings: {exc}", ErrorKind.BAD_REQUEST))
+        return None
 
 
 def new_sequence(
@@ -91,8 +129,7 @@ def new_sequence(
             stop_ids=stop_ids,
             eos_ids=backend.info.eos_ids,
             max_len=max_seq_len,
-            is_shadow=True,
             adapter_key=adapter_key,
         )
-        seq.partner, shadow.partner = shadow, seq
+        cfg_group(seq, shadow)
     return seq

@@ -199,7 +199,7 @@ class EngineClient:
         """
         if not self._engine.alive:
             raise EngineUnavailableError("the engine is not running")
-        fut = self._engine._counters.probe.ask(with_prompt)  # the engine thread answers it at publish
+        fut = self._engine.slots_probe.ask(with_prompt)  # the engine thread answers it at publish
         self._engine.abort("")
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)

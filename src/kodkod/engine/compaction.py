@@ -19,11 +19,16 @@ and restoring every cached token, paid only at idle.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kodkod.engine.backend import Backend
+from kodkod.engine.budget import MIN_BUSY_CACHE_CELLS
 from kodkod.engine.kv import common_prefix_len
-from kodkod.engine.scheduler import MIN_BUSY_CACHE_CELLS, Scheduler
+from kodkod.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 COMPACT_AFTER_EVICTED = 512  # cells evicted since the last compaction before one is worth it
 
@@ -78,3 +83,21 @@ def compact(backend: Backend, sched: Scheduler, moves: list[Move]) -> None:
                 backend.kv_remove(m.slot, 0, m.shared)
         if m.shared:
             backend.kv_copy(m.share_from, m.slot, 0, m.shared)
+
+
+def compact_if_due(
+    backend: Backend, sched: Scheduler, sync: Callable[[], None], reset: Callable[[], None]
+) -> bool:
+    """Idle: compact when due (True: done). `sync()` first replays the scheduler's queued KV
+    ops; on failure the prefix cache is cleared with `reset()`."""
+    moves = plan_compaction(sched)
+    if moves is None:
+        return False
+    sync()
+    try:
+        compact(backend, sched, moves)
+    except Exception:
+        log.exception("KV compaction failed; clearing the prefix cache")
+        reset()
+        return False
+    return True

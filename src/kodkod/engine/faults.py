@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from kodkod.core.backend_types import BatchRow
 from kodkod.engine.backend import Backend
+from kodkod.engine.group import main_of
 from kodkod.engine.plan import StepPlan
 from kodkod.engine.sequence import SeqStatus, Sequence
 
@@ -100,7 +101,7 @@ def isolate_failure(
     log.warning("a decode of %d rows failed (%s); looking for the rows responsible", len(rows), error)
     for i in find_culprits(backend, rows, error):
         seq = plan.entries[i].seq
-        main = seq.partner if seq.is_shadow and seq.partner is not None else seq
+        main = main_of(seq)
         if main.status is not SeqStatus.FINISHED:
             fail(
                 main,

@@ -164,3 +164,10 @@ class SlotTable:
     @property
     def num_cached_tokens(self) -> int:
         return sum(self.pool.length(s.index) for s in self.slots if s.state is SlotState.CACHED)
+
+    @property
+    def num_idle_cells(self) -> int:
+        """Cells held by cached slots alone (not shared with a running sequence). A cell two
+        cached slots share counts as held, so this errs towards less idle."""
+        pool = self.pool
+        return sum(pool.exclusive_cells(s.index) for s in self.slots if s.state is SlotState.CACHED)

@@ -1,6 +1,10 @@
 """The engine loop: one thread that owns the backend and runs steps.
 
-    step(): admit → plan (scheduler) → replay KV ops → decode → sample → emit
+    step(): plan (scheduler, speculation's draft plan) → run (model runner: KV ops, drafts,
+            decode) → process (output processor: sample, verify, emit) → end what finished
+
+The parts are `engine/scheduler.py`, `speculative/speculator.py`, `engine/runner.py` and
+`engine/processor.py`; the loop itself handles commands, endings, health and stats.
 
 Everything else talks to it through a thread-safe command queue (submit, abort, exclusive
 work, shutdown). When there is nothing to do the thread blocks on that queue. `llama_decode`
@@ -21,50 +25,26 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
-from kodkod.core.backend_types import BatchRow
-from kodkod.core.types import (
-    EosReason,
-    ErrorEvent,
-    ErrorKind,
-    FinishEvent,
-    FinishReason,
-    GenerationRequest,
-    Usage,
-)
-from kodkod.engine.adapters import refresh_waiting, use_adapters
+from kodkod.core.types import EosReason, ErrorEvent, ErrorKind, FinishEvent, FinishReason, GenerationRequest
+from kodkod.engine.adapters import refresh_waiting
 from kodkod.engine.backend import Backend
-from kodkod.engine.build import new_sequence
+from kodkod.engine.build import accept_request
 from kodkod.engine.commands import Abort, Command, Exclusive, Mailbox, Shutdown, Submit
-from kodkod.engine.compaction import compact, plan_compaction
-from kodkod.engine.faults import EngineFault, EngineHealth, isolate_failure
-from kodkod.engine.host_cache import HostPrefixCache
-from kodkod.engine.output import Finish, Rewind, emit, next_token
-from kodkod.engine.replay import replay_kv_ops
-from kodkod.engine.rewind import MAX_REWINDS, rewind_sequence
-from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind, StepPlan
+from kodkod.engine.compaction import compact_if_due
+from kodkod.engine.config import EngineConfig, build_parts
+from kodkod.engine.faults import EngineFault, EngineHealth
+from kodkod.engine.group import mains, members
+from kodkod.engine.output import Finish
+from kodkod.engine.scheduler import StepKind
 from kodkod.engine.sequence import EventSink, Sequence
-from kodkod.engine.speculative.speculator import Speculator
-from kodkod.engine.speculative.state import SpecConfig
-from kodkod.engine.speculative.verify import verify_drafts
+from kodkod.engine.slots import SlotsProbe
 from kodkod.engine.stats import EngineStats, StepCounters, snapshot
 
 log = logging.getLogger(__name__)
 
 PUBLISH_EVERY_S = 0.02  # least time between stats snapshots while steps run
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    max_seq_len: int
-    max_batch_size: int
-    chunk_size: int
-    speculative: SpecConfig = field(default_factory=SpecConfig)  # drafting (engine/speculative/)
-    host_cache_bytes: int = 0  # second prefix-cache tier in host RAM (0: off)
-    busy_cache_cells: int | None = None  # idle live cells while running (scheduler.py)
-    stall_timeout_s: float = 300.0  # one step taking longer is reported as stuck (problem())
 
 
 class EngineLoop:
@@ -79,20 +59,15 @@ class EngineLoop:
         `config.speculative.mode` is "model"; the caller owns and frees it."""
         self.backend = backend
         self.config = config
-        self.stats = EngineStats(kv_capacity=backend.kv_capacity, num_slots=backend.num_slots)
-        self._spec = Speculator(config.speculative, draft, backend.num_slots)
-        self._on_fatal = on_fatal
-        self._host = HostPrefixCache(config.host_cache_bytes) if config.host_cache_bytes > 0 else None
-        self._sched = Scheduler(
-            SchedulerConfig(
-                config.max_batch_size, config.chunk_size, busy_cache_cells=config.busy_cache_cells
-            ),
-            backend.kv_capacity,
-            backend.num_slots,
-            self._host,
+        self.stats = EngineStats(
+            kv_capacity=backend.kv_capacity, free_cells=backend.kv_capacity, num_slots=backend.num_slots
         )
+        self._on_fatal = on_fatal
+        parts = build_parts(backend, config, draft, lambda s, m: self._fail(s, m, ErrorKind.BAD_REQUEST))
+        self._sched, self._spec = parts.sched, parts.spec
+        self._runner, self._processor = parts.runner, parts.processor
         self._seqs: dict[str, Sequence] = {}
-        self._healing_cache: dict[bytes, list[int]] = {}
+        self._healing: dict[bytes, list[int]] = {}  # token healing candidates by piece
         self._published_at = 0.0
         self._mail = Mailbox()
         self._exclusive: list[Exclusive] = []
@@ -131,6 +106,11 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def slots_probe(self) -> SlotsProbe:
+        """Ask it for a `/slots` view; the engine thread answers at its next publish."""
+        return self._counters.probe
+
     def problem(self) -> str | None:
         """Why this engine cannot serve requests right now (None: it can). Any thread."""
         return self.health.problem(self._thread, self._stopping is not None)
@@ -141,8 +121,9 @@ class EngineLoop:
         try:
             while self._stopping is None and self.health.fatal is None:
                 idle = not self._sched.has_work and not self._exclusive
-                if idle:
-                    self._maybe_compact()
+                if idle and compact_if_due(self.backend, self._sched, self._runner.sync, self._reset_cache):
+                    self._counters.compactions += 1
+                    self._publish()
                 self._drain(block=idle)
                 if self._stopping is not None:
                     break
@@ -170,7 +151,14 @@ class EngineLoop:
 
     def _handle(self, cmd: Command) -> None:
         if isinstance(cmd, Submit):
-            self._add(cmd.request, cmd.sink)
+            req = cmd.request
+            seq = accept_request(
+                req, cmd.sink, self.backend, self.config.max_seq_len, self._seqs, self._healing
+            )
+            if seq is not None:
+                self._seqs[req.request_id] = seq
+                self._spec.attach(seq)
+                self._sched.add(seq)
         elif isinstance(cmd, Abort):
             seq = self._seqs.get(cmd.request_id)
             if seq is not None:
@@ -179,35 +167,15 @@ class EngineLoop:
             self._exclusive.append(cmd)
             self._sched.paused = True
             if cmd.cancel_running:
-                for seq in list(self._sched.running):
-                    if not seq.is_shadow:
-                        self._fail(seq, "cancelled by an administrative operation", ErrorKind.UNLOADED)
+                for seq in mains(self._sched.running):
+                    self._fail(seq, "cancelled by an administrative operation", ErrorKind.UNLOADED)
         else:
             self._stopping = cmd
-
-    def _add(self, req: GenerationRequest, sink: EventSink) -> None:
-        if req.request_id in self._seqs:
-            sink.push(ErrorEvent(f"duplicate request id {req.request_id}", ErrorKind.BAD_REQUEST))
-            return
-        if req.max_tokens == 0:
-            sink.push(
-                FinishEvent(FinishReason.LENGTH, EosReason.MAX_NEW_TOKENS, Usage(len(req.prompt_ids), 0))
-            )
-            return
-        try:
-            seq = new_sequence(req, sink, self.backend, self.config.max_seq_len, self._healing_cache)
-        except Exception as exc:  # bad sampler parameters and the like
-            log.warning("request %s refused: %s", req.request_id, exc)
-            sink.push(ErrorEvent(f"invalid generation settings: {exc}", ErrorKind.BAD_REQUEST))
-            return
-        self._seqs[req.request_id] = seq
-        self._spec.attach(seq)
-        self._sched.add(seq)
 
     def _run_exclusive_if_ready(self) -> None:
         if not self._exclusive or self._sched.running:
             return
-        self._apply_kv_ops(self._sched.drain_ops())
+        self._runner.sync()
         while self._exclusive:
             cmd = self._exclusive.pop(0)
             try:
@@ -220,10 +188,6 @@ class EngineLoop:
             self._sched.waiting, self.backend, lambda seq, msg: self._fail(seq, msg, ErrorKind.BAD_REQUEST)
         )
 
-    def _apply_kv_ops(self, ops: list) -> None:
-        mirror = self._spec.mirror if self._spec.draft_backend is not None else None
-        replay_kv_ops(self.backend, ops, self._host, mirror)
-
     def _safe_step(self) -> None:
         health = self.health
         health.step_started_s = time.monotonic()  # the watchdog's one cost per step
@@ -234,144 +198,58 @@ class EngineLoop:
             health.declare(fault, self._on_fatal)
         except Exception as exc:
             log.exception("engine step failed")
-            for seq in list(self._sched.running):
-                if not seq.is_shadow:
-                    self._fail(seq, f"generation failed: {exc}", ErrorKind.INTERNAL)
+            for seq in mains(self._sched.running):
+                self._fail(seq, f"generation failed: {exc}", ErrorKind.INTERNAL)
             self._reset_cache()
             health.step_failed(exc, self._on_fatal)
         finally:
             health.step_started_s = 0.0
 
-    def _maybe_compact(self) -> None:
-        """Idle: pack the cached prefixes into the low cells (engine/compaction.py)."""
-        moves = plan_compaction(self._sched)
-        if moves is None:
-            return
-        self._apply_kv_ops(self._sched.drain_ops())
-        try:
-            compact(self.backend, self._sched, moves)
-        except Exception:
-            log.exception("KV compaction failed; clearing the prefix cache")
-            self._reset_cache()
-            return
-        self._counters.compactions += 1
-        self._publish()
-
     def _reset_cache(self) -> None:
         """After a failure the KV state is unknown: start from an empty cache."""
         self._sched.clear_cache()
-        self._sched.drain_ops()
+        self._sched.flush()  # its ops are moot: the backend's cache is cleared instead
         self.backend.kv_clear()
         self._spec.clear()
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        sched = self._sched
+        sched, spec = self._sched, self._spec
         plan = sched.schedule()
-        spec = self._spec  # speculation: plan drafts (reserving cells) before the KV ops run
-        speculating = spec.active > 0 and plan is not None and plan.kind is StepKind.DECODE
-        drafting = speculating and spec.plan(plan, sched)  # type: ignore[arg-type]
-        if plan is not None:
-            self._apply_kv_ops(plan.kv_ops)
-        self._apply_kv_ops(sched.drain_ops())
-        if plan is None:
+        if plan is not None and plan.kind is StepKind.DECODE and spec.active > 0:
+            drafts = spec.propose(plan, sched.prefill_pending)  # speculation plugs in here
+            if drafts is not None:
+                sched.accept_drafts(plan, drafts)
+        decoded = self._runner.run(plan) if plan is not None else None
+        if decoded is None:  # nothing plannable right now (e.g. waiting for room)
             self._publish()
-            time.sleep(0.001)  # nothing plannable right now (e.g. waiting for room)
+            time.sleep(0.001)
             return
-        if drafting:
-            td = time.perf_counter()
-            spec.draft(plan)  # fills Entry.drafts: the row is the pending token + drafts
-            self._counters.draft_s += time.perf_counter() - td
-        rows = [
-            BatchRow(e.seq.slot, e.seq.tokens[e.start : e.start + e.num_tokens], e.start, e.num_logits)
-            if not e.drafts
-            else BatchRow(e.seq.slot, [e.seq.tokens[e.start], *e.drafts], e.start, e.num_logits)
-            for e in plan.entries
-        ]
-        t1 = time.perf_counter()
-        use_adapters(self.backend, plan.entries[0].seq.adapter_key)  # one LoRA set per plan
-        try:
-            indices = self.backend.decode(rows)
-        except Exception as exc:  # fail the rows responsible, decode the others again
-            speculating = False  # the retries' time says nothing about the cost model
-            plan, indices = isolate_failure(
-                self.backend,
-                plan,
-                rows,
-                exc,
-                lambda s, m: self._fail(s, m, ErrorKind.BAD_REQUEST),
-                lambda: self._apply_kv_ops(sched.drain_ops()),
-            )
-        t2 = time.perf_counter()
-        if speculating:
-            spec.observe_target(plan.num_tokens, t2 - t1)
-        sched.commit(plan)
-        self._process(plan, indices)
-        self._counters.record_step(
-            plan.kind is StepKind.DECODE, plan.num_tokens, t2 - t1, time.perf_counter() - t0
-        )
+        sched.commit(decoded.plan)
+        out = self._processor.process(decoded.plan, decoded.indices)
+        for seq, finish in out.finished:
+            self._finish(seq, finish)
+        for seq, message in out.failed:
+            self._fail(seq, message, ErrorKind.BAD_REQUEST)
+        self._counters.record(decoded, out.generated, time.perf_counter() - t0)
         self._publish(force=not sched.has_work)
-
-    def _process(self, plan: StepPlan, indices: list[list[int]]) -> None:
-        backend, sched, spec = self.backend, self._sched, self._spec
-        now = time.perf_counter()
-        generated = 0
-        cfg_rows: dict[int, int] | None = None
-        if any(e.seq.partner is not None for e in plan.entries):
-            cfg_rows = {id(e.seq): i[-1] for e, i in zip(plan.entries, indices, strict=True) if i}
-        for entry, idx in zip(plan.entries, indices, strict=True):
-            seq = entry.seq
-            if not idx or seq.is_shadow or seq.request_id not in self._seqs:
-                continue
-            cfg_index = None
-            if seq.partner is not None:
-                assert cfg_rows is not None
-                cfg_index = cfg_rows.get(id(seq.partner))
-                if cfg_index is None:  # the partner is not caught up: sample next step
-                    continue
-            if seq.first_token_s == 0.0:
-                seq.first_token_s = now
-            if entry.drafts:  # speculative: emit the accepted drafts + one; drop the rest
-                outcome, emitted = verify_drafts(seq, backend, idx, entry.drafts, sched, spec)
-                generated += emitted
-            else:
-                token, info = next_token(seq, backend, idx[-1], cfg_index)
-                generated += 1
-                outcome = emit(seq, backend, token, info)
-            if isinstance(outcome, Rewind):
-                self._rewind(seq, outcome.output_index)
-            elif outcome is not None:
-                self._finish(seq, outcome)
-            elif seq.partner is not None:
-                seq.partner.tokens.append(token)  # CFG pairs never draft: token is set
-        self._counters.generated += generated
-
-    def _rewind(self, seq: Sequence, keep: int) -> None:
-        if not rewind_sequence(seq, keep, self._sched, self.backend, self._spec):
-            self._fail(
-                seq, f"could not avoid the banned strings after {MAX_REWINDS} attempts", ErrorKind.BAD_REQUEST
-            )
 
     # -- endings ----------------------------------------------------------------------------
 
     def _finish(self, seq: Sequence, finish: Finish) -> None:
-        self._spec.detach(seq)
-        self._sched.remove(seq)
-        if seq.partner is not None:
-            self._sched.remove(seq.partner)
-        self._seqs.pop(seq.request_id, None)
-        event = FinishEvent(finish.reason, finish.eos_reason, seq.usage(), finish.stop_str)
-        seq.close()  # before the final event: a client that saw its end holds nothing native
-        seq.sink.push(event)
+        self._end(seq, FinishEvent(finish.reason, finish.eos_reason, seq.usage(), finish.stop_str))
 
     def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> None:
+        self._end(seq, ErrorEvent(message, kind))
+
+    def _end(self, seq: Sequence, event: FinishEvent | ErrorEvent) -> None:
+        """Every sequence ends here, once: out of the scheduler with its group, then its event."""
         self._spec.detach(seq)
-        self._sched.remove(seq)
-        if seq.partner is not None:
-            self._sched.remove(seq.partner)
+        for s in members(seq):
+            self._sched.remove(s)
         self._seqs.pop(seq.request_id, None)
-        seq.close()
-        seq.sink.push(ErrorEvent(message, kind))
+        seq.close()  # before the final event: a client that saw its end holds nothing native
+        seq.sink.push(event)
 
     def _close_all(self) -> None:
         message = self._stopping.message if self._stopping else (self.health.fatal or "the engine stopped")

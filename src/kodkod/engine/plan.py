@@ -1,5 +1,13 @@
-"""What a scheduler step decides: KV operations for the engine loop to replay on the backend
-(in order, before the step's decode), and the step plan itself. Pure data."""
+"""What a scheduler step decides: the step plan — the rows to compute and every KV operation
+the model runner replays on the backend (in order, before the step's decode) — and the draft
+plan speculation attaches to a DECODE plan. Pure data.
+
+A plan carries *all* the KV operations since the previous plan: those of its own admissions,
+evictions and preemptions, and those queued between steps by `Scheduler.remove()` (trimming
+the idle cache), `rollback()` (rejected drafts, banned-string rewinds), `clear_cache()` and the
+cells reserved for drafts (`accept_drafts()`). Work between steps that needs the backend in
+sync at once (exclusive work, idle compaction, a failed decode's retry) takes them as a KV-only
+plan from `Scheduler.flush()`."""
 
 from __future__ import annotations
 
@@ -51,6 +59,7 @@ class Admission(enum.Enum):
 class StepKind(enum.Enum):
     DECODE = "decode"
     PREFILL = "prefill"
+    KV_ONLY = "kv_only"  # no rows: only KV operations to replay
 
 
 @dataclass(slots=True)
@@ -65,11 +74,32 @@ class Entry:
 
 
 @dataclass(slots=True)
+class DraftPlan:
+    """Speculation's proposal for one DECODE plan: the entries that draft and how many tokens
+    each wants (`wants[i]` for `entries[i]`), made before the KV ops run. The scheduler accepts
+    it (`Scheduler.accept_drafts`: reserves `cells`) or refuses it; after the ops ran, the draft
+    runner fills `drafts` (possibly shorter than wanted) and the plan takes them
+    (`StepPlan.take_drafts`)."""
+
+    entries: list[Entry]
+    wants: list[int]
+    cells: int  # KV cells the whole DECODE step needs: one per row plus every wanted draft
+    drafts: list[list[int] | tuple[int, ...]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class StepPlan:
     kind: StepKind
     entries: list[Entry]
     kv_ops: list[KVOp] = field(default_factory=list)
+    draft: DraftPlan | None = None  # accepted draft plan (DECODE only)
 
     @property
     def num_tokens(self) -> int:
         return sum(e.num_tokens for e in self.entries)
+
+    def take_drafts(self, drafts: DraftPlan) -> None:
+        """Each drafting entry's row becomes its pending token plus its drafts."""
+        for e, d in zip(drafts.entries, drafts.drafts, strict=True):
+            e.drafts = d
+            e.num_tokens = e.num_logits = 1 + len(d)

@@ -5,7 +5,7 @@ it at that position, and let the next step sample the position again. Everything
 at the dropped tokens starts over from the kept ones: KV (scheduler rollback, mirrored on a
 draft model), n-gram index, detokenizer, loop detector, sampler chain (rebuilt from the kept
 history; the seeded draw is keyed by position, so it continues the same noise stream) and any
-constraint or processor that can roll back. A CFG partner is cut back in step.
+constraint or processor that can roll back. A CFG shadow is cut back in step.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def rewind_sequence(seq: Sequence, keep: int, sched: Scheduler, backend: Backend
         rollback = getattr(obj, "rollback_to", None)
         if rollback is not None:
             rollback(seq.output_ids)
-    shadow = seq.partner
-    if shadow is not None:
+    if seq.group is not None:
+        shadow = seq.group.shadow
         del shadow.tokens[shadow.num_prompt + keep :]
         sched.rollback(shadow, len(shadow.tokens) - 1)
     return True

@@ -28,8 +28,12 @@ pushed out goes to the host-RAM tier (`engine/host_cache.py`) when one is config
 comes back from there (`Restore`) when a later request shares it. With that tier the budget is
 zero: nothing idle stays live while anything decodes.
 
-KV operations decided here are applied to the `KVPool` mirror at once and returned in the plan
-for the engine loop to replay on the backend before the decode.
+KV operations decided here are applied to the `KVPool` mirror at once and queued; the next
+plan carries every queued op (`engine/plan.py`), and the model runner (`engine/runner.py`)
+replays them on the backend before the decode. Ops queued between steps (`remove`,
+`rollback`, `clear_cache`) ride in the next plan; work between steps that needs the backend
+in sync at once takes them as a KV-only plan from `flush()`. Speculation asks for the cells of
+its drafts through one call, `accept_drafts()`; it never edits scheduler state.
 """
 
 from __future__ import annotations
@@ -39,11 +43,14 @@ from collections import deque
 from dataclasses import dataclass
 
 from kodkod.engine.adapters import pick_group
+from kodkod.engine.budget import HOST_MIN_GAIN, busy_budget
+from kodkod.engine.group import main_of, members
 from kodkod.engine.host_cache import HostEntry, HostPrefixCache
 from kodkod.engine.kv import KVPool, SlotState, SlotTable, common_prefix_len
 from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     Admission,
     CopyPrefix,
+    DraftPlan,
     Entry,
     KVOp,
     Offload,
@@ -64,27 +71,6 @@ class SchedulerConfig:
     # slow every decode down); the rest go to the host-RAM tier or are dropped. None: see
     # `busy_budget()`.
     busy_cache_cells: int | None = None
-
-
-# Each idle cell in the attention range adds to the cost of every decode step, so a pool full
-# of idle prefixes slows running streams noticeably (docs/measurements.md). Trimming has a
-# price too: prefixes pushed out must be restored or recomputed, and new sequences land in
-# other cells, so the attention sums run in another order (results move in the last bits, like
-# another batch shape would). The floor keeps small pools untrimmed, so their KV placement
-# depends only on the requests.
-MIN_BUSY_CACHE_CELLS = 2048
-# With a host-RAM tier, keeping a prefix live is the worse deal: saving and restoring it is
-# paid once per token, keeping N idle cells is paid on every decode step, so pushing it out
-# wins after a few steps (docs/measurements.md).
-HOST_BUSY_CACHE_CELLS = 0
-HOST_MIN_GAIN = 32  # restore from host RAM only when it reuses this many more tokens
-
-
-def busy_budget(capacity: int, host_tier: bool) -> int:
-    """The default busy budget: none with a host-RAM tier to push prefixes out to; without
-    one, 1/8 of the pool, at least MIN_BUSY_CACHE_CELLS (a dropped prefix must be recomputed,
-    which costs as much as thousands of decode steps of keeping its cells)."""
-    return HOST_BUSY_CACHE_CELLS if host_tier else max(capacity // 8, MIN_BUSY_CACHE_CELLS)
 
 
 class Scheduler:
@@ -197,9 +183,19 @@ class Scheduler:
             self._evict()
             cached = self.slots.cached()
 
-    def drain_ops(self) -> list[KVOp]:
+    def _take_ops(self) -> list[KVOp]:
         ops, self._ops = self._ops, []
         return ops
+
+    def flush(self) -> StepPlan | None:
+        """A KV-only plan of the ops queued since the last plan (None: nothing queued), for
+        work between steps that needs the backend in sync now."""
+        return StepPlan(StepKind.KV_ONLY, [], self._take_ops()) if self._ops else None
+
+    @property
+    def prefill_pending(self) -> bool:
+        """Requests wait for admission or a running sequence is still prefilling."""
+        return bool(self.waiting) or any(s.in_prefill for s in self.running)
 
     # -- admission --------------------------------------------------------------------------
 
@@ -270,16 +266,16 @@ class Scheduler:
         target.adapter_key = seq.adapter_key
         seq.slot = slot
         seq.num_computed = reuse
-        seq.num_cached = reuse if seq.num_preemptions == 0 else seq.num_cached
+        seq.num_cached = reuse if seq.stats.num_preemptions == 0 else seq.num_cached
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
     def _admit_pair(self, seq: Sequence) -> Admission:
-        """Admit a sequence and its CFG partner together, or neither."""
+        """Admit a sequence and its CFG shadow together, or neither."""
         outcome = self._admit_one(seq)
-        if outcome is not Admission.ADMITTED or seq.partner is None:
+        if outcome is not Admission.ADMITTED or seq.group is None:
             return outcome
-        partner_outcome = self._admit_one(seq.partner)
+        partner_outcome = self._admit_one(seq.group.shadow)
         if partner_outcome is Admission.ADMITTED:
             return outcome
         self.running.remove(seq)
@@ -310,17 +306,16 @@ class Scheduler:
 
     def _preempt_newest(self, keep: Sequence | None = None) -> bool:
         for seq in reversed(self.running):
-            if seq is keep or (keep is not None and seq.partner is keep):
+            if seq is keep or (keep is not None and seq.group is not None and seq.group is keep.group):
                 continue
-            main = seq.partner if seq.is_shadow else seq
-            assert main is not None
-            for s in (main, main.partner):
-                if s is not None and s.status is SeqStatus.RUNNING:
+            main = main_of(seq)
+            for s in members(main):
+                if s.status is SeqStatus.RUNNING:
                     self.running.remove(s)
                     self._release(s, keep=False)
                     s.num_computed = 0
                     s.status = SeqStatus.WAITING
-            main.num_preemptions += 1
+            main.stats.num_preemptions += 1
             self.waiting.appendleft(main)
             self.num_preemptions += 1
             return True
@@ -332,11 +327,11 @@ class Scheduler:
                 return None
             decoders = self._decoders()
         entries = [Entry(s, s.num_computed, 1, 1) for s in decoders]
-        return StepPlan(StepKind.DECODE, entries, self.drain_ops()) if entries else None
+        return StepPlan(StepKind.DECODE, entries) if entries else None
 
     def _plan_prefill(self, seq: Sequence) -> StepPlan | None:
         # a CFG pair computes its last prompt tokens together in a decode step (both logits)
-        end = len(seq.tokens) - (1 if seq.partner is not None else 0)
+        end = len(seq.tokens) - (1 if seq.group is not None else 0)
         remaining = end - seq.num_computed
         chunk = min(self.config.chunk_size, remaining)
         self._make_room(chunk)
@@ -346,23 +341,26 @@ class Scheduler:
         if chunk <= 0:
             return None
         logits = 1 if chunk == remaining and end == len(seq.tokens) else 0
-        return StepPlan(StepKind.PREFILL, [Entry(seq, seq.num_computed, chunk, logits)], self.drain_ops())
+        return StepPlan(StepKind.PREFILL, [Entry(seq, seq.num_computed, chunk, logits)])
 
     def _decoders(self) -> list[Sequence]:
-        """Caught-up sequences; a CFG pair only when both are caught up, main then partner."""
+        """Caught-up sequences; a CFG group only when both are caught up, main then shadow."""
         out: list[Sequence] = []
         for s in self.running:
-            if s.is_shadow or s.in_prefill:
+            if s.in_prefill:
                 continue
-            if s.partner is None:
+            g = s.group
+            if g is None:
                 out.append(s)
-            elif not s.partner.in_prefill and s.partner.status is SeqStatus.RUNNING:
-                out += (s, s.partner)
+            elif g.main is s and not g.shadow.in_prefill and g.shadow.status is SeqStatus.RUNNING:
+                out += g.members
         # One LoRA set per decode (llama.cpp applies adapters to the whole batch); groups
         # take turns across steps, see engine/adapters.py.
         return pick_group(out, self._last_group)
 
     def schedule(self) -> StepPlan | None:
+        """The next step: a DECODE or PREFILL plan, a KV-only plan when nothing can run but KV
+        ops are queued, or None when there is nothing to do. The plan carries every queued op."""
         self._admit()
         decoders = self._decoders()
         prefillers = [s for s in self.running if s.in_prefill]
@@ -375,6 +373,9 @@ class Scheduler:
         if plan is None and prefillers:
             plan = self._plan_prefill(prefillers[0])
             self._prefill_next = False
+        if plan is None:
+            return self.flush()
+        plan.kv_ops = self._take_ops()
         return plan
 
     def commit(self, plan: StepPlan) -> None:
@@ -388,7 +389,12 @@ class Scheduler:
         self._truncate(seq.slot, length)
         seq.num_computed = min(seq.num_computed, length)
 
-    def reserve(self, cells: int) -> bool:
-        """Make `cells` cells free for this step (drafted tokens), evicting cached prefixes
-        only — never a running sequence. The evictions' ops come out of `drain_ops()`."""
-        return self._make_room(cells)
+    def accept_drafts(self, plan: StepPlan, drafts: DraftPlan) -> bool:
+        """Speculation's one way in: make the draft plan's cells free for this DECODE `plan`
+        by evicting cached prefixes only (never a running sequence). Accepted: the plan carries
+        the draft plan. Either way the evictions' ops join the plan's KV ops."""
+        ok = self._make_room(drafts.cells)
+        plan.kv_ops += self._take_ops()
+        if ok:
+            plan.draft = drafts
+        return ok

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kodkod.core.types import AdapterKey, Event, GenerationRequest, Usage
 from kodkod.engine.backend import Sampler
@@ -20,6 +20,9 @@ from kodkod.engine.banned import BannedStringGuard, LoopDetector
 from kodkod.engine.detokenizer import IncrementalDetokenizer
 from kodkod.engine.speculative.state import SpecState
 from kodkod.engine.stopping import StopStringMatcher
+
+if TYPE_CHECKING:
+    from kodkod.engine.group import SeqGroup
 
 
 class EventSink(Protocol):
@@ -32,6 +35,18 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class SeqStats:
+    """What a sequence's usage reports (timings and counts); written a few times per step."""
+
+    arrival_s: float = field(default_factory=time.perf_counter)
+    start_s: float = 0.0  # first admitted (set by Sequence's `status` setter): queue time ends
+    first_token_s: float = 0.0  # 0.0: nothing sampled yet
+    num_preemptions: int = 0
+    drafted: int = 0  # speculative tokens drafted / accepted
+    accepted: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -50,19 +65,14 @@ class Sequence:
     num_computed: int = 0
     num_cached: int = 0  # prompt tokens reused from the prefix cache
     sampler: Sampler | None = None
-    arrival_s: float = field(default_factory=time.perf_counter)
-    start_s: float = 0.0  # first admitted (set by the `status` setter)
-    first_token_s: float = 0.0
-    num_preemptions: int = 0
-    drafted: int = 0
-    accepted: int = 0
+    stats: SeqStats = field(default_factory=SeqStats)
+    # output guards: banned strings (and the rewinds they cause), loops, token healing
     guard: BannedStringGuard | None = None
     bans: dict[int, set[int]] = field(default_factory=dict)  # output index → banned token ids
     rewinds: int = 0
     loops: LoopDetector | None = None
     strip_prefix: str = ""  # token healing: text of the removed prompt token, not re-emitted
-    partner: Sequence | None = None  # CFG: the negative-prompt sequence decoded alongside
-    is_shadow: bool = False  # this is a CFG partner: decoded, never sampled
+    group: SeqGroup | None = None  # CFG pair (engine/group.py); None: a group of one
     adapter_key: AdapterKey = ()  # LoRA set it runs with (engine/adapters.py); () = base model
     spec: SpecState | None = None  # speculative decoding: how it drafts (engine/speculative/)
 
@@ -72,8 +82,8 @@ class Sequence:
 
     @status.setter
     def status(self, value: SeqStatus) -> None:
-        if value is SeqStatus.RUNNING and self.start_s == 0.0:
-            self.start_s = time.perf_counter()  # the end of its time in the queue
+        if value is SeqStatus.RUNNING and self.stats.start_s == 0.0:
+            self.stats.start_s = time.perf_counter()  # the end of its time in the queue
         self._status = value
 
     @property
@@ -96,16 +106,17 @@ class Sequence:
     def usage(self) -> Usage:
         """Token counts and timings so far (the FinishEvent's usage)."""
         now = time.perf_counter()
-        first = self.first_token_s or now
+        st = self.stats
+        first = st.first_token_s or now
         return Usage(
             prompt_tokens=self.num_prompt,
             completion_tokens=self.num_output,
             cached_tokens=self.num_cached,
-            prompt_time_s=max(0.0, first - self.arrival_s),
-            queue_time_s=max(0.0, (self.start_s or first) - self.arrival_s),
+            prompt_time_s=max(0.0, first - st.arrival_s),
+            queue_time_s=max(0.0, (st.start_s or first) - st.arrival_s),
             completion_time_s=max(0.0, now - first),
-            drafted_tokens=self.drafted,
-            accepted_draft_tokens=self.accepted,
+            drafted_tokens=st.drafted,
+            accepted_draft_tokens=st.accepted,
         )
 
     def close(self) -> None:

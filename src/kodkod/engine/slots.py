@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kodkod.engine.group import mains
 from kodkod.engine.kv import SlotState
 
 if TYPE_CHECKING:
@@ -76,10 +77,10 @@ def _view(seq: Sequence, now_s: float, with_prompt: bool) -> SequenceView:
         generated_tokens=seq.num_output,
         cached_tokens=seq.num_cached,
         computed_tokens=seq.num_computed,
-        age_s=max(0.0, now_s - seq.arrival_s),
-        drafted_tokens=seq.drafted,
-        accepted_draft_tokens=seq.accepted,
-        preemptions=seq.num_preemptions,
+        age_s=max(0.0, now_s - seq.stats.arrival_s),
+        drafted_tokens=seq.stats.drafted,
+        accepted_draft_tokens=seq.stats.accepted,
+        preemptions=seq.stats.num_preemptions,
         prompt_ids=tuple(seq.tokens[: seq.num_prompt]) if with_prompt else None,
     )
 
@@ -90,7 +91,7 @@ def take_slots(sched: Scheduler, backend: Backend, with_prompt: bool) -> EngineS
     seqs = [*sched.running, *sched.waiting]
     host = sched.host
     return EngineSlots(
-        sequences=tuple(_view(s, now_s, with_prompt) for s in seqs if not s.is_shadow),
+        sequences=tuple(_view(s, now_s, with_prompt) for s in mains(seqs)),
         cached_prefixes=tuple(
             CachedPrefixView(s.index, sched.pool.length(s.index))
             for s in sched.slots.slots

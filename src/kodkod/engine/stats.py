@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kodkod.engine.plan import StepKind
 from kodkod.engine.slots import SlotsProbe
 
 if TYPE_CHECKING:
     from kodkod.engine.backend import Backend
+    from kodkod.engine.runner import Decoded
     from kodkod.engine.scheduler import Scheduler
     from kodkod.engine.speculative.speculator import Speculator
 
@@ -24,6 +26,7 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     cached_tokens: int = 0
+    idle_cells: int = 0  # cells only idle cached prefixes hold (freed when a request needs room)
     free_cells: int = 0
     kv_capacity: int = 0
     num_slots: int = 0
@@ -74,14 +77,17 @@ class StepCounters:
     draft_s: float = 0.0  # drafting for speculative decoding
     probe: SlotsProbe = field(default_factory=SlotsProbe)  # `/slots` asks, answered at publish
 
-    def record_step(self, decode: bool, num_tokens: int, decode_s: float, step_s: float) -> None:
+    def record(self, decoded: Decoded, generated: int, step_s: float) -> None:
+        """Count one step that decoded (`generated` tokens sampled, `step_s` in all)."""
         self.steps += 1
-        if decode:
+        if decoded.plan.kind is StepKind.DECODE:
             self.decode_steps += 1
         else:
             self.prefill_steps += 1
-            self.prompt_computed += num_tokens
-        self.decode_s += decode_s
+            self.prompt_computed += decoded.plan.num_tokens
+        self.generated += generated
+        self.decode_s += decoded.decode_s
+        self.draft_s += decoded.draft_s
         self.step_s += step_s
 
 
@@ -93,6 +99,7 @@ def snapshot(sched: Scheduler, backend: Backend, c: StepCounters, spec: Speculat
         running=len(sched.running),
         waiting=len(sched.waiting),
         cached_tokens=sched.slots.num_cached_tokens,
+        idle_cells=sched.slots.num_idle_cells,
         free_cells=sched.pool.free_cells,
         kv_capacity=backend.kv_capacity,
         num_slots=backend.num_slots,

@@ -21,7 +21,7 @@ def kv_usage_fraction(stats: EngineStats) -> float:
     they are evicted whenever a request needs the room."""
     if stats.kv_capacity <= 0:
         return 0.0
-    used = stats.kv_capacity - stats.free_cells - stats.cached_tokens
+    used = stats.kv_capacity - stats.free_cells - stats.idle_cells
     return min(1.0, max(0.0, used / stats.kv_capacity))
 
 

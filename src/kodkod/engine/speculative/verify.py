@@ -39,8 +39,8 @@ def verify_drafts(
     length = len(seq.tokens)  # the pending token is at length - 1, the drafts after it
     outcome, accepted, emitted = _accept(seq, backend, indices, drafts)
     sched.rollback(seq, length + accepted)  # keeps num_computed == len(tokens) - 1
-    seq.drafted += len(drafts)
-    seq.accepted += accepted
+    seq.stats.drafted += len(drafts)
+    seq.stats.accepted += accepted
     spec.verified(seq, len(drafts), accepted)
     return outcome, emitted
 

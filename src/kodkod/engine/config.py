@@ -1,0 +1,54 @@
+"""`EngineConfig`: what an engine is built with (from the model's load parameters), and
+`build_parts()`: the parts of its step, wired together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kodkod.engine.backend import Backend
+from kodkod.engine.host_cache import HostPrefixCache
+from kodkod.engine.processor import OutputProcessor
+from kodkod.engine.runner import ModelRunner
+from kodkod.engine.scheduler import Scheduler, SchedulerConfig
+from kodkod.engine.sequence import Sequence
+from kodkod.engine.speculative.speculator import Speculator
+from kodkod.engine.speculative.state import SpecConfig
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_seq_len: int
+    max_batch_size: int
+    chunk_size: int
+    speculative: SpecConfig = field(default_factory=SpecConfig)  # drafting (engine/speculative/)
+    host_cache_bytes: int = 0  # second prefix-cache tier in host RAM (0: off)
+    busy_cache_cells: int | None = None  # idle live cells while running (engine/budget.py)
+    stall_timeout_s: float = 300.0  # one step taking longer is reported as stuck (problem())
+
+
+@dataclass(frozen=True, slots=True)
+class StepParts:
+    """scheduler → (speculator) → runner → processor: one engine step."""
+
+    sched: Scheduler
+    spec: Speculator
+    runner: ModelRunner
+    processor: OutputProcessor
+
+
+def build_parts(
+    backend: Backend, config: EngineConfig, draft: Backend | None, fail: Callable[[Sequence, str], None]
+) -> StepParts:
+    """`draft`: the draft model's backend, or None; `fail(seq, message)` ends a sequence whose
+    row cannot be decoded (the runner's fault isolation)."""
+    spec = Speculator(config.speculative, draft, backend.num_slots)
+    host = HostPrefixCache(config.host_cache_bytes) if config.host_cache_bytes > 0 else None
+    sched = Scheduler(
+        SchedulerConfig(config.max_batch_size, config.chunk_size, busy_cache_cells=config.busy_cache_cells),
+        backend.kv_capacity,
+        backend.num_slots,
+        host,
+    )
+    runner = ModelRunner(backend, host, spec, fail, sched.flush)
+    return StepParts(sched, spec, runner, OutputProcessor(backend, sched, spec))
