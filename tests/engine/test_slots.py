@@ -81,10 +81,10 @@ def test_queue_time_is_the_wait_before_first_running() -> None:
 
 def test_status_setter_keeps_the_first_admission() -> None:
     s = make_seq("x", [1, 2, 3])
-    assert s.status is SeqStatus.WAITING and s.start_s == 0.0
+    assert s.status is SeqStatus.WAITING and s.stats.start_s == 0.0
     s.status = SeqStatus.RUNNING
-    first = s.start_s
+    first = s.stats.start_s
     assert first > 0
     s.status = SeqStatus.WAITING  # preempted
     s.status = SeqStatus.RUNNING
-    assert s.start_s == first
+    assert s.stats.start_s == first

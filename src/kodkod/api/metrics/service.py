@@ -2,15 +2,16 @@
 
 Recording happens outside the engine thread, once per request (and once per batch of tokens a
 consumer takes, for inter-token latency): `track()` attaches a tap to a request's stream,
-which sees the events as the HTTP side consumes them. At the request's `FinishEvent` the
-token counters grow by exactly what its `usage` reports (prompt, completion, cached prompt
-tokens, drafted and accepted draft tokens) and each request histogram gets one observation —
-the prompt figures once per HTTP request, from its first choice, as the answer's `usage` has
-them (n>1 choices share the prompt);
-the timings come from the engine's clock (`Usage`): time to first token and end-to-end latency
-from the request's arrival at the engine, queue time until it first ran. A request whose client
-left before its end reported no usage and counts no tokens (it counts as `client_disconnect` in
-`kodkod:request_errors_total`, see `http.py`).
+which sees the events as the HTTP side consumes them. Generation tokens are counted as their
+batches arrive (so a dashboard's tokens/s moves while replies stream); at the request's
+`FinishEvent` the token counters have grown by exactly what its `usage` reports (prompt,
+completion, cached prompt tokens, drafted and accepted draft tokens) and each request
+histogram gets one observation — the prompt figures once per prompt, from its first choice,
+as the answer's `usage` has them (n>1 choices share the prompt); the timings come from the
+engine's clock (`Usage`): time to first token and end-to-end latency from the request's
+arrival at the engine, queue time until it first ran. A request whose client left before its
+end reported no usage and counts only the tokens it streamed (it counts as `client_disconnect`
+in `kodkod:request_errors_total`, see `http.py`).
 
 Gauges and engine-side counters (running/waiting requests, KV use, host-tier saves and
 restores) are read from the engine's published `EngineStats` when Prometheus scrapes
@@ -100,7 +101,7 @@ class ServerMetrics:
 
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests (usage).")
         self.generation_tokens = counter(
-            "generation_tokens", "Generated tokens of finished requests (usage completion_tokens)."
+            "generation_tokens", "Generated tokens, counted as they stream (a finished request: its usage)."
         )
         self.request_success = counter(
             "request_success", "Requests that finished, by finish reason.", ["model_name", "finished_reason"]
@@ -159,14 +160,19 @@ class ServerMetrics:
         others share or follow it and their prompts are not in `usage`)."""
         stream.add_tap(RequestTap(self, model_name, outcome, counts_prompt))
 
-    def record_finish(self, model_name: str, ev: FinishEvent, *, counts_prompt: bool = True) -> None:
+    def record_finish(
+        self, model_name: str, ev: FinishEvent, *, counts_prompt: bool = True, streamed_tokens: int = 0
+    ) -> None:
+        """A finished request. `streamed_tokens`: generation tokens already counted as they
+        arrived (the counter is live, like vLLM's); the rest of `usage` is added now."""
         u = ev.usage
         if counts_prompt:
             self.prompt_tokens.labels(model_name).inc(u.prompt_tokens)
             self.prefix_cache_queries.labels(model_name).inc(u.prompt_tokens)
             self.prefix_cache_hits.labels(model_name).inc(u.cached_tokens)
             self.request_prompt_tokens.labels(model_name).observe(u.prompt_tokens)
-        self.generation_tokens.labels(model_name).inc(u.completion_tokens)
+        if u.completion_tokens > streamed_tokens:
+            self.generation_tokens.labels(model_name).inc(u.completion_tokens - streamed_tokens)
         if u.drafted_tokens:
             self.spec_draft_tokens.labels(model_name).inc(u.drafted_tokens)
             self.spec_accepted_tokens.labels(model_name).inc(u.accepted_draft_tokens)
@@ -197,7 +203,16 @@ class ServerMetrics:
 class RequestTap:
     """Sees one request's event batches on the consumer's event loop."""
 
-    __slots__ = ("_metrics", "_model", "_outcome", "_counts_prompt", "_gaps", "_last_token_s")
+    __slots__ = (
+        "_metrics",
+        "_model",
+        "_outcome",
+        "_counts_prompt",
+        "_gaps",
+        "_last_token_s",
+        "_generated",
+        "_counted",
+    )
 
     def __init__(
         self, metrics: ServerMetrics, model_name: str, outcome: RequestOutcome | None, counts_prompt: bool
@@ -208,13 +223,17 @@ class RequestTap:
         self._counts_prompt = counts_prompt
         self._gaps = metrics.itl.series(model_name)
         self._last_token_s = 0.0  # when the previous batch with tokens arrived
+        self._generated = metrics.generation_tokens.labels(model_name)
+        self._counted = 0  # generation tokens counted as they arrived
 
     def __call__(self, events: list[Event]) -> None:
         for ev in events:
             if isinstance(ev, TokenEvent):
                 self._tokens(len(ev.token_ids))
             elif isinstance(ev, FinishEvent):
-                self._metrics.record_finish(self._model, ev, counts_prompt=self._counts_prompt)
+                self._metrics.record_finish(
+                    self._model, ev, counts_prompt=self._counts_prompt, streamed_tokens=self._counted
+                )
             elif self._outcome is not None:
                 if self._outcome.error is None:
                     self._outcome.error = reason_of_error_event(ev)
@@ -224,6 +243,8 @@ class RequestTap:
     def _tokens(self, n: int) -> None:
         if n <= 0:
             return
+        self._generated.inc(n)  # live, so a dashboard's rate moves while replies stream
+        self._counted += n
         now = time.perf_counter()
         if self._last_token_s:
             # n tokens arrived together: spread the wait over them (a reader that lags gets
