@@ -105,6 +105,7 @@ def serve(argv: list[str]) -> int:
     from kodkod.app import create_app
     from kodkod.backends.llamacpp.backend import LlamaCppBackend
     from kodkod.backends.llamacpp.encoder import LlamaEncoder
+    from kodkod.backends.loader import load_backend
     from kodkod.http_protocol import bounded_http_protocol
 
     startup_errors: list[str] = []
@@ -116,7 +117,7 @@ def serve(argv: list[str]) -> int:
     app = create_app(
         settings,
         keys=keys,
-        backend_loader=LlamaCppBackend.load,
+        backend_loader=load_backend,
         gpu_available=LlamaCppBackend.supports_gpu_offload(),
         encoder_loader=LlamaEncoder.load,
         on_startup_error=startup_failed,

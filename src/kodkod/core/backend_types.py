@@ -31,6 +31,12 @@ class AdapterError(BackendError):
     """A LoRA adapter could not be loaded or is not loaded; the message says why."""
 
 
+class BackendLostError(BackendError):
+    """The backend's process is gone (an RPC-backed model's engine child ended): nothing it held
+    survives, every later call fails the same way, and only a new load can serve again. The
+    message says why (e.g. which RPC worker no longer accepts connections)."""
+
+
 class ModelClosedError(BackendError):
     """The model's native handles were freed (it was unloaded); nothing may use it any more.
 

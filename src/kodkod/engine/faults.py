@@ -12,6 +12,9 @@ on its own:
     probe). If even that fails, the backend itself is broken: `EngineFault`. Otherwise the
     suspects are the culprits (their tokens, not the backend, are the problem).
 
+A backend that lost its process (`BackendLostError`: an RPC-backed model's engine child ended)
+has nothing left to ask, so that error is an `EngineFault` at once, wherever it surfaces.
+
 `isolate_failure()` fails the culprits' sequences and decodes the remaining rows again as one
 batch; the prefix cache is kept. `EngineFault` is the one failure the engine does not recover
 from: it ends every request and the server reports itself unhealthy. `EngineHealth` holds what
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Rows
 from dataclasses import dataclass
 
-from kodkod.core.backend_types import BatchRow
+from kodkod.core.backend_types import BackendLostError, BatchRow
 from kodkod.engine.backend import Backend
 from kodkod.engine.group import main_of
 from kodkod.engine.plan import StepPlan
@@ -98,6 +101,8 @@ def isolate_failure(
     CFG pair), `sync()` (replays the KV ops those removals caused), decode the remaining rows
     again as one batch and return the remaining plan with that decode's indices (EngineFault
     if it fails again)."""
+    if isinstance(error, BackendLostError):  # no process left to ask about the rows
+        raise EngineFault(str(error)) from error
     log.warning("a decode of %d rows failed (%s); looking for the rows responsible", len(rows), error)
     for i in find_culprits(backend, rows, error):
         seq = plan.entries[i].seq

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from kodkod.core.backend_types import BackendLostError
 from kodkod.core.types import EosReason, ErrorEvent, ErrorKind, FinishEvent, FinishReason, GenerationRequest
 from kodkod.engine.adapters import refresh_waiting
 from kodkod.engine.backend import Backend
@@ -132,9 +133,9 @@ class EngineLoop:
                     self._safe_step()
         except BaseException as exc:  # outside the guarded step: the loop itself is broken
             log.exception("the engine thread failed")
-            self.health.declare(
-                EngineFault(f"the engine thread failed: {type(exc).__name__}: {exc}"), self._on_fatal
-            )
+            fault = EngineFault(f"the engine thread failed: {type(exc).__name__}: {exc}")
+            fault.__cause__ = exc
+            self.health.declare(fault, self._on_fatal)
         finally:
             self._close_all()
 
@@ -196,6 +197,10 @@ class EngineLoop:
             health.failed_steps = 0
         except EngineFault as fault:
             health.declare(fault, self._on_fatal)
+        except BackendLostError as lost:  # nothing left to retry or reset
+            gone = EngineFault(str(lost))
+            gone.__cause__ = lost
+            health.declare(gone, self._on_fatal)
         except Exception as exc:
             log.exception("engine step failed")
             for seq in mains(self._sched.running):

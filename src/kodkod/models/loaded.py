@@ -3,7 +3,8 @@
 `LoadedModel` is what `ModelManager` installs: the entry and parameters it was loaded with, the
 backend's tokenizer and grammar compiler, its engine, the context plan, its chat template, an
 optional draft and the LoRA library of `lora_dir`. `model_key` is a model's identity for "is it
-loaded?".
+loaded?". `LostModel` records a model the manager unloaded because its backend's process ended
+(`lost_backend` finds that cause in an engine fault).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kodkod.chat import ChatTemplate
-from kodkod.core.backend_types import ModelInfo
+from kodkod.core.backend_types import BackendLostError, ModelInfo
 from kodkod.core.constraints import GrammarCompiler
 from kodkod.engine.backend import Tokenizer
 from kodkod.engine.client import EngineClient
@@ -75,6 +76,31 @@ class LoadedModel:
     @property
     def chunk_size(self) -> int:
         return self.plan.chunk_size
+
+
+@dataclass(frozen=True, slots=True)
+class LostModel:
+    """A model unloaded because its backend's process ended (an RPC worker went away)."""
+
+    name: str
+    reason: str  # BackendLostError's message: which workers no longer accept connections
+    at: float = field(default_factory=time.time)  # time.time() of the unload
+
+    @property
+    def message(self) -> str:
+        return f"the model {self.name!r} was unloaded: {self.reason}"
+
+
+def lost_backend(exc: BaseException) -> BackendLostError | None:
+    """The BackendLostError behind an engine fault, if that is what caused it."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # causes chain shortly; never loop on a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, BackendLostError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def model_key(entry: ModelEntry) -> str:

@@ -29,6 +29,13 @@ and sent as progress events with a `message` when its load starts, whatever star
 (startup, the admin API or an inline switch). `LoadedModel` and its helpers live in
 `models/loaded.py`.
 
+A model whose backend lost its process (an RPC-backed model's engine child ended because a
+worker went away: the engine declares a fault caused by `BackendLostError`) is unloaded by the
+manager itself; `lost` keeps the model's name and the reason (which workers no longer accept
+connections) until the next load, for `/health` and for the 503 of requests that follow. A
+draft for an RPC-backed model loads on the local CPU (it is small, and a worker serves one
+client at a time).
+
 The concrete backend is injected (`backend_loader`), so this module never imports llama.cpp.
 """
 
@@ -59,8 +66,10 @@ from kodkod.models.gate import Lease, ModelGate, SwitchRefused
 from kodkod.models.lifetime import Retirer
 from kodkod.models.loaded import (
     LoadedModel,
+    LostModel,
     NoModelLoaded,
     available_threads,
+    lost_backend,
     model_key,
     placement_kwargs,
     release_heap,
@@ -110,6 +119,9 @@ class ModelManager:
         self.vocab = VocabProbe(backend_loader)
         self.gpu_available = gpu_available  # the backend can place layers on a GPU
         self.loading: str | None = None
+        self.lost: LostModel | None = None  # the last model unloaded because its backend ended
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -154,7 +166,8 @@ class ModelManager:
                 await self._switch(plan)
 
         def no_model() -> Exception:
-            return NoModelLoaded(self.gate.refusal or "No models are currently loaded")
+            lost = f" ({self.lost.message})" if self.lost is not None else ""
+            return NoModelLoaded(self.gate.refusal or f"No models are currently loaded{lost}")
 
         return await self.gate.acquire(want, switch, no_model)
 
@@ -200,11 +213,13 @@ class ModelManager:
         for note in plan.notes:  # what the load does instead of what was asked
             progress.note(note)
         self.loading = plan.entry.name
+        self._loop = asyncio.get_running_loop()
         try:
             loaded = await asyncio.to_thread(self._load_blocking, plan, progress)
         finally:
             self.loading = None
         self.gate.install(loaded)
+        self.lost = None
         progress.finish("model")
         return loaded
 
@@ -228,7 +243,7 @@ class ModelManager:
                 draft_params,
                 lambda info: draft_context(draft_params, info, main_plan, params.flash_attention),
                 progress.callback("draft"),
-                placement,
+                {} if placement.get("rpc_servers") else placement,
             )
             progress.finish("draft")
         plans: list[ContextPlan] = []
@@ -270,7 +285,7 @@ class ModelManager:
                     host_cache_bytes=self._host_cache_bytes,
                     stall_timeout_s=self._stall_timeout_s,
                 ),
-                self._on_fatal,
+                self._report_fatal,
                 draft.backend if draft is not None else None,  # speculative decoding
                 adapter_check=loras.check_request if loras is not None else None,
             )
@@ -307,6 +322,31 @@ class ModelManager:
             loras=loras,
             load_time_s=elapsed,
         )
+
+    # -- a backend that lost its process ---------------------------------------------------
+
+    def _report_fatal(self, exc: BaseException) -> None:
+        """An engine fault (engine thread): record it; a lost backend also unloads its model."""
+        if self._on_fatal is not None:
+            self._on_fatal(exc)
+        lost = lost_backend(exc)
+        if lost is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._unload_lost_soon, str(lost))
+
+    def _unload_lost_soon(self, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._unload_lost(reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unload_lost(self, reason: str) -> None:
+        async with self.gate.exclusive():
+            model = self.current
+            if model is None or model.engine.problem is None:
+                return  # already replaced by a working model
+            lost = LostModel(model.name, reason)
+            log.error("%s", lost.message)
+            self.lost = lost
+            await self._unload_locked(lost.message)
 
     # -- unloading --------------------------------------------------------------------------
 

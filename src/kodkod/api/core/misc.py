@@ -29,7 +29,11 @@ router = APIRouter()
 @router.get("/health")
 async def health(models: Models, health_log: Health) -> JSONResponse:
     current = models.current
-    current_issues, resolved_issues = health_log.split(current.loaded_at if current is not None else None)
+    # a fault belongs to the engine it happened in: one whose model was unloaded because its
+    # backend's process ended (an RPC worker went away) is resolved by that unload
+    lost = models.lost if current is None else None
+    since = current.loaded_at if current is not None else (lost.at if lost is not None else None)
+    current_issues, resolved_issues = health_log.split(since)
     issues = [{"time": i.time, "description": i.description} for i in current_issues]
     resolved = [{"time": i.time, "description": i.description} for i in resolved_issues]
     problem = current.engine.problem if current is not None else None
@@ -39,6 +43,12 @@ async def health(models: Models, health_log: Health) -> JSONResponse:
     body: dict[str, Any] = {"status": "unhealthy" if issues else "healthy", "issues": issues}
     if resolved:
         body["resolved_issues"] = resolved
+    if lost is not None:
+        body["unloaded"] = {
+            "model": lost.name,
+            "time": datetime.fromtimestamp(lost.at, UTC).isoformat(),
+            "reason": lost.reason,
+        }
     if current is not None:
         s = current.engine.stats
         body["engine"] = {

@@ -1,0 +1,1 @@
+"""RPC-backed models in a supervised engine child process (`ChildBackend`, `child.py`)."""
