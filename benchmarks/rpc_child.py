@@ -10,12 +10,14 @@ the default model on the local CPU twice in this process's view — once in-proc
 without RPC devices) — and times greedy generation of `--tokens` tokens per stream, with
 `--streams` sequences decoded in one batch per step, sampling in this process as the engine
 does. Runs alternate between the two backends; the best of `--runs` is reported, with the
-added time per decode step.
+added time per decode step. It also times the bare round trip (a KV removal of an empty range,
+median of 2000 calls), the floor of what each forwarded call costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,6 +53,17 @@ def run(backend: LlamaCppBackend | ChildBackend, streams: int, tokens: int) -> f
     return elapsed_s / tokens
 
 
+def round_trip_s(backend: LlamaCppBackend | ChildBackend, calls: int = 2000) -> float:
+    """Median seconds of one call that does (almost) nothing: removing positions past the end."""
+    backend.kv_clear()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        backend.kv_remove(0, 0, -1)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=128)
@@ -68,6 +81,8 @@ def main() -> int:
     child = ChildBackend.load(ModelSource(DEFAULT_GGUF, "child"), config)
     try:
         print(f"threads: {ns.threads}, {ns.tokens} steps, best of {ns.runs} (alternating)")
+        rt_local, rt_child = round_trip_s(local), round_trip_s(child)
+        print(f"bare call: in-process {rt_local * 1e6:.1f} us, child {rt_child * 1e6:.1f} us (median)")
         for streams in ns.streams:
             best = {"in-process": float("inf"), "child": float("inf")}
             for _ in range(ns.runs):

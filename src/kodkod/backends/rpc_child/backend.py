@@ -229,6 +229,8 @@ class ChildBackend:
     ) -> ChildBackend:
         """Start a child that loads `source` over the local CPU and `rpc_servers` (shares in
         `tensor_split`, local CPU first), size its context with make_config(info)."""
+        for endpoint in rpc_servers:  # fail fast, before starting anything
+            check_reachable(endpoint)
         tokenizer = LlamaModel.load(source.path, source.name, vocab_only=True)
         child: _Child | None = None
         try:
