@@ -4,13 +4,16 @@ child loads on the local CPU, which is the same code path minus the RPC devices)
 What it shows: the child's logits and the samplers running in this process give exactly the
 tokens of an in-process load (greedy and seeded sampling with penalties and DRY), KV save and
 restore cross the boundary, a child that dies turns every later call into BackendLostError
-and is reaped, and close() ends the child cleanly.
+and is reaped, close() ends the child cleanly, and a child whose server was killed ends too.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,3 +138,43 @@ def test_close_ends_the_child_cleanly(default_gguf: Path) -> None:
     backend.close()
     assert not os.path.exists(f"/proc/{pid}")
     backend.close()  # twice is fine
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting for its reaper is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_the_child_ends_when_the_server_process_is_killed(default_gguf: Path) -> None:
+    """A server killed with SIGKILL cannot clean up: its child notices on its own."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from kodkod.backends.rpc_child.backend import ChildBackend\n"
+        "from kodkod.core.backend_types import ContextConfig, ModelSource\n"
+        "cfg = lambda _i: ContextConfig(cache_size=256, num_slots=1, batch_tokens=32, n_threads=1)\n"
+        "b = ChildBackend.load(ModelSource(Path(sys.argv[1]), 'm'), cfg)\n"
+        "print(b.child_pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", script, str(default_gguf)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert server.stdout is not None
+        pid = int(server.stdout.readline())
+        assert running(pid)
+        server.kill()
+        server.wait(10)
+        deadline = time.monotonic() + 30
+        while running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(pid), "the engine child outlived its killed server"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
