@@ -177,6 +177,7 @@ def test_an_unreachable_worker_fails_the_load_not_the_server(
     assert server.proc.poll() is None
     events = load(server, {})  # back to a local load
     assert events[-1].get("status") == "finished", events[-3:]
+    assert engine_children(server.proc.pid) == []  # a local load runs in the server process
     assert len(greedy_tokens(server)) == MAX_TOKENS
 
 
@@ -256,7 +257,6 @@ def rpc_body(workers: list[Worker]) -> dict[str, Any]:
 def test_a_worker_that_vanishes_ends_the_streams_not_the_server(
     server: KodkodServer, workers: list[Worker], local_tokens: list[str], tmp_path: Path
 ) -> None:
-    assert engine_children(server.proc.pid) == []  # a local load runs in the server process
     events = load(server, rpc_body(workers))
     assert events[-1].get("status") == "finished", events[-3:]
     [child] = engine_children(server.proc.pid)  # the RPC-backed model runs in its own process
