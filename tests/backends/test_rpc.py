@@ -3,7 +3,8 @@ split over this process's CPU and both workers, greedy output token-identical to
 then one worker is killed while 4 streams run: each stream ends with an error event, the server
 stays up and healthy, `/health` names the worker that is gone, the engine child process is
 reaped, and a reload once the worker is back (same port) generates the same tokens again. The
-child is also reaped on unload and on server shutdown (no orphan processes).
+child is also reaped on unload and on server shutdown (no orphan processes), and a draft for
+the split model loads in the server and drafts.
 
 Skipped when the llama.cpp build has no RPC backend (scripts/setup.sh builds with
 -DGGML_RPC=ON). One kodkod server for the module; each worker runs one thread.
@@ -164,6 +165,19 @@ def test_split_over_two_workers_is_token_identical_to_local(
     log = server.log()
     for endpoint in endpoints:  # the workers really hold layers
         assert f"(RPC worker {endpoint}): about" in log
+
+
+def test_a_draft_for_a_split_model_loads_locally_and_drafts(
+    server: KodkodServer, workers: list[Worker], local_tokens: list[str]
+) -> None:
+    """The draft (the model itself here) loads in the server process; speculative decoding
+    verifies through the engine child and keeps greedy output identical."""
+    body = {**rpc_body(workers), "draft_model": {"draft_model_name": DEFAULT_MODEL}}
+    events = load(server, body)
+    assert events[-1].get("status") == "finished", events[-3:]
+    assert greedy_tokens(server) == local_tokens
+    stats = httpx.get(f"{server.base_url}/health", timeout=10).json()["engine"]
+    assert stats["drafted_tokens"] > 0 and stats["accepted_draft_tokens"] > 0, stats
 
 
 def test_an_unreachable_worker_fails_the_load_not_the_server(
