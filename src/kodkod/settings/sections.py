@@ -234,7 +234,7 @@ class EmbeddingsSettings(SectionModel):
         2048, ge=1, description="Most inputs one /v1/embeddings request may hold (kodkod extension)."
     )
     embedding_nice: int = Field(
-        10,
+        5,
         ge=0,
         le=19,
         description="Scheduling niceness of the embedding threads (Linux; kodkod extension): "
