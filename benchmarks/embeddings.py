@@ -1,6 +1,6 @@
 """Embedding throughput against sentence-transformers, and what embedding work costs a chat stream.
 
-    .venv/bin/python benchmarks/embeddings.py [--rounds 7] [--threads N]
+    .venv/bin/python benchmarks/embeddings.py [--rounds 7] [--threads N] [--embedding-nice N]
 
 Starts a real server (default chat model plus `all-MiniLM-L6-v2`, both with `--threads`
 llama.cpp threads, default: every CPU this process may use) and measures, in the same run:
@@ -12,7 +12,10 @@ llama.cpp threads, default: every CPU this process may use) and measures, in the
    interleaved with ours; each side's best of `--rounds` (on a shared machine the best round
    is the one least disturbed by other work);
 3. a chat stream's tokens/s (greedy, 128 tokens, `ignore_eos`) alone, then while another
-   client sends batches of 16 sentences back to back.
+   client sends batches of 16 sentences back to back (base64 answers, the `openai` client's
+   default: JSON floats would mostly measure this process parsing them under the GIL that the
+   stream's reader needs too). `--embedding-nice` sets `embeddings.embedding_nice` (default:
+   the server's).
 
 Prints one table; the ratio column is kodkod / sentence-transformers.
 """
@@ -28,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -98,6 +102,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=available_threads())
     ap.add_argument("--stream-tokens", type=int, default=128)
+    ap.add_argument("--embedding-nice", type=int, default=None)
     args = ap.parse_args()
 
     # OpenMP threads that spin after each PyTorch call would steal the server's cores
@@ -110,9 +115,12 @@ def main() -> None:
     texts = sentences(256)
     rows: list[tuple[str, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="kodkod-bench-") as tmp:
+        config: dict[str, Any] = {"network": {"disable_auth": True}, "model": {"n_threads": args.threads}}
+        if args.embedding_nice is not None:
+            config["embeddings"] = {"embedding_nice": args.embedding_nice}
         server = KodkodServer.start(
             Path(tmp),
-            {"network": {"disable_auth": True}, "model": {"n_threads": args.threads}},
+            config,
             args=["--embedding-model-name", EMBED_MODEL],
             wait_s=300,
         )
@@ -135,7 +143,7 @@ def main() -> None:
             def load() -> None:
                 with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0) as c:
                     while not stop.is_set():
-                        c.embeddings.create(model="x", input=texts[:16], encoding_format="float")
+                        c.embeddings.create(model="x", input=texts[:16])
                         sent[0] += 16
 
             worker = threading.Thread(target=load)
@@ -148,7 +156,8 @@ def main() -> None:
         finally:
             server.stop()
 
-    print(f"threads: {args.threads} (llama.cpp chat and embedding; torch)")
+    nice = "server default" if args.embedding_nice is None else args.embedding_nice
+    print(f"threads: {args.threads} (llama.cpp chat and embedding; torch); embedding_nice: {nice}")
     print(f"{'':<12}{'kodkod inputs/s':>18}{'sentence-transformers':>24}{'ratio':>8}")
     for name, ours, theirs in rows:
         print(f"{name:<12}{ours:>18.1f}{theirs:>24.1f}{ours / theirs:>8.2f}")

@@ -85,6 +85,7 @@ def build_state(
         paths.embedding_model_dir,
         n_threads=settings.model.effective_n_threads(),
         chat_busy=chat_busy,
+        nice=settings.embeddings.embedding_nice,
     )
     return AppState(
         settings=settings,

@@ -1,10 +1,14 @@
 """The embedding service with a fake encoder: names and load errors, inputs checked before any
-batch (numbers named), batches within the encoder's limits, and the fair share of threads
-while the chat engine is busy."""
+batch (numbers named), batches within the encoder's limits, the fair share of threads while the
+chat engine is busy, a cancelled request that runs no further batch, and the worker's lower
+scheduling priority."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,3 +130,53 @@ def test_inputs_are_checked_before_any_batch(tmp_path: Path) -> None:
 
     asyncio.run(run())
     service.shutdown()
+
+
+def test_a_cancelled_request_runs_no_further_batch(tmp_path: Path) -> None:
+    service, made = make_service(tmp_path, [False])
+    started, release = threading.Event(), threading.Event()
+
+    async def run() -> None:
+        await service.load("enc")
+        enc = made[0]
+        plain = enc.embed
+
+        def gated(inputs: Sequence[Sequence[int]]) -> np.ndarray:
+            started.set()
+            assert release.wait(30), "the test never released the batch"
+            return plain(inputs)
+
+        enc.embed = gated  # type: ignore[method-assign]
+        texts = [" ".join(["w"] * 5) for _ in range(6)]  # 7 tokens each: one batch per input
+        task = asyncio.create_task(service.embed(texts))
+        assert await asyncio.to_thread(started.wait, 30)
+        task.cancel()  # what the endpoint does when its client goes away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        enc.embed = plain  # type: ignore[method-assign]
+        assert (await service.embed(["after"])).vectors.shape == (1, 2)
+        # the batch that was running finished; none of the other five ever started
+        assert [n for n, _ in enc.calls] == [1, 1]
+        c = service.counters
+        assert (c.requests_cancelled, c.batches_skipped, c.batches_run) == (1, 5, 1)
+
+    asyncio.run(run())
+    service.shutdown()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is a Linux feature")
+def test_the_worker_runs_at_the_configured_niceness(tmp_path: Path) -> None:
+    def loader(path: Path, name: str, *, n_threads: int) -> FakeEncoder:
+        raise AssertionError("not loaded here")
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    service = EmbeddingService(loader, tmp_path, n_threads=1, nice=min(19, base + 5))
+    try:
+        nice_of_worker = service._worker.submit(  # the thread all native work runs on
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        ).result()
+    finally:
+        service.shutdown()
+    assert nice_of_worker == min(19, base + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller is untouched

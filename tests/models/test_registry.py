@@ -63,12 +63,17 @@ def test_resolve_refuses_non_models(model_dir: Path, name: str) -> None:
         resolve(model_dir, name)
 
 
-def _write_gguf(path: Path, arch: str) -> None:
+def _write_gguf(path: Path, arch: str, *, pooling: int | None = None, causal: bool | None = None) -> None:
     import numpy as np
-    from gguf import GGUFWriter
+    from gguf import GGUFWriter, PoolingType
 
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(1)
+    if pooling is not None:
+        writer.add_pooling_type(PoolingType(pooling))
+    if causal is not None:
+        writer.add_causal_attention(causal)
+    writer.add_tokenizer_model("gpt2")
     writer.add_tensor("t", np.zeros(4, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -89,7 +94,37 @@ def test_encoder_ggufs_are_never_chat_models(tmp_path: Path) -> None:
     assert read_architecture(root / "minilm" / "minilm.gguf") == "bert"
     assert read_architecture(root / "truncated.gguf") is None
     assert [e.name for e in discover(root)] == ["chat", "truncated"]
-    for name in ("minilm", "loose-encoder"):
-        with pytest.raises(ModelNameError, match="not found"):
+    for name, arch in (
+        ("minilm", "bert"),
+        ("loose-encoder", "nomic-bert"),
+        ("loose-encoder.gguf", "nomic-bert"),
+    ):
+        # found, but refused with the reason and where it loads instead
+        with pytest.raises(ModelNameError, match=rf"embedding model \(architecture {arch}\).*embedding/load"):
             resolve(root, name)
     assert resolve(root, "chat").gguf == root / "chat.gguf"
+    st = root / "st-folder"
+    st.mkdir()
+    (st / "config.json").write_text("{}")
+    (st / "modules.json").write_text("[]")
+    with pytest.raises(ModelNameError, match="sentence-transformers folder"):
+        resolve(root, "st-folder")
+
+
+def test_header_roles_tell_text_generators_from_embedding_models(tmp_path: Path) -> None:
+    from kodkod.models.gguf_header import read_roles
+
+    cases = {
+        "chat": ("llama", None, None, True),  # causal, no pooling: a chat model
+        "qwen-embed": ("qwen3", 3, None, False),  # causal with last-token pooling: embeds
+        "bert": ("bert", 1, False, False),
+        "bidirectional": ("llama", None, False, False),  # non-causal: pools by mean
+    }
+    for name, (arch, pooling, causal, generator) in cases.items():
+        _write_gguf(tmp_path / f"{name}.gguf", arch, pooling=pooling, causal=causal)
+        roles = read_roles(tmp_path / f"{name}.gguf")
+        assert roles is not None and roles.architecture == arch
+        assert (roles.pooling_type, roles.text_generator) == (pooling, generator), name
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
+    assert read_roles(tmp_path / "junk.gguf") is None
+    assert read_roles(tmp_path / "missing.gguf") is None

@@ -7,9 +7,13 @@ the cached GGUF loads. All native work -- loading, tokenizing, embedding, closin
 one worker thread owned by the service, so nothing closes under a running batch. A request is
 tokenized first (an input over the model's limit is refused with the numbers, before any
 batch runs), then packed into batches of the encoder's preferred size (within its limits); each
-batch is one job on the worker, so concurrent requests interleave batch by batch. While the
-chat engine has running streams an embedding batch runs on half the threads (a fair share of
-the cores); otherwise on all of them.
+batch is one job on the worker, so concurrent requests interleave batch by batch, and a request
+whose client went away (its task cancelled) submits no further batch: only the one already
+running finishes (`EmbeddingCounters` and a log line tell how many were skipped).
+Fair share with chat: the worker thread, and the llama.cpp threads it starts, run at a lower
+scheduling priority (`nice`, Linux), so while chat streams run the kernel gives their decode
+steps the cores first; and while the chat engine has running streams an embedding batch runs on
+half the threads, otherwise on all of them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,9 +33,11 @@ import numpy as np
 
 from kodkod.core.encoder_types import Encoder, EncoderLoader
 from kodkod.fsutil import plain_name
+from kodkod.models.gguf_header import read_roles
 from kodkod.models.hf_encoder import ConversionError, cached_gguf
 
 __all__ = [
+    "EmbeddingCounters",
     "EmbeddingInputError",
     "EmbeddingLoadError",
     "EmbeddingResult",
@@ -63,6 +72,26 @@ class EmbeddingResult:
     model: str
 
 
+@dataclass(slots=True)
+class EmbeddingCounters:
+    """What the worker did since start (read by tests and logs; written on the event loop)."""
+
+    batches_run: int = 0
+    requests_cancelled: int = 0  # requests stopped because their client went away
+    batches_skipped: int = 0  # batches those requests never ran
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's niceness to `nice` (Linux, where it is per thread and inherited by
+    the threads it starts; elsewhere, or when refused, nothing changes)."""
+    if nice <= 0 or sys.platform != "linux":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:
+        log.warning("could not lower the embedding thread's priority: %s", exc)
+
+
 def _plan_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> list[range]:
     """Consecutive input ranges of at most `max_seqs` inputs and `max_tokens` tokens (an input
     longer than `max_tokens` forms a range of its own)."""
@@ -88,12 +117,16 @@ class EmbeddingService:
         *,
         n_threads: int,
         chat_busy: Callable[[], bool] = lambda: False,
+        nice: int = 0,
     ) -> None:
         self._loader = loader
         self.model_dir = model_dir
         self._n_threads = max(1, n_threads)
         self._chat_busy = chat_busy
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kodkod-embed")
+        self._worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="kodkod-embed", initializer=_lower_priority, initargs=(nice,)
+        )
+        self.counters = EmbeddingCounters()
         self._encoder: Encoder | None = None
         self._name: str | None = None
         self._lock = asyncio.Lock()
@@ -122,10 +155,10 @@ class EmbeddingService:
         if path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise EmbeddingLoadError(f"{path.name} is not a GGUF file")
-            return path
+            return _embedding_gguf(path)
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs:
-            return ggufs[0]
+            return _embedding_gguf(ggufs[0])
         if (path / "config.json").is_file():
             try:
                 return cached_gguf(path)
@@ -194,13 +227,41 @@ class EmbeddingService:
         out = np.empty((len(ids), info.n_embd), dtype=np.float32)
         pack = info.pack_tokens or info.batch_tokens
         batches = _plan_batches([len(x) for x in ids], pack, info.batch_sequences)
-        for part in batches:
-            threads = max(1, self._n_threads // 2) if self._chat_busy() else self._n_threads
-            chunk = [ids[i] for i in part]
-            out[part.start : part.stop] = await loop.run_in_executor(
-                self._worker, _embed_batch, encoder, chunk, threads
+        done = 0
+        try:
+            for part in batches:
+                threads = max(1, self._n_threads // 2) if self._chat_busy() else self._n_threads
+                chunk = [ids[i] for i in part]
+                out[part.start : part.stop] = await loop.run_in_executor(
+                    self._worker, _embed_batch, encoder, chunk, threads
+                )
+                done += 1
+                self.counters.batches_run += 1
+        except asyncio.CancelledError:
+            # the batch in flight (if any) finishes on the worker; no further one starts
+            skipped = len(batches) - done - 1
+            self.counters.requests_cancelled += 1
+            self.counters.batches_skipped += max(0, skipped)
+            log.info(
+                "embedding request cancelled (client gone) after %d of %d batches; %d skipped",
+                done,
+                len(batches),
+                max(0, skipped),
             )
+            raise
         return EmbeddingResult(out, sum(len(x) for x in ids), name)
+
+
+def _embedding_gguf(path: Path) -> Path:
+    """`path`, unless its header shows a text generator (a chat model): EmbeddingLoadError."""
+    roles = read_roles(path)
+    if roles is not None and roles.text_generator:
+        raise EmbeddingLoadError(
+            f"{path.name} is not an embedding model: a {roles.architecture} text-generation model "
+            "(causal attention and no pooling type in its GGUF); load it as the chat model with "
+            "POST /v1/model/load"
+        )
+    return path
 
 
 def _tokenize_all(encoder: Encoder, inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:

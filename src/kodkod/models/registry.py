@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kodkod.models.gguf_header import is_encoder
+from kodkod.models.gguf_header import is_encoder, read_architecture
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +136,36 @@ def resolve(directory: Path, name: str) -> ModelEntry:
     entry: ModelEntry | None = None
     if candidate.is_dir():
         entry = entry_for_folder(candidate, name)
+        _refuse_embedding_model(
+            name, _entry_for_folder(candidate, name) if entry is None else None, candidate
+        )
     elif candidate.is_file():
         entry = entry_for_file(candidate)
+        _refuse_embedding_model(name, _entry_for_file(candidate) if entry is None else None, None)
     else:
         as_file = candidate.with_name(candidate.name + ".gguf")
         if as_file.is_file():
             entry = entry_for_file(as_file)
+            _refuse_embedding_model(name, _entry_for_file(as_file) if entry is None else None, None)
         else:
             split = [e for e in discover(candidate.parent) if e.name == candidate.name]
             entry = split[0] if split else None
     if entry is None:
         raise ModelNameError(f"model {name!r} was not found in {directory}")
     return ModelEntry(name, entry.gguf, entry.folder)
+
+
+def _refuse_embedding_model(name: str, hidden: ModelEntry | None, folder: Path | None) -> None:
+    """Say why `name` is no chat model when it is an embedding model (ModelNameError)."""
+    how = "load it with POST /v1/model/embedding/load"
+    if hidden is not None:
+        arch = read_architecture(hidden.gguf)
+        raise ModelNameError(
+            f"model {name!r} is an embedding model (architecture {arch}), not a chat model: it "
+            f"cannot generate text; {how}"
+        )
+    if folder is not None and (folder / "modules.json").is_file() and (folder / "config.json").is_file():
+        raise ModelNameError(
+            f"model {name!r} is a Hugging Face sentence-transformers folder (an embedding model, no "
+            f"GGUF file), not a chat model; {how}"
+        )

@@ -233,6 +233,14 @@ class EmbeddingsSettings(SectionModel):
     max_embedding_inputs: int = Field(
         2048, ge=1, description="Most inputs one /v1/embeddings request may hold (kodkod extension)."
     )
+    embedding_nice: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="Scheduling niceness of the embedding threads (Linux; kodkod extension): "
+        "above 0 running chat streams get the cores first and embeddings take what is left; "
+        "0 shares them equally.",
+    )
 
     @field_validator("embeddings_device", mode="before")
     @classmethod

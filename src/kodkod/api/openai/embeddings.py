@@ -4,7 +4,8 @@
 are used as given); `encoding_format` is `float` (JSON numbers) or `base64` (little-endian
 float32 bytes); `model` is ignored. Every input is checked before any work: an input longer
 than the model takes is a 400 naming both numbers. The answer carries the prompt token count
-in `usage`, and 503 means no embedding model is loaded.
+in `usage`, and 503 means no embedding model is loaded. A client that disconnects stops its
+request's remaining batches.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import base64
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from kodkod.api.deps import API
 from kodkod.api.errors import ApiError
 from kodkod.api.state import AppSettings, Embeddings, Metrics
+from kodkod.api.streaming import until_done
 from kodkod.api.validation import REQUEST_CONFIG
 from kodkod.models.embeddings import EmbeddingInputError, InputTooLong, NoEmbeddingModel
 
@@ -52,7 +54,7 @@ def _encode(row: np.ndarray, fmt: str) -> list[float] | str:
 
 @router.post("/v1/embeddings", dependencies=[API])
 async def embeddings(
-    req: EmbeddingsRequest, service: Embeddings, settings: AppSettings, metrics: Metrics
+    req: EmbeddingsRequest, request: Request, service: Embeddings, settings: AppSettings, metrics: Metrics
 ) -> dict[str, Any]:
     inputs = _inputs(req.input)
     limit = settings.embeddings.max_embedding_inputs
@@ -61,7 +63,8 @@ async def embeddings(
     if len(inputs) > limit:
         raise ApiError(400, f"{len(inputs)} inputs in one request; the limit is {limit}", param="input")
     try:
-        result = await service.embed(inputs)
+        # a client that goes away stops the request's remaining batches (→ 422, as generation)
+        result = await until_done(request, service.embed(inputs))
     except NoEmbeddingModel:
         raise ApiError(503, "No embedding model is currently loaded", code="model_not_loaded") from None
     except EmbeddingInputError as exc:

@@ -1,8 +1,9 @@
 """A sentence encoder on llama.cpp: an embedding context over a loaded GGUF model.
 
 `LlamaEncoder.load(path, name, n_threads=...)` loads the model and creates its own context
-with `embeddings=True`, the model's pooling (mean / CLS / last; a model without one pools by
-its mean when it is non-causal, by its last token when it is causal), and `n_batch = n_ubatch`
+with `embeddings=True`, the model's pooling (mean / CLS / last; a non-causal model without one
+pools by its mean; a causal model without one is a chat model and refused), flash attention
+(it skips the masked cells between packed inputs), and `n_batch = n_ubatch`
 large enough for the longest input: a non-causal model must see all tokens of a sequence in
 one micro-batch. `embed()` packs many inputs into one `llama_batch` (one sequence id per input,
 positions from 0), runs it, and reads each input's pooled vector with
@@ -32,8 +33,10 @@ __all__ = ["BATCH_SEQUENCES", "LlamaEncoder"]
 BATCH_SEQUENCES = 64  # inputs packed into one call (llama.cpp's sequence ids per context)
 # The micro-batch holds at least one whole input of the longest kind; inputs are packed into
 # calls of about PACK_TOKENS, where the cost per input is lowest (docs/measurements.md).
+# Flash attention skips the masked (other-sequence) cells of a packed micro-batch, which the
+# plain attention path multiplies out in full.
 MIN_BATCH_TOKENS = 256
-PACK_TOKENS = 128
+PACK_TOKENS = 96
 _POOLING_NAMES = {
     L.LLAMA_POOLING_TYPE_MEAN: "mean",
     L.LLAMA_POOLING_TYPE_CLS: "cls",
@@ -68,7 +71,12 @@ class LlamaEncoder:
         params.n_threads_batch = n_threads
         params.kv_unified = True
         params.no_perf = True
-        params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if causal and f"{arch}.pooling_type" not in meta:
+            raise ModelLoadError(
+                f"{model.info.name!r} is not an embedding model: a {arch} text-generation model "
+                "(causal attention and no pooling type in its GGUF)"
+            )
         pooling = int(meta.get(f"{arch}.pooling_type", L.LLAMA_POOLING_TYPE_UNSPECIFIED))
         if pooling not in _POOLING_NAMES:
             pooling = L.LLAMA_POOLING_TYPE_LAST if causal else L.LLAMA_POOLING_TYPE_MEAN
