@@ -20,8 +20,8 @@ pytestmark = pytest.mark.model
 
 CLIENTS = 16
 MAX_TOKENS = 12
-# Counting from a different number each: a continuation that does not follow its own prompt
-# (a prompt computed into another sequence's cells) shows up as a wrong number.
+# Counting from a different number each (100 apart): a continuation that does not follow its
+# own prompt (a prompt computed into another sequence's cells) shows up as a wrong number.
 STARTS = [100 * (i + 1) + 3 * i for i in range(CLIENTS)]
 
 
@@ -55,17 +55,23 @@ async def stream(client: httpx.AsyncClient, prompt: str) -> tuple[str, dict]:
                 continue
             ev = json.loads(line[6:])
             assert "error" not in ev, ev
-            parts += [c["text"] for c in ev["choices"]]
+            for choice in ev["choices"]:
+                parts.append(choice["text"])
+                if choice.get("finish_reason"):
+                    final["finish_reason"] = choice["finish_reason"]
             if ev.get("usage"):
-                final = ev
-            elif ev["choices"] and ev["choices"][0].get("finish_reason"):
-                final = {**final, "finish_reason": ev["choices"][0]["finish_reason"]}
+                final["usage"] = ev["usage"]
     return "".join(parts), final
 
 
 def first_number(text: str) -> int | None:
     found = re.search(r"\d+", text)
     return int(found.group()) if found else None
+
+
+def near(found: int | None, expected: int) -> bool:
+    """The small model sometimes skips a number; another request's count is 100 away."""
+    return found is not None and abs(found - expected) <= 3
 
 
 def test_concurrent_streams_each_get_their_own_answer(srv: KodkodServer) -> None:
@@ -84,7 +90,7 @@ def test_concurrent_streams_each_get_their_own_answer(srv: KodkodServer) -> None
         assert final.get("finish_reason") == "length", (start, final)
         assert final["usage"]["completion_tokens"] == MAX_TOKENS
         assert final["usage"]["prompt_tokens"] == n_prompt
-        assert first_number(text) == start + 6, (start, text)  # its own count goes on
+        assert near(first_number(text), start + 6), (start, text)  # its own count goes on
     assert after["running"] == 0 and after["waiting"] == 0
     assert after["generated_tokens"] - before["generated_tokens"] == CLIENTS * MAX_TOKENS
     assert after["preemptions"] == before["preemptions"]
@@ -100,7 +106,8 @@ def test_prompts_submitted_together_are_prefilled_together(srv: KodkodServer) ->
         r = c.post("/v1/completions", json={**body, "ignore_eos": True})
     assert r.status_code == 200, r.text
     choices = sorted(r.json()["choices"], key=lambda ch: ch["index"])
-    assert [first_number(ch["text"]) for ch in choices] == [s + 6 for s in starts]
+    for start, choice in zip(starts, choices, strict=True):
+        assert near(first_number(choice["text"]), start + 6), (start, choice["text"])
     after = wait_idle(srv)
     assert after["prefill_steps"] - before["prefill_steps"] < CLIENTS // 2
     assert after["generated_tokens"] - before["generated_tokens"] == CLIENTS * MAX_TOKENS
