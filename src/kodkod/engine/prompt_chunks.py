@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from kodkod.engine.plan import Entry
+from kodkod.engine.plan import Entry, StepKind, StepPlan
 from kodkod.engine.sequence import Sequence
 
 
@@ -51,3 +51,12 @@ def take_chunks(prefillers: Iterable[Sequence], budget: int, room: Callable[[int
         if granted < wanted:
             break
     return entries
+
+
+def step_of(decoders: list[Sequence], chunks: list[Entry]) -> StepPlan | None:
+    """A step of one decode row per decoder, then the prompt chunks (None: nothing to run)."""
+    entries = [Entry(s, s.num_computed, 1, 1) for s in decoders] + chunks
+    if not entries:
+        return None
+    kind = StepKind.MIXED if decoders and chunks else StepKind.DECODE if decoders else StepKind.PREFILL
+    return StepPlan(kind, entries)

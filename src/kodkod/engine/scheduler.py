@@ -49,14 +49,13 @@ from dataclasses import dataclass
 
 from kodkod.engine.adapters import pick_group
 from kodkod.engine.budget import HOST_MIN_GAIN, busy_budget
-from kodkod.engine.group import main_of, members
+from kodkod.engine.group import caught_up, main_of, members
 from kodkod.engine.host_cache import HostEntry, HostPrefixCache
 from kodkod.engine.kv import KVPool, SlotState, SlotTable, common_prefix_len
 from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     Admission,
     CopyPrefix,
     DraftPlan,
-    Entry,
     KVOp,
     Offload,
     Restore,
@@ -64,7 +63,7 @@ from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     StepPlan,
     Truncate,
 )
-from kodkod.engine.prompt_chunks import prompt_end, take_chunks
+from kodkod.engine.prompt_chunks import prompt_end, step_of, take_chunks
 from kodkod.engine.sequence import SeqStatus, Sequence
 
 
@@ -338,7 +337,7 @@ class Scheduler:
         while decoders and not self._make_room(len(decoders)):
             if not self._preempt_newest():
                 return []
-            decoders = [s for s in self._decoders() if s.adapter_key == key]
+            decoders = [s for s in caught_up(self.running) if s.adapter_key == key]
         return decoders
 
     def _reserve(self, cells: int) -> int:
@@ -355,36 +354,20 @@ class Scheduler:
         self._make_room(min(self.config.chunk_size, prompt_end(seq) - seq.num_computed))
         while self.pool.free_cells < 1 and self._preempt_newest(keep=seq):
             pass
-        entries = take_chunks([seq], self.config.chunk_size, self._reserve)
-        return StepPlan(StepKind.PREFILL, entries) if entries else None
-
-    def _decoders(self) -> list[Sequence]:
-        """Caught-up sequences; a CFG group only when both are caught up, main then shadow."""
-        out: list[Sequence] = []
-        for s in self.running:
-            if s.in_prefill:
-                continue
-            g = s.group
-            if g is None:
-                out.append(s)
-            elif g.main is s and not g.shadow.in_prefill and g.shadow.status is SeqStatus.RUNNING:
-                out += g.members
-        return out
+        return step_of([], take_chunks([seq], self.config.chunk_size, self._reserve))
 
     def _plan_alone(self) -> StepPlan | None:
         """Batch invariance on: a DECODE step or one prompt's PREFILL chunk, taking turns."""
         # One LoRA set per decode (llama.cpp applies adapters to the whole batch); sets take
         # turns across steps, see engine/adapters.py.
-        decoders = pick_group(self._decoders(), self._last_group)
+        decoders = pick_group(caught_up(self.running), self._last_group)
         prefillers = [s for s in self.running if s.in_prefill]
         plan: StepPlan | None = None
         if decoders and (not prefillers or not self._prefill_next):
-            decoders = self._room_for_decoders(decoders)
-            plan = StepPlan(StepKind.DECODE, [Entry(s, s.num_computed, 1, 1) for s in decoders])
-            plan = plan if decoders else None
+            plan = step_of(self._room_for_decoders(decoders), [])
             self._prefill_next = True
             if plan is not None:
-                self._last_group = decoders[0].adapter_key
+                self._last_group = plan.entries[0].seq.adapter_key
         if plan is None and prefillers:
             plan = self._plan_prefill(prefillers[0])
             self._prefill_next = False
@@ -395,13 +378,14 @@ class Scheduler:
         chunks, first admitted first, in what is left of `chunk_size` (`engine/prompt_chunks.py`),
         all of one LoRA set (sets take turns). When the decode rows alone fill the budget, a
         decode-only step and a prompt-only step take turns."""
-        work = pick_group(self._decoders() + [s for s in self.running if s.in_prefill], self._last_group)
+        prefilling = [s for s in self.running if s.in_prefill]
+        work = pick_group(caught_up(self.running) + prefilling, self._last_group)
         if not work:
             return None
         key = work[0].adapter_key
         self._last_group = key
         decoders = self._room_for_decoders([s for s in work if not s.in_prefill])
-        prefillers = [s for s in self.running if s.in_prefill and s.adapter_key == key]
+        prefillers = [s for s in self.running if s.in_prefill and s.adapter_key == key]  # after preemptions
         budget = self.config.chunk_size - len(decoders)
         if prefillers and budget < 1:  # no room for prompt tokens beside the decode rows
             if self._prefill_next:
@@ -411,12 +395,7 @@ class Scheduler:
         if prefillers and not decoders:  # nothing else would free cells for the oldest prompt
             while self.pool.free_cells < 1 and self._preempt_newest(keep=prefillers[0]):
                 pass
-        chunks = take_chunks(prefillers, budget, self._reserve)
-        entries = [Entry(s, s.num_computed, 1, 1) for s in decoders] + chunks
-        if not entries:
-            return None
-        kind = StepKind.MIXED if decoders and chunks else StepKind.DECODE if decoders else StepKind.PREFILL
-        return StepPlan(kind, entries)
+        return step_of(decoders, take_chunks(prefillers, budget, self._reserve))
 
     def schedule(self) -> StepPlan | None:
         """The next step (DECODE, PREFILL or MIXED), a KV-only plan when nothing can run but KV
