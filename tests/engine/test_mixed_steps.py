@@ -169,6 +169,11 @@ def test_burst_through_the_engine_is_prefilled_together_and_correct_under_pressu
                 for i in range(12)
             ]
             results = await asyncio.gather(*(client.submit(r).collect() for r in reqs))
+            deadline = asyncio.get_running_loop().time() + 10
+            while client.stats.running or client.stats.waiting:  # the last snapshot
+                assert asyncio.get_running_loop().time() < deadline, client.stats
+                await asyncio.sleep(0.005)
+            assert client.stats.preemptions > 0  # the pool was too small: some recomputed
         finally:
             await client.shutdown("test over")
         for req, (tokens, final) in zip(reqs, results, strict=True):
