@@ -11,7 +11,7 @@
      its own prompt, each between two raw runs);
    - the same request three more times (a regenerated reply), the last one's tok/s;
    - N concurrent streams: aggregate tok/s over the window in which all N are decoding;
-   - p50 / p99 inter-token latency per stream under N clients;
+   - p50 / p99 inter-token latency per stream under N clients, and their time to first token;
    - time to first token of a request sharing a 1,500-token prefix with an earlier one;
    - a single stream again after ~6,000 cells of idle cached prompts filled the pool;
    - per-step engine overhead outside llama_decode (from the engine's own counters).
@@ -195,6 +195,29 @@ def window_rate(all_events: list[list[tuple[float, int]]]) -> float:
     return n / (end - start)
 
 
+# -- time to first token of the N-stream phase -----------------------------------------------
+
+
+def ttft_figures(sent_s: float, streams: list[list[tuple[float, int]]]) -> dict[str, float]:
+    """TTFT p50 / p99 / worst of streams all sent at `sent_s` (their first text event)."""
+    ttft = sorted(events[0][0] - sent_s for events in streams)
+    return {
+        "ttft_many_p50_s": statistics.median(ttft),
+        "ttft_many_p99_s": ttft[round(0.99 * (len(ttft) - 1))],
+        "ttft_many_max_s": ttft[-1],
+    }
+
+
+def print_ttft(clients: int, r: dict[str, float]) -> None:
+    print(
+        f"time to first token under {clients} clients: p50 {r['ttft_many_p50_s']:.2f} s, "
+        f"p99 {r['ttft_many_p99_s']:.2f} s, worst {r['ttft_many_max_s']:.2f} s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 async def http_benchmarks(
     server: KodkodServer, raw: RawLoop, tokens: int, clients: int, pairs: int
 ) -> dict[str, float]:
@@ -222,7 +245,9 @@ async def http_benchmarks(
         CHAT.format(f"Tell me everything about {TOPICS[i % len(TOPICS)]}, in detail.") for i in range(clients)
     ]
     res["rawn"] = raw.run(clients, tokens)
+    sent_s = time.perf_counter()
     many = await asyncio.gather(*(stream_completion(port, key, p, tokens) for p in prompts))
+    res.update(ttft_figures(sent_s, many))
     res["many"] = window_rate(many)
     res["many_ratio"] = res["many"] / res["rawn"]
     gaps = sorted(b[0] - a[0] for evs in many for a, b in itertools.pairwise(evs))
@@ -340,6 +365,7 @@ def main() -> None:
         f"inter-token latency under {args.clients} clients: "
         f"p50 {r['itl_p50_ms']:.1f} ms, p99 {r['itl_p99_ms']:.1f} ms"
     )
+    print_ttft(args.clients, r)
     ttft_ratio = med(run["ttft_second_s"] / run["ttft_first_s"] for run in runs)
     print(
         f"prefix reuse ({r['prefix_tokens']:.0f}-token shared prefix): "

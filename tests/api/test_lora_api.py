@@ -10,7 +10,9 @@ comparison also relies on where llama.cpp puts each sequence's KV cells: the att
 in cell order, and this Q4_1 model quantises activations, so another placement moves logprobs
 by up to ~0.1 and can flip a near tie (measured). Placement follows the sequence of requests as
 long as the engine never trims idle cached prefixes or compacts the pool, which it does not for
-a pool this size (1024 cells < `MIN_BUSY_CACHE_CELLS`, asserted below).
+a pool this size (1024 cells < `MIN_BUSY_CACHE_CELLS`, asserted below), and on batch shapes:
+the server runs with `model.batch_invariant: true`, so no prompt is computed beside another
+request's rows.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterato
     )
     assert MIN_BUSY_CACHE_CELLS > 1024  # see the module docstring
     config = {
-        "model": {"max_seq_len": 1024},
+        "model": {"max_seq_len": 1024, "batch_invariant": True},
         "lora": {"lora_dir": "loras", "loras": [{"name": "style", "scaling": 1.0}]},
     }
     server = KodkodServer.start(root, config)

@@ -1,9 +1,10 @@
 """End to end: every sampler parameter has an effect, through a real server and the real model.
 
 One server for the module, started with `sampling.override_preset: safe_defaults` (what the
-sample config selects). Tests that need no preset clear it first. Outputs are compared only
-between runs of the same batch shape, or for the same seed with different neighbours (which
-llama.cpp keeps identical with prompts prefilled alone; see engine notes).
+sample config selects) and `model.batch_invariant: true`. Tests that need no preset clear it
+first. Outputs are compared only between runs of the same batch shape, or for the same seed
+with different neighbours (which llama.cpp keeps identical with prompts prefilled alone, what
+`batch_invariant` does; see engine notes).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ PROMPT = "Once upon a time, in a small village by the sea,"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterator[KodkodServer]:
     srv = KodkodServer.start(
-        tmp_path_factory.mktemp("samplers"), {"sampling": {"override_preset": "safe_defaults"}}
+        tmp_path_factory.mktemp("samplers"),
+        {"sampling": {"override_preset": "safe_defaults"}, "model": {"batch_invariant": True}},
     )
     yield srv
     srv.stop()

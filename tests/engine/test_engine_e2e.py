@@ -1,5 +1,10 @@
 """The engine through a real server with the default model: concurrency, disconnects, unload
-during streaming, stop strings across tokens, context limits, greedy batch invariance."""
+during streaming, stop strings across tokens, context limits, greedy batch invariance.
+
+The servers here run with `model.batch_invariant: true` (each prompt prefilled alone, decode
+rows never beside a prompt): what the concurrency test compares, a request's greedy text beside
+others and alone, only holds then. The default (mixed steps) is tested in
+`test_concurrent_burst_e2e.py`."""
 
 from __future__ import annotations
 
@@ -18,11 +23,12 @@ pytestmark = pytest.mark.model
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 # raw prompts whose first tokens differ: no request can reuse another's prefix
 OPENINGS = ["Seas", "Dragons", "Robots", "Lighthouses", "Winter", "Cities", "Cats", "Moonlight"]
+INVARIANT = {"model": {"max_seq_len": 2048, "batch_invariant": True}}
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path):
-    s = KodkodServer.start(tmp_path_factory.mktemp("engine"), {"model": {"max_seq_len": 2048}})
+    s = KodkodServer.start(tmp_path_factory.mktemp("engine"), INVARIANT)
     yield s
     s.stop()
 
@@ -61,7 +67,7 @@ def test_eight_concurrent_streams_finish_with_the_text_each_gets_alone(
         {"prompt": f"{w} are the subject of this short essay. ", "max_tokens": 48, "temperature": 0}
         for w in OPENINGS
     ]
-    ref_srv = KodkodServer.start(tmp_path / "ref", {"model": {"max_seq_len": 2048}})
+    ref_srv = KodkodServer.start(tmp_path / "ref", INVARIANT)
     try:
         with ref_srv.client() as c:
             refs = [c.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies]

@@ -104,8 +104,10 @@ def test_chunked_prefill_alone_then_decode() -> None:
     assert seq.num_computed == 51
 
 
-def test_prefill_never_shares_a_batch_and_alternates_with_decode() -> None:
-    sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=8), capacity=1000, num_slots=8)
+def test_batch_invariant_prefill_never_shares_a_batch_and_alternates_with_decode() -> None:
+    sched = Scheduler(
+        SchedulerConfig(max_batch_size=4, chunk_size=8, batch_invariant=True), capacity=1000, num_slots=8
+    )
     a = make_seq("a", [1, 2, 3])
     sched.add(a)
     run_step(sched)  # a prefilled, first token sampled

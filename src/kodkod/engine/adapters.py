@@ -4,9 +4,9 @@ llama.cpp applies LoRA adapters to the whole context, so one `llama_decode` can 
 sequences that use the same adapter set. Each sequence carries an `AdapterKey`
 (`core.types`), resolved by the backend's adapter host when the sequence is created:
 
-* the scheduler plans a DECODE step for one group only (`pick_group`), taking the groups in
-  turn (round robin by key), so concurrent requests with different adapters each advance;
-  a PREFILL step holds one sequence anyway;
+* the scheduler plans each step for one group only (`pick_group`: its decode rows and, unless
+  batch invariance is on, its prompt chunks), taking the groups in turn (round robin by key),
+  so concurrent requests with different adapters each advance;
 * the prefix cache only matches slots computed under the same key (`engine/kv.py`);
 * the loop switches the context to the plan's key right before `decode` (`use_adapters`).
 

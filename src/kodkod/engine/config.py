@@ -25,6 +25,7 @@ class EngineConfig:
     host_cache_bytes: int = 0  # second prefix-cache tier in host RAM (0: off)
     busy_cache_cells: int | None = None  # idle live cells while running (engine/budget.py)
     stall_timeout_s: float = 300.0  # one step taking longer is reported as stuck (problem())
+    batch_invariant: bool = False  # prompts prefilled alone, never beside decode rows (scheduler.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +46,12 @@ def build_parts(
     spec = Speculator(config.speculative, draft, backend.num_slots)
     host = HostPrefixCache(config.host_cache_bytes) if config.host_cache_bytes > 0 else None
     sched = Scheduler(
-        SchedulerConfig(config.max_batch_size, config.chunk_size, busy_cache_cells=config.busy_cache_cells),
+        SchedulerConfig(
+            config.max_batch_size,
+            config.chunk_size,
+            busy_cache_cells=config.busy_cache_cells,
+            batch_invariant=config.batch_invariant,
+        ),
         backend.kv_capacity,
         backend.num_slots,
         host,

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kodkod.engine.sequence import SeqStatus
+
 if TYPE_CHECKING:
     from kodkod.engine.sequence import Sequence
 
@@ -55,6 +57,21 @@ def main_of(seq: Sequence) -> Sequence:
 
 def is_shadow(seq: Sequence) -> bool:
     return seq.group is not None and seq.group.shadow is seq
+
+
+def caught_up(running: Iterable[Sequence]) -> list[Sequence]:
+    """The sequences with only their pending token to compute (decode rows); a CFG group only
+    when both are caught up, main then shadow."""
+    out: list[Sequence] = []
+    for s in running:
+        if s.in_prefill:
+            continue
+        g = s.group
+        if g is None:
+            out.append(s)
+        elif g.main is s and not g.shadow.in_prefill and g.shadow.status is SeqStatus.RUNNING:
+            out += g.members
+    return out
 
 
 def mains(seqs: Iterable[Sequence]) -> list[Sequence]:

@@ -57,8 +57,9 @@ class Admission(enum.Enum):
 
 
 class StepKind(enum.Enum):
-    DECODE = "decode"
-    PREFILL = "prefill"
+    DECODE = "decode"  # decode rows only (one pending token each, plus drafts)
+    PREFILL = "prefill"  # prompt chunks only
+    MIXED = "mixed"  # decode rows, then prompt chunks (batch invariance off)
     KV_ONLY = "kv_only"  # no rows: only KV operations to replay
 
 
@@ -71,6 +72,7 @@ class Entry:
     # speculative decoding: tokens drafted after the pending one; the row computes
     # seq.tokens[start:] + drafts (num_tokens = num_logits = 1 + len(drafts))
     drafts: tuple[int, ...] | list[int] = ()
+    prefill: bool = False  # a chunk of a prompt (else a decode row)
 
 
 @dataclass(slots=True)
@@ -97,6 +99,11 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(e.num_tokens for e in self.entries)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Tokens of the plan's prompt chunks."""
+        return sum(e.num_tokens for e in self.entries if e.prefill)
 
     def take_drafts(self, drafts: DraftPlan) -> None:
         """Each drafting entry's row becomes its pending token plus its drafts."""

@@ -1,17 +1,22 @@
 """The scheduler: which sequences run, and what each engine step computes. Pure — no backend.
 
-Each `schedule()` returns one `StepPlan`, either
+Each `schedule()` returns one `StepPlan` of rows for one `llama_decode`. A decode row is the one
+pending token of a running sequence that is caught up on its prompt (plus the tokens it
+drafted, to verify: see `engine/speculative/`); a prompt chunk is the next tokens of a prompt.
 
-* a DECODE step: the one pending token of every running sequence that is caught up on its
-  prompt (plus the tokens it drafted, to verify: see `engine/speculative/`), all in one batch; or
-* a PREFILL step: the next chunk (≤ `chunk_size` tokens) of ONE sequence's prompt.
+* Batch invariance off (the default): a step holds the decode row of every caught-up sequence
+  and, in what is left of `chunk_size` tokens, the chunks of several prompts, first admitted
+  first (`engine/prompt_chunks.py`; a MIXED step, or DECODE / PREFILL when one kind is
+  missing). A burst of requests is prefilled together and running streams never stall for a
+  step. Drafting happens in DECODE steps only.
+* Batch invariance on (`batch_invariant`): a DECODE step of decode rows only, or a PREFILL
+  step of ONE prompt's chunk, taking turns when both are pending. llama.cpp's CPU kernels give
+  slightly different numbers for different batch shapes; keeping prompts alone makes a
+  request's greedy output independent of its neighbours (engine-notes.md), at the cost of one
+  step per prompt chunk under concurrency.
 
-Prefill chunks never share a batch with decode tokens or with other prompts: llama.cpp's CPU
-kernels give slightly different numbers for different batch shapes, and keeping prompts alone
-makes a request's greedy output independent of its neighbours (engine-notes.md). When both
-kinds of work exist the two step kinds alternate, so running streams keep flowing during a
-long prefill. A DECODE step holds sequences of one LoRA adapter set only; sets take turns
-(`engine/adapters.py`), and prefixes are only reused under the same set.
+A step holds sequences of one LoRA adapter set only; sets take turns (`engine/adapters.py`),
+and prefixes are only reused under the same set.
 
 Admission (FIFO) happens before each plan: a waiting sequence gets a slot when fewer than
 `max_batch_size` run and the pool has room for its uncached prompt tokens. It starts from the
@@ -44,14 +49,13 @@ from dataclasses import dataclass
 
 from kodkod.engine.adapters import pick_group
 from kodkod.engine.budget import HOST_MIN_GAIN, busy_budget
-from kodkod.engine.group import main_of, members
+from kodkod.engine.group import caught_up, main_of, members
 from kodkod.engine.host_cache import HostEntry, HostPrefixCache
 from kodkod.engine.kv import KVPool, SlotState, SlotTable, common_prefix_len
 from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     Admission,
     CopyPrefix,
     DraftPlan,
-    Entry,
     KVOp,
     Offload,
     Restore,
@@ -59,6 +63,7 @@ from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     StepPlan,
     Truncate,
 )
+from kodkod.engine.prompt_chunks import prompt_end, step_of, take_chunks
 from kodkod.engine.sequence import SeqStatus, Sequence
 
 
@@ -71,6 +76,9 @@ class SchedulerConfig:
     # slow every decode down); the rest go to the host-RAM tier or are dropped. None: see
     # `busy_budget()`.
     busy_cache_cells: int | None = None
+    # Prefill each prompt alone and never beside decode rows, so a request's output does not
+    # depend on its neighbours (slower under concurrency); else steps mix them.
+    batch_invariant: bool = False
 
 
 class Scheduler:
@@ -97,7 +105,8 @@ class Scheduler:
         self.evicted_since_compaction = 0  # cells (engine/compaction.py)
         self._ops: list[KVOp] = []
         self._prefill_next = False
-        self._last_group: tuple | None = None  # adapter key of the last DECODE step
+        self._last_group: tuple | None = None  # adapter key of the last step's rows
+        self._reserved = 0  # KV cells the step being planned has taken (`_reserve`)
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -321,58 +330,78 @@ class Scheduler:
             return True
         return False
 
-    def _plan_decode(self, decoders: list[Sequence]) -> StepPlan | None:
-        while not self._make_room(len(decoders)):
+    def _room_for_decoders(self, decoders: list[Sequence]) -> list[Sequence]:
+        """A cell for each decoder (evicting idle prefixes, then preempting the newest running
+        sequences); the decoders of that adapter set still running afterwards."""
+        key = decoders[0].adapter_key if decoders else ()
+        while decoders and not self._make_room(len(decoders)):
             if not self._preempt_newest():
-                return None
-            decoders = self._decoders()
-        entries = [Entry(s, s.num_computed, 1, 1) for s in decoders]
-        return StepPlan(StepKind.DECODE, entries) if entries else None
+                return []
+            decoders = [s for s in caught_up(self.running) if s.adapter_key == key]
+        return decoders
+
+    def _reserve(self, cells: int) -> int:
+        """Up to `cells` more KV cells for the step being planned (idle prefixes are evicted
+        to find them); how many it got."""
+        self._make_room(self._reserved + cells)
+        got = max(0, min(cells, self.pool.free_cells - self._reserved))
+        self._reserved += got
+        return got
 
     def _plan_prefill(self, seq: Sequence) -> StepPlan | None:
-        # a CFG pair computes its last prompt tokens together in a decode step (both logits)
-        end = len(seq.tokens) - (1 if seq.group is not None else 0)
-        remaining = end - seq.num_computed
-        chunk = min(self.config.chunk_size, remaining)
-        self._make_room(chunk)
+        """A PREFILL step of one prompt's next chunk (batch invariance on)."""
+        self._reserved = 0
+        self._make_room(min(self.config.chunk_size, prompt_end(seq) - seq.num_computed))
         while self.pool.free_cells < 1 and self._preempt_newest(keep=seq):
             pass
-        chunk = min(chunk, self.pool.free_cells)
-        if chunk <= 0:
-            return None
-        logits = 1 if chunk == remaining and end == len(seq.tokens) else 0
-        return StepPlan(StepKind.PREFILL, [Entry(seq, seq.num_computed, chunk, logits)])
+        return step_of([], take_chunks([seq], self.config.chunk_size, self._reserve))
 
-    def _decoders(self) -> list[Sequence]:
-        """Caught-up sequences; a CFG group only when both are caught up, main then shadow."""
-        out: list[Sequence] = []
-        for s in self.running:
-            if s.in_prefill:
-                continue
-            g = s.group
-            if g is None:
-                out.append(s)
-            elif g.main is s and not g.shadow.in_prefill and g.shadow.status is SeqStatus.RUNNING:
-                out += g.members
-        # One LoRA set per decode (llama.cpp applies adapters to the whole batch); groups
-        # take turns across steps, see engine/adapters.py.
-        return pick_group(out, self._last_group)
-
-    def schedule(self) -> StepPlan | None:
-        """The next step: a DECODE or PREFILL plan, a KV-only plan when nothing can run but KV
-        ops are queued, or None when there is nothing to do. The plan carries every queued op."""
-        self._admit()
-        decoders = self._decoders()
+    def _plan_alone(self) -> StepPlan | None:
+        """Batch invariance on: a DECODE step or one prompt's PREFILL chunk, taking turns."""
+        # One LoRA set per decode (llama.cpp applies adapters to the whole batch); sets take
+        # turns across steps, see engine/adapters.py.
+        decoders = pick_group(caught_up(self.running), self._last_group)
         prefillers = [s for s in self.running if s.in_prefill]
         plan: StepPlan | None = None
         if decoders and (not prefillers or not self._prefill_next):
-            plan = self._plan_decode(decoders)
+            plan = step_of(self._room_for_decoders(decoders), [])
             self._prefill_next = True
             if plan is not None:
                 self._last_group = plan.entries[0].seq.adapter_key
         if plan is None and prefillers:
             plan = self._plan_prefill(prefillers[0])
             self._prefill_next = False
+        return plan
+
+    def _plan_mixed(self) -> StepPlan | None:
+        """Batch invariance off: the decode row of every caught-up sequence, then prompt
+        chunks, first admitted first, in what is left of `chunk_size` (`engine/prompt_chunks.py`),
+        all of one LoRA set (sets take turns). When the decode rows alone fill the budget, a
+        decode-only step and a prompt-only step take turns."""
+        prefilling = [s for s in self.running if s.in_prefill]
+        work = pick_group(caught_up(self.running) + prefilling, self._last_group)
+        if not work:
+            return None
+        key = work[0].adapter_key
+        self._last_group = key
+        decoders = self._room_for_decoders([s for s in work if not s.in_prefill])
+        prefillers = [s for s in self.running if s.in_prefill and s.adapter_key == key]  # after preemptions
+        budget = self.config.chunk_size - len(decoders)
+        if prefillers and budget < 1:  # no room for prompt tokens beside the decode rows
+            if self._prefill_next:
+                decoders, budget = [], self.config.chunk_size
+            self._prefill_next = not self._prefill_next
+        self._reserved = len(decoders)
+        if prefillers and not decoders:  # nothing else would free cells for the oldest prompt
+            while self.pool.free_cells < 1 and self._preempt_newest(keep=prefillers[0]):
+                pass
+        return step_of(decoders, take_chunks(prefillers, budget, self._reserve))
+
+    def schedule(self) -> StepPlan | None:
+        """The next step (DECODE, PREFILL or MIXED), a KV-only plan when nothing can run but KV
+        ops are queued, or None when there is nothing to do. The plan carries every queued op."""
+        self._admit()
+        plan = self._plan_alone() if self.config.batch_invariant else self._plan_mixed()
         if plan is None:
             return self.flush()
         plan.kv_ops = self._take_ops()

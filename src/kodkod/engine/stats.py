@@ -82,9 +82,9 @@ class StepCounters:
         self.steps += 1
         if decoded.plan.kind is StepKind.DECODE:
             self.decode_steps += 1
-        else:
+        else:  # PREFILL, or MIXED (decode rows beside prompt chunks): counted as prefill steps
             self.prefill_steps += 1
-            self.prompt_computed += decoded.plan.num_tokens
+            self.prompt_computed += decoded.plan.num_prompt_tokens
         self.generated += generated
         self.decode_s += decoded.decode_s
         self.draft_s += decoded.draft_s

@@ -161,6 +161,7 @@ def build_plan_params(
     values, extra = _split(Section.MODEL, model_layer, notes)
     values.setdefault("n_threads", settings.model.n_threads)
     values.setdefault("flash_attention", settings.model.flash_attention)
+    values.setdefault("batch_invariant", settings.model.batch_invariant)
     if values.get("vision"):
         raise LoadParamError(
             "vision: true needs a vision projector, and this server has no vision support yet; "

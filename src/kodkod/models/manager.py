@@ -284,6 +284,7 @@ class ModelManager:
                     spec_config(params.draft, draft is not None),
                     host_cache_bytes=self._host_cache_bytes,
                     stall_timeout_s=self._stall_timeout_s,
+                    batch_invariant=params.batch_invariant,
                 ),
                 self._report_fatal,
                 draft.backend if draft is not None else None,  # speculative decoding

@@ -67,6 +67,7 @@ class ModelLoadParams:
     prompt_template: str | None = None
     n_threads: int | None = None
     flash_attention: bool = True
+    batch_invariant: bool = False  # prompts prefilled alone (engine/scheduler.py)
     vision: bool = False
     placement: GpuPlacement | None = None
     draft: DraftParams | None = None

@@ -331,6 +331,15 @@ LOAD_TABLE: tuple[LoadParam, ...] = (
         "kodkod extension: use flash attention in llama.cpp.",
         surfaces=NOT_IN_REQUEST,
     ),
+    P(
+        "batch_invariant",
+        bool,
+        False,
+        "kodkod extension: prefill each prompt alone and never beside running streams, so a "
+        "request's output does not depend on the requests running with it (slower with many "
+        "concurrent requests); off prefills several prompts in one step beside the streams.",
+        surfaces=NOT_IN_REQUEST,
+    ),
     # ---- draft_model ------------------------------------------------------------------------
     P(
         "draft_mode",

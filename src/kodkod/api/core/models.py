@@ -69,6 +69,7 @@ def model_parameters(model: LoadedModel) -> dict[str, Any]:
         # kodkod extensions
         "cache_types": [plan.config.cache_type_k, plan.config.cache_type_v],
         "flash_attention": plan.config.flash_attention,
+        "batch_invariant": model.engine.config.batch_invariant,
         "architecture": model.info.architecture,
         "n_params": model.info.n_params,
         "n_ctx_train": model.info.n_ctx_train,

@@ -1,0 +1,62 @@
+"""Prompt chunks of one engine step: which prompts compute how many tokens, within a budget.
+
+A step's token budget is `chunk_size` (llama.cpp's batch is at least that big). With batch
+invariance off (the default), the decode rows of the step come first, one token each, and
+what is left of the budget goes to the prompts still prefilling, first admitted first
+(`take_chunks`): the oldest prompt takes as much as it needs, the next one the rest, and so on
+until the budget or the KV cells run out. So a burst of short requests is prefilled in one
+step instead of one step each, running streams keep producing a token every step, and a
+request's first token never waits behind a prompt that arrived after it.
+
+Each chunk asks `room(n)` for its KV cells: the scheduler's reservation for the step being
+planned, which evicts idle cached prefixes to find them and may give fewer (then the chunk is
+shorter, and later prompts get nothing this step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from kodkod.engine.plan import Entry, StepKind, StepPlan
+from kodkod.engine.sequence import Sequence
+
+
+def prompt_end(seq: Sequence) -> int:
+    """Where a sequence's prefill stops: its last token, except for a CFG pair, which computes
+    its last prompt tokens together in a decode row (both logits in one step)."""
+    return len(seq.tokens) - (1 if seq.group is not None else 0)
+
+
+def chunk_entry(seq: Sequence, num_tokens: int) -> Entry:
+    """The next `num_tokens` of `seq`'s prompt; logits when they reach its end."""
+    end = prompt_end(seq)
+    logits = 1 if seq.num_computed + num_tokens == end == len(seq.tokens) else 0
+    return Entry(seq, seq.num_computed, num_tokens, logits, prefill=True)
+
+
+def take_chunks(prefillers: Iterable[Sequence], budget: int, room: Callable[[int], int]) -> list[Entry]:
+    """Chunks for `prefillers` (in order) within `budget` tokens; `room(n)` grants up to n KV
+    cells. Stops at the first prompt that cannot get all it asked for."""
+    entries: list[Entry] = []
+    for seq in prefillers:
+        if budget <= 0:
+            break
+        wanted = min(budget, prompt_end(seq) - seq.num_computed)
+        if wanted <= 0:
+            continue
+        granted = room(wanted)
+        if granted > 0:
+            entries.append(chunk_entry(seq, granted))
+            budget -= granted
+        if granted < wanted:
+            break
+    return entries
+
+
+def step_of(decoders: list[Sequence], chunks: list[Entry]) -> StepPlan | None:
+    """A step of one decode row per decoder, then the prompt chunks (None: nothing to run)."""
+    entries = [Entry(s, s.num_computed, 1, 1) for s in decoders] + chunks
+    if not entries:
+        return None
+    kind = StepKind.MIXED if decoders and chunks else StepKind.DECODE if decoders else StepKind.PREFILL
+    return StepPlan(kind, entries)
