@@ -183,6 +183,7 @@ class EngineLoop:
             except BaseException as exc:  # handed to the caller
                 cmd.future.set_exception(exc)
         self._sched.paused = False
+        self._spec.reset_costs()  # a swapped model or adapter costs what it costs: measure again
         # exclusive work may have swapped LoRA adapters: re-resolve requests not yet admitted
         refresh_waiting(
             self._sched.waiting, self.backend, lambda seq, msg: self._fail(seq, msg, ErrorKind.BAD_REQUEST)
@@ -213,7 +214,8 @@ class EngineLoop:
         self._spec.clear()
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
+        clock = self.config.clock
+        t0 = clock()
         sched, spec = self._sched, self._spec
         plan = sched.schedule()
         if plan is not None and plan.kind is StepKind.DECODE and spec.active > 0:
@@ -231,7 +233,10 @@ class EngineLoop:
             self._finish(seq, finish)
         for seq, message in out.failed:
             self._fail(seq, message, ErrorKind.BAD_REQUEST)
-        self._counters.record(decoded, out.generated, time.perf_counter() - t0)
+        step_s = clock() - t0
+        if decoded.measured:  # what this step's rows cost, sampling and emitting included
+            spec.observe_step(len(decoded.plan.entries), decoded.plan.num_tokens, step_s - decoded.draft_s)
+        self._counters.record(decoded, out.generated, step_s)
         self._publish(force=not sched.has_work)
 
     # -- endings ----------------------------------------------------------------------------

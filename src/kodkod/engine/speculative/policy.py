@@ -39,6 +39,7 @@ PRIOR_SLOPE = 0.12  # relative cost of one more token in a batch, before two siz
 MARGIN = 0.15  # drafting must promise this much more throughput than not (model error, noise)
 EMA_WEIGHT = 0.25
 MAX_SIZE = 512  # batch sizes above this are not tracked (prefill-sized batches)
+EXPLORE_K = 4  # the longest trial draft while a load's step cost is known at one size only
 
 
 class CostModel:
@@ -63,6 +64,10 @@ class CostModel:
     @property
     def known(self) -> bool:
         return bool(self._sizes)
+
+    @property
+    def num_sizes(self) -> int:
+        return len(self._sizes)
 
     def estimate(self, n: int) -> float:
         """Seconds for a call of n tokens (0.0 when nothing is measured yet)."""
@@ -136,23 +141,19 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def choose_k(
+def step_rates(
     cands: Sequence[Candidate],
     num_others: int,
     target: CostModel,
     draft: CostModel | None,
     options: Sequence[int],
-) -> int:
-    """The draft length K from `options` with the best expected tokens per second (0: none).
+) -> list[tuple[int, float]]:
+    """(K, expected tokens per second of the step) for K = 0 and each of `options`.
 
-    `num_others` sequences in the same decode step do not draft (1 token, 1 row each).
-    """
-    if not target.known or (draft is not None and not draft.known and any(c.uses_model for c in cands)):
-        # nothing measured yet: try, and measure — but only alone, where it is cheap to learn
-        return max(options) if num_others + len(cands) == 1 else 0
-    plain = target.estimate(num_others + len(cands))  # this batch, as measured
-    per_row = target.slope()
-    best_k, best_rate = 0, 0.0
+    `target` is the measured step cost at this load (seconds by rows in the batch, see
+    `costs.StepCosts`); `num_others` sequences in the same decode step do not draft."""
+    num_seqs = num_others + len(cands)
+    out: list[tuple[int, float]] = []
     for K in sorted(set(options) | {0}):
         tokens = float(num_others)
         extra = 0
@@ -163,13 +164,37 @@ def choose_k(
             extra += k
             if c.uses_model and k > 0:
                 ks.append(k)
-        seconds = plain + per_row * extra
+        seconds = target.estimate(num_seqs + extra)
         if ks and draft is not None:
             for j in range(1, max(ks) + 1):
                 seconds += draft.estimate(sum(1 for k in ks if k >= j))
-        if seconds <= 0.0:
-            continue
-        rate = tokens / seconds if K else tokens / seconds * (1.0 + MARGIN)
+        if seconds > 0.0:
+            out.append((K, tokens / seconds))
+    return out
+
+
+def choose_k(
+    cands: Sequence[Candidate],
+    num_others: int,
+    target: CostModel,
+    draft: CostModel | None,
+    options: Sequence[int],
+) -> int:
+    """The draft length K from `options` with the best expected tokens per second (0: none).
+
+    Until the plain step at this load is measured, K = 0 (it measures it). A size not measured
+    yet is extrapolated optimistically (PRIOR_SLOPE; an unmeasured draft model costs nothing),
+    so the first drafting step at a load is a trial that measures it — limited to EXPLORE_K
+    tokens while only one batch size is known, so a trial at a large batch stays cheap.
+    """
+    if not target.known:
+        return 0
+    if target.num_sizes < 2:
+        options = [k for k in options if k <= EXPLORE_K] or [min(options, default=0)]
+    best_k, best_rate = 0, 0.0
+    for K, rate in step_rates(cands, num_others, target, draft, options):
+        if K == 0:
+            rate *= 1.0 + MARGIN
         if rate > best_rate * 1.0001:
             best_k, best_rate = K, rate
     return best_k
