@@ -41,6 +41,7 @@ from kodkod.engine.scheduler import StepKind
 from kodkod.engine.sequence import EventSink, Sequence
 from kodkod.engine.slots import SlotsProbe
 from kodkod.engine.stats import EngineStats, StepCounters, snapshot
+from kodkod.engine.stream import LoopWaker
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="kodkod-engine", daemon=True)
         self.health = EngineHealth(config.stall_timeout_s)  # read by the watchdog
         self._inflight: Command | None = None  # the command being handled (answered if we die)
+        self._wakers: tuple[LoopWaker, ...] = ()  # consumers' loops, woken once per step
 
     # -- public (any thread) ----------------------------------------------------------------
 
@@ -93,6 +95,10 @@ class EngineLoop:
         fut: Future = Future()
         self._mail.put(Exclusive(fn, cancel_running, fut))
         return fut
+
+    def add_waker(self, waker: LoopWaker) -> None:
+        """Wake `waker`'s loop once per step (after the step's events), not once per event."""
+        self._wakers = (*(w for w in self._wakers if not w.loop.is_closed()), waker)
 
     def shutdown(self, message: str) -> Future:
         cmd = Shutdown(message)
@@ -192,6 +198,9 @@ class EngineLoop:
     def _safe_step(self) -> None:
         health = self.health
         health.step_started_s = time.monotonic()  # the watchdog's one cost per step
+        wakers = self._wakers
+        for w in wakers:
+            w.hold()
         try:
             self._step()
             health.failed_steps = 0
@@ -205,6 +214,8 @@ class EngineLoop:
             health.step_failed(exc, self._on_fatal)
         finally:
             health.step_started_s = 0.0
+            for w in wakers:
+                w.release()
 
     def _reset_cache(self) -> None:
         """After a failure the KV state is unknown: start from an empty cache."""

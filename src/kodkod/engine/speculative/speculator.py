@@ -71,6 +71,7 @@ class Speculator:
         self._drafting_steps = 0
         self._held: dict[int, int] = {}  # by sequences per step: steps since drafting was tried
         self._exploring = False  # this step drafts to measure, whatever the costs say
+        self.summaries: tuple[CostSummary, ...] = ()  # the last cost_summaries()
 
     # -- sequences --------------------------------------------------------------------------
 
@@ -218,7 +219,9 @@ class Speculator:
         # per token that repeats however rarely it is done: only sequences whose draft is
         # nearly current (short prompts, recent drafters) explore
         pairs = zip(entries, cands, strict=True)
-        if runner is not None and any(c.uses_model and runner.behind(e.seq) > EXPLORE_CATCHUP for e, c in pairs):
+        if runner is not None and any(
+            c.uses_model and runner.behind(e.seq) > EXPLORE_CATCHUP for e, c in pairs
+        ):
             return 0
         self._held[num_seqs] = 0
         table = self.costs.table(num_seqs)
@@ -321,6 +324,12 @@ class Speculator:
         """Exclusive work ran (a model or adapter swap, …): what was measured no longer holds."""
         self.costs.reset()
         self._held.clear()
+
+    def cost_summaries(self) -> tuple[CostSummary, ...]:
+        """`cost_summary` for every load measured so far (kept in `summaries`)."""
+        found = (self.cost_summary(b) for b in sorted(self.costs.target))
+        self.summaries = tuple(c for c in found if c is not None)
+        return self.summaries
 
     def cost_summary(self, num_seqs: int) -> CostSummary | None:
         """Measured costs and break-even at this load, at the acceptance seen so far."""
