@@ -16,12 +16,13 @@ less than the tokens they are expected to yield. Both sides are measured while s
 min(K, its cap)) that maximises expected tokens per second of the whole step:
 
     tokens(K)  = Σ_seq (1 + α + … + α^k)                  (the sampled token, plus accepted drafts)
-    seconds(K) = t_target(B) + Σ k · slope + Σ_j t_draft(#seqs drafting a j-th token)
+    seconds(K) = step_B(B + Σ k) + Σ_j t_draft(#seqs drafting a j-th token)
 
-The plain step t_target(B) is looked up at the batch's own size and the drafted rows are
-added at the measured marginal cost of a row: a step's cost also depends on how much context
-its sequences attend to, so eight sequences with one row each cost more than one sequence
-with eight rows, and looking up t_target(B + Σ k) would mix the two.
+step_B is the measured cost of a whole step with B sequences by rows in its batch (one table
+per B, `costs.StepCosts`): a step's cost also depends on how much context its sequences attend
+to, so eight sequences with one row each cost more than one sequence with eight rows. Both
+step_B and t_draft are whole costs — sampling, verification, emitting, and the Python around
+each draft call — because the tokens a user waits for pay all of it, not just llama_decode.
 With many sequences in the batch the verification rows cost nearly as much as the tokens
 they are worth, so K = 0 wins and drafting stops: speculation backs off under load by itself.
 Drafting must beat not drafting by MARGIN: near the break-even point the estimates' errors
