@@ -152,25 +152,32 @@ def step_rates(
     """(K, expected tokens per second of the step) for K = 0 and each of `options`.
 
     `target` is the measured step cost at this load (seconds by rows in the batch, see
-    `costs.StepCosts`); `num_others` sequences in the same decode step do not draft."""
+    `costs.StepCosts`); `num_others` sequences in the same decode step do not draft. Runs
+    every decode step: one pass over K = 1, 2, … adding each K's tokens, rows and draft call
+    to the previous K's (no work per (K, sequence, position) triple)."""
     num_seqs = num_others + len(cands)
-    out: list[tuple[int, float]] = []
-    for K in sorted(set(options) | {0}):
-        tokens = float(num_others)
-        extra = 0
-        ks: list[int] = []
-        for c in cands:
-            k = min(K, c.cap)
-            tokens += expected_tokens(c.alpha, k)
-            extra += k
-            if c.uses_model and k > 0:
-                ks.append(k)
-        seconds = target.estimate(num_seqs + extra)
-        if ks and draft is not None:
-            for j in range(1, max(ks) + 1):
-                seconds += draft.estimate(sum(1 for k in ks if k >= j))
-        if seconds > 0.0:
-            out.append((K, tokens / seconds))
+    wanted = set(options)
+    top = max(wanted, default=0)
+    plain = target.estimate(num_seqs)
+    out: list[tuple[int, float]] = [(0, num_seqs / plain)] if plain > 0.0 else []
+    tokens = float(num_seqs)  # each sequence's sampled token
+    extra = 0  # drafted rows
+    draft_s = 0.0
+    power = [1.0] * len(cands)  # α^k of each candidate at the current k
+    for K in range(1, top + 1):
+        drafting = 0  # draft-model sequences drafting a K-th token
+        for i, c in enumerate(cands):
+            if c.cap >= K:
+                power[i] *= c.alpha
+                tokens += power[i]  # 1 + α + … + α^K: one more term
+                extra += 1
+                drafting += c.uses_model
+        if drafting and draft is not None:
+            draft_s += draft.estimate(drafting)
+        if K in wanted:
+            seconds = target.estimate(num_seqs + extra) + draft_s
+            if seconds > 0.0:
+                out.append((K, tokens / seconds))
     return out
 
 
