@@ -32,13 +32,14 @@ sys.path.insert(0, str(REPO / "src"))
 
 from kodkod.backends.llamacpp.backend import LlamaCppBackend  # noqa: E402
 from kodkod.core.backend_types import ContextConfig, ModelSource  # noqa: E402
-from kodkod.core.types import GenerationRequest  # noqa: E402
+from kodkod.core.types import GenerationRequest, SamplingParams  # noqa: E402
 from kodkod.engine.client import EngineClient  # noqa: E402
 from kodkod.engine.loop import EngineConfig, EngineLoop  # noqa: E402
 from kodkod.models.manager import available_threads  # noqa: E402
 from tests.server import DEFAULT_GGUF  # noqa: E402
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+GREEDY = SamplingParams(temperature=0.0)
 TOPICS = ["the sea", "a dragon", "robots", "a lighthouse", "winter", "a city", "a cat", "the moon"]
 
 
@@ -61,6 +62,7 @@ class TimedBackend:
 
 
 def run(backend: LlamaCppBackend, streams: int, tokens: int, profile: cProfile.Profile | None) -> dict:
+    backend.kv_clear()  # each run's engine starts from an empty cache
     timed = TimedBackend(backend)
     step_cpu = [0.0]
     original = EngineLoop._step
@@ -92,7 +94,7 @@ def run(backend: LlamaCppBackend, streams: int, tokens: int, profile: cProfile.P
                     for i in range(streams)
                 ]
                 reqs = [
-                    GenerationRequest(f"r{i}", p, max_tokens=tokens, ban_eos_token=True)
+                    GenerationRequest(f"r{i}", p, GREEDY, max_tokens=tokens, ban_eos_token=True)
                     for i, p in enumerate(prompts)
                 ]
 
