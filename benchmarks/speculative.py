@@ -15,7 +15,10 @@ the modes, and every ratio is taken within a round, then the median over rounds 
    draft server vs the plain one — the adaptive policy must back off, not slow things down.
 
 Acceptance rate and mean draft length k (drafted tokens per drafting sequence-step) come from
-the servers' /health counters. Timings on this shared 2-core machine are noisy: compare the
+the servers' /health counters, and so do the draft server's measured costs per load (a plain
+decode step, one more verified row, one draft call — the policy's own figures) with the
+acceptance at which drafting one token starts to pay (break-even) and the best k at the
+acceptance seen so far. Timings on this shared 2-core machine are noisy: compare the
 ratios, not absolute numbers, and run it when the machine is quiet (`uptime`).
 """
 
@@ -111,6 +114,22 @@ async def many_streams(server: KodkodServer, clients: int, tokens: int) -> tuple
     return sum(counts) / wall, sum(counts)
 
 
+def cost_lines(h: dict[str, Any]) -> list[str]:
+    """The draft server's measured step costs per load (from /health) and their break-even."""
+    out = []
+    for c in h.get("speculation_costs", []):
+        be = c["breakeven_acceptance"]
+        out.append(
+            f"    {c['num_seqs']} seq/step: plain step {c['plain_step_ms']:.2f} ms, "
+            f"+{c['verified_row_ms']:.2f} ms "
+            f"per verified row, draft call {c['draft_call_ms']:.2f} ms (draft/plain "
+            f"{c['draft_call_ms'] / max(c['plain_step_ms'], 1e-9):.2f}); break-even acceptance for k=1: "
+            f"{'never' if be is None else f'{be:.2f}'}; at acceptance {c['acceptance']:.2f} the best k is "
+            f"{c['best_k']} for {c['best_speedup']:.2f}x"
+        )
+    return out
+
+
 def fmt(spec: tuple[int, int, int]) -> str:
     drafted, accepted, steps = spec
     if not drafted:
@@ -165,6 +184,7 @@ def main() -> None:
                     row["many_draft"], _ = asyncio.run(many_streams(draft, args.clients, args.tokens))
                     row["many_spec"] = spec_counters(h0, health(dc))
                     rows.append(row)
+                    row["costs"] = cost_lines(health(dc))
                     print(
                         f"  round: story {row['story_draft'] / row['story_plain']:.2f}x "
                         f"({fmt(row['story_spec'])}), copy {row['copy_ngram'] / row['copy_plain']:.2f}x "
@@ -172,6 +192,7 @@ def main() -> None:
                         f"{row['many_draft'] / row['many_plain']:.2f}x ({fmt(row['many_spec'])})",
                         flush=True,
                     )
+                    print("\n".join(row["costs"]), flush=True)
         finally:
             plain.stop()
             draft.stop()

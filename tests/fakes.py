@@ -6,6 +6,10 @@ byte-fallback tokens). It mirrors llama.cpp's KV semantics per slot (positions m
 contiguous; decode into a position that is already filled is an error), records every batch,
 and counts live samplers so tests can check nothing leaks. `fail_tokens` makes a decode fail
 like llama.cpp's does: rows before the first bad one have already written their KV.
+
+Costs without sleeping: give a backend a `FakeClock` (and the engine the same clock,
+`EngineConfig.clock`) and every decode advances it by `call_cost_s + token_cost_s × tokens`, so
+what the engine measures is exactly the set costs — deterministic, whatever the machine does.
 """
 
 from __future__ import annotations
@@ -55,6 +59,19 @@ class FakeSampler:
             self.backend.live_samplers -= 1
 
 
+@dataclass(slots=True)
+class FakeClock:
+    """Seconds that pass only when a fake backend decodes (engine thread only)."""
+
+    now_s: float = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
 @dataclass
 class FakeBackend:
     n_vocab: int = 64
@@ -67,6 +84,9 @@ class FakeBackend:
     fail_decode: bool = False
     fail_tokens: set[int] = field(default_factory=set)  # a batch holding one of these fails
     delay_s: float = 0.0  # sleep per decode, to make requests last
+    clock: FakeClock | None = None  # advanced by each decode's set cost (below)
+    call_cost_s: float = 0.0  # per decode call
+    token_cost_s: float = 0.0  # per token in the call
 
     def __post_init__(self) -> None:
         self.tokenizer = FakeTokenizer(self.n_vocab, self.pieces)
@@ -110,6 +130,8 @@ class FakeBackend:
             raise RuntimeError("simulated decode failure")
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.clock is not None:
+            self.clock.advance(self.call_cost_s + self.token_cost_s * sum(len(r.tokens) for r in rows))
         bad = next((i for i, r in enumerate(rows) if self.fail_tokens.intersection(r.tokens)), None)
         if bad is not None:
             for row in rows[:bad]:  # written before the failing part, left behind

@@ -11,6 +11,7 @@ import pytest
 from kodkod.engine.speculative.acceptance import accept_or_resample, point_mass, residual
 from kodkod.engine.speculative.ngram import NgramIndex
 from kodkod.engine.speculative.policy import (
+    EXPLORE_K,
     Acceptance,
     Candidate,
     CostModel,
@@ -161,10 +162,16 @@ def test_low_acceptance_or_a_full_batch_turns_drafting_off() -> None:
     assert choose_k(eight, 0, TARGET, DRAFT, [4]) == 0
 
 
-def test_first_step_explores_when_alone() -> None:
-    assert choose_k([Candidate(0.5, 3, True)], 0, CostModel(), None, range(1, 4)) == 3
+def test_a_load_is_measured_plain_first_then_tried_with_a_short_draft() -> None:
+    # nothing measured at this load: a plain step measures it
+    assert choose_k([Candidate(0.5, 3, True)], 0, CostModel(), None, range(1, 4)) == 0
     assert choose_k([Candidate(0.5, 3, True)], 1, CostModel(), None, range(1, 4)) == 0
-    assert choose_k([Candidate(0.5, 3, True)], 0, TARGET, CostModel(), range(1, 4)) == 3
+    # the plain step is known: a trial (optimistic prior slope), at most EXPLORE_K long
+    plain_only = CostModel()
+    plain_only.observe(1, 0.02)
+    assert choose_k([Candidate(0.9, 16, True)], 0, plain_only, CostModel(), range(1, 17)) == EXPLORE_K
+    # an unmeasured draft model costs nothing until its first call measures it
+    assert choose_k([Candidate(0.5, 3, True)], 0, TARGET, CostModel(), range(1, 4)) > 0
 
 
 def test_acceptance_estimate_follows_the_text() -> None:

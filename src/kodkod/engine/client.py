@@ -24,7 +24,7 @@ from kodkod.core.types import GenerationRequest
 from kodkod.engine.backend import Backend
 from kodkod.engine.loop import EngineConfig, EngineLoop, EngineStats
 from kodkod.engine.slots import EngineSlots
-from kodkod.engine.stream import RequestStream
+from kodkod.engine.stream import LoopWaker, RequestStream
 from kodkod.engine.watchdog import Watchdog
 
 T = TypeVar("T")
@@ -91,6 +91,7 @@ class EngineClient:
         self.adapter_check = adapter_check
         self._count_lock = threading.Lock()
         self._in_flight = 0
+        self._waker: LoopWaker | None = None  # for the loop that submits (one per client)
 
     @classmethod
     def start(
@@ -175,12 +176,18 @@ class EngineClient:
     def submit(self, request: GenerationRequest, *, stall_timeout_s: float | None = None) -> RequestStream:
         """`stall_timeout_s`: abort the request once its output sat unread that long."""
         self.check(request)
+        loop = asyncio.get_running_loop()
+        waker = self._waker
+        if waker is None or waker.loop is not loop:  # the first submit (tests may use several loops)
+            waker = self._waker = LoopWaker(loop)
+            self._engine.add_waker(waker)
         stream = RequestStream(
             request.request_id,
-            asyncio.get_running_loop(),
+            loop,
             self._engine.abort,
             on_end=self._ended,
             stall_timeout_s=stall_timeout_s,
+            waker=waker,
         )
         with self._count_lock:
             self._in_flight += 1

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,9 @@ class EngineConfig:
     busy_cache_cells: int | None = None  # idle live cells while running (engine/budget.py)
     stall_timeout_s: float = 300.0  # one step taking longer is reported as stuck (problem())
     batch_invariant: bool = False  # prompts prefilled alone, never beside decode rows (scheduler.py)
+    # seconds for step and decode timing (stats, speculation's cost measurements); tests
+    # pass a fake clock that their fake backends advance by set costs
+    clock: Callable[[], float] = time.perf_counter
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +47,7 @@ def build_parts(
 ) -> StepParts:
     """`draft`: the draft model's backend, or None; `fail(seq, message)` ends a sequence whose
     row cannot be decoded (the runner's fault isolation)."""
-    spec = Speculator(config.speculative, draft, backend.num_slots)
+    spec = Speculator(config.speculative, draft, backend.num_slots, config.clock)
     host = HostPrefixCache(config.host_cache_bytes) if config.host_cache_bytes > 0 else None
     sched = Scheduler(
         SchedulerConfig(
@@ -56,5 +60,5 @@ def build_parts(
         backend.num_slots,
         host,
     )
-    runner = ModelRunner(backend, host, spec, fail, sched.flush)
+    runner = ModelRunner(backend, host, spec, fail, sched.flush, config.clock)
     return StepParts(sched, spec, runner, OutputProcessor(backend, sched, spec))

@@ -42,6 +42,7 @@ from kodkod.engine.scheduler import StepKind
 from kodkod.engine.sequence import EventSink, Sequence
 from kodkod.engine.slots import SlotsProbe
 from kodkod.engine.stats import EngineStats, StepCounters, snapshot
+from kodkod.engine.stream import LoopWaker
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="kodkod-engine", daemon=True)
         self.health = EngineHealth(config.stall_timeout_s)  # read by the watchdog
         self._inflight: Command | None = None  # the command being handled (answered if we die)
+        self._wakers: tuple[LoopWaker, ...] = ()  # consumers' loops, woken once per step
 
     # -- public (any thread) ----------------------------------------------------------------
 
@@ -94,6 +96,10 @@ class EngineLoop:
         fut: Future = Future()
         self._mail.put(Exclusive(fn, cancel_running, fut))
         return fut
+
+    def add_waker(self, waker: LoopWaker) -> None:
+        """Wake `waker`'s loop once per step (after the step's events), not once per event."""
+        self._wakers = (*(w for w in self._wakers if not w.loop.is_closed()), waker)
 
     def shutdown(self, message: str) -> Future:
         cmd = Shutdown(message)
@@ -184,6 +190,7 @@ class EngineLoop:
             except BaseException as exc:  # handed to the caller
                 cmd.future.set_exception(exc)
         self._sched.paused = False
+        self._spec.reset_costs()  # a swapped model or adapter costs what it costs: measure again
         # exclusive work may have swapped LoRA adapters: re-resolve requests not yet admitted
         refresh_waiting(
             self._sched.waiting, self.backend, lambda seq, msg: self._fail(seq, msg, ErrorKind.BAD_REQUEST)
@@ -192,6 +199,9 @@ class EngineLoop:
     def _safe_step(self) -> None:
         health = self.health
         health.step_started_s = time.monotonic()  # the watchdog's one cost per step
+        wakers = self._wakers
+        for w in wakers:
+            w.hold()
         try:
             self._step()
             health.failed_steps = 0
@@ -209,6 +219,8 @@ class EngineLoop:
             health.step_failed(exc, self._on_fatal)
         finally:
             health.step_started_s = 0.0
+            for w in wakers:
+                w.release()
 
     def _reset_cache(self) -> None:
         """After a failure the KV state is unknown: start from an empty cache."""
@@ -218,7 +230,8 @@ class EngineLoop:
         self._spec.clear()
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
+        clock = self.config.clock
+        t0 = clock()
         sched, spec = self._sched, self._spec
         plan = sched.schedule()
         if plan is not None and plan.kind is StepKind.DECODE and spec.active > 0:
@@ -236,7 +249,10 @@ class EngineLoop:
             self._finish(seq, finish)
         for seq, message in out.failed:
             self._fail(seq, message, ErrorKind.BAD_REQUEST)
-        self._counters.record(decoded, out.generated, time.perf_counter() - t0)
+        step_s = clock() - t0
+        if decoded.measured:  # what this step's rows cost, sampling and emitting included
+            spec.observe_step(len(decoded.plan.entries), decoded.plan.num_tokens, step_s - decoded.draft_s)
+        self._counters.record(decoded, out.generated, step_s)
         self._publish(force=not sched.has_work)
 
     # -- endings ----------------------------------------------------------------------------

@@ -7,8 +7,8 @@
 A failed batched decode is narrowed down to the rows responsible (`engine/faults.py`): their
 sequences fail through the `fail` callback, the KV ops those endings queued are replayed at
 once, and the other rows are decoded again. The runner measures what it runs (decode and
-draft seconds, and the target's cost model for speculation) and returns it with the logits
-indices; it decides nothing about sequences.
+draft seconds, whether the step's cost may feed speculation's cost tables) and returns it with
+the logits indices; it decides nothing about sequences.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Decoded:
     indices: list[list[int]]  # per entry: batch indices of its logits rows
     decode_s: float  # inside backend.decode (retries included)
     draft_s: float  # drafting (n-gram lookups, draft model decodes)
+    measured: bool  # a DECODE step while speculation is on, decoded at once: its cost counts
 
 
 class ModelRunner:
@@ -48,15 +49,17 @@ class ModelRunner:
         spec: Speculator,
         fail: Callable[[Sequence, str], None],
         flush: Callable[[], StepPlan | None],
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """`fail(seq, message)` ends a sequence whose row cannot be decoded; `flush()` gives
-        the KV ops queued since the plan (Scheduler.flush)."""
+        the KV ops queued since the plan (Scheduler.flush); `clock()` times decode and draft."""
         self.backend = backend
         self._host = host
         self._spec = spec
         self._mirror = spec.mirror if spec.draft_backend is not None else None
         self._fail = fail
         self._flush = flush
+        self._clock = clock
 
     def replay(self, ops: Iterable[KVOp]) -> None:
         """Replay KV ops on the backend (and the draft model's context), in order."""
@@ -77,10 +80,10 @@ class ModelRunner:
         draft_s = 0.0
         drafts = plan.draft
         if drafts is not None:
-            t0 = time.perf_counter()
+            t0 = self._clock()
             spec.draft(drafts, len(plan.entries))
             plan.take_drafts(drafts)  # each drafting row: the pending token + its drafts
-            draft_s = time.perf_counter() - t0
+            draft_s = self._clock() - t0
         observe = spec.active > 0 and plan.kind is StepKind.DECODE
         rows = [
             BatchRow(e.seq.slot, e.seq.tokens[e.start : e.start + e.num_tokens], e.start, e.num_logits)
@@ -88,14 +91,12 @@ class ModelRunner:
             else BatchRow(e.seq.slot, [e.seq.tokens[e.start], *e.drafts], e.start, e.num_logits)
             for e in plan.entries
         ]
-        t1 = time.perf_counter()
+        t1 = self._clock()
         use_adapters(self.backend, plan.entries[0].seq.adapter_key)  # one LoRA set per plan
         try:
             indices = self.backend.decode(rows)
         except Exception as exc:  # fail the rows responsible, decode the others again
             observe = False  # the retries' time says nothing about the cost model
             plan, indices = isolate_failure(self.backend, plan, rows, exc, self._fail, self.sync)
-        decode_s = time.perf_counter() - t1
-        if observe:
-            spec.observe_target(plan.num_tokens, decode_s)
-        return Decoded(plan, indices, decode_s, draft_s)
+        decode_s = self._clock() - t1
+        return Decoded(plan, indices, decode_s, draft_s, observe)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from kodkod.engine.plan import StepKind
 from kodkod.engine.slots import SlotsProbe
+from kodkod.engine.speculative.costs import CostSummary
 
 if TYPE_CHECKING:
     from kodkod.engine.backend import Backend
@@ -52,6 +53,8 @@ class EngineStats:
     host_cache_restores: int = 0
     host_cache_saves: int = 0
     compactions: int = 0  # idle KV compactions (engine/compaction.py)
+    # speculation's measured costs per load and their break-even (refreshed when idle)
+    spec_costs: tuple[CostSummary, ...] = ()
 
     @property
     def acceptance_rate(self) -> float:
@@ -122,4 +125,5 @@ def snapshot(sched: Scheduler, backend: Backend, c: StepCounters, spec: Speculat
         host_cache_restores=sched.host.restores if sched.host is not None else 0,
         host_cache_saves=sched.host.saves if sched.host is not None else 0,
         compactions=c.compactions,
+        spec_costs=spec.cost_summaries() if not sched.has_work and spec.draft_steps else spec.summaries,
     )

@@ -12,6 +12,14 @@ until max_tokens. With `stall_timeout_s`, once output has sat unconsumed that lo
 engine keeps producing, the request is aborted (`on_close`), which frees its sequence, and an
 error event is queued for the reader in case it ever resumes.
 `on_end` is called exactly once, when the request ends (final event pushed, or closed).
+
+`LoopWaker`: the wake-ups of every stream on one event loop, gathered per engine step. While
+the engine holds it (`hold()`, around a step) pushes only mark their stream; `release()` wakes
+the loop once for all of them. Each `call_soon_threadsafe` is a write to the loop's self-pipe
+that makes the loop thread runnable, and on a machine with few cores that thread then competes
+with the engine for the GIL in the middle of the step: one wake-up per step, after its work,
+keeps the HTTP side's CPU off the decode's critical path (it runs while llama_decode has
+released the GIL).
 """
 
 from __future__ import annotations
@@ -43,6 +51,56 @@ def merge_tokens(events: list[Event]) -> list[Event]:
     return out
 
 
+class LoopWaker:
+    """Wakes the consumers of one event loop, at most once per engine step (see above).
+
+    `hold`, `release` and `mark` are called on the engine thread; the loop runs `_fire`."""
+
+    __slots__ = ("_loop", "_lock", "_marked", "_scheduled", "_held")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._marked: list[asyncio.Event] = []
+        self._scheduled = False  # a _fire is queued on the loop
+        self._held = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def hold(self) -> None:
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        with self._lock:
+            if not self._marked or self._scheduled:
+                return
+            self._scheduled = True
+        self._wake()
+
+    def mark(self, ready: asyncio.Event) -> None:
+        """Set `ready` on the loop: now, or when the engine releases its hold."""
+        with self._lock:
+            self._marked.append(ready)
+            if self._held or self._scheduled:
+                return
+            self._scheduled = True
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self._loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        with self._lock:
+            marked, self._marked = self._marked, []
+            self._scheduled = False
+        for ready in marked:
+            ready.set()
+
+
 class RequestStream:
     """Async iterator of a request's (merged) events; `push` is called from the engine thread."""
 
@@ -61,6 +119,7 @@ class RequestStream:
         "_stall_timeout_s",
         "_pending_since_s",
         "_stalled",
+        "_waker",
     )
 
     def __init__(
@@ -71,7 +130,10 @@ class RequestStream:
         *,
         on_end: Callable[[str], None] | None = None,
         stall_timeout_s: float | None = None,
+        waker: LoopWaker | None = None,
     ) -> None:
+        """`waker`: wakes `loop` once per engine step for all its streams (None: each push
+        that finds the consumer idle wakes the loop itself)."""
         self.request_id = request_id
         self._loop = loop
         self._lock = threading.Lock()
@@ -86,6 +148,7 @@ class RequestStream:
         self._stall_timeout_s = stall_timeout_s
         self._pending_since_s = 0.0  # when the oldest unconsumed event was pushed
         self._stalled = False
+        self._waker = waker if waker is not None and waker.loop is loop else None
 
     # engine thread ---------------------------------------------------------------------------
 
@@ -119,6 +182,9 @@ class RequestStream:
             if self._on_close is not None:
                 self._on_close(self.request_id)
         if not wake:
+            return
+        if self._waker is not None:
+            self._waker.mark(self._ready)
             return
         with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody is listening
             self._loop.call_soon_threadsafe(self._ready.set)

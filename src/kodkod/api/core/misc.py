@@ -74,6 +74,21 @@ async def health(models: Models, health_log: Health) -> JSONResponse:
             "accepted_draft_tokens": s.accepted_draft_tokens,
             "draft_steps": s.draft_steps,
             "draft_time_s": round(s.draft_time_s, 6),
+            "speculation_costs": [
+                {
+                    "num_seqs": c.num_seqs,
+                    "plain_step_ms": round(1000 * c.plain_s, 3),
+                    "verified_row_ms": round(1000 * c.row_s, 3),
+                    "draft_call_ms": round(1000 * c.draft_call_s, 3),
+                    "breakeven_acceptance": None
+                    if c.breakeven_alpha is None
+                    else round(c.breakeven_alpha, 3),
+                    "acceptance": round(c.alpha, 3),
+                    "best_k": c.best_k,
+                    "best_speedup": round(c.best_speedup, 3),
+                }
+                for c in s.spec_costs
+            ],
         }
     return JSONResponse(body, status_code=503 if issues else 200)
 

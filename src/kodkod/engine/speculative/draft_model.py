@@ -12,7 +12,6 @@ which is what makes the verification rule exact (see acceptance.py).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -22,7 +21,8 @@ import numpy as np
 from kodkod.core.backend_types import BatchRow
 from kodkod.engine.backend import Backend
 from kodkod.engine.plan import CopyPrefix, Truncate
-from kodkod.engine.speculative.policy import CostModel, DraftConfidence
+from kodkod.engine.speculative.costs import StepCosts
+from kodkod.engine.speculative.policy import DraftConfidence
 
 if TYPE_CHECKING:
     from kodkod.engine.sequence import Sequence
@@ -59,9 +59,13 @@ class _Chain:
 class DraftModelRunner:
     """Runs the draft model on its own context (engine thread only)."""
 
-    def __init__(self, backend: Backend, num_slots: int) -> None:
+    def __init__(
+        self, backend: Backend, num_slots: int, costs: StepCosts, clock: Callable[[], float]
+    ) -> None:
+        """`costs.draft` learns what each draft call costs (timed with `clock`)."""
         self.backend = backend
-        self.cost = CostModel()
+        self.costs = costs
+        self.clock = clock
         self.confidence = DraftConfidence()
         self.dlen = [0] * num_slots
 
@@ -108,7 +112,8 @@ class DraftModelRunner:
         costs = costs_for(len(started))
         for c in started:
             c.seconds = costs.base + costs.call if costs is not None else 0.0
-        idx = self._decode(rows)
+        t0 = self.clock()
+        idx = backend.decode(rows)
         live: list[_Chain] = []
         j = 0
         for row, ix in zip(rows, idx, strict=True):
@@ -117,6 +122,7 @@ class DraftModelRunner:
                 j += 1
                 if self._extend(chain, backend.logits(ix[-1]), costs):
                     live.append(chain)
+        self._observe(rows, t0)
         while True:
             live = [c for c in live if c.wants_more()]
             if not live:
@@ -126,12 +132,14 @@ class DraftModelRunner:
                 pos = len(c.seq.tokens) + len(c.tokens) - 1
                 rows.append(BatchRow(c.seq.slot, c.tokens[-1:], pos, 1))
                 dlen[c.seq.slot] = pos + 1
-            idx = self._decode(rows)
+            t0 = self.clock()
+            idx = backend.decode(rows)
             for c in live:
                 c.seconds += costs.call if costs is not None else 0.0
             live = [
                 c for c, ix in zip(live, idx, strict=True) if self._extend(c, backend.logits(ix[-1]), costs)
             ]
+            self._observe(rows, t0)
         return [(c.tokens, c.buckets) if c is not None else ([], []) for c in chains]
 
     def _extend(self, chain: _Chain, row: np.ndarray, costs: DraftCosts | None) -> bool:
@@ -164,11 +172,10 @@ class DraftModelRunner:
         chain.p_all = p
         return costs is None or p * chain.seconds >= (costs.call + costs.row) * chain.expected
 
-    def _decode(self, rows: list[BatchRow]) -> list[list[int]]:
-        t0 = time.perf_counter()
-        idx = self.backend.decode(rows)
-        self.cost.observe(sum(len(r.tokens) for r in rows), time.perf_counter() - t0)
-        return idx
+    def _observe(self, rows: list[BatchRow], t0: float) -> None:
+        """One draft call's cost: its decode and the Python around it (logits rows, argmax,
+        confidence), which a draft call costs as surely as the decode itself."""
+        self.costs.draft.observe(sum(len(r.tokens) for r in rows), self.clock() - t0)
 
     def mirror(self, op: CopyPrefix | Truncate) -> None:
         """Replay one scheduler KV op on the draft's context."""

@@ -16,12 +16,13 @@ less than the tokens they are expected to yield. Both sides are measured while s
 min(K, its cap)) that maximises expected tokens per second of the whole step:
 
     tokens(K)  = Σ_seq (1 + α + … + α^k)                  (the sampled token, plus accepted drafts)
-    seconds(K) = t_target(B) + Σ k · slope + Σ_j t_draft(#seqs drafting a j-th token)
+    seconds(K) = step_B(B + Σ k) + Σ_j t_draft(#seqs drafting a j-th token)
 
-The plain step t_target(B) is looked up at the batch's own size and the drafted rows are
-added at the measured marginal cost of a row: a step's cost also depends on how much context
-its sequences attend to, so eight sequences with one row each cost more than one sequence
-with eight rows, and looking up t_target(B + Σ k) would mix the two.
+step_B is the measured cost of a whole step with B sequences by rows in its batch (one table
+per B, `costs.StepCosts`): a step's cost also depends on how much context its sequences attend
+to, so eight sequences with one row each cost more than one sequence with eight rows. Both
+step_B and t_draft are whole costs — sampling, verification, emitting, and the Python around
+each draft call — because the tokens a user waits for pay all of it, not just llama_decode.
 With many sequences in the batch the verification rows cost nearly as much as the tokens
 they are worth, so K = 0 wins and drafting stops: speculation backs off under load by itself.
 Drafting must beat not drafting by MARGIN: near the break-even point the estimates' errors
@@ -39,6 +40,7 @@ PRIOR_SLOPE = 0.12  # relative cost of one more token in a batch, before two siz
 MARGIN = 0.15  # drafting must promise this much more throughput than not (model error, noise)
 EMA_WEIGHT = 0.25
 MAX_SIZE = 512  # batch sizes above this are not tracked (prefill-sized batches)
+EXPLORE_K = 4  # the longest trial draft while a load's step cost is known at one size only
 
 
 class CostModel:
@@ -63,6 +65,10 @@ class CostModel:
     @property
     def known(self) -> bool:
         return bool(self._sizes)
+
+    @property
+    def num_sizes(self) -> int:
+        return len(self._sizes)
 
     def estimate(self, n: int) -> float:
         """Seconds for a call of n tokens (0.0 when nothing is measured yet)."""
@@ -136,6 +142,45 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+def step_rates(
+    cands: Sequence[Candidate],
+    num_others: int,
+    target: CostModel,
+    draft: CostModel | None,
+    options: Sequence[int],
+) -> list[tuple[int, float]]:
+    """(K, expected tokens per second of the step) for K = 0 and each of `options`.
+
+    `target` is the measured step cost at this load (seconds by rows in the batch, see
+    `costs.StepCosts`); `num_others` sequences in the same decode step do not draft. Runs
+    every decode step: one pass over K = 1, 2, … adding each K's tokens, rows and draft call
+    to the previous K's (no work per (K, sequence, position) triple)."""
+    num_seqs = num_others + len(cands)
+    wanted = set(options)
+    top = max(wanted, default=0)
+    plain = target.estimate(num_seqs)
+    out: list[tuple[int, float]] = [(0, num_seqs / plain)] if plain > 0.0 else []
+    tokens = float(num_seqs)  # each sequence's sampled token
+    extra = 0  # drafted rows
+    draft_s = 0.0
+    power = [1.0] * len(cands)  # α^k of each candidate at the current k
+    for K in range(1, top + 1):
+        drafting = 0  # draft-model sequences drafting a K-th token
+        for i, c in enumerate(cands):
+            if c.cap >= K:
+                power[i] *= c.alpha
+                tokens += power[i]  # 1 + α + … + α^K: one more term
+                extra += 1
+                drafting += c.uses_model
+        if drafting and draft is not None:
+            draft_s += draft.estimate(drafting)
+        if K in wanted:
+            seconds = target.estimate(num_seqs + extra) + draft_s
+            if seconds > 0.0:
+                out.append((K, tokens / seconds))
+    return out
+
+
 def choose_k(
     cands: Sequence[Candidate],
     num_others: int,
@@ -145,31 +190,19 @@ def choose_k(
 ) -> int:
     """The draft length K from `options` with the best expected tokens per second (0: none).
 
-    `num_others` sequences in the same decode step do not draft (1 token, 1 row each).
+    Until the plain step at this load is measured, K = 0 (it measures it). A size not measured
+    yet is extrapolated optimistically (PRIOR_SLOPE; an unmeasured draft model costs nothing),
+    so the first drafting step at a load is a trial that measures it — limited to EXPLORE_K
+    tokens while only one batch size is known, so a trial at a large batch stays cheap.
     """
-    if not target.known or (draft is not None and not draft.known and any(c.uses_model for c in cands)):
-        # nothing measured yet: try, and measure — but only alone, where it is cheap to learn
-        return max(options) if num_others + len(cands) == 1 else 0
-    plain = target.estimate(num_others + len(cands))  # this batch, as measured
-    per_row = target.slope()
+    if not target.known:
+        return 0
+    if target.num_sizes < 2:
+        options = [k for k in options if k <= EXPLORE_K] or [min(options, default=0)]
     best_k, best_rate = 0, 0.0
-    for K in sorted(set(options) | {0}):
-        tokens = float(num_others)
-        extra = 0
-        ks: list[int] = []
-        for c in cands:
-            k = min(K, c.cap)
-            tokens += expected_tokens(c.alpha, k)
-            extra += k
-            if c.uses_model and k > 0:
-                ks.append(k)
-        seconds = plain + per_row * extra
-        if ks and draft is not None:
-            for j in range(1, max(ks) + 1):
-                seconds += draft.estimate(sum(1 for k in ks if k >= j))
-        if seconds <= 0.0:
-            continue
-        rate = tokens / seconds if K else tokens / seconds * (1.0 + MARGIN)
+    for K, rate in step_rates(cands, num_others, target, draft, options):
+        if K == 0:
+            rate *= 1.0 + MARGIN
         if rate > best_rate * 1.0001:
             best_k, best_rate = K, rate
     return best_k

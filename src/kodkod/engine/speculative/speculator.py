@@ -9,7 +9,9 @@ The engine calls, on its own thread:
     mirror(op)                  replay one of the plan's KV ops on the draft model's context
     draft(drafts)               the draft runner, after the KV ops ran: n-gram lookups, or the
                                 draft model (`draft_model.py`); fills `DraftPlan.drafts`
-    observe_target(n, s)        the target's decode time for n tokens (cost model)
+    observe_step(b, r, s)       a DECODE step of b sequences and r rows took s seconds, drafting
+                                excluded (`costs.StepCosts`; the draft runner times its calls)
+    reset_costs()               after a model or adapter swap: measure everything again
     verified(seq, k, a)         a of k drafted tokens were accepted (acceptance estimate)
 
 The speculator never touches the scheduler or the step plan's entries: the plan takes the
@@ -19,13 +21,16 @@ drafts (`StepPlan.take_drafts`) and the model runner decodes them.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kodkod.engine.backend import Backend
 from kodkod.engine.plan import CopyPrefix, DraftPlan, Entry, StepPlan, Truncate
+from kodkod.engine.speculative.costs import CostSummary, StepCosts
 from kodkod.engine.speculative.draft_model import DraftCosts, DraftModelRunner
 from kodkod.engine.speculative.ngram import NgramIndex
-from kodkod.engine.speculative.policy import Acceptance, Candidate, CostModel, choose_k
+from kodkod.engine.speculative.policy import EXPLORE_K, Acceptance, Candidate, choose_k, step_rates
 from kodkod.engine.speculative.state import NGRAM_SPAN, SpecConfig, SpecMode, SpecState
 
 if TYPE_CHECKING:
@@ -37,16 +42,26 @@ CATCHUP_QUIET = 4  # a draft this far behind its sequence or less catches up wit
 CATCHUP_SAVING = 0.25  # assumed saving per generated token (fraction of a plain step) …
 MAX_FAILURES = 3  # consecutive draft model failures after which it is no longer used
 PROBE_EVERY = 16  # every this many drafting steps, one step does not draft (see plan())
+EXPLORE_EVERY = 64  # every this many steps that could draft but did not, one step drafts
+EXPLORE_CATCHUP = 16  # … when no draft model must first catch up on more tokens than this
 PRIOR_ALPHA = {True: 0.7, False: 0.5}  # acceptance assumed before anything is measured
 
 
 class Speculator:
-    def __init__(self, config: SpecConfig, draft: Backend | None, num_slots: int) -> None:
+    def __init__(
+        self,
+        config: SpecConfig,
+        draft: Backend | None,
+        num_slots: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        """`clock`: seconds, for the cost measurements (tests pass a fake one)."""
         self.config = config
         self.draft_backend = draft
-        self.draft_runner = DraftModelRunner(draft, num_slots) if draft is not None else None
-        self.target_cost = CostModel()
-        self.draft_cost = self.draft_runner.cost if self.draft_runner is not None else CostModel()
+        self.costs = StepCosts()
+        self.draft_runner = (
+            DraftModelRunner(draft, num_slots, self.costs, clock) if draft is not None else None
+        )
         self.active = 0  # sequences attached (gates every per-step call: 0 = no overhead)
         self.drafted = 0
         self.accepted = 0
@@ -54,6 +69,9 @@ class Speculator:
         self._global = {k: Acceptance(prior=v, decay=0.995) for k, v in PRIOR_ALPHA.items()}
         self._failures = 0  # consecutive draft model failures
         self._drafting_steps = 0
+        self._held: dict[int, int] = {}  # by sequences per step: steps since drafting was tried
+        self._exploring = False  # this step drafts to measure, whatever the costs say
+        self.summaries: tuple[CostSummary, ...] = ()  # the last cost_summaries()
 
     # -- sequences --------------------------------------------------------------------------
 
@@ -149,23 +167,25 @@ class Speculator:
         if not cands:
             return None
         dynamic = self.config.dynamic
+        self._exploring = False
+        num_seqs = len(step.entries)
         if dynamic:
-            k = choose_k(
-                cands,
-                others,
-                self.target_cost,
-                self.draft_cost if self.draft_backend is not None else None,
-                range(1, max(c.cap for c in cands) + 1),
-            )
+            table = self.costs.table(num_seqs)
+            draft_cost = self.costs.draft if self.draft_backend is not None else None
+            options = range(1, max(c.cap for c in cands) + 1)
+            k = choose_k(cands, others, table, draft_cost, options)
             if k:
+                self._held[num_seqs] = 0
                 self._drafting_steps += 1
                 if self._drafting_steps % PROBE_EVERY == 0:
                     k = 0  # a probe: re-measure the plain step, which drafting stops measuring
+            elif table.known:
+                k = self._explore(num_seqs, entries, cands, others, options)
         else:  # static speculation: draft_num_tokens every step (capped by length, proposal)
             k = self.config.max_tokens(True)
         planned: list[Entry] = []
         wants: list[int] = []
-        measured = self.draft_cost.known and self.target_cost.known
+        measured = self.costs.draft.known and self.costs.table(num_seqs).known and not self._exploring
         for e, c in zip(entries, cands, strict=True):
             want = min(k, c.cap)
             if want and c.uses_model and dynamic and measured:
@@ -182,16 +202,47 @@ class Speculator:
             return None
         return DraftPlan(planned, wants, len(step.entries) + sum(wants))
 
+    def _explore(
+        self, num_seqs: int, entries: list[Entry], cands: list[Candidate], others: int, options: range
+    ) -> int:
+        """K for a step the policy would not draft in: 0, except every EXPLORE_EVERY-th such
+        step at this load, which drafts the best length (at most EXPLORE_K) to measure what
+        drafting costs now — costs move (a longer context, a neighbour's load, a slower or
+        faster draft model) and a figure only re-measured by drafting would otherwise never
+        change its mind. One such step in EXPLORE_EVERY bounds what a wrong guess costs."""
+        held = self._held.get(num_seqs, 0) + 1
+        if held < EXPLORE_EVERY:
+            self._held[num_seqs] = held
+            return 0
+        runner = self.draft_runner
+        # a draft model must first compute what it missed while it did not draft, at a cost
+        # per token that repeats however rarely it is done: only sequences whose draft is
+        # nearly current (short prompts, recent drafters) explore
+        pairs = zip(entries, cands, strict=True)
+        if runner is not None and any(
+            c.uses_model and runner.behind(e.seq) > EXPLORE_CATCHUP for e, c in pairs
+        ):
+            return 0
+        self._held[num_seqs] = 0
+        table = self.costs.table(num_seqs)
+        draft_cost = self.costs.draft if self.draft_backend is not None else None
+        rates = [r for r in step_rates(cands, others, table, draft_cost, options) if r[0] > 0]
+        if not rates:
+            return 0
+        self._exploring = True
+        return min(max(rates, key=lambda r: r[1])[0], EXPLORE_K)
+
     def _catch_up_pays(self, seq: Sequence, num_rows: int) -> bool:
         """A draft far behind its sequence (a long prompt, or drafting paused under load) must
         compute those tokens first: worth it only if the tokens left to generate repay it."""
         runner = self.draft_runner
         behind = runner.behind(seq) if runner is not None else 0
-        if behind <= CATCHUP_QUIET or not (self.draft_cost.known and self.target_cost.known):
+        table = self.costs.table(num_rows)
+        if behind <= CATCHUP_QUIET or not (self.costs.draft.known and table.known):
             return True
-        plain = self.target_cost.estimate(num_rows) / num_rows
+        plain = table.estimate(num_rows) / num_rows
         remaining = seq.max_len - len(seq.tokens)  # … which must repay the catch-up
-        return self.draft_cost.slope() * behind < CATCHUP_SAVING * plain * remaining
+        return self.costs.draft.slope() * behind < CATCHUP_SAVING * plain * remaining
 
     # -- the draft runner -------------------------------------------------------------------
 
@@ -234,14 +285,20 @@ class Speculator:
         drafts.drafts = out
 
     def _costs(self, num_drafting: int, num_rows: int) -> DraftCosts | None:
-        """What a chain's tokens cost this step (None until both models are measured)."""
-        target, draft = self.target_cost, self.draft_cost
-        if not (target.known and draft.known) or not self.config.dynamic or num_drafting == 0:
+        """What a chain's tokens cost this step (None until both models are measured, and on
+        an exploring step: its chains draft what was planned, so that it measures)."""
+        table, draft = self.costs.table(num_rows), self.costs.draft
+        if (
+            not (table.known and draft.known)
+            or not self.config.dynamic
+            or num_drafting == 0
+            or self._exploring
+        ):
             return None
         return DraftCosts(
-            base=target.estimate(num_rows) / num_rows,
+            base=table.estimate(num_rows) / num_rows,
             call=draft.estimate(num_drafting) / num_drafting,
-            row=target.slope(),
+            row=table.slope(),
         )
 
     # -- draft KV mirror --------------------------------------------------------------------
@@ -256,5 +313,27 @@ class Speculator:
         if self.draft_runner is not None:
             self.draft_runner.clear()
 
-    def observe_target(self, n_tokens: int, seconds: float) -> None:
-        self.target_cost.observe(n_tokens, seconds)
+    # -- measured costs ---------------------------------------------------------------------
+
+    def observe_step(self, num_seqs: int, num_rows: int, seconds: float) -> None:
+        """A DECODE step of `num_seqs` sequences, `num_rows` rows, took `seconds` (drafting
+        excluded)."""
+        self.costs.observe_step(num_seqs, num_rows, seconds)
+
+    def reset_costs(self) -> None:
+        """Exclusive work ran (a model or adapter swap, …): what was measured no longer holds."""
+        self.costs.reset()
+        self._held.clear()
+
+    def cost_summaries(self) -> tuple[CostSummary, ...]:
+        """`cost_summary` for every load measured so far (kept in `summaries`)."""
+        found = (self.cost_summary(b) for b in sorted(self.costs.target))
+        self.summaries = tuple(c for c in found if c is not None)
+        return self.summaries
+
+    def cost_summary(self, num_seqs: int) -> CostSummary | None:
+        """Measured costs and break-even at this load, at the acceptance seen so far."""
+        uses_model = self.draft_backend is not None
+        return self.costs.summary(
+            num_seqs, self._global[uses_model].alpha, self.config.max_tokens(uses_model)
+        )
