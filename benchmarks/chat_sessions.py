@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from benchmarks.chat_workload import Session, Workload, make_workload, messages_for  # noqa: E402
 from benchmarks.llama_server import LlamaServer  # noqa: E402
+
 from kodkod.models.manager import available_threads  # noqa: E402
 from tests.server import DEFAULT_GGUF, KodkodServer  # noqa: E402
 
@@ -210,7 +211,9 @@ def serve(name: str, tmp: Path, args: argparse.Namespace, n_slots: int) -> Itera
         finally:
             server.stop()
     else:
-        llama = LlamaServer.start(DEFAULT_GGUF, n_parallel=n_slots, ctx_total=total, threads=args.threads, log_dir=tmp)
+        llama = LlamaServer.start(
+            DEFAULT_GGUF, n_parallel=n_slots, ctx_total=total, threads=args.threads, log_dir=tmp
+        )
         try:
             yield Endpoint(llama.base_url, {}, llama_counters(llama))
         finally:
@@ -236,7 +239,9 @@ def per_turn_table(res: RoundResult, num_turns: int) -> str:
         prompt = statistics.mean(r.prompt_tokens for r in recs)
         computed = statistics.mean(r.prompt_tokens - r.cached_tokens for r in recs)
         ttft = statistics.median(r.ttft_s for r in recs if r.event_s)
-        rows.append(f"turn {k + 1}: prompt {prompt:6.0f} computed {computed:6.0f} TTFT p50 {ttft * 1000:6.0f} ms")
+        rows.append(
+            f"turn {k + 1}: prompt {prompt:6.0f} computed {computed:6.0f} TTFT p50 {ttft * 1000:6.0f} ms"
+        )
     return "\n".join(f"    {row}" for row in rows)
 
 
@@ -260,14 +265,18 @@ def summarize(results: list[RoundResult], workload: Workload) -> None:
             f"{f['ttft_p99'] * 1000:6.0f} ms | inter-token p50 {f['itl_p50'] * 1000:5.1f} ms p99 "
             f"{f['itl_p99'] * 1000:6.1f} ms   (median of {len(rounds)} rounds)"
         )
-        print(f"  per turn (last round, mean over users):\n{per_turn_table(rounds[-1], len(workload.sessions[0].turns))}")
+        print(
+            f"  per turn (last round, mean over users):\n"
+            f"{per_turn_table(rounds[-1], len(workload.sessions[0].turns))}"
+        )
         c = rounds[-1].counters
         if name == "kodkod":
             steps = max(1.0, c.get("steps", 0))
             print(
                 f"  engine (last round): {c.get('steps', 0):.0f} steps ({c.get('prefill_steps', 0):.0f} with "
                 f"prefill), {c.get('decode_time_s', 0):.1f} s in llama_decode of "
-                f"{c.get('step_time_s', 0):.1f} s in steps ({1000 * c.get('decode_time_s', 0) / steps:.1f} ms "
+                f"{c.get('step_time_s', 0):.1f} s in steps "
+                f"({1000 * c.get('decode_time_s', 0) / steps:.1f} ms "
                 f"per step), prompt tokens computed {c.get('prompt_tokens_computed', 0):.0f}, preemptions "
                 f"{c.get('preemptions', 0):.0f}, host tier saves {c.get('host_cache_saves', 0):.0f} / "
                 f"restores {c.get('host_cache_restores', 0):.0f}"
@@ -276,7 +285,8 @@ def summarize(results: list[RoundResult], workload: Workload) -> None:
             print(
                 f"  llama-server (last round): prompt tokens computed {c.get('prompt_tokens_total', 0):.0f}, "
                 f"{c.get('n_decode_total', 0):.0f} llama_decode calls, prompt "
-                f"{c.get('prompt_seconds_total', 0):.1f} s + generation {c.get('tokens_predicted_seconds_total', 0):.1f} s"
+                f"{c.get('prompt_seconds_total', 0):.1f} s + generation "
+                f"{c.get('tokens_predicted_seconds_total', 0):.1f} s"
             )
     if len(figures) == 2:
         k, ll = figures["kodkod"], figures["llama-server"]
@@ -295,17 +305,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of kodkod,llama-server")
+    ap.add_argument(
+        "--servers", default=",".join(SERVERS), help="comma-separated subset of kodkod,llama-server"
+    )
     ap.add_argument("--ctx-per-user", type=int, default=2048, help="context per user (KV cells per slot)")
     ap.add_argument("--host-cache-mb", type=int, default=1024, help="kodkod memory.sysmem_kv_cache")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads of both (0: every core)")
+    ap.add_argument("--users", type=int, default=8, help="chatting users (plus one regenerating user)")
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--reply-tokens", type=int, default=128)
     ap.add_argument("--json", type=Path, help="write every request record here")
     args = ap.parse_args()
     args.threads = args.threads or available_threads()
     names = [n for n in args.servers.split(",") if n]
     if unknown := set(names) - set(SERVERS):
         ap.error(f"unknown servers {sorted(unknown)}")
-    workload = make_workload(args.seed)
+    workload = make_workload(
+        args.seed, num_users=args.users, num_turns=args.turns, reply_tokens=args.reply_tokens
+    )
     n_slots = len(workload.sessions)
     print(
         f"model {DEFAULT_GGUF.name}, {args.threads} threads, {n_slots} users ({workload.num_requests} "

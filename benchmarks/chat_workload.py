@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-WORDS = (
+_WORD_TEXT = (
     "the a an of to and in on for with about from that this it they we you our their some many "
     "every small large old new quiet bright dark warm cold river mountain city village garden "
     "forest ocean island station market library kitchen window bridge tower road field harbor "
@@ -25,7 +25,8 @@ WORDS = (
     "while after before when although slowly carefully quickly gently often rarely always "
     "never together alone again still already nearly simply mostly one two three four five "
     "seven ten hundred blue green red golden silver wooden stone paper glass iron"
-).split()
+)
+WORDS = _WORD_TEXT.split()
 TOPICS = (
     "planning a small vegetable garden",
     "learning to bake bread at home",

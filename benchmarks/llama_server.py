@@ -75,7 +75,9 @@ class BuildSpec:
 def spec_from_record(path: Path) -> BuildSpec | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return BuildSpec(str(raw["llama_cpp_python"]), str(raw["cmake_args"]), str(raw["machine"]), str(raw["cpu"]))
+        return BuildSpec(
+            str(raw["llama_cpp_python"]), str(raw["cmake_args"]), str(raw["machine"]), str(raw["cpu"])
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -142,7 +144,11 @@ def ensure_built(spec: BuildSpec | None = None, log: bool = True) -> Path:
         staged = tmp / "out"
         staged.mkdir()
         shutil.copy2(build / "bin" / "llama-server", staged / "llama-server")
-        record = {**asdict(spec), "key": spec.key(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        record = {
+            **asdict(spec),
+            "key": spec.key(),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         (staged / "build.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
         shutil.rmtree(target.parent, ignore_errors=True)
         staged.rename(target.parent)

@@ -4,14 +4,15 @@ user who regenerates, and messages rebuilt from the replies a server gave."""
 from __future__ import annotations
 
 import pytest
-
 from benchmarks.chat_workload import make_workload, messages_for
 
 
 def test_same_seed_same_workload_other_seed_other_text() -> None:
     assert make_workload(7) == make_workload(7)
     a, b = make_workload(7), make_workload(8)
-    assert [t.user_text for s in a.sessions for t in s.turns] != [t.user_text for s in b.sessions for t in s.turns]
+    assert [t.user_text for s in a.sessions for t in s.turns] != [
+        t.user_text for s in b.sessions for t in s.turns
+    ]
 
 
 def test_eight_users_six_turns_plus_one_regenerating_user() -> None:

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from benchmarks.llama_server import SERVER_FLAGS, BuildSpec, binary_path, spec_from_record
 
 RECORDED = "-DGGML_NATIVE=ON -DGGML_RPC=ON '-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8'"
