@@ -168,7 +168,7 @@ def kodkod_counters(server: KodkodServer) -> Callable[[], dict[str, float]]:
     keys = (
         "steps", "decode_steps", "prefill_steps", "preemptions", "generated_tokens",
         "prompt_tokens_computed", "decode_time_s", "step_time_s", "host_cache_restores",
-        "host_cache_saves", "compactions",
+        "kv_compactions",
     )  # fmt: skip
 
     def read() -> dict[str, float]:
@@ -233,15 +233,22 @@ def describe_round(res: RoundResult) -> str:
 
 
 def per_turn_table(res: RoundResult, num_turns: int) -> str:
+    """Per turn: mean prompt tokens sent and computed (not found in a cache) and the median
+    TTFT of first sends; regenerations (the same request again) in a line of their own."""
     rows = []
     for k in range(num_turns):
-        recs = [r for r in res.records if r.turn == k]
+        recs = [r for r in res.records if r.turn == k and r.attempt == 0]
         prompt = statistics.mean(r.prompt_tokens for r in recs)
         computed = statistics.mean(r.prompt_tokens - r.cached_tokens for r in recs)
         ttft = statistics.median(r.ttft_s for r in recs if r.event_s)
         rows.append(
             f"turn {k + 1}: prompt {prompt:6.0f} computed {computed:6.0f} TTFT p50 {ttft * 1000:6.0f} ms"
         )
+    again = [r for r in res.records if r.attempt > 0]
+    if again:
+        computed = statistics.mean(r.prompt_tokens - r.cached_tokens for r in again)
+        ttft = statistics.median(r.ttft_s for r in again if r.event_s)
+        rows.append(f"regenerations ({len(again)}): computed {computed:6.0f} TTFT p50 {ttft * 1000:6.0f} ms")
     return "\n".join(f"    {row}" for row in rows)
 
 
@@ -266,7 +273,7 @@ def summarize(results: list[RoundResult], workload: Workload) -> None:
             f"{f['itl_p99'] * 1000:6.1f} ms   (median of {len(rounds)} rounds)"
         )
         print(
-            f"  per turn (last round, mean over users):\n"
+            f"  per turn (last round, mean over users' first sends):\n"
             f"{per_turn_table(rounds[-1], len(workload.sessions[0].turns))}"
         )
         c = rounds[-1].counters
@@ -278,8 +285,7 @@ def summarize(results: list[RoundResult], workload: Workload) -> None:
                 f"{c.get('step_time_s', 0):.1f} s in steps "
                 f"({1000 * c.get('decode_time_s', 0) / steps:.1f} ms "
                 f"per step), prompt tokens computed {c.get('prompt_tokens_computed', 0):.0f}, preemptions "
-                f"{c.get('preemptions', 0):.0f}, host tier saves {c.get('host_cache_saves', 0):.0f} / "
-                f"restores {c.get('host_cache_restores', 0):.0f}"
+                f"{c.get('preemptions', 0):.0f}, host tier restores {c.get('host_cache_restores', 0):.0f}"
             )
         elif c:
             print(

@@ -92,13 +92,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="0: every available core")
+    ap.add_argument("--flash", choices=("on", "off", "both"), default="both", help="flash attention")
     args = ap.parse_args()
     threads = args.threads or available_threads()
     L.llama_backend_init()
     quiet = L.llama_log_callback(_quiet_log)
     L.llama_log_set(quiet, None)
     model = L.llama_model_load_from_file(str(DEFAULT_GGUF).encode(), L.llama_model_default_params())
-    setups = [Setup(u, f) for f in (True, False) for u in (True, False)]
+    flashes = {"on": (True,), "off": (False,), "both": (True, False)}[args.flash]
+    setups = [Setup(u, f) for f in flashes for u in (True, False)]
     print(
         f"model {DEFAULT_GGUF.name}, {threads} threads, {args.seqs} sequences x {args.context} tokens, "
         f"{args.steps} decode steps, {args.rounds} rounds"
@@ -111,7 +113,7 @@ def main() -> None:
                 print(f"  round {rnd + 1} {setup.name:42s} {times[setup][-1]:7.1f} ms/step", flush=True)
     finally:
         L.llama_model_free(model)
-    for flash in (True, False):
+    for flash in flashes:
         pool, streams = times[Setup(True, flash)], times[Setup(False, flash)]
         ratios = [a / b for a, b in zip(pool, streams, strict=True)]
         print(
