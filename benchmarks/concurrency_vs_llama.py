@@ -124,7 +124,14 @@ def _serve(
 ) -> Iterator[tuple[str, dict[str, str]]]:
     total = clients * cells_per_client
     if name == "kodkod":
-        cfg = {"model": {"max_batch_size": clients, "cache_size": total, "n_threads": threads}}
+        cfg = {
+            "model": {
+                "max_batch_size": clients,
+                "max_seq_len": cells_per_client,
+                "cache_size": total,
+                "n_threads": threads,
+            }
+        }
         server = KodkodServer.start(tmp / f"kodkod-{time.time_ns()}", cfg)
         try:
             yield server.base_url, server.headers()
