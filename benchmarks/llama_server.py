@@ -20,6 +20,7 @@ flash attention matching kodkod's setup, and waits until `/health` answers 200.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -120,6 +121,14 @@ def ensure_built(spec: BuildSpec | None = None, log: bool = True) -> Path:
     if target.exists():
         return target
     target.parent.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent.parent / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another benchmark may be building it right now
+        if not target.exists():
+            _build(spec, target, log)
+    return target
+
+
+def _build(spec: BuildSpec, target: Path, log: bool) -> None:
     jobs = str(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(dir=target.parent.parent, prefix=".build-") as tmp_name:
         tmp = Path(tmp_name)
@@ -152,7 +161,6 @@ def ensure_built(spec: BuildSpec | None = None, log: bool = True) -> Path:
         (staged / "build.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
         shutil.rmtree(target.parent, ignore_errors=True)
         staged.rename(target.parent)
-    return target
 
 
 def free_port() -> int:
