@@ -150,7 +150,12 @@ async def run_session(
 
 
 async def run_round(name: str, endpoint: Endpoint, workload: Workload) -> RoundResult:
-    async with httpx.AsyncClient(base_url=endpoint.base_url, headers=endpoint.headers, timeout=900) as client:
+    # a fresh connection per request: llama-server (cpp-httplib) closes kept-alive connections
+    # after a streamed reply or 5 idle seconds, and a reused one then fails before any answer
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(
+        base_url=endpoint.base_url, headers=endpoint.headers, timeout=900, limits=limits
+    ) as client:
         warm = RequestRecord(-1, 0, 0, time.perf_counter())
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
         await stream_chat(client, body, warm)

@@ -97,7 +97,7 @@ async def _one_stream(
 async def measure(
     base_url: str, headers: dict[str, str], name: str, clients: int, tokens: int
 ) -> ConcurrencyRun:
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)  # see chat_sessions
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=900, limits=limits) as client:
         warm = asyncio.Event()
         warm.set()
