@@ -1,6 +1,7 @@
 """Engine throughput through the HTTP server vs a raw llama.cpp loop, measured in one run.
 
     .venv/bin/python benchmarks/engine_throughput.py [--tokens 256] [--clients 8] [--metrics off]
+    .venv/bin/python benchmarks/engine_throughput.py --llama-server --clients 32 --tokens 64
 
 1. Raw baseline (no server): a minimal low-level llama.cpp decode loop with argmax sampling on
    the same model, threads and context settings — 1 sequence, and N sequences in one batch.
@@ -35,6 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
+
+from benchmarks.concurrency_vs_llama import compare_with_llama_server  # noqa: E402
 
 from kodkod.models.manager import available_threads  # noqa: E402
 from tests.server import DEFAULT_GGUF, KodkodServer  # noqa: E402
@@ -314,8 +317,17 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=0, help="llama.cpp threads of both sides (0: every available core)"
     )
+    ap.add_argument(
+        "--llama-server",
+        action="store_true",
+        help="instead: --clients concurrent streams of --tokens each, kodkod beside llama.cpp's llama-server "
+        "(built once from the vendored llama.cpp; benchmarks/concurrency_vs_llama.py)",
+    )
     args = ap.parse_args()
     threads = args.threads or available_threads()
+    if args.llama_server:
+        compare_with_llama_server(args.clients, args.tokens, args.rounds, threads)
+        return
     print(
         f"model {DEFAULT_GGUF.name}, {threads} threads, {args.tokens} tokens, {args.clients} clients, "
         f"{args.rounds} rounds x {args.pairs} single-stream pairs, host KV tier {args.host_cache_mb} MB, "
