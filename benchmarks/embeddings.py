@@ -7,10 +7,13 @@ llama.cpp threads, default: every CPU this process may use) and measures, in the
 
 1. inputs/s of `POST /v1/embeddings` (official `openai` client with its default: base64, decoded
    by the client) for batches of 1, 16 and 256 short sentences;
-2. the same batches through sentence-transformers (PyTorch, CPU, the same number of threads,
-   OpenMP threads passive) on the same Hugging Face weights, in this process, its rounds
-   interleaved with ours; each side's best of `--rounds` (on a shared machine the best round
-   is the one least disturbed by other work);
+2. the same batches through sentence-transformers (PyTorch, CPU, the same number of threads)
+   on the same Hugging Face weights, in a child process of its own, its rounds interleaved with
+   ours; each side's best of `--rounds` (on a shared machine the best round is the one least
+   disturbed by other work). Each side runs with its OpenMP defaults: PyTorch's threads in
+   their own process, and no `OMP_WAIT_POLICY` handed to the server (PASSIVE makes llama.cpp's
+   threads sleep at every operation's barrier: a third of the embedding throughput and most of
+   a chat stream's speed, docs/measurements.md);
 3. a chat stream's tokens/s (greedy, 128 tokens, `ignore_eos`) alone, then while another
    client sends batches of 16 sentences back to back (base64 answers, the `openai` client's
    default: JSON floats would mostly measure this process parsing them under the GIL that the
@@ -26,6 +29,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -59,6 +63,48 @@ OBJECTS = ["the door", "a small house", "the morning sun", "an old map", "the ga
 
 def sentences(n: int) -> list[str]:
     return [f"{SUBJECTS[i % 8]} {VERBS[(i // 8) % 8]} {OBJECTS[(i // 64) % 6]} on day {i}." for i in range(n)]
+
+
+class TorchChild:
+    """sentence-transformers in a child process (`--torch-child`): `encode(n)` embeds the first
+    `n` benchmark sentences there and returns once it is done."""
+
+    def __init__(self, threads: int) -> None:
+        cmd = [sys.executable, __file__, "--torch-child", "--threads", str(threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read("ready")
+
+    def _read(self, expected: str) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != expected:
+            raise RuntimeError(f"the PyTorch child said {line!r}, not {expected!r}")
+
+    def encode(self, n: int) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        self._read("done")
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def torch_child(threads: int) -> None:
+    """The child's loop: one number of sentences per stdin line, `done` when embedded."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    ref = SentenceTransformer(str(MODELS / EMBED_MODEL), device="cpu")
+    texts = sentences(256)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        part = texts[: int(line)]
+        ref.encode(part, batch_size=len(part))
+        print("done", flush=True)
 
 
 def best_rates(ours, theirs, n_inputs: int, rounds: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
@@ -103,15 +149,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=available_threads())
     ap.add_argument("--stream-tokens", type=int, default=128)
     ap.add_argument("--embedding-nice", type=int, default=None)
+    ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.torch_child:
+        torch_child(args.threads)
+        return
 
-    # OpenMP threads that spin after each PyTorch call would steal the server's cores
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    torch.set_num_threads(args.threads)
-    ref = SentenceTransformer(str(MODELS / EMBED_MODEL), device="cpu")
+    # the server inherits this environment: llama.cpp's OpenMP threads with their defaults
+    policy = os.environ.pop("OMP_WAIT_POLICY", None)
+    if policy is not None:
+        print(f"(OMP_WAIT_POLICY={policy} removed from the server's environment)")
+    ref = TorchChild(args.threads)
     texts = sentences(256)
     rows: list[tuple[str, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="kodkod-bench-") as tmp:
@@ -130,7 +178,7 @@ def main() -> None:
                 part = texts[:batch]
                 ours, theirs = best_rates(
                     lambda p=part: client.embeddings.create(model="x", input=p),
-                    lambda p=part: ref.encode(p, batch_size=len(p)),
+                    lambda n=batch: ref.encode(n),
                     batch,
                     args.rounds,
                 )
@@ -155,6 +203,7 @@ def main() -> None:
                 worker.join()
         finally:
             server.stop()
+            ref.close()
 
     nice = "server default" if args.embedding_nice is None else args.embedding_nice
     print(f"threads: {args.threads} (llama.cpp chat and embedding; torch); embedding_nice: {nice}")

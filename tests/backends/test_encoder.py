@@ -1,10 +1,14 @@
 """The llama.cpp encoder on a tiny converted BERT: packed batches equal single inputs, vectors
 are normalised when the model says so, limits are checked before llama.cpp sees a batch, and a
-closed encoder refuses work instead of touching freed memory."""
+closed encoder refuses work instead of touching freed memory; lanes (contexts on one model) run
+at the same time with the same results, and closing waits for a running call."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +77,51 @@ def test_a_closed_encoder_refuses_work(tiny_gguf: Path) -> None:
     with pytest.raises(ModelClosedError):
         enc.tokenize("cat")
     enc.close()  # twice is harmless
+
+
+def test_lanes_run_at_once_and_give_the_same_vectors(tiny_gguf: Path) -> None:
+    enc = LlamaEncoder.load(tiny_gguf, "tiny", n_threads=1, lanes=3)
+    try:
+        assert enc.info.lanes == 3
+        texts = ["hello world", "the cat sat on the mat .", "a dog !", "cat", "world , world , world"]
+        ids = [enc.tokenize(t) for t in texts]
+        expected = enc.embed(ids, lane=0)
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(enc.embed, ids, lane) for lane in (0, 1, 2) for _ in range(20)]
+            results = [f.result(timeout=60) for f in futures]
+        for got in results:
+            assert np.array_equal(got, expected)  # one model, identical contexts
+        with pytest.raises(BackendError, match="no embedding lane 3"):
+            enc.embed(ids, lane=3)
+    finally:
+        enc.close()
+    for lane in (0, 1, 2):
+        with pytest.raises(ModelClosedError):
+            enc.embed(ids, lane=lane)
+
+
+def test_close_waits_for_a_running_call(tiny_gguf: Path) -> None:
+    enc = LlamaEncoder.load(tiny_gguf, "tiny", n_threads=1, lanes=2)
+    ids = [enc.tokenize("the cat sat on the mat .")] * 8
+    stop = threading.Event()
+    done: list[int] = []
+
+    def hammer(lane: int) -> None:
+        # calls back to back until close: each either finishes or is refused, never crashes
+        while not stop.is_set():
+            try:
+                assert enc.embed(ids, lane=lane).shape == (8, HIDDEN)
+                done.append(lane)
+            except ModelClosedError:
+                return
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(hammer, lane) for lane in (0, 1)]
+        deadline = time.monotonic() + 60
+        while len(done) < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        enc.close()
+        stop.set()
+        for f in futures:
+            f.result(timeout=60)
+    assert len(done) >= 10

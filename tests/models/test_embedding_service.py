@@ -1,7 +1,7 @@
 """The embedding service with a fake encoder: names and load errors, inputs checked before any
-batch (numbers named), batches within the encoder's limits, the fair share of threads while the
-chat engine is busy, a cancelled request that runs no further batch, and the worker's lower
-scheduling priority."""
+batch (numbers named), batches within the encoder's limits, batches spread over the encoder's
+lanes (in parallel, output order kept), the fair share of lanes while the chat engine is busy,
+a cancelled request that runs no further batch, and the workers' lower scheduling priority."""
 
 from __future__ import annotations
 
@@ -24,36 +24,37 @@ from kodkod.models.embeddings import (
     InputTooLong,
     NoEmbeddingModel,
     _plan_batches,
+    lane_plan,
 )
 
 
 @dataclass
 class FakeEncoder:
     info: EncoderInfo
-    calls: list[tuple[int, int]] = field(default_factory=list)  # (inputs, threads)
-    threads: int = 0
+    threads: int = 0  # per lane, as loaded
+    calls: list[tuple[int, int]] = field(default_factory=list)  # (inputs, lane)
     closed: bool = False
 
     def tokenize(self, text: str) -> list[int]:
         return [1, *(2 for _ in text.split()), 3]
 
-    def embed(self, inputs: Sequence[Sequence[int]]) -> np.ndarray:
+    def embed(self, inputs: Sequence[Sequence[int]], lane: int = 0) -> np.ndarray:
         assert len(inputs) <= self.info.batch_sequences
         assert sum(len(x) for x in inputs) <= self.info.batch_tokens
-        self.calls.append((len(inputs), self.threads))
+        assert 0 <= lane < self.info.lanes
+        self.calls.append((len(inputs), lane))
         return np.array([[len(x), 0.0] for x in inputs], dtype=np.float32)
-
-    def set_threads(self, n_threads: int) -> None:
-        self.threads = n_threads
 
     def close(self) -> None:
         self.closed = True
 
 
-def make_service(tmp_path: Path, busy: list[bool]) -> tuple[EmbeddingService, list[FakeEncoder]]:
+def make_service(
+    tmp_path: Path, busy: list[bool], n_threads: int = 4
+) -> tuple[EmbeddingService, list[FakeEncoder]]:
     made: list[FakeEncoder] = []
 
-    def loader(path: Path, name: str, *, n_threads: int) -> FakeEncoder:
+    def loader(path: Path, name: str, *, n_threads: int, lanes: int = 1) -> FakeEncoder:
         info = EncoderInfo(
             name,
             path,
@@ -66,15 +67,16 @@ def make_service(tmp_path: Path, busy: list[bool]) -> tuple[EmbeddingService, li
             pooling="mean",
             normalize=True,
             pack_tokens=7,
+            lanes=lanes,
         )
-        made.append(FakeEncoder(info))
+        made.append(FakeEncoder(info, n_threads))
         return made[-1]
 
     (tmp_path / "enc").mkdir()
     (tmp_path / "enc" / "model.gguf").write_bytes(b"GGUF")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model.gguf").write_bytes(b"GGUF")
-    return EmbeddingService(loader, tmp_path, n_threads=4, chat_busy=lambda: busy[0]), made
+    return EmbeddingService(loader, tmp_path, n_threads=n_threads, chat_busy=lambda: busy[0]), made
 
 
 def test_plan_batches_respects_both_limits() -> None:
@@ -101,15 +103,106 @@ def test_load_embed_unload(tmp_path: Path) -> None:
         result = await service.embed(texts)
         assert result.vectors[:, 0].tolist() == [3, 4, 5, 6, 7, 8]  # order kept across batches
         assert result.prompt_tokens == 33 and result.model == "enc"
-        assert [n for n, _ in made[0].calls] == [2, 1, 1, 1, 1]  # packed to 7 tokens per call
-        assert all(threads == 4 for _, threads in made[0].calls)
-        busy[0] = True
-        await service.embed(["a b"])
-        assert made[0].calls[-1][1] == 2  # half the threads while chat streams run
+        assert sorted(n for n, _ in made[0].calls) == [1, 1, 1, 1, 2]  # packed to 7 tokens per call
+        assert (made[0].info.lanes, made[0].threads) == (4, 1)  # 4 threads: 4 lanes of 1
         await service.load("other")  # replaces the loaded one
         assert made[0].closed and service.name == "other"
         assert await service.unload() and made[1].closed
         assert not await service.unload()
+
+    asyncio.run(run())
+    service.shutdown()
+
+
+def test_lane_plan() -> None:
+    assert [lane_plan(n) for n in (0, 1, 2, 3, 4, 8, 12)] == [
+        (1, 1),
+        (1, 1),
+        (2, 1),
+        (3, 1),
+        (4, 1),
+        (4, 2),
+        (4, 3),
+    ]
+
+
+class GatedLanes:
+    """Wraps a fake encoder's embed: each call waits until the test opens it, and the test can
+    see which calls run at the same moment."""
+
+    def __init__(self, enc: FakeEncoder) -> None:
+        self.plain = enc.embed
+        self.cond = threading.Condition()
+        self.running: list[int] = []  # lanes inside embed now
+        self.most = 0  # most calls seen running at once
+        self.opened = 0  # calls allowed to finish
+
+    def embed(self, inputs: Sequence[Sequence[int]], lane: int = 0) -> np.ndarray:
+        with self.cond:
+            self.running.append(lane)
+            self.most = max(self.most, len(self.running))
+            self.cond.notify_all()
+            assert self.cond.wait_for(lambda: self.opened > 0, 30), "the test never opened the gate"
+            self.opened -= 1
+            self.running.remove(lane)
+        return self.plain(inputs, lane)
+
+    def wait_running(self, n: int) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.running) == n, 30)
+
+    def open(self, n: int) -> None:
+        with self.cond:
+            self.opened += n
+            self.cond.notify_all()
+
+
+@pytest.mark.parametrize("chat_busy", [False, True])
+def test_batches_run_on_free_lanes_in_parallel_and_keep_their_order(tmp_path: Path, chat_busy: bool) -> None:
+    service, made = make_service(tmp_path, [chat_busy], n_threads=2)
+
+    async def run() -> None:
+        await service.load("enc")
+        enc = made[0]
+        gate = GatedLanes(enc)
+        enc.embed = gate.embed  # type: ignore[method-assign]
+        lengths = [5, 1, 4, 2, 3, 5, 1, 2]  # words; tokens = words + 2
+        texts = [" ".join(["w"] * n) for n in lengths]
+        task = asyncio.create_task(service.embed(texts))
+        parallel = 1 if chat_busy else 2  # while chat streams run, half the lanes
+        assert await asyncio.to_thread(gate.wait_running, parallel)
+        other = asyncio.create_task(service.embed(["x y"]))  # waits for a lane too
+        gate.open(100)
+        result, alone = await asyncio.gather(task, other)
+        assert result.vectors[:, 0].tolist() == [n + 2 for n in lengths]  # each row its own input
+        assert alone.vectors[:, 0].tolist() == [4]
+        assert gate.most == parallel  # never more calls at once than lanes allowed
+        used = {lane for _, lane in enc.calls}
+        assert used == ({0} if chat_busy else {0, 1})
+
+    asyncio.run(run())
+    service.shutdown()
+
+
+def test_a_failing_batch_fails_the_request_and_frees_its_lanes(tmp_path: Path) -> None:
+    service, made = make_service(tmp_path, [False], n_threads=2)
+
+    async def run() -> None:
+        await service.load("enc")
+        enc = made[0]
+        plain = enc.embed
+
+        def broken(inputs: Sequence[Sequence[int]], lane: int = 0) -> np.ndarray:
+            if len(inputs[0]) == 7:
+                raise RuntimeError("native failure")
+            return plain(inputs, lane)
+
+        enc.embed = broken  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="native failure"):
+            await service.embed(["a", "w w w w w", "b", "c"])
+        enc.embed = plain  # type: ignore[method-assign]
+        result = await asyncio.wait_for(service.embed(["a b", "c"] * 4), 30)  # both lanes free again
+        assert result.vectors[:, 0].tolist() == [4, 3] * 4
 
     asyncio.run(run())
     service.shutdown()
@@ -133,7 +226,7 @@ def test_inputs_are_checked_before_any_batch(tmp_path: Path) -> None:
 
 
 def test_a_cancelled_request_runs_no_further_batch(tmp_path: Path) -> None:
-    service, made = make_service(tmp_path, [False])
+    service, made = make_service(tmp_path, [False], n_threads=1)  # one lane
     started, release = threading.Event(), threading.Event()
 
     async def run() -> None:
@@ -141,10 +234,10 @@ def test_a_cancelled_request_runs_no_further_batch(tmp_path: Path) -> None:
         enc = made[0]
         plain = enc.embed
 
-        def gated(inputs: Sequence[Sequence[int]]) -> np.ndarray:
+        def gated(inputs: Sequence[Sequence[int]], lane: int = 0) -> np.ndarray:
             started.set()
             assert release.wait(30), "the test never released the batch"
-            return plain(inputs)
+            return plain(inputs, lane)
 
         enc.embed = gated  # type: ignore[method-assign]
         texts = [" ".join(["w"] * 5) for _ in range(6)]  # 7 tokens each: one batch per input
@@ -167,16 +260,17 @@ def test_a_cancelled_request_runs_no_further_batch(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is a Linux feature")
 def test_the_worker_runs_at_the_configured_niceness(tmp_path: Path) -> None:
-    def loader(path: Path, name: str, *, n_threads: int) -> FakeEncoder:
+    def loader(path: Path, name: str, *, n_threads: int, lanes: int = 1) -> FakeEncoder:
         raise AssertionError("not loaded here")
 
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    service = EmbeddingService(loader, tmp_path, n_threads=1, nice=min(19, base + 5))
+    service = EmbeddingService(loader, tmp_path, n_threads=2, nice=min(19, base + 5))
     try:
-        nice_of_worker = service._worker.submit(  # the thread all native work runs on
-            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        ).result()
+        nice_of_workers = [
+            worker.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+            for worker in service._lane_workers  # the threads all native work runs on
+        ]
     finally:
         service.shutdown()
-    assert nice_of_worker == min(19, base + 5)
+    assert nice_of_workers == [min(19, base + 5)] * 2
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller is untouched

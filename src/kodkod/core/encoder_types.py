@@ -4,6 +4,8 @@ embedding service.
 An `Encoder` tokenizes text and turns a batch of token lists into one pooled vector per list.
 Its `EncoderInfo` states the limits the caller must respect before calling `embed` (the
 longest input, the most tokens and sequences in one call): the backend never truncates.
+An encoder has `info.lanes` lanes: calls on different lanes may run at the same time (from
+different threads), calls on one lane run one after another.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class EncoderInfo:
     pooling: str  # "mean" | "cls" | "last"
     normalize: bool  # vectors are L2-normalised
     pack_tokens: int = 0  # the fastest tokens per call to pack inputs into (0: batch_tokens)
+    lanes: int = 1  # calls that may run at the same time, one per lane
 
 
 class Encoder(Protocol):
@@ -40,14 +43,16 @@ class Encoder(Protocol):
         """Token ids of `text` with the model's special tokens around it."""
         ...
 
-    def embed(self, inputs: Sequence[Sequence[int]]) -> np.ndarray:
-        """One float32 row per input (within the `info` limits)."""
+    def embed(self, inputs: Sequence[Sequence[int]], lane: int = 0) -> np.ndarray:
+        """One float32 row per input (within the `info` limits), computed on `lane`."""
         ...
 
-    def set_threads(self, n_threads: int) -> None: ...
+    def set_threads(self, n_threads: int, lane: int = 0) -> None: ...
 
     def close(self) -> None: ...
 
 
 class EncoderLoader(Protocol):
-    def __call__(self, path: Path, name: str, *, n_threads: int) -> Encoder: ...
+    def __call__(self, path: Path, name: str, *, n_threads: int, lanes: int = 1) -> Encoder:
+        """An encoder with `lanes` lanes of `n_threads` threads each."""
+        ...

@@ -3,17 +3,20 @@
 
 A name is a folder (or a `.gguf` file) of the embedding folder. A folder holding a GGUF loads
 it; a Hugging Face sentence-transformers folder is converted once (`models/hf_encoder.py`) and
-the cached GGUF loads. All native work -- loading, tokenizing, embedding, closing -- runs on
-one worker thread owned by the service, so nothing closes under a running batch. A request is
-tokenized first (an input over the model's limit is refused with the numbers, before any
-batch runs), then packed into batches of the encoder's preferred size (within its limits); each
-batch is one job on the worker, so concurrent requests interleave batch by batch, and a request
-whose client went away (its task cancelled) submits no further batch: only the one already
-running finishes (`EmbeddingCounters` and a log line tell how many were skipped).
-Fair share with chat: the worker thread, and the llama.cpp threads it starts, run at a lower
+the cached GGUF loads. Loading, tokenizing and closing run on one worker thread owned by the
+service. A request is tokenized first (an input over the model's limit is refused with the
+numbers, before any batch runs), then packed into batches of the encoder's preferred size
+(within its limits). The encoder runs several lanes side by side (one context each;
+`lane_plan` splits the threads into lanes of one thread or more), each lane on its own worker
+thread (lane 0's is the worker above); closing waits for a running batch (the encoder's lane
+locks). A request's batches go, in order, to whichever lane is free and their rows are written
+back by position, so the output keeps the input order. Concurrent requests interleave batch by
+batch, and a request whose client went away (its task cancelled) starts no further batch: only
+those already running finish (`EmbeddingCounters` and a log line tell how many were skipped).
+Fair share with chat: the workers, and the llama.cpp threads they start, run at a lower
 scheduling priority (`nice`, Linux), so while chat streams run the kernel gives their decode
-steps the cores first; and while the chat engine has running streams an embedding batch runs on
-half the threads, otherwise on all of them.
+steps the cores first; and while the chat engine has running streams at most half the lanes
+(at least one) run at a time, otherwise all of them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import os
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +48,7 @@ __all__ = [
     "EmbeddingService",
     "InputTooLong",
     "NoEmbeddingModel",
+    "lane_plan",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,6 +112,16 @@ def _plan_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> lis
     return out
 
 
+MAX_LANES = 4  # encoder contexts side by side; beyond a few, one context's threads scale as well
+
+
+def lane_plan(n_threads: int) -> tuple[int, int]:
+    """(lanes, threads per lane) for `n_threads` embedding threads: one lane per thread up to
+    MAX_LANES, the threads shared out among them."""
+    lanes = max(1, min(n_threads, MAX_LANES))
+    return lanes, max(1, n_threads // lanes)
+
+
 class EmbeddingService:
     """Owns the loaded encoder and the worker thread it runs on."""
 
@@ -123,9 +138,19 @@ class EmbeddingService:
         self.model_dir = model_dir
         self._n_threads = max(1, n_threads)
         self._chat_busy = chat_busy
-        self._worker = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kodkod-embed", initializer=_lower_priority, initargs=(nice,)
-        )
+        self._lanes, self._lane_threads = lane_plan(self._n_threads)
+        self._lane_workers = [
+            ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"kodkod-embed{k}",
+                initializer=_lower_priority,
+                initargs=(nice,),
+            )
+            for k in range(self._lanes)
+        ]
+        self._worker = self._lane_workers[0]  # also loads, tokenizes and closes
+        self._busy_lanes: set[int] = set()
+        self._lane_freed = asyncio.Event()
         self.counters = EmbeddingCounters()
         self._encoder: Encoder | None = None
         self._name: str | None = None
@@ -182,7 +207,8 @@ class EmbeddingService:
             await self._unload_locked()
             try:
                 encoder = await loop.run_in_executor(
-                    self._worker, functools.partial(loader, gguf, name, n_threads=self._n_threads)
+                    self._worker,
+                    functools.partial(loader, gguf, name, n_threads=self._lane_threads, lanes=self._lanes),
                 )
             except EmbeddingLoadError:
                 raise
@@ -209,7 +235,8 @@ class EmbeddingService:
         encoder, self._encoder, self._name = self._encoder, None, None
         if encoder is not None:
             self._worker.submit(encoder.close).result()
-        self._worker.shutdown(wait=True)
+        for worker in self._lane_workers:
+            worker.shutdown(wait=True)
 
     def require(self) -> Encoder:
         if self._encoder is None:
@@ -227,29 +254,68 @@ class EmbeddingService:
         out = np.empty((len(ids), info.n_embd), dtype=np.float32)
         pack = info.pack_tokens or info.batch_tokens
         batches = _plan_batches([len(x) for x in ids], pack, info.batch_sequences)
-        done = 0
+        lanes = max(1, min(self._lanes, info.lanes))
+        waiting = deque(batches)
+        started = done = 0
+
+        async def feed() -> None:
+            # takes the request's next batch and runs it on a free lane, until none is left
+            nonlocal started, done
+            while waiting:
+                lane = await self._take_lane(lanes)
+                try:
+                    if not waiting:
+                        return
+                    part = waiting.popleft()
+                    started += 1
+                    chunk = [ids[i] for i in part]
+                    rows = await loop.run_in_executor(self._lane_workers[lane], encoder.embed, chunk, lane)
+                    out[part.start : part.stop] = rows
+                    done += 1
+                    self.counters.batches_run += 1
+                finally:
+                    self._give_lane(lane)
+
+        feeders = [asyncio.ensure_future(feed()) for _ in range(min(lanes, len(batches)))]
         try:
-            for part in batches:
-                threads = max(1, self._n_threads // 2) if self._chat_busy() else self._n_threads
-                chunk = [ids[i] for i in part]
-                out[part.start : part.stop] = await loop.run_in_executor(
-                    self._worker, _embed_batch, encoder, chunk, threads
-                )
-                done += 1
-                self.counters.batches_run += 1
+            await asyncio.gather(*feeders)
         except asyncio.CancelledError:
-            # the batch in flight (if any) finishes on the worker; no further one starts
-            skipped = len(batches) - done - 1
+            # the batches in flight (if any) finish on their workers; no further one starts
+            for task in feeders:
+                task.cancel()
+            skipped = len(batches) - started
             self.counters.requests_cancelled += 1
-            self.counters.batches_skipped += max(0, skipped)
+            self.counters.batches_skipped += skipped
             log.info(
                 "embedding request cancelled (client gone) after %d of %d batches; %d skipped",
                 done,
                 len(batches),
-                max(0, skipped),
+                skipped,
             )
             raise
+        except BaseException:
+            for task in feeders:
+                task.cancel()
+            raise
         return EmbeddingResult(out, sum(len(x) for x in ids), name)
+
+    async def _take_lane(self, lanes: int) -> int:
+        """A free lane of the first `lanes`; while chat streams run, at most half of them (at
+        least one) are taken at a time."""
+        while True:
+            limit = max(1, lanes // 2) if self._chat_busy() else lanes
+            if len(self._busy_lanes) < limit:
+                lane = next((k for k in range(lanes) if k not in self._busy_lanes), None)
+                if lane is not None:
+                    self._busy_lanes.add(lane)
+                    return lane
+            # a lane is busy whenever this waits, and giving it back wakes us
+            self._lane_freed.clear()
+            await self._lane_freed.wait()
+
+    def _give_lane(self, lane: int) -> None:
+        self._busy_lanes.discard(lane)
+        self._lane_freed.set()
 
 
 def _embedding_gguf(path: Path) -> Path:
@@ -281,8 +347,3 @@ def _tokenize_all(encoder: Encoder, inputs: Sequence[str | Sequence[int]]) -> li
             raise EmbeddingInputError(f"input {index} holds token id {bad}, outside 0..{info.n_vocab - 1}")
         out.append(ids)
     return out
-
-
-def _embed_batch(encoder: Encoder, chunk: list[list[int]], n_threads: int) -> np.ndarray:
-    encoder.set_threads(n_threads)
-    return encoder.embed(chunk)

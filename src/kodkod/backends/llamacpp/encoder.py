@@ -11,15 +11,24 @@ positions from 0), runs it, and reads each input's pooled vector with
 tokenizes it, as BERT's own tokenizer does first; vectors are L2-normalised when the model
 says so (the converter's `kodkod.embedding.normalize` key; a GGUF without it is normalised,
 as OpenAI's API does).
-The object owns the model, the context and the batch; `close()` frees them, context first.
+`lanes` contexts share the one model: calls on different lanes run at the same time (each on
+its own threads), calls on one lane one after another (each lane has a lock). Several small
+single-threaded contexts beat one context with several threads on packed short inputs: they
+never wait at each other's per-operation barriers, and the small operations (norms, GELU,
+attention of a pack) run in parallel whole instead of split (docs/measurements.md).
+The object owns the model, the contexts and their batches; `close()` frees them (waiting for
+a running call), contexts first.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as L
 import numpy as np
@@ -46,10 +55,21 @@ NORMALIZE_KEY = "kodkod.embedding.normalize"
 MAX_SEQ_KEY = "kodkod.embedding.max_seq_length"
 
 
+@dataclass(slots=True)
+class _Lane:
+    """One embedding context, its memory handle (None for models without one) and its batch;
+    `lock` is held by the call running on it."""
+
+    ctx: L.llama_context_p | None
+    mem: L.llama_memory_t | None
+    batch: L.llama_batch | None
+    lock: threading.Lock
+
+
 class LlamaEncoder:
     """Implements `core.encoder_types.Encoder` on llama.cpp's low-level API."""
 
-    def __init__(self, model: LlamaModel, n_threads: int) -> None:
+    def __init__(self, model: LlamaModel, n_threads: int, lanes: int = 1) -> None:
         self._model = model
         self._wordpiece = int(L.llama_vocab_type(model.vocab)) == L.LLAMA_VOCAB_TYPE_WPM
         meta = model.info.metadata
@@ -81,12 +101,21 @@ class LlamaEncoder:
         if pooling not in _POOLING_NAMES:
             pooling = L.LLAMA_POOLING_TYPE_LAST if causal else L.LLAMA_POOLING_TYPE_MEAN
         params.pooling_type = pooling
-        ctx = L.llama_init_from_model(model.handle, params)
-        if not ctx:
-            raise ModelLoadError(f"llama.cpp could not create an embedding context for {model.info.name!r}")
-        self._ctx = ctx
-        self._mem = L.llama_get_memory(ctx)
-        self._batch = L.llama_batch_init(batch_tokens, 0, 1)
+        self._lanes: list[_Lane] = []
+        self._closed = False
+        try:
+            for _ in range(max(1, lanes)):
+                ctx = L.llama_init_from_model(model.handle, params)
+                if not ctx:
+                    raise ModelLoadError(
+                        f"llama.cpp could not create an embedding context for {model.info.name!r}"
+                    )
+                lane = _Lane(ctx, L.llama_get_memory(ctx) or None, None, threading.Lock())
+                self._lanes.append(lane)
+                lane.batch = L.llama_batch_init(batch_tokens, 0, 1)
+        except BaseException:
+            self._free_lanes()
+            raise
         self._n_embd = int(L.llama_model_n_embd(model.handle))
         self.info = EncoderInfo(
             name=model.info.name,
@@ -100,13 +129,15 @@ class LlamaEncoder:
             pooling=_POOLING_NAMES[pooling],
             normalize=normalize,
             pack_tokens=min(PACK_TOKENS, batch_tokens),
+            lanes=len(self._lanes),
         )
 
     @classmethod
-    def load(cls, path: Path, name: str, *, n_threads: int) -> LlamaEncoder:
+    def load(cls, path: Path, name: str, *, n_threads: int, lanes: int = 1) -> LlamaEncoder:
+        """`lanes` contexts with `n_threads` threads each."""
         model = LlamaModel.load(path, name)
         try:
-            return cls(model, n_threads)
+            return cls(model, n_threads, lanes)
         except BaseException:
             model.close()
             raise
@@ -119,20 +150,34 @@ class LlamaEncoder:
             text = unicodedata.normalize("NFD", text)
         return self._model.tokenize(text, add_bos=True, parse_special=False)
 
-    def set_threads(self, n_threads: int) -> None:
-        if self._ctx is not None:
-            L.llama_set_n_threads(self._ctx, n_threads, n_threads)
+    def set_threads(self, n_threads: int, lane: int = 0) -> None:
+        target = self._lanes[lane]
+        with target.lock:
+            if target.ctx is not None:
+                L.llama_set_n_threads(target.ctx, n_threads, n_threads)
 
-    def embed(self, inputs: Sequence[Sequence[int]]) -> np.ndarray:
-        if self._ctx is None:
-            raise ModelClosedError(f"the embedding model {self.info.name!r} was unloaded")
+    def embed(self, inputs: Sequence[Sequence[int]], lane: int = 0) -> np.ndarray:
         info = self.info
         total = sum(len(ids) for ids in inputs)
         if len(inputs) > info.batch_sequences or total > info.batch_tokens:
             raise BackendError(f"{len(inputs)} inputs of {total} tokens exceed one embedding batch")
         if any(not ids or len(ids) > info.max_input_tokens for ids in inputs):
             raise BackendError(f"an input is empty or longer than {info.max_input_tokens} tokens")
-        batch = self._batch
+        if not 0 <= lane < len(self._lanes):
+            raise BackendError(f"no embedding lane {lane} (this encoder has {len(self._lanes)})")
+        target = self._lanes[lane]
+        with target.lock:
+            if target.ctx is None or target.batch is None:
+                raise ModelClosedError(f"the embedding model {self.info.name!r} was unloaded")
+            return self._run(target.ctx, target.mem, target.batch, inputs)
+
+    def _run(
+        self,
+        ctx: L.llama_context_p,
+        mem: L.llama_memory_t | None,
+        batch: Any,  # L.llama_batch (its ctypes arrays are loosely typed)
+        inputs: Sequence[Sequence[int]],
+    ) -> np.ndarray:
         token, pos, n_seq, seq_id, want = (batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits)
         i = 0
         for seq, ids in enumerate(inputs):
@@ -144,28 +189,36 @@ class LlamaEncoder:
                 want[i] = True
                 i += 1
         batch.n_tokens = i
-        if self._mem:
-            L.llama_memory_clear(self._mem, True)
-        rc = L.llama_decode(self._ctx, batch)
+        if mem:
+            L.llama_memory_clear(mem, True)
+        rc = L.llama_decode(ctx, batch)
         if rc != 0:
             raise BackendError(f"llama_decode failed with status {rc} on an embedding batch")
         out = np.empty((len(inputs), self._n_embd), dtype=np.float32)
         row_type = ctypes.c_float * self._n_embd
         for seq in range(len(inputs)):
-            ptr = L.llama_get_embeddings_seq(self._ctx, seq)
+            ptr = L.llama_get_embeddings_seq(ctx, seq)
             if not ptr:
                 raise BackendError("llama.cpp returned no pooled embedding")
             out[seq] = np.frombuffer(row_type.from_address(ctypes.addressof(ptr.contents)), np.float32)  # type: ignore[call-overload]
-        if info.normalize:
+        if self.info.normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out /= np.maximum(norms, 1e-12)
         return out
 
+    def _free_lanes(self) -> None:
+        for lane in self._lanes:
+            with lane.lock:  # a running call finishes first
+                if lane.batch is not None:
+                    L.llama_batch_free(lane.batch)
+                    lane.batch = None
+                if lane.ctx is not None:
+                    L.llama_free(lane.ctx)
+                    lane.ctx = None
+                lane.mem = None
+
     def close(self) -> None:
-        if self._batch is not None:
-            L.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            L.llama_free(self._ctx)
-            self._ctx = None
-        self._model.close()
+        self._free_lanes()
+        if not self._closed:
+            self._closed = True
+            self._model.close()
