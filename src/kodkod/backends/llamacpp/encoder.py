@@ -150,12 +150,6 @@ class LlamaEncoder:
             text = unicodedata.normalize("NFD", text)
         return self._model.tokenize(text, add_bos=True, parse_special=False)
 
-    def set_threads(self, n_threads: int, lane: int = 0) -> None:
-        target = self._lanes[lane]
-        with target.lock:
-            if target.ctx is not None:
-                L.llama_set_n_threads(target.ctx, n_threads, n_threads)
-
     def embed(self, inputs: Sequence[Sequence[int]], lane: int = 0) -> np.ndarray:
         info = self.info
         total = sum(len(ids) for ids in inputs)
