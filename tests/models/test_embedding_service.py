@@ -258,6 +258,31 @@ def test_a_cancelled_request_runs_no_further_batch(tmp_path: Path) -> None:
     service.shutdown()
 
 
+def test_a_cancelled_request_on_two_lanes_starts_no_further_batch(tmp_path: Path) -> None:
+    service, made = make_service(tmp_path, [False], n_threads=2)
+
+    async def run() -> None:
+        await service.load("enc")
+        enc = made[0]
+        gate = GatedLanes(enc)
+        enc.embed = gate.embed  # type: ignore[method-assign]
+        texts = [" ".join(["w"] * 5) for _ in range(6)]  # one batch per input
+        task = asyncio.create_task(service.embed(texts))
+        assert await asyncio.to_thread(gate.wait_running, 2)  # one batch on each lane
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.open(2)
+        enc.embed = gate.plain  # type: ignore[method-assign]
+        assert (await asyncio.wait_for(service.embed(["after", "more"]), 30)).vectors.shape == (2, 2)
+        assert len(enc.calls) == 3  # the two running batches, then the new request's one
+        c = service.counters
+        assert (c.requests_cancelled, c.batches_skipped) == (1, 4)
+
+    asyncio.run(run())
+    service.shutdown()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is a Linux feature")
 def test_the_worker_runs_at_the_configured_niceness(tmp_path: Path) -> None:
     def loader(path: Path, name: str, *, n_threads: int, lanes: int = 1) -> FakeEncoder:
