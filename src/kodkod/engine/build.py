@@ -25,7 +25,7 @@ from kodkod.core.types import (
 from kodkod.engine.adapters import resolve_adapters
 from kodkod.engine.backend import Backend
 from kodkod.engine.banned import BannedStringGuard, LoopDetector
-from kodkod.engine.detokenizer import IncrementalDetokenizer
+from kodkod.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from kodkod.engine.group import cfg_group
 from kodkod.engine.healing import HealingMask, healing_candidates
 from kodkod.engine.sequence import EventSink, Sequence
@@ -50,9 +50,11 @@ def accept_request(
     max_seq_len: int,
     running: Container[str],
     healing_cache: dict[bytes, list[int]],
+    texts: TokenTexts | None = None,
 ) -> Sequence | None:
     """The sequence for a submitted request, or None when it ends at once (its event pushed):
-    a duplicate of an id in `running`, `max_tokens == 0`, or settings the backend refuses."""
+    a duplicate of an id in `running`, `max_tokens == 0`, or settings the backend refuses.
+    `texts`: the backend's shared table of token texts (None: the sequence keeps its own)."""
     if req.request_id in running:
         sink.push(ErrorEvent(f"duplicate request id {req.request_id}", ErrorKind.BAD_REQUEST))
         return None
@@ -60,7 +62,7 @@ def accept_request(
         sink.push(FinishEvent(FinishReason.LENGTH, EosReason.MAX_NEW_TOKENS, Usage(len(req.prompt_ids), 0)))
         return None
     try:
-        return new_sequence(req, sink, backend, max_seq_len, healing_cache)
+        return new_sequence(req, sink, backend, max_seq_len, healing_cache, texts)
     except Exception as exc:  # bad sampler parameters and the like
         log.warning("request %s refused: %s", req.request_id, exc)
         sink.push(ErrorEvent(f"invalid generation settings: {exc}", ErrorKind.BAD_REQUEST))
@@ -73,6 +75,7 @@ def new_sequence(
     backend: Backend,
     max_seq_len: int,
     healing_cache: dict[bytes, list[int]],
+    texts: TokenTexts | None = None,
 ) -> Sequence:
     """The sequence for `req` (raises on bad settings: the caller answers 400)."""
     adapter_key = resolve_adapters(backend, req.adapters)  # first: it may refuse the request
@@ -90,6 +93,7 @@ def new_sequence(
         limit = min(limit, len(prompt) + req.max_tokens + (1 if strip else 0))
     stop_ids = frozenset(set(req.stop_token_ids) | backend.info.eos_ids)
     special = not req.skip_special_tokens
+    table = texts.table(special) if texts is not None else None
 
     def piece_of(t: int, _b: Backend = backend, _s: bool = special) -> bytes:
         return _b.token_bytes(t, special=_s)
@@ -99,7 +103,7 @@ def new_sequence(
         sink=sink,
         tokens=prompt,
         num_prompt=len(prompt),
-        detok=IncrementalDetokenizer(piece_of),
+        detok=IncrementalDetokenizer(piece_of, table),
         stops=StopStringMatcher(req.stop_strings),
         stop_ids=stop_ids,
         eos_ids=backend.info.eos_ids,

@@ -35,6 +35,7 @@ from kodkod.engine.build import accept_request
 from kodkod.engine.commands import Abort, Command, Exclusive, Mailbox, Shutdown, Submit
 from kodkod.engine.compaction import compact_if_due
 from kodkod.engine.config import EngineConfig, build_parts
+from kodkod.engine.detokenizer import TokenTexts
 from kodkod.engine.faults import EngineFault, EngineHealth
 from kodkod.engine.group import mains, members
 from kodkod.engine.output import Finish
@@ -46,7 +47,11 @@ from kodkod.engine.stream import LoopWaker
 
 log = logging.getLogger(__name__)
 
-PUBLISH_EVERY_S = 0.02  # least time between stats snapshots while steps run
+# Least time between stats snapshots while steps run (every state change publishes when the
+# engine goes idle). Each snapshot walks the slot table, and it runs right after a decode, when
+# little of it is still in the CPU's caches: at the usual step times a shorter interval would
+# publish at every step.
+PUBLISH_EVERY_S = 0.1
 
 
 class EngineLoop:
@@ -70,6 +75,7 @@ class EngineLoop:
         self._runner, self._processor = parts.runner, parts.processor
         self._seqs: dict[str, Sequence] = {}
         self._healing: dict[bytes, list[int]] = {}  # token healing candidates by piece
+        self._texts = TokenTexts()  # token texts, shared by every sequence's detokenizer
         self._published_at = 0.0
         self._mail = Mailbox()
         self._exclusive: list[Exclusive] = []
@@ -160,7 +166,7 @@ class EngineLoop:
         if isinstance(cmd, Submit):
             req = cmd.request
             seq = accept_request(
-                req, cmd.sink, self.backend, self.config.max_seq_len, self._seqs, self._healing
+                req, cmd.sink, self.backend, self.config.max_seq_len, self._seqs, self._healing, self._texts
             )
             if seq is not None:
                 self._seqs[req.request_id] = seq

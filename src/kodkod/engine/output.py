@@ -58,6 +58,21 @@ def next_token(
 ) -> tuple[int, TokenLogprob | None]:
     """Sample the next token of `seq` from the logits at batch `index`."""
     req = seq.request
+    sampler = seq.sampler
+    assert sampler is not None
+    if (
+        req.logprobs is None
+        and not req.processors
+        and req.constraint is None
+        and cfg_index is None
+        and not seq.bans
+    ):
+        # the common case: at most end-of-generation bans, then the sampler alone
+        if len(seq.tokens) - seq.num_prompt < req.min_tokens:  # no stop token before min_tokens
+            _ban(backend.logits(index), seq.stop_ids)
+        elif req.ban_eos_token:  # only the model's end-of-generation tokens
+            _ban(backend.logits(index), seq.eos_ids)
+        return sampler.sample(index), None
     bans = seq.bans.get(seq.num_output) if seq.bans else None
     need_row = (
         req.logprobs is not None
@@ -83,21 +98,23 @@ def next_token(
         if req.constraint is not None:
             req.constraint.process(row, output_ids)
         if seq.num_output < req.min_tokens:  # no stop token before min_tokens
-            for t in seq.stop_ids:
-                row[t] = NEG_INF
+            _ban(row, seq.stop_ids)
         elif req.ban_eos_token:  # only the model's end-of-generation tokens
-            for t in seq.eos_ids:
-                row[t] = NEG_INF
+            _ban(row, seq.eos_ids)
         if bans:
             row[list(bans)] = NEG_INF
-    assert seq.sampler is not None
-    token = seq.sampler.sample(index)
+    token = sampler.sample(index)
     for proc in req.processors:
         proc.accept(token)
     if req.constraint is not None:
         req.constraint.accept(token)
     info = _logprob_info(backend, raw, token, req.logprobs or 0) if raw is not None else None
     return token, info
+
+
+def _ban(row: np.ndarray, token_ids: frozenset[int]) -> None:
+    for t in token_ids:
+        row[t] = NEG_INF
 
 
 def _flush(seq: Sequence) -> str:
@@ -111,14 +128,18 @@ def _flush(seq: Sequence) -> str:
 def emit(seq: Sequence, backend: Backend, token: int, info: TokenLogprob | None) -> Finish | Rewind | None:
     """Append `token` to `seq`, push what is now safe to show, and say what happens next."""
     req = seq.request
-    seq.tokens.append(token)
+    tokens = seq.tokens
+    tokens.append(token)
     logprobs = [info] if info is not None else None
-    if token in seq.stop_ids and seq.num_output > req.min_tokens - 1:
-        tail = _flush(seq)
-        if tail or logprobs:
-            seq.sink.push(TokenEvent(tail, [token], logprobs))
-        return Finish(FinishReason.STOP, EosReason.STOP_TOKEN, _token_text(backend, token))
-    text = seq.detok.add(token) if not (req.skip_special_tokens and token in seq.stop_ids) else ""
+    if token in seq.stop_ids:
+        if len(tokens) - seq.num_prompt >= req.min_tokens:
+            tail = _flush(seq)
+            if tail or logprobs:
+                seq.sink.push(TokenEvent(tail, [token], logprobs))
+            return Finish(FinishReason.STOP, EosReason.STOP_TOKEN, _token_text(backend, token))
+        text = "" if req.skip_special_tokens else seq.detok.add(token)
+    else:
+        text = seq.detok.add(token)
     if seq.strip_prefix:
         text = _strip_healed(seq, text)
     if seq.guard is not None:
@@ -132,14 +153,17 @@ def emit(seq: Sequence, backend: Backend, token: int, info: TokenLogprob | None)
                     return Finish(FinishReason.STOP, EosReason.STOP_STRING, hit)
             return Rewind(guarded.rewind_to)
         text = guarded.text
-    out, hit = seq.stops.feed(text)
-    if hit is not None:
-        if req.include_stop_str_in_output:
-            out += hit
-        seq.sink.push(TokenEvent(out, [token], logprobs))
-        return Finish(FinishReason.STOP, EosReason.STOP_STRING, hit)
+    if seq.stops.active:
+        out, hit = seq.stops.feed(text)
+        if hit is not None:
+            if req.include_stop_str_in_output:
+                out += hit
+            seq.sink.push(TokenEvent(out, [token], logprobs))
+            return Finish(FinishReason.STOP, EosReason.STOP_STRING, hit)
+    else:  # no stop strings: nothing to scan or hold back
+        out = text
     finish: Finish | None = None
-    if len(seq.tokens) >= seq.max_len:
+    if len(tokens) >= seq.max_len:
         finish = Finish(FinishReason.LENGTH, EosReason.MAX_NEW_TOKENS)
     elif req.constraint is not None and req.constraint.is_done():
         finish = Finish(FinishReason.STOP, EosReason.CONSTRAINT_DONE)

@@ -10,11 +10,9 @@ constraint or processor that can roll back. A CFG shadow is cut back in step.
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 from kodkod.engine.backend import Backend
-from kodkod.engine.detokenizer import IncrementalDetokenizer
 from kodkod.engine.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -36,8 +34,7 @@ def rewind_sequence(seq: Sequence, keep: int, sched: Scheduler, backend: Backend
     del seq.tokens[new_len:]
     sched.rollback(seq, new_len - 1)
     spec.rewound(seq)
-    special = not seq.request.skip_special_tokens
-    seq.detok = IncrementalDetokenizer(functools.partial(backend.token_bytes, special=special))
+    seq.detok = seq.detok.restart()
     if seq.loops is not None:
         seq.loops.reset(seq.output_ids)
     if seq.sampler is not None:

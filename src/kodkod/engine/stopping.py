@@ -16,16 +16,13 @@ from __future__ import annotations
 class StopStringMatcher:
     """Streaming matcher over a fixed set of stop strings."""
 
-    __slots__ = ("_stops", "_held", "_max_len")
+    __slots__ = ("_stops", "_held", "_max_len", "active")
 
     def __init__(self, stop_strings: list[str]) -> None:
         self._stops = [s for s in dict.fromkeys(stop_strings) if s]
         self._held = ""
         self._max_len = max((len(s) for s in self._stops), default=0)
-
-    @property
-    def active(self) -> bool:
-        return bool(self._stops)
+        self.active = bool(self._stops)  # False: feed() passes text through (callers may skip it)
 
     def feed(self, text: str) -> tuple[str, str | None]:
         """Add new text; return (text that is safe to emit, the stop string hit or None)."""

@@ -3,11 +3,12 @@
 The context is created with `kv_unified=True` so all `num_slots` sequence slots share one pool
 of `cache_size` cells (llama.cpp rounds it up to a multiple of 256), and with `swa_full=True` so
 sliding-window models keep every position a prefix copy may need. A persistent `llama_batch`
-sized for the largest step is refilled in place each step; decode() returns the batch indices
-whose logits were requested. What it offers beyond the contract is `self.capabilities`: LoRA
-adapters on the context (`backends/llamacpp/lora.py`, freed before the context), the model's
-grammar compiler (`backends/llamacpp/grammar.py`, closed before the model) and its vocabulary
-fingerprint.
+sized for the largest step is refilled in place each step (`backends/llamacpp/batch.py`);
+decode() returns the batch indices whose logits were requested, and `logits(index)` is a row of
+one numpy view of llama.cpp's logits buffer (remade only when that buffer moves). What it offers
+beyond the contract is `self.capabilities`: LoRA adapters on the context
+(`backends/llamacpp/lora.py`, freed before the context), the model's grammar compiler
+(`backends/llamacpp/grammar.py`, closed before the model) and its vocabulary fingerprint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 import llama_cpp as L
 import numpy as np
 
+from kodkod.backends.llamacpp.batch import NumpyBatch
 from kodkod.backends.llamacpp.grammar import LlgCompiler
 from kodkod.backends.llamacpp.lora import LoraHost
 from kodkod.backends.llamacpp.model import LlamaModel
@@ -40,6 +42,11 @@ from kodkod.core.sampling.stages import build_stages
 from kodkod.core.types import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# llama_get_logits returning the address as an int (the binding's own returns a pointer object)
+_get_logits = L.llama_cpp._lib["llama_get_logits"]
+_get_logits.argtypes = [ctypes.c_void_p]
+_get_logits.restype = ctypes.c_void_p
 
 # Cache type names accepted by `ContextConfig.cache_type_k/_v` → GGML type ids.
 CACHE_TYPES: dict[str, int] = {
@@ -64,8 +71,13 @@ class LlamaCppBackend:
         self.config = config
         self.info: ModelInfo = model.info
         self._ctx = None
-        self._batch = None
+        self._batch: NumpyBatch | None = None
         self._n_vocab = model.n_vocab
+        self._outputs: np.ndarray | None = None  # the last decode's logits, one row per output
+        self._num_outputs = 0
+        self._logits_addr = 0  # where llama.cpp's logits buffer was, and a view of its rows there
+        self._logits_view = np.zeros((0, self._n_vocab), np.float32)
+        self._row_of: dict[int, int] | None = None  # batch index -> output row (None: the same)
         self.adapters: LoraHost | None = None  # LoRA adapters (core.backend_types.AdapterHost)
         self._grammar: LlgCompiler | None = LlgCompiler(model)  # builds its tables on first use
         self.capabilities = self._capabilities()
@@ -107,9 +119,7 @@ class LlamaCppBackend:
         self.capabilities = self._capabilities()
         self._mem = L.llama_get_memory(ctx)
         self.kv_capacity = int(L.llama_n_ctx(ctx))
-        self._batch_cap = config.batch_tokens
-        self._batch = L.llama_batch_init(self._batch_cap, 0, 1)
-        self._rows = ctypes.c_float * self._n_vocab  # array type for logits views
+        self._batch = NumpyBatch(config.batch_tokens)
 
     @classmethod
     def load(
@@ -167,26 +177,16 @@ class LlamaCppBackend:
             if self._model.closed:
                 raise ModelClosedError()
             raise BackendError("the model was loaded for tokenizing only")
-        token, pos, n_seq, seq_id, want = (batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits)
-        out: list[list[int]] = []
-        i = 0
-        for row in rows:
-            n = len(row.tokens)
-            if i + n > self._batch_cap:
-                raise BackendError(f"batch of more than {self._batch_cap} tokens")
-            first_logit = i + n - row.num_logits
-            slot, p = row.slot, row.start_pos
-            for t in row.tokens:
-                token[i] = t
-                pos[i] = p
-                n_seq[i] = 1
-                seq_id[i][0] = slot
-                want[i] = i >= first_logit
-                i += 1
-                p += 1
-            out.append(list(range(first_logit, i)))
-        batch.n_tokens = i
-        rc = L.llama_decode(self._ctx, batch)
+        self._outputs = None  # llama_decode may move the logits buffer
+        out = batch.fill(rows)
+        n_tokens = batch.struct.n_tokens
+        n_outputs = sum(len(idx) for idx in out)
+        self._num_outputs = n_outputs
+        # llama.cpp stores the requested logits contiguously, in batch order
+        self._row_of = (
+            None if n_outputs == n_tokens else {b: k for k, b in enumerate(b for idx in out for b in idx)}
+        )
+        rc = L.llama_decode(self._ctx, batch.struct)
         if rc == 1:
             raise KVCacheFullError("no room in the KV cache for this batch")
         if rc != 0:
@@ -194,9 +194,25 @@ class LlamaCppBackend:
         return out
 
     def logits(self, index: int) -> np.ndarray:
-        ptr = L.llama_get_logits_ith(self._ctx, index)
-        view = self._rows.from_address(ctypes.addressof(ptr.contents))
-        return np.frombuffer(view, np.float32)  # type: ignore[call-overload]  # stubs omit ctypes arrays
+        outputs = self._outputs
+        if outputs is None:
+            outputs = self._outputs = self._output_logits()
+        row_of = self._row_of
+        return outputs[index if row_of is None else row_of[index]]
+
+    def _output_logits(self) -> np.ndarray:
+        """All logits of the last decode as one (outputs, n_vocab) view. llama.cpp keeps them in
+        one buffer that only moves when it grows, so the view is remade only then."""
+        addr = _get_logits(self._ctx)
+        n = self._num_outputs
+        if not addr or n == 0:
+            raise BackendError("the last decode produced no logits")
+        view = self._logits_view
+        if addr != self._logits_addr or view.shape[0] < n:
+            flat = np.frombuffer((ctypes.c_float * (n * self._n_vocab)).from_address(addr), np.float32)  # type: ignore[call-overload]  # stubs omit ctypes arrays
+            view = self._logits_view = flat.reshape(n, self._n_vocab)
+            self._logits_addr = addr
+        return view[:n]
 
     # -- KV cache -----------------------------------------------------------------------------
 
@@ -259,9 +275,8 @@ class LlamaCppBackend:
         if self.adapters is not None:
             self.adapters.close()  # adapters first: the context points at them
             self.adapters = None
-        if self._batch is not None:
-            L.llama_batch_free(self._batch)
-            self._batch = None
+        self._batch = None
+        self._outputs = None
         if self._ctx is not None:
             L.llama_free(self._ctx)
             self._ctx = None
