@@ -19,8 +19,12 @@ each on a freshly started server. Clients stream OpenAI chat completions over HT
 Printed per server: total generated tokens/s over a round's wall time, time to first token
 p50/p99, inter-token p50/p99 (gaps between streamed content events), prompt tokens sent vs
 computed (not found in a cache), per turn; kodkod's engine counters (steps, time in decode,
-preemptions, host-tier saves/restores); and the kodkod / llama-server ratios (median over
-rounds). A round takes ~1-2 minutes per server on 2 cores.
+preemptions, host-tier saves/restores); each server's CPU seconds per thread over the round
+(the decode threads against the HTTP side) and the client's; and the kodkod / llama-server
+ratios (median over rounds). A round takes ~1-2 minutes per server on 2 cores.
+
+`--step-log DIR` runs kodkod with its per-step debug log on and prints where the step time
+went by step kind (`--kv-debug`: also the attention range per step; benchmarks/step_log.py).
 """
 
 from __future__ import annotations
