@@ -19,8 +19,12 @@ each on a freshly started server. Clients stream OpenAI chat completions over HT
 Printed per server: total generated tokens/s over a round's wall time, time to first token
 p50/p99, inter-token p50/p99 (gaps between streamed content events), prompt tokens sent vs
 computed (not found in a cache), per turn; kodkod's engine counters (steps, time in decode,
-preemptions, host-tier saves/restores); and the kodkod / llama-server ratios (median over
-rounds). A round takes ~1-2 minutes per server on 2 cores.
+preemptions, host-tier saves/restores); each server's CPU seconds per thread over the round
+(the decode threads against the HTTP side) and the client's; and the kodkod / llama-server
+ratios (median over rounds). A round takes ~1-2 minutes per server on 2 cores.
+
+`--step-log DIR` runs kodkod with its per-step debug log on and prints where the step time
+went by step kind (`--kv-debug`: also the attention range per step; benchmarks/step_log.py).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,6 +51,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from benchmarks.chat_workload import Session, Workload, make_workload, messages_for  # noqa: E402
 from benchmarks.llama_server import LlamaServer  # noqa: E402
+from benchmarks.step_log import cpu_table, step_log_env, summarize_step_log, thread_cpu  # noqa: E402
 
 from kodkod.models.manager import available_threads  # noqa: E402
 from tests.server import DEFAULT_GGUF, KodkodServer  # noqa: E402
@@ -75,6 +82,7 @@ class RoundResult:
     wall_s: float
     records: list[RequestRecord]
     counters: dict[str, float]
+    cpu: str = ""  # the server's CPU time per thread over the round, and the client's
 
     @property
     def tokens_per_s(self) -> float:
@@ -92,6 +100,7 @@ class Endpoint:
     base_url: str
     headers: dict[str, str]
     counters: Callable[[], dict[str, float]]
+    pid: int
 
 
 def pct(values: list[float], q: float) -> float:
@@ -161,12 +170,15 @@ async def run_round(name: str, endpoint: Endpoint, workload: Workload) -> RoundR
         await stream_chat(client, body, warm)
         before = endpoint.counters()
         records: list[RequestRecord] = []
+        cpu0, client0 = thread_cpu(endpoint.pid), time.process_time()
         t0 = time.perf_counter()
         await asyncio.gather(*(run_session(client, workload, s, records) for s in workload.sessions))
         wall_s = time.perf_counter() - t0
+        cpu1, client_s = thread_cpu(endpoint.pid), time.process_time() - client0
         after = endpoint.counters()
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
-    return RoundResult(name, wall_s, records, delta)
+    cpu = f"{cpu_table(endpoint.pid, cpu0, cpu1, wall_s)}; benchmark client {client_s:.1f} s"
+    return RoundResult(name, wall_s, records, delta, cpu)
 
 
 def kodkod_counters(server: KodkodServer) -> Callable[[], dict[str, float]]:
@@ -210,17 +222,30 @@ def serve(name: str, tmp: Path, args: argparse.Namespace, n_slots: int) -> Itera
             },
             "memory": {"sysmem_kv_cache": args.host_cache_mb},
         }
-        server = KodkodServer.start(tmp / f"kodkod-{time.time_ns()}", cfg)
+        workdir = tmp / f"kodkod-{time.time_ns()}"
+        saved = dict(os.environ)
+        if args.step_log is not None:  # the engine logs every step into the server's log
+            os.environ.update(step_log_env(workdir / "site", args.kv_debug, os.environ.get("PYTHONPATH", "")))
         try:
-            yield Endpoint(server.base_url, server.headers(), kodkod_counters(server))
+            server = KodkodServer.start(workdir, cfg)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        try:
+            yield Endpoint(server.base_url, server.headers(), kodkod_counters(server), server.proc.pid)
         finally:
             server.stop()
+            if args.step_log is not None:
+                args.step_log.mkdir(parents=True, exist_ok=True)
+                kept = args.step_log / f"kodkod-{time.strftime('%H%M%S')}.log"
+                shutil.copy(server.log_path, kept)
+                print(f"  kodkod step log ({kept}):\n{summarize_step_log(server.log())}", flush=True)
     else:
         llama = LlamaServer.start(
             DEFAULT_GGUF, n_parallel=n_slots, ctx_total=total, threads=args.threads, log_dir=tmp
         )
         try:
-            yield Endpoint(llama.base_url, {}, llama_counters(llama))
+            yield Endpoint(llama.base_url, {}, llama_counters(llama), llama.proc.pid)
         finally:
             llama.stop()
 
@@ -326,6 +351,14 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--reply-tokens", type=int, default=128)
     ap.add_argument("--json", type=Path, help="write every request record here")
+    ap.add_argument(
+        "--step-log", type=Path, metavar="DIR",
+        help="kodkod logs every engine step; keep its logs in DIR and print where the step time went",
+    )  # fmt: skip
+    ap.add_argument(
+        "--kv-debug", action="store_true",
+        help="with --step-log: also llama.cpp's KV debug lines (attention range per ubatch; slower steps)",
+    )  # fmt: skip
     args = ap.parse_args()
     args.threads = args.threads or available_threads()
     names = [n for n in args.servers.split(",") if n]
@@ -346,8 +379,8 @@ def main() -> None:
             for name in names if rnd % 2 == 0 else reversed(names):
                 with serve(name, Path(tmp_name), args, n_slots) as endpoint:
                     res = asyncio.run(run_round(name, endpoint, workload))
-                results.append(res)
-                print(f"round {rnd + 1} {describe_round(res)}", flush=True)
+                    results.append(res)
+                    print(f"round {rnd + 1} {describe_round(res)}\n  {res.cpu}", flush=True)
     summarize(results, workload)
     if args.json:
         dump = [{"server": r.server, "wall_s": r.wall_s, "counters": r.counters,

@@ -9,6 +9,12 @@ each sequence attends over its own cells only. This measures a decode step of `-
 sequences that each hold `--context` tokens (a multi-turn chat's history) both ways, in
 alternating rounds on the same model and threads, with flash attention on and off. Plain
 argmax decoding; prints ms per step and the ratio.
+
+`--range CELLS` adds a third layout: the one pool with its highest occupied cell at CELLS (a
+filler sequence is prefilled up to there, one cell past it is kept and the filler removed), so
+every query's attention visits CELLS cells while the same tokens are live — what holes left
+by evicted prefixes do to a busy pool (benchmarks/chat_sessions.py --kv-debug prints the
+range a chat run reaches).
 """
 
 from __future__ import annotations
@@ -39,11 +45,25 @@ def _quiet_log(level: int, text: bytes, user_data: object) -> None:
 class Setup:
     unified: bool
     flash: bool
+    attention_range: int = 0  # one pool: pin the highest occupied cell here (0: packed)
 
     @property
     def name(self) -> str:
         kv = "one pool" if self.unified else "per-seq streams"
+        if self.attention_range:
+            kv += f", range {self.attention_range}"
         return f"{kv}, flash attention {'on' if self.flash else 'off'}"
+
+
+def _prefill(ctx: object, batch: L.llama_batch, seq: int, ids: list[int], start: int = 0) -> None:
+    """Prefill `ids` into `seq` from position `start`, in chunks of 512."""
+    for begin in range(0, len(ids), 512):
+        chunk = ids[begin : begin + 512]
+        batch.n_tokens = len(chunk)
+        for i, tok in enumerate(chunk):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + begin + i, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, 0
+        assert L.llama_decode(ctx, batch) == 0
 
 
 def step_ms(model: object, setup: Setup, seqs: int, context: int, steps: int, threads: int) -> float:
@@ -51,22 +71,24 @@ def step_ms(model: object, setup: Setup, seqs: int, context: int, steps: int, th
     vocab = L.llama_model_get_vocab(model)
     n_vocab = L.llama_vocab_n_tokens(vocab)
     per_seq = 256 * -(-(context + steps + 8) // 256)
+    n_ctx = max(per_seq * seqs, 256 * -(-(setup.attention_range + seqs * (steps + 8)) // 256))
     cp = L.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = per_seq * seqs, 2048, 512, seqs
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, 2048, 512
+    cp.n_seq_max = seqs + (2 if setup.attention_range else 0)
     cp.n_threads = cp.n_threads_batch = threads
     cp.kv_unified, cp.swa_full, cp.flash_attn_type = setup.unified, True, 1 if setup.flash else 0
     ctx = L.llama_init_from_model(model, cp)
     batch = L.llama_batch_init(2048, 0, 1)
     try:
-        for s in range(seqs):  # each sequence its own text, prefilled in chunks of 512
-            ids = [(1000 + 37 * s + 13 * i) % (n_vocab - 1000) + 500 for i in range(context)]
-            for start in range(0, context, 512):
-                chunk = ids[start : start + 512]
-                batch.n_tokens = len(chunk)
-                for i, tok in enumerate(chunk):
-                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + i, 1
-                    batch.seq_id[i][0], batch.logits[i] = s, 0
-                assert L.llama_decode(ctx, batch) == 0
+        for s in range(seqs):  # each sequence its own text
+            _prefill(
+                ctx, batch, s, [(1000 + 37 * s + 13 * i) % (n_vocab - 1000) + 500 for i in range(context)]
+            )
+        filler = setup.attention_range - seqs * context - 1
+        if filler > 0:  # cells up to the range, one kept at its end, the rest freed again
+            _prefill(ctx, batch, seqs, [600 + i % 5000 for i in range(filler)])
+            _prefill(ctx, batch, seqs + 1, [700], start=filler)
+            assert L.llama_memory_seq_rm(L.llama_get_memory(ctx), seqs, -1, -1)
         rows = ctypes.c_float * n_vocab
         last = [0] * seqs
         t0 = time.perf_counter()
@@ -93,6 +115,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="0: every available core")
     ap.add_argument("--flash", choices=("on", "off", "both"), default="both", help="flash attention")
+    ap.add_argument("--range", type=int, default=0, help="also one pool with this attention range (cells)")
     args = ap.parse_args()
     threads = args.threads or available_threads()
     L.llama_backend_init()
@@ -101,6 +124,8 @@ def main() -> None:
     model = L.llama_model_load_from_file(str(DEFAULT_GGUF).encode(), L.llama_model_default_params())
     flashes = {"on": (True,), "off": (False,), "both": (True, False)}[args.flash]
     setups = [Setup(u, f) for f in flashes for u in (True, False)]
+    if args.range:
+        setups += [Setup(True, f, args.range) for f in flashes]
     print(
         f"model {DEFAULT_GGUF.name}, {threads} threads, {args.seqs} sequences x {args.context} tokens, "
         f"{args.steps} decode steps, {args.rounds} rounds"
@@ -115,6 +140,13 @@ def main() -> None:
         L.llama_model_free(model)
     for flash in flashes:
         pool, streams = times[Setup(True, flash)], times[Setup(False, flash)]
+        if args.range:
+            wide = times[Setup(True, flash, args.range)]
+            slower = statistics.median(a / b for a, b in zip(wide, pool, strict=True))
+            print(
+                f"flash attention {'on ' if flash else 'off'}: one pool with range {args.range} "
+                f"{statistics.median(wide):7.1f} ms/step -> {slower:.2f}x the packed pool's time"
+            )
         ratios = [a / b for a, b in zip(pool, streams, strict=True)]
         print(
             f"flash attention {'on ' if flash else 'off'}: one pool {statistics.median(pool):7.1f} ms/step, "

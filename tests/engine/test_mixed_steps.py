@@ -1,7 +1,9 @@
 """Mixed steps (batch invariance off, the default): several prompts' chunks in one step beside
-the decode rows, within `chunk_size` tokens; running streams get a token every step however
-many requests arrive; first tokens come in arrival order. With `batch_invariant` on, steps are
-what they always were: one prompt alone, or decode rows only, taking turns."""
+the decode rows, within `chunk_size` tokens, while the step stays under MIXED_MAX_ROWS rows
+(running streams then get a token every step however many requests arrive); bigger prompt
+work gets PREFILL steps of its own, taking turns with DECODE steps; first tokens come in
+arrival order. With `batch_invariant` on, steps are what they always were: one prompt alone,
+or decode rows only, taking turns."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 from kodkod.core.types import FinishEvent, GenerationRequest
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
+from kodkod.engine.prompt_chunks import MIXED_MAX_ROWS
 from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind, StepPlan
 from kodkod.engine.sequence import Sequence
 from tests.engine.test_scheduler import make_seq, run_step
@@ -116,6 +119,44 @@ def test_decode_rows_that_fill_the_budget_take_turns_with_prompt_steps() -> None
     # 20 decode rows leave nothing of 16 tokens: decode-only and prompt-only steps alternate
     assert kinds == [StepKind.DECODE, StepKind.PREFILL] * 2
     assert late.num_computed == 20 and len(late.tokens) == 21  # prefilled, first token sampled
+
+
+def _chatting(num_streams: int) -> tuple[Scheduler, list[Sequence]]:
+    """A chat server's default budget with `num_streams` streams decoding."""
+    sched = Scheduler(SchedulerConfig(max_batch_size=16, chunk_size=2048), capacity=100_000, num_slots=32)
+    streams = [make_seq(f"s{i}", prompt(i, 30), max_len=1000) for i in range(num_streams)]
+    for s in streams:
+        sched.add(s)
+    while any(s.in_prefill for s in streams):
+        run_step(sched)
+    return sched, streams
+
+
+def test_a_long_prompt_gets_a_prefill_step_of_its_own_beside_decoding_streams() -> None:
+    # 9 streams and one chat turn of 120 new tokens: one step of 129 rows would run llama.cpp's
+    # tiled attention over every live cell for the 9 decode rows (docs/measurements.md)
+    sched, streams = _chatting(9)
+    turns = [make_seq("t0", prompt(20, 120)), make_seq("t1", prompt(21, 90))]
+    for t in turns:
+        sched.add(t)
+    plans = [run_step(sched) for _ in range(3)]
+    assert [p.kind for p in plans] == [StepKind.DECODE, StepKind.PREFILL, StepKind.DECODE]
+    assert [e.seq.request_id for e in plans[0].entries] == [s.request_id for s in streams]
+    # both turns prefilled together in the prompt step, each whole: first tokens sampled
+    assert shape(plans[1]) == [("t0", 120, 1, True), ("t1", 90, 1, True)]
+    assert len(plans[2].entries) == 11  # then everyone decodes together
+    assert all(len(t.tokens) == n + 2 for t, n in zip(turns, (120, 90), strict=True))
+    assert max(p.num_tokens for p in plans if p.kind is not StepKind.PREFILL) < MIXED_MAX_ROWS
+
+
+def test_short_prompts_still_ride_in_the_decode_step() -> None:
+    sched, _ = _chatting(9)
+    for i in range(3):  # 9 rows + 3 x 12 prompt tokens = 45 rows: a small step
+        sched.add(make_seq(f"q{i}", prompt(30 + i, 12)))
+    plan = run_step(sched)
+    assert plan.kind is StepKind.MIXED
+    assert [e.num_tokens for e in plan.entries] == [1] * 9 + [12, 12, 12]
+    assert plan.num_tokens < MIXED_MAX_ROWS
 
 
 def test_first_tokens_come_in_arrival_order() -> None:

@@ -42,10 +42,13 @@ from kodkod.engine.output import Finish
 from kodkod.engine.scheduler import StepKind
 from kodkod.engine.sequence import EventSink, Sequence
 from kodkod.engine.slots import SlotsProbe
-from kodkod.engine.stats import EngineStats, StepCounters, snapshot
+from kodkod.engine.stats import EngineStats, StepCounters, snapshot, step_line
 from kodkod.engine.stream import LoopWaker
 
 log = logging.getLogger(__name__)
+# DEBUG: one line per step (kind, rows, tokens, decode and step wall, engine-thread CPU), for
+# finding where step time goes (benchmarks/chat_sessions.py --step-log); off, one check a step
+steplog = logging.getLogger("kodkod.engine.steps")
 
 # Least time between stats snapshots while steps run (every state change publishes when the
 # engine goes idle). Each snapshot walks the slot table, and it runs right after a decode, when
@@ -238,6 +241,8 @@ class EngineLoop:
     def _step(self) -> None:
         clock = self.config.clock
         t0 = clock()
+        trace = steplog.isEnabledFor(logging.DEBUG)
+        cpu0 = time.thread_time() if trace else 0.0
         sched, spec = self._sched, self._spec
         plan = sched.schedule()
         if plan is not None and plan.kind is StepKind.DECODE and spec.active > 0:
@@ -259,6 +264,8 @@ class EngineLoop:
         if decoded.measured:  # what this step's rows cost, sampling and emitting included
             spec.observe_step(len(decoded.plan.entries), decoded.plan.num_tokens, step_s - decoded.draft_s)
         self._counters.record(decoded, out.generated, step_s)
+        if trace:
+            steplog.debug("%s", step_line(decoded, step_s, time.thread_time() - cpu0))
         self._publish(force=not sched.has_work)
 
     # -- endings ----------------------------------------------------------------------------

@@ -7,8 +7,10 @@ drafted, to verify: see `engine/speculative/`); a prompt chunk is the next token
 * Batch invariance off (the default): a step holds the decode row of every caught-up sequence
   and, in what is left of `chunk_size` tokens, the chunks of several prompts, first admitted
   first (`engine/prompt_chunks.py`; a MIXED step, or DECODE / PREFILL when one kind is
-  missing). A burst of requests is prefilled together and running streams never stall for a
-  step. Drafting happens in DECODE steps only.
+  missing), as long as the step stays under `MIXED_MAX_ROWS` rows; a bigger one would make
+  llama.cpp's attention kernel visit every live cell for the decode rows, so then a DECODE
+  step and a PREFILL step (several prompts, the whole `chunk_size`) take turns. A burst of
+  requests is prefilled together. Drafting happens in DECODE steps only.
 * Batch invariance on (`batch_invariant`): a DECODE step of decode rows only, or a PREFILL
   step of ONE prompt's chunk, taking turns when both are pending. llama.cpp's CPU kernels give
   slightly different numbers for different batch shapes; keeping prompts alone makes a
@@ -63,7 +65,7 @@ from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     StepPlan,
     Truncate,
 )
-from kodkod.engine.prompt_chunks import prompt_end, step_of, take_chunks
+from kodkod.engine.prompt_chunks import fits_mixed, prompt_end, step_of, take_chunks
 from kodkod.engine.sequence import SeqStatus, Sequence
 
 
@@ -376,8 +378,9 @@ class Scheduler:
     def _plan_mixed(self) -> StepPlan | None:
         """Batch invariance off: the decode row of every caught-up sequence, then prompt
         chunks, first admitted first, in what is left of `chunk_size` (`engine/prompt_chunks.py`),
-        all of one LoRA set (sets take turns). When the decode rows alone fill the budget, a
-        decode-only step and a prompt-only step take turns."""
+        all of one LoRA set (sets take turns). When that step would not be a small one
+        (`fits_mixed`: the decode rows fill the budget, or rows and prompt tokens reach
+        `MIXED_MAX_ROWS`), a decode-only step and a prompt-only step take turns."""
         prefilling = [s for s in self.running if s.in_prefill]
         work = pick_group(caught_up(self.running) + prefilling, self._last_group)
         if not work:
@@ -387,9 +390,12 @@ class Scheduler:
         decoders = self._room_for_decoders([s for s in work if not s.in_prefill])
         prefillers = [s for s in self.running if s.in_prefill and s.adapter_key == key]  # after preemptions
         budget = self.config.chunk_size - len(decoders)
-        if prefillers and budget < 1:  # no room for prompt tokens beside the decode rows
+        if prefillers and decoders and not fits_mixed(len(decoders), prefillers, budget):
+            # a decode-only step and a prompt-only step take turns
             if self._prefill_next:
                 decoders, budget = [], self.config.chunk_size
+            else:
+                budget = 0
             self._prefill_next = not self._prefill_next
         self._reserved = len(decoders)
         if prefillers and not decoders:  # nothing else would free cells for the oldest prompt

@@ -127,3 +127,16 @@ def snapshot(sched: Scheduler, backend: Backend, c: StepCounters, spec: Speculat
         compactions=c.compactions,
         spec_costs=spec.cost_summaries() if not sched.has_work and spec.draft_steps else spec.summaries,
     )
+
+
+def step_line(decoded: Decoded, step_s: float, cpu_s: float) -> str:
+    """One step as a debug log line: its kind, decode rows, prompt chunks, tokens, the wall
+    time inside the decode and of the whole step, and the engine thread's CPU time in it (wall
+    minus CPU: time the thread waited for a core, or for the GIL)."""
+    plan = decoded.plan
+    chunks = sum(1 for e in plan.entries if e.prefill)
+    return (
+        f"step kind={plan.kind.value} rows={len(plan.entries) - chunks} chunks={chunks} "
+        f"tokens={plan.num_tokens} prompt_tokens={plan.num_prompt_tokens} "
+        f"decode_ms={decoded.decode_s * 1000:.3f} step_ms={step_s * 1000:.3f} cpu_ms={cpu_s * 1000:.3f}"
+    )
