@@ -178,9 +178,13 @@ class LlamaCppBackend:
                 raise ModelClosedError()
             raise BackendError("the model was loaded for tokenizing only")
         token, pos, n_seq, seq_id, want = (batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits)
-        out: list[list[int]] = []
+        out: list[list[int]] = [[] for _ in rows]
+        # Per-slot streams: llama.cpp cuts the batch into micro-batches of sequences whose ids
+        # rise by one in batch order, so rows go in slot order (out keeps the rows' order).
+        order = range(len(rows)) if self.kv_unified else sorted(range(len(rows)), key=lambda k: rows[k].slot)
         i = 0
-        for row in rows:
+        for k in order:
+            row = rows[k]
             n = len(row.tokens)
             if i + n > self._batch_cap:
                 raise BackendError(f"batch of more than {self._batch_cap} tokens")
@@ -194,7 +198,7 @@ class LlamaCppBackend:
                 want[i] = i >= first_logit
                 i += 1
                 p += 1
-            out.append(list(range(first_logit, i)))
+            out[k] = list(range(first_logit, i))
         batch.n_tokens = i
         rc = L.llama_decode(self._ctx, batch)
         if rc == 1:
