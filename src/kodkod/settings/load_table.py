@@ -351,6 +351,7 @@ LOAD_TABLE: tuple[LoadParam, ...] = (
         "requests, but no request can be longer than its slot (max_seq_len is capped to it; a "
         "larger max_seq_len set explicitly is refused), and a shared prefix is copied, not shared.",
         surfaces=NOT_IN_REQUEST,
+        before=lower,
     ),
     # ---- draft_model ------------------------------------------------------------------------
     P(
