@@ -7,7 +7,9 @@ Used by `benchmarks/engine_throughput.py --llama-server` (also runnable alone):
 N clients send a short chat-formatted prompt each at the same moment (/v1/completions, greedy,
 EOS ignored, streamed) to a freshly started server; the servers get the same model, threads,
 flash attention, batch sizes and KV cells (kodkod `cache_size` = llama-server `-c` =
-N x cells per client, llama-server `-np N`, kodkod `max_batch_size` N). Rounds alternate which
+N x cells per client, llama-server `-np N`, kodkod `max_batch_size` N; with `--kv-layout
+per_slot` kodkod too gives each of its N slots its own KV stream of those cells, as
+llama-server does). Rounds alternate which
 server goes first. Printed per server: throughput (generated tokens over the time from sending
 to the last token), time to first token p50 / p99 / max; and kodkod / llama-server ratios
 (medians of per-round figures).
@@ -120,7 +122,7 @@ async def measure(
 
 @contextmanager
 def _serve(
-    name: str, tmp: Path, clients: int, cells_per_client: int, threads: int
+    name: str, tmp: Path, clients: int, cells_per_client: int, threads: int, kv_layout: str
 ) -> Iterator[tuple[str, dict[str, str]]]:
     total = clients * cells_per_client
     if name == "kodkod":
@@ -130,6 +132,7 @@ def _serve(
                 "max_seq_len": cells_per_client,
                 "cache_size": total,
                 "n_threads": threads,
+                "kv_layout": kv_layout,
             }
         }
         server = KodkodServer.start(tmp / f"kodkod-{time.time_ns()}", cfg)
@@ -147,19 +150,22 @@ def _serve(
             llama.stop()
 
 
-def compare_with_llama_server(clients: int, tokens: int, rounds: int, threads: int) -> None:
+def compare_with_llama_server(
+    clients: int, tokens: int, rounds: int, threads: int, kv_layout: str = "unified"
+) -> None:
     """Run and print the side-by-side comparison (the `--llama-server` part of engine_throughput)."""
     cells = 256 * -(-(tokens + 64) // 256)  # prompt + reply per client, rounded up to 256
     print(
         f"kodkod vs llama-server: {clients} concurrent streams of {tokens} tokens, {threads} threads, "
-        f"{cells} KV cells per client ({clients * cells} in all), {rounds} rounds interleaved"
+        f"{cells} KV cells per client ({clients * cells} in all), kodkod kv_layout {kv_layout}, "
+        f"{rounds} rounds interleaved"
     )
     runs: list[ConcurrencyRun] = []
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(rounds):
             order = ("kodkod", "llama-server") if rnd % 2 == 0 else ("llama-server", "kodkod")
             for name in order:
-                with _serve(name, Path(tmp), clients, cells, threads) as (url, headers):
+                with _serve(name, Path(tmp), clients, cells, threads, kv_layout) as (url, headers):
                     run = asyncio.run(measure(url, headers, name, clients, tokens))
                 runs.append(run)
                 print(
@@ -193,8 +199,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads of both (0: every core)")
+    ap.add_argument(
+        "--kv-layout", choices=("unified", "per_slot"), default="unified", help="kodkod's model.kv_layout"
+    )
     args = ap.parse_args()
-    compare_with_llama_server(args.clients, args.tokens, args.rounds, args.threads or available_threads())
+    compare_with_llama_server(
+        args.clients, args.tokens, args.rounds, args.threads or available_threads(), args.kv_layout
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Engine throughput through the HTTP server vs a raw llama.cpp loop, measured in one run.
 
     .venv/bin/python benchmarks/engine_throughput.py [--tokens 256] [--clients 8] [--metrics off]
-    .venv/bin/python benchmarks/engine_throughput.py --llama-server --clients 32 --tokens 64
+    .venv/bin/python benchmarks/engine_throughput.py --llama-server --clients 32 --tokens 64 \
+        [--kv-layout per_slot]
 
 1. Raw baseline (no server): a minimal low-level llama.cpp decode loop with argmax sampling on
    the same model, threads and context settings — 1 sequence, and N sequences in one batch.
@@ -323,10 +324,17 @@ def main() -> None:
         help="instead: --clients concurrent streams of --tokens each, kodkod beside llama.cpp's llama-server "
         "(built once from the vendored llama.cpp; benchmarks/concurrency_vs_llama.py)",
     )
+    ap.add_argument(
+        "--kv-layout",
+        choices=("unified", "per_slot"),
+        default="unified",
+        help="with --llama-server: kodkod's model.kv_layout (per_slot: one KV stream per client, "
+        "the same cells per slot as llama-server's -np N -c total)",
+    )
     args = ap.parse_args()
     threads = args.threads or available_threads()
     if args.llama_server:
-        compare_with_llama_server(args.clients, args.tokens, args.rounds, threads)
+        compare_with_llama_server(args.clients, args.tokens, args.rounds, threads, args.kv_layout)
         return
     print(
         f"model {DEFAULT_GGUF.name}, {threads} threads, {args.tokens} tokens, {args.clients} clients, "

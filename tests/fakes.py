@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kodkod.core.backend_types import BackendCapabilities, BatchRow, ModelInfo
+from kodkod.core.backend_types import BackendCapabilities, BatchRow, KVCacheFullError, ModelInfo
 from kodkod.core.types import SamplingParams
 
 
@@ -77,6 +77,7 @@ class FakeBackend:
     n_vocab: int = 64
     kv_capacity: int = 256
     num_slots: int = 8
+    slot_cells: int = 0  # > 0: per-slot KV streams of this many cells (decode refuses more)
     eos: int = 0
     script: dict[int, int] = field(default_factory=dict)
     second: dict[int, int] = field(default_factory=dict)
@@ -146,6 +147,8 @@ class FakeBackend:
             cache = self.kv[row.slot]
             assert row.start_pos == len(cache), f"slot {row.slot}: start {row.start_pos} != {len(cache)}"
             assert None not in cache, f"slot {row.slot} has positions without KV"
+            if self.slot_cells and len(cache) + len(row.tokens) > self.slot_cells:
+                raise KVCacheFullError(f"slot {row.slot}: its KV stream is full")
             cache.extend(row.tokens)
             first = i + len(row.tokens) - row.num_logits
             idx = []

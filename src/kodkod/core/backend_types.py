@@ -91,6 +91,9 @@ class ContextConfig:
     flash_attention: bool = True
     rope_freq_scale: float = 0.0  # 0 = from the model
     rope_freq_base: float = 0.0  # 0 = from the model
+    # True: one KV pool all slots share; False: one KV stream per slot, each of
+    # cache_size / num_slots cells (rounded up to 256), attended by its own slot only
+    kv_unified: bool = True
 
 
 @dataclass(frozen=True, slots=True)

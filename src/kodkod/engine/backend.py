@@ -1,7 +1,8 @@
 """The backend contract: what the engine needs from an inference library.
 
 The engine drives a backend from its single thread. A backend owns one model, one context with a
-unified KV pool of `kv_capacity` cells shared by `num_slots` sequence slots, and makes samplers.
+KV pool of `kv_capacity` cells for `num_slots` sequence slots — shared by all slots, or split
+into one stream of `slot_cells` cells per slot — and makes samplers.
 Only `backends.llamacpp` implements it with llama.cpp (structurally: it never imports the
 engine); tests use a fake. The value types it exchanges are in `core/backend_types.py`.
 
@@ -65,6 +66,8 @@ class Backend(Protocol):
 
     num_slots: int
     kv_capacity: int
+    # cells of each slot's own KV stream (per-slot layout), 0 when all slots share one pool
+    slot_cells: int
     capabilities: BackendCapabilities
 
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]: ...

@@ -12,7 +12,8 @@ first `shared` positions dropped and taken from the slot it shares them with (`s
 cell count — and the scheduler's `KVPool` mirror, which does not change — stay exactly as they
 were.
 
-Pools of up to `MIN_BUSY_CACHE_CELLS` are left alone, like the busy budget leaves them.
+Pools of up to `MIN_BUSY_CACHE_CELLS` are left alone, like the busy budget leaves them, and so
+are per-slot KV streams (a stream's cells are attended by its own slot only; nothing to pack).
 Any failure clears the whole cache (nothing is running, so nobody loses output). Cost: saving
 and restoring every cached token, paid only at idle.
 """
@@ -44,7 +45,7 @@ def plan_compaction(sched: Scheduler) -> list[Move] | None:
     """The cached slots in restore order, or None when compaction is not due or not possible."""
     if sched.running or sched.waiting or sched.evicted_since_compaction < COMPACT_AFTER_EVICTED:
         return None
-    if sched.pool.capacity <= MIN_BUSY_CACHE_CELLS:
+    if sched.pool.per_slot or sched.pool.capacity <= MIN_BUSY_CACHE_CELLS:
         return None  # small pools: little to gain, and KV placement stays request-determined
     if sched.busy_cache_cells > 0:
         sched.trim_idle_cache()  # what the next request would trim anyway: before packing, not after

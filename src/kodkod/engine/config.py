@@ -47,6 +47,11 @@ def build_parts(
 ) -> StepParts:
     """`draft`: the draft model's backend, or None; `fail(seq, message)` ends a sequence whose
     row cannot be decoded (the runner's fault isolation)."""
+    if backend.slot_cells and config.max_seq_len > backend.slot_cells:
+        raise ValueError(
+            f"max_seq_len {config.max_seq_len} exceeds the {backend.slot_cells} KV cells of each "
+            "slot's own stream (per-slot KV layout)"
+        )
     spec = Speculator(config.speculative, draft, backend.num_slots, config.clock)
     host = HostPrefixCache(config.host_cache_bytes) if config.host_cache_bytes > 0 else None
     sched = Scheduler(
@@ -59,6 +64,7 @@ def build_parts(
         backend.kv_capacity,
         backend.num_slots,
         host,
+        backend.slot_cells,
     )
     runner = ModelRunner(backend, host, spec, fail, sched.flush, config.clock)
     return StepParts(sched, spec, runner, OutputProcessor(backend, sched, spec))

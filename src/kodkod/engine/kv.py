@@ -6,6 +6,11 @@ source's cells (no copy), `seq_rm` drops a sequence from cells. `KVPool` keeps t
 ownership with virtual cell ids, so the scheduler knows exactly how many cells are free
 without asking C, and can plan copies, rollbacks and evictions as pure data.
 
+With per-slot KV streams (`slot_cells > 0`, the backend's `kv_unified` off) each slot owns
+`slot_cells` cells of its own: a slot can never hold more, cells freed in one slot are no use
+to another, and a prefix copied into another slot takes cells of its own there (a real copy,
+nothing shared). `room(slot)` is what a slot may still take in either layout.
+
 `SlotTable` tracks what each slot holds. A slot is FREE, ACTIVE (a running sequence's KV) or
 CACHED (a finished sequence's KV kept for prefix reuse, evicted least-recently-used first).
 """
@@ -17,35 +22,59 @@ from dataclasses import dataclass, field
 
 
 class KVPool:
-    """Exact cell accounting for a pool shared by slots (counts only, no data)."""
+    """Exact cell accounting for a pool shared by slots, or for one stream of `slot_cells`
+    cells per slot (counts only, no data)."""
 
-    __slots__ = ("capacity", "_refs", "_free", "_cells")
+    __slots__ = ("capacity", "slot_cells", "_refs", "_free", "_num_free", "_cells")
 
-    def __init__(self, capacity: int, num_slots: int) -> None:
+    def __init__(self, capacity: int, num_slots: int, slot_cells: int = 0) -> None:
+        self.slot_cells = slot_cells
+        if slot_cells > 0:  # stream i holds virtual cells [i * slot_cells, (i + 1) * slot_cells)
+            capacity = slot_cells * num_slots
+            self._free = [
+                list(range((i + 1) * slot_cells - 1, i * slot_cells - 1, -1)) for i in range(num_slots)
+            ]
+        else:
+            self._free = [list(range(capacity - 1, -1, -1))]
         self.capacity = capacity
+        self._num_free = capacity
         self._refs = [0] * capacity
-        self._free = list(range(capacity - 1, -1, -1))
         self._cells: list[list[int]] = [[] for _ in range(num_slots)]
 
     @property
+    def per_slot(self) -> bool:
+        return self.slot_cells > 0
+
+    @property
     def free_cells(self) -> int:
-        return len(self._free)
+        """Free cells in all (per-slot streams: summed over the slots)."""
+        return self._num_free
+
+    def room(self, slot: int) -> int:
+        """How many more cells `slot` could take now."""
+        return len(self._free[slot if self.slot_cells else 0])
 
     def length(self, slot: int) -> int:
         return len(self._cells[slot])
 
     def append(self, slot: int, n: int) -> None:
-        if n > len(self._free):
-            raise MemoryError(f"KV pool: {n} cells wanted, {len(self._free)} free")
-        cells, refs, free = self._cells[slot], self._refs, self._free
+        free = self._free[slot if self.slot_cells else 0]
+        if n > len(free):
+            raise MemoryError(f"KV pool: {n} cells wanted in slot {slot}, {len(free)} free")
+        cells, refs = self._cells[slot], self._refs
         for _ in range(n):
             c = free.pop()
             refs[c] = 1
             cells.append(c)
+        self._num_free -= n
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """dst (empty) shares the first n cells of src."""
+        """dst (empty) holds the first n positions of src: sharing its cells in one pool, in
+        cells of its own with per-slot streams."""
         assert not self._cells[dst], "copy into a non-empty slot"
+        if self.slot_cells:
+            self.append(dst, min(n, self.length(src)))
+            return
         shared = self._cells[src][:n]
         refs = self._refs
         for c in shared:
@@ -57,11 +86,12 @@ class KVPool:
         cells = self._cells[slot]
         if n >= len(cells):
             return
-        refs, free = self._refs, self._free
+        refs, free = self._refs, self._free[slot if self.slot_cells else 0]
         for c in cells[n:]:
             refs[c] -= 1
             if refs[c] == 0:
                 free.append(c)
+                self._num_free += 1
         del cells[n:]
 
     def cells(self, slot: int) -> list[int]:

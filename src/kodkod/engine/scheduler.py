@@ -29,6 +29,12 @@ prompts compute their common prefix once. Under pressure, cached prefixes are ev
 decode still has no room, the newest running sequence is preempted (its KV dropped, it will
 recompute transparently), so nothing running is ever corrupted.
 
+With per-slot KV streams (`KVPool.slot_cells`) a slot's sequence is bounded by `max_seq_len`,
+which fits its stream, so cells are never short: the only contended resource is slots. A
+partial prefix is then copied for real into a free slot, or, when no slot is free, the cached
+slot holding it is adopted and cut to fit (its whole prefix offered to the host tier first);
+idle streams are outside every other slot's attention, so nothing is trimmed while busy.
+
 Idle cached prefixes slow every decode (llama.cpp visits every occupied cell), so while
 anything runs they are kept under a budget (`busy_cache_cells`, see `busy_budget()`); what is
 pushed out goes to the host-RAM tier (`engine/host_cache.py`) when one is configured, and
@@ -53,7 +59,7 @@ from kodkod.engine.adapters import pick_group
 from kodkod.engine.budget import HOST_MIN_GAIN, busy_budget
 from kodkod.engine.group import caught_up, main_of, members
 from kodkod.engine.host_cache import HostEntry, HostPrefixCache
-from kodkod.engine.kv import KVPool, SlotState, SlotTable, common_prefix_len
+from kodkod.engine.kv import KVPool, Slot, SlotState, SlotTable, common_prefix_len
 from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     Admission,
     CopyPrefix,
@@ -90,15 +96,18 @@ class Scheduler:
         capacity: int,
         num_slots: int,
         host: HostPrefixCache | None = None,
+        slot_cells: int = 0,
     ) -> None:
         self.config = config
         self.host = host
+        self.pool = KVPool(capacity, num_slots, slot_cells)
         self.busy_cache_cells = (
-            config.busy_cache_cells
+            self.pool.capacity  # per-slot streams: idle ones cost the running nothing
+            if slot_cells
+            else config.busy_cache_cells
             if config.busy_cache_cells is not None
             else busy_budget(capacity, host is not None)
         )
-        self.pool = KVPool(capacity, num_slots)
         self.slots = SlotTable(self.pool, num_slots)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -148,15 +157,20 @@ class Scheduler:
             self.pool.truncate(slot, length)
             self._ops.append(Truncate(slot, length))
 
+    def _offload(self, slot: Slot) -> int:
+        """Offer a cached slot's prefix to the host tier (before it is cut); its length."""
+        length = self.pool.length(slot.index)
+        if self.host is not None and length:
+            entry = self.host.offer(slot.tokens[:length], slot.adapter_key)
+            if entry is not None:
+                self._ops.append(Offload(slot.index, entry))
+        return length
+
     def _evict(self, exclude: int = -1) -> bool:
         victim = self.slots.lru_cached(exclude)
         if victim is None:
             return False
-        length = self.pool.length(victim.index)
-        if self.host is not None and length:
-            entry = self.host.offer(victim.tokens[:length], victim.adapter_key)
-            if entry is not None:
-                self._ops.append(Offload(victim.index, entry))
+        length = self._offload(victim)
         self.evicted_since_compaction += length
         self._truncate(victim.index, 0)
         victim.state = SlotState.FREE
@@ -164,6 +178,8 @@ class Scheduler:
         return True
 
     def _make_room(self, cells: int, exclude: int = -1) -> bool:
+        if self.pool.per_slot:
+            return True  # a sequence fits its own stream (max_seq_len <= slot_cells)
         while self.pool.free_cells < cells:
             if not self._evict(exclude):
                 return False
@@ -237,6 +253,15 @@ class Scheduler:
         src_slot = self.slots.slots[src] if src >= 0 else None
         if src_slot is not None and src_slot.state is SlotState.CACHED and self.pool.length(src) == reuse:
             slot = src  # the cached prefix is exactly what we need: adopt it
+        elif (
+            self.pool.per_slot
+            and src_slot is not None
+            and src_slot.state is SlotState.CACHED
+            and self.slots.free_slot() is None
+        ):  # per-slot streams: adopting beats evicting another slot to copy into it
+            self._offload(src_slot)
+            self._truncate(src, reuse)
+            slot = src
         else:
             free = self._take_slot(exclude=src)
             if free is None:
@@ -342,10 +367,15 @@ class Scheduler:
             decoders = [s for s in caught_up(self.running) if s.adapter_key == key]
         return decoders
 
+    def _out_of_cells(self) -> bool:
+        return not self.pool.per_slot and self.pool.free_cells < 1
+
     def _reserve(self, cells: int) -> int:
         """Up to `cells` more KV cells for the step being planned (idle prefixes are evicted
         to find them); how many it got."""
         self._make_room(self._reserved + cells)
+        if self.pool.per_slot:
+            return cells  # each sequence fits its own stream
         got = max(0, min(cells, self.pool.free_cells - self._reserved))
         self._reserved += got
         return got
@@ -354,7 +384,7 @@ class Scheduler:
         """A PREFILL step of one prompt's next chunk (batch invariance on)."""
         self._reserved = 0
         self._make_room(min(self.config.chunk_size, prompt_end(seq) - seq.num_computed))
-        while self.pool.free_cells < 1 and self._preempt_newest(keep=seq):
+        while self._out_of_cells() and self._preempt_newest(keep=seq):
             pass
         return step_of([], take_chunks([seq], self.config.chunk_size, self._reserve))
 
@@ -399,7 +429,7 @@ class Scheduler:
             self._prefill_next = not self._prefill_next
         self._reserved = len(decoders)
         if prefillers and not decoders:  # nothing else would free cells for the oldest prompt
-            while self.pool.free_cells < 1 and self._preempt_newest(keep=prefillers[0]):
+            while self._out_of_cells() and self._preempt_newest(keep=prefillers[0]):
                 pass
         return step_of(decoders, take_chunks(prefillers, budget, self._reserve))
 

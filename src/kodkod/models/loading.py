@@ -162,6 +162,7 @@ def build_plan_params(
     values.setdefault("n_threads", settings.model.n_threads)
     values.setdefault("flash_attention", settings.model.flash_attention)
     values.setdefault("batch_invariant", settings.model.batch_invariant)
+    values.setdefault("kv_layout", settings.model.kv_layout)
     if values.get("vision"):
         raise LoadParamError(
             "vision: true needs a vision projector, and this server has no vision support yet; "

@@ -68,6 +68,7 @@ class ModelLoadParams:
     n_threads: int | None = None
     flash_attention: bool = True
     batch_invariant: bool = False  # prompts prefilled alone (engine/scheduler.py)
+    kv_layout: str = "unified"  # "unified" | "per_slot" (models/context.py)
     vision: bool = False
     placement: GpuPlacement | None = None
     draft: DraftParams | None = None

@@ -340,6 +340,19 @@ LOAD_TABLE: tuple[LoadParam, ...] = (
         "concurrent requests); off prefills several prompts in one step beside the streams.",
         surfaces=NOT_IN_REQUEST,
     ),
+    P(
+        "kv_layout",
+        Literal["unified", "per_slot"],
+        "unified",
+        "kodkod extension: unified keeps one KV pool of cache_size cells that all requests share "
+        "(a request may use up to max_seq_len of it). per_slot gives each of max_batch_size slots "
+        "its own cache_size / max_batch_size cells (rounded up to 256), like llama-server's -np: "
+        "each request attends over its own cells only, which is faster with many concurrent "
+        "requests, but no request can be longer than its slot (max_seq_len is capped to it; a "
+        "larger max_seq_len set explicitly is refused), and a shared prefix is copied, not shared.",
+        surfaces=NOT_IN_REQUEST,
+        before=lower,
+    ),
     # ---- draft_model ------------------------------------------------------------------------
     P(
         "draft_mode",

@@ -4,8 +4,8 @@ Its load keys (max_seq_len, cache_mode, gpu_split, reasoning, …) are declared 
 `settings.load_table`, and added here with `create_model`; this module declares the keys that
 are about the server rather than a load (where models live, inline loading, dummy names, the
 startup model, `use_as_default`, `unload_grace_s`) and helpers that turn nulls into the values
-kodkod actually uses. kodkod extensions: `n_threads`, `flash_attention`, `batch_invariant` (in
-the table) and `unload_grace_s`.
+kodkod actually uses. kodkod extensions: `n_threads`, `flash_attention`, `batch_invariant`,
+`kv_layout` (in the table) and `unload_grace_s`.
 """
 
 from __future__ import annotations

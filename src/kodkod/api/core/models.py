@@ -70,6 +70,8 @@ def model_parameters(model: LoadedModel) -> dict[str, Any]:
         "cache_types": [plan.config.cache_type_k, plan.config.cache_type_v],
         "flash_attention": plan.config.flash_attention,
         "batch_invariant": model.engine.config.batch_invariant,
+        "kv_layout": "unified" if plan.config.kv_unified else "per_slot",
+        "kv_cells_per_slot": plan.cells_per_slot,
         "architecture": model.info.architecture,
         "n_params": model.info.n_params,
         "n_ctx_train": model.info.n_ctx_train,

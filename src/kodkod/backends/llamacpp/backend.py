@@ -1,14 +1,20 @@
-"""The llama.cpp backend: one model, one context with a unified KV pool, batched decode.
+"""The llama.cpp backend: one model, one context with its KV cells, batched decode.
 
-The context is created with `kv_unified=True` so all `num_slots` sequence slots share one pool
-of `cache_size` cells (llama.cpp rounds it up to a multiple of 256), and with `swa_full=True` so
-sliding-window models keep every position a prefix copy may need. A persistent `llama_batch`
-sized for the largest step is refilled in place each step (`backends/llamacpp/batch.py`);
-decode() returns the batch indices whose logits were requested, and `logits(index)` is a row of
-one numpy view of llama.cpp's logits buffer (remade only when that buffer moves). What it offers
-beyond the contract is `self.capabilities`: LoRA adapters on the context
-(`backends/llamacpp/lora.py`, freed before the context), the model's grammar compiler
-(`backends/llamacpp/grammar.py`, closed before the model) and its vocabulary fingerprint.
+By default the context is created with `kv_unified=True`, so all `num_slots` sequence slots
+share one pool of `cache_size` cells (llama.cpp rounds it up to a multiple of 256). With
+`ContextConfig.kv_unified` off, llama.cpp keeps one KV stream per slot (seq id i is stream i)
+of `cache_size / num_slots` cells rounded up to 256 (`slot_cells`), and each slot's attention
+spans its own stream only. A prefix copy across streams cannot share cells: llama.cpp's
+`seq_cp` would copy the whole stream at the next decode, after any state save or restore of the
+same step, so `kv_copy` copies through the slot's saved state instead (`_copy_stream`). Both
+are created with `swa_full=True` so sliding-window models keep every position a prefix copy
+may need. A persistent `llama_batch` sized for the largest step is refilled in place each step
+(`backends/llamacpp/batch.py`); decode() returns the batch indices whose logits were requested,
+and `logits(index)` is a row of one numpy view of llama.cpp's logits buffer (remade only when
+that buffer moves). What it offers beyond the contract is `self.capabilities`: LoRA adapters on
+the context (`backends/llamacpp/lora.py`, freed before the context), the model's grammar
+compiler (`backends/llamacpp/grammar.py`, closed before the model) and its vocabulary
+fingerprint.
 """
 
 from __future__ import annotations
@@ -81,9 +87,11 @@ class LlamaCppBackend:
         self.adapters: LoraHost | None = None  # LoRA adapters (core.backend_types.AdapterHost)
         self._grammar: LlgCompiler | None = LlgCompiler(model)  # builds its tables on first use
         self.capabilities = self._capabilities()
+        self.kv_unified = True
         if config is None:  # tokenizer-only
             self.num_slots = 0
             self.kv_capacity = 0
+            self.slot_cells = 0
             return
         self.num_slots = config.num_slots
         params = L.llama_context_default_params()
@@ -93,7 +101,7 @@ class LlamaCppBackend:
         params.n_seq_max = config.num_slots
         params.n_threads = config.n_threads
         params.n_threads_batch = config.n_threads
-        params.kv_unified = True
+        params.kv_unified = config.kv_unified
         params.swa_full = True
         params.no_perf = True
         params.flash_attn_type = 1 if config.flash_attention else 0
@@ -119,6 +127,8 @@ class LlamaCppBackend:
         self.capabilities = self._capabilities()
         self._mem = L.llama_get_memory(ctx)
         self.kv_capacity = int(L.llama_n_ctx(ctx))
+        self.kv_unified = config.kv_unified
+        self.slot_cells = 0 if config.kv_unified else int(L.llama_n_ctx_seq(ctx))
         self._batch = NumpyBatch(config.batch_tokens)
 
     @classmethod
@@ -178,14 +188,13 @@ class LlamaCppBackend:
                 raise ModelClosedError()
             raise BackendError("the model was loaded for tokenizing only")
         self._outputs = None  # llama_decode may move the logits buffer
-        out = batch.fill(rows)
+        out = batch.fill(rows, in_slot_order=not self.kv_unified)
         n_tokens = batch.struct.n_tokens
         n_outputs = sum(len(idx) for idx in out)
         self._num_outputs = n_outputs
         # llama.cpp stores the requested logits contiguously, in batch order
-        self._row_of = (
-            None if n_outputs == n_tokens else {b: k for k, b in enumerate(b for idx in out for b in idx)}
-        )
+        wanted = None if n_outputs == n_tokens else sorted(b for idx in out for b in idx)
+        self._row_of = None if wanted is None else {b: k for k, b in enumerate(wanted)}
         rc = L.llama_decode(self._ctx, batch.struct)
         if rc == 1:
             raise KVCacheFullError("no room in the KV cache for this batch")
@@ -217,7 +226,21 @@ class LlamaCppBackend:
     # -- KV cache -----------------------------------------------------------------------------
 
     def kv_copy(self, src: int, dst: int, p0: int, p1: int) -> None:
-        L.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+        if self.kv_unified:
+            L.llama_memory_seq_cp(self._mem, src, dst, p0, p1)  # shares the cells
+        else:
+            self._copy_stream(src, dst, p0, p1)
+
+    def _copy_stream(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Per-slot streams: dst (empty) gets a copy of src's positions [p0, p1). llama.cpp's
+        cross-stream `seq_cp` only queues a whole-stream buffer copy for the next decode, so a
+        save or restore of either slot before then would see the old data; the slot's state
+        round trip copies now, and only its occupied cells."""
+        if p0 > 0:
+            raise BackendError("a prefix copy between KV streams must start at position 0")
+        self.kv_restore(dst, self.kv_save(src))
+        if p1 >= 0:
+            self.kv_remove(dst, p1, -1)
 
     def kv_remove(self, slot: int, p0: int, p1: int = -1) -> None:
         if not L.llama_memory_seq_rm(self._mem, slot, p0, p1):

@@ -47,12 +47,16 @@ class NumpyBatch:
             logits=_ptr(self._want, ctypes.c_int8),
         )
 
-    def fill(self, rows: Sequence[BatchRow]) -> list[list[int]]:
-        """Write `rows` into the batch; for each row, the batch indices of its logits."""
+    def fill(self, rows: Sequence[BatchRow], in_slot_order: bool = False) -> list[list[int]]:
+        """Write `rows` into the batch; for each row (in the given order), the batch indices of
+        its logits. `in_slot_order` writes the rows sorted by slot: with one KV stream per slot,
+        llama.cpp cuts a batch into micro-batches of runs of consecutive sequence ids."""
         token, pos, seq, want = self._token, self._pos, self._seq, self._want
-        out: list[list[int]] = []
+        order = sorted(range(len(rows)), key=lambda k: rows[k].slot) if in_slot_order else range(len(rows))
+        out: list[list[int]] = [[] for _ in rows]
         i = 0
-        for row in rows:
+        for k in order:
+            row = rows[k]
             tokens = row.tokens
             n = len(tokens)
             end = i + n
@@ -70,7 +74,7 @@ class NumpyBatch:
                 seq[i:end] = row.slot
                 want[i:first_logit] = 0
                 want[first_logit:end] = 1
-            out.append(list(range(first_logit, end)))
+            out[k] = list(range(first_logit, end))
             i = end
         self.struct.n_tokens = i
         return out

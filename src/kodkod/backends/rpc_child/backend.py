@@ -204,6 +204,7 @@ class ChildBackend:
         self.info = info
         self.num_slots = ready.num_slots
         self.kv_capacity = ready.kv_capacity
+        self.slot_cells = ready.slot_cells
         self.rpc_servers = tuple(rpc_servers)
         self._n_vocab = tokenizer.n_vocab
         size = max(1, ready.logits_rows * self._n_vocab * 4)

@@ -110,6 +110,7 @@ class Ready:
     num_slots: int
     kv_capacity: int
     logits_rows: int  # rows of n_vocab float32 in the memory passed with this record
+    slot_cells: int = 0  # each slot's own KV stream (per-slot layout); 0: one shared pool
 
 
 @dataclass(frozen=True, slots=True)

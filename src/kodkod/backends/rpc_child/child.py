@@ -170,7 +170,10 @@ def run(channel: Channel) -> int:
         return 1
     out = LogitsOut(reply.config.batch_tokens, model.n_vocab)
     try:
-        channel.send(Ready(backend.num_slots, backend.kv_capacity, reply.config.batch_tokens), [out.fd])
+        channel.send(
+            Ready(backend.num_slots, backend.kv_capacity, reply.config.batch_tokens, backend.slot_cells),
+            [out.fd],
+        )
         os.close(out.fd)
         _serve(channel, backend, out)
     except ChannelClosed:
