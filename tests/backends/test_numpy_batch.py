@@ -46,6 +46,19 @@ def test_numpy_batch_holds_what_llama_decode_reads() -> None:
     assert ctypes.addressof(s.seq_id[2].contents) - ctypes.addressof(s.seq_id[0].contents) == 8
 
 
+def test_numpy_batch_in_slot_order_writes_rows_by_slot_and_maps_logits_back() -> None:
+    # one KV stream per slot: llama.cpp wants runs of consecutive sequence ids, so the rows go in
+    # slot order while each row's logit indices still come back in the caller's row order
+    batch = NumpyBatch(16)
+    rows = [BatchRow(3, [7], 40, 1), BatchRow(1, [10, 11, 12], 5, 1), BatchRow(0, [30, 31], 9, 2)]
+    assert batch.fill(rows, in_slot_order=True) == [[5], [4], [0, 1]]
+    s = batch.struct
+    assert [s.seq_id[i][0] for i in range(6)] == [0, 0, 1, 1, 1, 3]
+    assert [s.token[i] for i in range(6)] == [30, 31, 10, 11, 12, 7]
+    assert [s.pos[i] for i in range(6)] == [9, 10, 5, 6, 7, 40]
+    assert [s.logits[i] for i in range(6)] == [1, 1, 0, 0, 1, 1]
+
+
 def test_numpy_batch_refuses_more_tokens_than_it_holds() -> None:
     batch = NumpyBatch(4)
     with pytest.raises(BackendError, match="more than 4 tokens"):
@@ -91,3 +104,34 @@ def test_logits_rows_are_llama_cpps_rows_for_every_batch_shape(backend: LlamaCpp
                 assert row_view.ctypes.data == ctypes.addressof(ptr.contents)
                 assert np.array_equal(row_view, np.ctypeslib.as_array(ptr, shape=(backend.info.n_vocab,)))
     backend.kv_clear()
+
+
+@pytest.fixture(scope="module")
+def per_slot_backend(default_gguf: Path) -> Iterator[LlamaCppBackend]:
+    b = LlamaCppBackend.load(
+        ModelSource(default_gguf, "default"),
+        lambda info: ContextConfig(
+            cache_size=1024, num_slots=4, batch_tokens=256, n_threads=2, kv_unified=False
+        ),
+    )
+    yield b
+    b.close()
+
+
+@pytest.mark.model
+def test_per_slot_logits_rows_follow_the_callers_rows(
+    backend: LlamaCppBackend, per_slot_backend: LlamaCppBackend
+) -> None:
+    # rows out of slot order with partial logits: the batch is written in slot order, and each
+    # row's logits must still be that row's (the same as the unified pool gives for it)
+    ids = backend.tokenize("The lighthouse keeper looked at the grey sea", add_bos=True, parse_special=True)
+    rows = [BatchRow(2, ids, 0, 1), BatchRow(0, ids[:5], 0, 2), BatchRow(1, ids[:3], 0, 0)]
+    want = [[backend.logits(i).copy() for i in idx] for idx in backend.decode(rows)]
+    got = [[per_slot_backend.logits(i).copy() for i in idx] for idx in per_slot_backend.decode(rows)]
+    for w_row, g_row in zip(want, got, strict=True):
+        assert len(w_row) == len(g_row)
+        for w, g in zip(w_row, g_row, strict=True):
+            assert int(np.argmax(w)) == int(np.argmax(g))
+            assert np.allclose(w, g, atol=1e-2)
+    backend.kv_clear()
+    per_slot_backend.kv_clear()
