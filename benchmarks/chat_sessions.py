@@ -23,7 +23,8 @@ preemptions, host-tier saves/restores); each server's CPU seconds per thread ove
 (the decode threads against the HTTP side) and the client's; and the kodkod / llama-server
 ratios (median over rounds). A round takes ~1-2 minutes per server on 2 cores.
 
-`--step-log DIR` runs kodkod with its per-step debug log on and prints where the step time
+`--kv-layout per_slot` gives kodkod one KV stream per slot, as llama-server has (same cells per
+user). `--step-log DIR` runs kodkod with its per-step debug log on and prints where the step time
 went by step kind (`--kv-debug`: also the attention range per step; benchmarks/step_log.py).
 """
 
@@ -219,6 +220,7 @@ def serve(name: str, tmp: Path, args: argparse.Namespace, n_slots: int) -> Itera
                 "cache_size": total,
                 "max_batch_size": max(n_slots, 8),
                 "n_threads": args.threads,
+                "kv_layout": args.kv_layout,
             },
             "memory": {"sysmem_kv_cache": args.host_cache_mb},
         }
@@ -347,6 +349,9 @@ def main() -> None:
     ap.add_argument("--ctx-per-user", type=int, default=2048, help="context per user (KV cells per slot)")
     ap.add_argument("--host-cache-mb", type=int, default=1024, help="kodkod memory.sysmem_kv_cache")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads of both (0: every core)")
+    ap.add_argument(
+        "--kv-layout", choices=("unified", "per_slot"), default="unified", help="kodkod's model.kv_layout"
+    )
     ap.add_argument("--users", type=int, default=8, help="chatting users (plus one regenerating user)")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--reply-tokens", type=int, default=128)
@@ -371,7 +376,8 @@ def main() -> None:
     print(
         f"model {DEFAULT_GGUF.name}, {args.threads} threads, {n_slots} users ({workload.num_requests} "
         f"requests of {workload.reply_tokens} tokens), {args.ctx_per_user} cells per user, "
-        f"{args.ctx_per_user * n_slots} in all, {args.rounds} rounds, seed {args.seed}"
+        f"{args.ctx_per_user * n_slots} in all, kodkod kv_layout {args.kv_layout}, "
+        f"{args.rounds} rounds, seed {args.seed}"
     )
     results: list[RoundResult] = []
     with tempfile.TemporaryDirectory() as tmp_name:
