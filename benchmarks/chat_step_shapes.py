@@ -10,6 +10,9 @@ cells it added are removed again, so every step sees the same pool. Shapes:
 
 * `decode`: one decode row per sequence (every user's stream advances);
 * `rows-1`: the decode rows of all but the last sequence;
+* `half`: the decode rows of the first half of the sequences (rounded up; with `decode`,
+  `rows-1` and `one`: is one step of N rows dearer than two smaller ones?);
+* `one`: the decode row of the first sequence alone;
 * `prompt`: a `--chunk`-token chat turn of the last sequence alone (a PREFILL step);
 * `mixed`: the decode rows of all but the last sequence, then its chat turn (kodkod's MIXED
   step before issue 22's chat-gap change: decode rows first, then prompt chunks);
@@ -41,7 +44,7 @@ from kodkod.models.manager import available_threads  # noqa: E402
 from tests.server import DEFAULT_GGUF  # noqa: E402
 
 Row = tuple[int, int, list[int], bool]  # sequence, first position, tokens, logits for the last
-SHAPE_NAMES = ("decode", "rows-1", "prompt", "mixed", "prompt-first")
+SHAPE_NAMES = ("decode", "rows-1", "half", "one", "prompt", "mixed", "prompt-first")
 
 
 def _quiet_log(level: int, text: bytes, user_data: object) -> None:
@@ -65,6 +68,8 @@ def shapes(seqs: int, context: int, chunk: int) -> dict[str, Callable[[], list[R
     return {
         "decode": lambda: [*rows, (last, context, [198], True)],
         "rows-1": lambda: rows,
+        "half": lambda: [*rows, (last, context, [198], True)][: -(-seqs // 2)],
+        "one": lambda: [*rows, (last, context, [198], True)][:1],
         "prompt": lambda: prompt,
         "mixed": lambda: rows + prompt,
         "prompt-first": lambda: prompt + rows,
