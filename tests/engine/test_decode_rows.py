@@ -144,13 +144,22 @@ def test_a_picker_under_the_cap_passes_every_sequence_and_forgets_the_rotation()
     assert DecodeRowPicker(0).pick(seqs) == seqs
 
 
-def test_context_runs_the_tiled_kernel_only_with_flash_attention_over_an_unquantised_cache() -> None:
-    assert tiled_attention(ContextConfig(1024, 4, 512, 2, cache_type_k="f16", cache_type_v="f16", flash_attention=True))
-    assert tiled_attention(ContextConfig(1024, 4, 512, 2, cache_type_k="f32", cache_type_v="f32", flash_attention=True))
-    assert not tiled_attention(ContextConfig(1024, 4, 512, 2, cache_type_k="f16", cache_type_v="f16", flash_attention=False))
-    assert not tiled_attention(ContextConfig(1024, 4, 512, 2, cache_type_k="q8_0", cache_type_v="q8_0", flash_attention=True))
-    assert not tiled_attention(ContextConfig(1024, 4, 512, 2, cache_type_k="bf16", cache_type_v="bf16", flash_attention=True))
-    assert not tiled_attention(ContextConfig(1024, 4, 512, 2, cache_type_k="f16", cache_type_v="q8_0", flash_attention=True))
+@pytest.mark.parametrize(
+    ("k", "v", "flash", "tiled"),
+    [
+        ("f16", "f16", True, True),
+        ("f32", "f32", True, True),
+        ("f16", "f16", False, False),
+        ("q8_0", "q8_0", True, False),
+        ("bf16", "bf16", True, False),
+        ("f16", "q8_0", True, False),
+    ],
+)
+def test_context_runs_the_tiled_kernel_only_with_flash_attention_over_an_unquantised_cache(
+    k: str, v: str, flash: bool, tiled: bool
+) -> None:
+    config = ContextConfig(1024, 4, 512, 2, cache_type_k=k, cache_type_v=v, flash_attention=flash)
+    assert tiled_attention(config) is tiled
 
 
 def test_70_streams_through_the_engine_stay_under_the_threshold_and_are_exact() -> None:
