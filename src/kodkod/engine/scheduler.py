@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from dataclasses import dataclass
 
 from kodkod.engine.adapters import pick_group
 from kodkod.engine.budget import HOST_MIN_GAIN, busy_budget
@@ -75,24 +74,8 @@ from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     Truncate,
 )
 from kodkod.engine.prompt_chunks import fits_mixed, prompt_end, step_of, take_chunks
+from kodkod.engine.scheduler_config import SchedulerConfig  # re-exported
 from kodkod.engine.sequence import SeqStatus, Sequence
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    max_batch_size: int
-    chunk_size: int
-    min_shared_prefix: int = 16  # tokens of common prompt worth waiting for
-    # While anything runs, idle cached prefixes may occupy at most this many live cells (they
-    # slow every decode down); the rest go to the host-RAM tier or are dropped. None: see
-    # `busy_budget()`.
-    busy_cache_cells: int | None = None
-    # Prefill each prompt alone and never beside decode rows, so a request's output does not
-    # depend on its neighbours (slower under concurrency); else steps mix them.
-    batch_invariant: bool = False
-    # llama.cpp's CPU flash attention can run its tiled kernel (unquantised KV): in the shared
-    # pool a step then holds at most DECODE_MAX_ROWS decode rows (engine/decode_rows.py)
-    tiled_attention: bool = False
 
 
 class Scheduler:
