@@ -10,9 +10,9 @@ the pool: one more row at the threshold roughly doubles the step (docs/measureme
 steps under 64 rows in the unified pool").
 
 So in that layout a step holds at most `DECODE_MAX_ROWS` decode rows; the other caught-up
-sequences decode in the next step. Rows go to the least recently decoded sequences first (ties
-in running order), so every step stays full and no stream waits more than one step in a row
-while there are fewer than twice the cap of them. A CFG pair (main and shadow) is one unit of
+sequences decode in the next step. Rows go round robin, least recently decoded first (new
+ones first of all, in running order), so every step stays full and no stream waits more than
+one step in a row while there are at most twice the cap of them. A CFG pair (main and shadow) is one unit of
 two rows: it decodes together or not at all. With per-slot KV streams each decode row attends
 over its own stream only (llama.cpp gives every stream its own query rows), so there is no cap
 there (`decode_row_cap`).
