@@ -10,6 +10,11 @@ cells it added are removed again, so every step sees the same pool. Shapes:
 
 * `decode`: one decode row per sequence (every user's stream advances);
 * `rows-1`: the decode rows of all but the last sequence;
+* `half`: the decode rows of the first half of the sequences (rounded up; with `decode`,
+  `rows-1` and `one`: is one step of N rows dearer than two smaller ones?);
+* `one`: the decode row of the first sequence alone;
+* `verify-7`, `verify-8`: 7 or 8 tokens of every sequence (a speculative verify step of 6 or 7
+  drafted tokens each; with 8 sequences 56 and 64 rows, under and at the tiled kernel's size);
 * `prompt`: a `--chunk`-token chat turn of the last sequence alone (a PREFILL step);
 * `mixed`: the decode rows of all but the last sequence, then its chat turn (kodkod's MIXED
   step before issue 22's chat-gap change: decode rows first, then prompt chunks);
@@ -40,8 +45,8 @@ import llama_cpp as L  # noqa: E402
 from kodkod.models.manager import available_threads  # noqa: E402
 from tests.server import DEFAULT_GGUF  # noqa: E402
 
-Row = tuple[int, int, list[int], bool]  # sequence, first position, tokens, logits for the last
-SHAPE_NAMES = ("decode", "rows-1", "prompt", "mixed", "prompt-first")
+Row = tuple[int, int, list[int], int]  # sequence, first position, tokens, how many last ones give logits
+SHAPE_NAMES = ("decode", "rows-1", "half", "one", "verify-7", "verify-8", "prompt", "mixed", "prompt-first")
 
 
 def _quiet_log(level: int, text: bytes, user_data: object) -> None:
@@ -53,18 +58,22 @@ def fill(batch: L.llama_batch, rows: list[Row]) -> None:
     for seq, pos, tokens, logits in rows:
         for k, tok in enumerate(tokens):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos + k, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, 1 if logits and k == len(tokens) - 1 else 0
+            batch.seq_id[i][0], batch.logits[i] = seq, 1 if k >= len(tokens) - logits else 0
             i += 1
     batch.n_tokens = i
 
 
 def shapes(seqs: int, context: int, chunk: int) -> dict[str, Callable[[], list[Row]]]:
     last, turn = seqs - 1, [600 + i for i in range(chunk)]
-    rows = [(s, context, [198], True) for s in range(seqs - 1)]
-    prompt = [(last, context, turn, True)]
+    rows = [(s, context, [198], 1) for s in range(seqs - 1)]
+    prompt = [(last, context, turn, 1)]
     return {
-        "decode": lambda: [*rows, (last, context, [198], True)],
+        "decode": lambda: [*rows, (last, context, [198], 1)],
         "rows-1": lambda: rows,
+        "half": lambda: [*rows, (last, context, [198], 1)][: -(-seqs // 2)],
+        "one": lambda: [*rows, (last, context, [198], 1)][:1],
+        "verify-7": lambda: [(s, context, [198] * 7, 7) for s in range(seqs)],
+        "verify-8": lambda: [(s, context, [198] * 8, 8) for s in range(seqs)],
         "prompt": lambda: prompt,
         "mixed": lambda: rows + prompt,
         "prompt-first": lambda: prompt + rows,
@@ -85,7 +94,7 @@ def measure(model: object, unified: bool, args: argparse.Namespace, names: list[
     try:
         history = [(1000 + 13 * i) % 40000 + 500 for i in range(context)]
         for begin in range(0, context, 512):
-            fill(batch, [(0, begin, history[begin : begin + 512], False)])
+            fill(batch, [(0, begin, history[begin : begin + 512], 0)])
             assert L.llama_decode(ctx, batch) == 0
         size = L.llama_state_seq_get_size(ctx, 0)
         state = (ctypes.c_uint8 * size)()

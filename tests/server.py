@@ -81,6 +81,7 @@ class KodkodServer:
         args: list[str] | None = None,
         wait_s: float = 120.0,
         keys: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> KodkodServer:
         tmp.mkdir(parents=True, exist_ok=True)
         for name in ("templates", "sampler_overrides"):
@@ -102,10 +103,12 @@ class KodkodServer:
         tokens.write_text(yaml.safe_dump(key_data), encoding="utf-8")
         os.chmod(tokens, 0o600)
         log_path = tmp / "server.log"
+        extra_env = env or {}
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for k in list(env):
             if k.startswith(("TABBY_", "KODKOD_")):
                 del env[k]
+        env.update(extra_env)  # the caller's additions (e.g. a step log's PYTHONPATH)
         proc = subprocess.Popen(
             [sys.executable, "-m", "kodkod", *(args or [])],
             cwd=tmp,

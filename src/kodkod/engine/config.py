@@ -27,6 +27,9 @@ class EngineConfig:
     busy_cache_cells: int | None = None  # idle live cells while running (engine/budget.py)
     stall_timeout_s: float = 300.0  # one step taking longer is reported as stuck (problem())
     batch_invariant: bool = False  # prompts prefilled alone, never beside decode rows (scheduler.py)
+    # llama.cpp's CPU flash attention over an unquantised KV cache (its tiled kernel can run):
+    # decode steps in the shared pool stay under its row threshold (engine/decode_rows.py)
+    tiled_attention: bool = True
     # seconds for step and decode timing (stats, speculation's cost measurements); tests
     # pass a fake clock that their fake backends advance by set costs
     clock: Callable[[], float] = time.perf_counter
@@ -60,6 +63,7 @@ def build_parts(
             config.chunk_size,
             busy_cache_cells=config.busy_cache_cells,
             batch_invariant=config.batch_invariant,
+            tiled_attention=config.tiled_attention,
         ),
         backend.kv_capacity,
         backend.num_slots,

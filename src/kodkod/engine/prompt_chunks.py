@@ -15,7 +15,8 @@ decode rows of several sequences inside a big step make it compute over every li
 the pool. Measured on a chat batch (docs/measurements.md, "where the chat-step time goes"): 8
 decode rows beside a 120-token prompt cost far more than the same rows in a step of their own,
 so a long prompt gets a PREFILL step of its own, taking turns with the streams' DECODE steps;
-short prompts (a few tokens each) still ride in the decode step.
+short prompts (a few tokens each) still ride in the decode step. Decode rows alone stay under
+it too in the shared pool (`engine/decode_rows.py`, `DECODE_MAX_ROWS`).
 
 Each chunk asks `room(n)` for its KV cells: the scheduler's reservation for the step being
 planned, which evicts idle cached prefixes to find them and may give fewer (then the chunk is

@@ -10,7 +10,9 @@ drafted, to verify: see `engine/speculative/`); a prompt chunk is the next token
   missing), as long as the step stays under `MIXED_MAX_ROWS` rows; a bigger one would make
   llama.cpp's attention kernel visit every live cell for the decode rows, so then a DECODE
   step and a PREFILL step (several prompts, the whole `chunk_size`) take turns. A burst of
-  requests is prefilled together. Drafting happens in DECODE steps only.
+  requests is prefilled together. Drafting happens in DECODE steps only. In the shared pool
+  with that kernel (`tiled_attention`) a step holds at most `DECODE_MAX_ROWS` decode rows,
+  least recently decoded first (`engine/decode_rows.py`); the rest decode in the next step.
 * Batch invariance on (`batch_invariant`): a DECODE step of decode rows only, or a PREFILL
   step of ONE prompt's chunk, taking turns when both are pending. llama.cpp's CPU kernels give
   slightly different numbers for different batch shapes; keeping prompts alone makes a
@@ -53,10 +55,10 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from dataclasses import dataclass
 
 from kodkod.engine.adapters import pick_group
 from kodkod.engine.budget import HOST_MIN_GAIN, busy_budget
+from kodkod.engine.decode_rows import DecodeRowPicker, decode_row_cap
 from kodkod.engine.group import caught_up, main_of, members
 from kodkod.engine.host_cache import HostEntry, HostPrefixCache
 from kodkod.engine.kv import KVPool, Slot, SlotState, SlotTable, common_prefix_len
@@ -72,21 +74,8 @@ from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     Truncate,
 )
 from kodkod.engine.prompt_chunks import fits_mixed, prompt_end, step_of, take_chunks
+from kodkod.engine.scheduler_config import SchedulerConfig  # re-exported
 from kodkod.engine.sequence import SeqStatus, Sequence
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    max_batch_size: int
-    chunk_size: int
-    min_shared_prefix: int = 16  # tokens of common prompt worth waiting for
-    # While anything runs, idle cached prefixes may occupy at most this many live cells (they
-    # slow every decode down); the rest go to the host-RAM tier or are dropped. None: see
-    # `busy_budget()`.
-    busy_cache_cells: int | None = None
-    # Prefill each prompt alone and never beside decode rows, so a request's output does not
-    # depend on its neighbours (slower under concurrency); else steps mix them.
-    batch_invariant: bool = False
 
 
 class Scheduler:
@@ -118,6 +107,7 @@ class Scheduler:
         self._prefill_next = False
         self._last_group: tuple | None = None  # adapter key of the last step's rows
         self._reserved = 0  # KV cells the step being planned has taken (`_reserve`)
+        self._rows = DecodeRowPicker(decode_row_cap(config.tiled_attention, slot_cells > 0))
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -396,7 +386,7 @@ class Scheduler:
         prefillers = [s for s in self.running if s.in_prefill]
         plan: StepPlan | None = None
         if decoders and (not prefillers or not self._prefill_next):
-            plan = step_of(self._room_for_decoders(decoders), [])
+            plan = step_of(self._rows.pick(self._room_for_decoders(decoders)), [])
             self._prefill_next = True
             if plan is not None:
                 self._last_group = plan.entries[0].seq.adapter_key
@@ -417,7 +407,7 @@ class Scheduler:
             return None
         key = work[0].adapter_key
         self._last_group = key
-        decoders = self._room_for_decoders([s for s in work if not s.in_prefill])
+        decoders = self._rows.pick(self._room_for_decoders([s for s in work if not s.in_prefill]))
         prefillers = [s for s in self.running if s.in_prefill and s.adapter_key == key]  # after preemptions
         budget = self.config.chunk_size - len(decoders)
         if prefillers and decoders and not fits_mixed(len(decoders), prefillers, budget):

@@ -59,6 +59,13 @@ def slot_cells(cache_size: int, num_slots: int) -> int:
     return round_up_256(round_up_256(cache_size) // num_slots)
 
 
+def tiled_attention(config: ContextConfig) -> bool:
+    """Whether llama.cpp's CPU flash attention may run its tiled kernel in this context: flash
+    attention on, K and V of one type, f32 or f16 (the engine then keeps decode steps in the
+    shared pool under its row threshold, engine/decode_rows.py)."""
+    return config.flash_attention and config.cache_type_k == config.cache_type_v in ("f32", "f16")
+
+
 def per_slot_max_seq_len(params: ModelLoadParams, max_seq_len: int, cells: int, num_slots: int) -> int:
     """max_seq_len under per-slot streams: capped to a slot's cells when it was not set,
     refused when it was set above them."""

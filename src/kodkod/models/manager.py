@@ -53,7 +53,7 @@ from kodkod.chat import find_template
 from kodkod.core.backend_types import ModelInfo, ModelSource
 from kodkod.engine.client import EngineClient
 from kodkod.engine.loop import EngineConfig
-from kodkod.models.context import ContextPlan, draft_context, plan_context
+from kodkod.models.context import ContextPlan, draft_context, plan_context, tiled_attention
 from kodkod.models.draft import (
     BackendLoader,
     DraftModel,
@@ -285,6 +285,7 @@ class ModelManager:
                     host_cache_bytes=self._host_cache_bytes,
                     stall_timeout_s=self._stall_timeout_s,
                     batch_invariant=params.batch_invariant,
+                    tiled_attention=tiled_attention(ctx.config),
                 ),
                 self._report_fatal,
                 draft.backend if draft is not None else None,  # speculative decoding
