@@ -293,9 +293,62 @@ def test_the_worker_runs_at_the_configured_niceness(tmp_path: Path) -> None:
     try:
         nice_of_workers = [
             worker.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
-            for worker in service._lane_workers  # the threads all native work runs on
+            for worker in (service._worker, *service._lane_workers)  # the threads all native work runs on
         ]
     finally:
         service.shutdown()
-    assert nice_of_workers == [min(19, base + 5)] * 2
+    assert nice_of_workers == [min(19, base + 5)] * 3
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller is untouched
+
+
+def test_a_lane_thread_runs_the_request_s_packs_without_a_hand_off_each(tmp_path: Path) -> None:
+    service, made = make_service(tmp_path, [False], n_threads=1)  # one lane
+    trips: list[int] = []  # packs run per trip to the lane's thread
+
+    async def run() -> None:
+        await service.load("enc")
+        plain = service._run_packs
+
+        def counted(*args: object) -> int:
+            trips.append(plain(*args))  # type: ignore[arg-type]
+            return trips[-1]
+
+        service._run_packs = counted  # type: ignore[method-assign]
+        texts = [" ".join(["w"] * 5) for _ in range(6)]  # 7 tokens each: one pack per input
+        result = await service.embed(texts)
+        assert result.vectors[:, 0].tolist() == [7] * 6
+        assert trips == [6]  # one trip to the thread for all six packs
+        assert service.counters.batches_run == 6
+
+    asyncio.run(run())
+    service.shutdown()
+
+
+def test_a_waiting_request_gets_the_lane_after_the_running_pack(tmp_path: Path) -> None:
+    service, made = make_service(tmp_path, [False], n_threads=1)  # one lane
+    lengths: list[int] = []  # tokens of the first input of each pack, in the order they ran
+
+    async def run() -> None:
+        await service.load("enc")
+        enc = made[0]
+        gate = GatedLanes(enc)
+
+        def recorded(inputs: Sequence[Sequence[int]], lane: int = 0) -> np.ndarray:
+            rows = gate.embed(inputs, lane)
+            lengths.append(len(inputs[0]))
+            return rows
+
+        enc.embed = recorded  # type: ignore[method-assign]
+        first = asyncio.create_task(service.embed([" ".join(["w"] * 5)] * 4))  # 4 packs of 7 tokens
+        assert await asyncio.to_thread(gate.wait_running, 1)
+        second = asyncio.create_task(service.embed(["x y"]))  # 4 tokens: waits for the lane
+        deadline = asyncio.get_running_loop().time() + 30
+        while service._lane_waiters == 0:  # tokenized meanwhile, it now waits for the lane
+            assert asyncio.get_running_loop().time() < deadline, "the second request never waited for a lane"
+            await asyncio.sleep(0.001)
+        gate.open(100)
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+        assert lengths == [7, 4, 7, 7, 7]  # the waiting request ran right after the running pack
+
+    asyncio.run(run())
+    service.shutdown()
