@@ -99,7 +99,8 @@ def test_float_and_base64_answers_carry_the_same_rows_in_order(tmp_path: Path) -
     tokens = sum(len(made[0].tokenize(t)) for t in texts)
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
     assert [d["index"] for d in body["data"]] == list(range(30))
-    assert all(list(d) == ["object", "embedding", "index"] and d["object"] == "embedding" for d in body["data"])
+    assert all(list(d) == ["object", "embedding", "index"] for d in body["data"])
+    assert all(d["object"] == "embedding" for d in body["data"])
     floats = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
     expected = np.array([vector(made[0].tokenize(t)) for t in texts])
     assert np.array_equal(floats, expected)  # each row its own input, in input order

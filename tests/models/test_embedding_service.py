@@ -302,7 +302,7 @@ def test_the_worker_runs_at_the_configured_niceness(tmp_path: Path) -> None:
 
 
 def test_a_lane_thread_runs_the_request_s_packs_without_a_hand_off_each(tmp_path: Path) -> None:
-    service, made = make_service(tmp_path, [False], n_threads=1)  # one lane
+    service, _ = make_service(tmp_path, [False], n_threads=1)  # one lane
     trips: list[int] = []  # packs run per trip to the lane's thread
 
     async def run() -> None:

@@ -4,17 +4,18 @@
 A name is a folder (or a `.gguf` file) of the embedding folder. A folder holding a GGUF loads
 it; a Hugging Face sentence-transformers folder is converted once (`models/hf_encoder.py`) and
 the cached GGUF loads. Loading, tokenizing and closing run on one worker thread owned by the
-service (not a lane's: a request is tokenized while the lanes run another's batches). A request is tokenized first (an input over the model's limit is refused with the
-numbers, before any batch runs), then packed into batches of the encoder's preferred size
-(within its limits). The encoder runs several lanes side by side (one context each;
-`lane_plan` splits the threads into lanes of one thread or more), each lane on its own worker
-thread; closing waits for a running batch (the encoder's lane
-locks). A request's batches go, in order, to whichever lane is free and their rows are written
-back by position, so the output keeps the input order. A lane's thread keeps taking the
-request's next batch itself (no hand-off through the event loop per batch) until none is left
-or the lane is wanted elsewhere: while another request waits for a lane they interleave batch
-by batch. A request whose client went away (its task cancelled) starts no further batch: only
-those already running finish (`EmbeddingCounters` and a log line tell how many were skipped).
+service (not a lane's: a request is tokenized while the lanes run another's batches). A
+request is tokenized first (an input over the model's limit is refused with the numbers,
+before any batch runs), then packed into batches of the encoder's preferred size (within its
+limits). The encoder runs several lanes side by side (one context each; `lane_plan` splits
+the threads into lanes of one thread or more), each lane on its own worker thread; closing
+waits for a running batch (the encoder's lane locks). A request's batches go, in order, to
+whichever lane is free and their rows are written back by position, so the output keeps the
+input order. A lane's thread keeps taking the request's next batch itself (no hand-off through
+the event loop per batch) until none is left or the lane is wanted elsewhere: while another
+request waits for a lane they interleave batch by batch. A request whose client went away
+(its task cancelled) starts no further batch: only those already running finish
+(`EmbeddingCounters` and a log line tell how many were skipped).
 Fair share with chat: the workers, and the llama.cpp threads they start, run at a lower
 scheduling priority (`nice`, Linux), so while chat streams run the kernel gives their decode
 steps the cores first; and while the chat engine has running streams at most half the lanes
@@ -153,7 +154,10 @@ class EmbeddingService:
         # loads, tokenizes and closes: on a thread of its own, so that a request is tokenized
         # (and its bad inputs refused) while the lanes run another request's batches
         self._worker = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kodkod-embed-tok", initializer=_lower_priority, initargs=(nice,)
+            max_workers=1,
+            thread_name_prefix="kodkod-embed-tok",
+            initializer=_lower_priority,
+            initargs=(nice,),
         )
         self._busy_lanes: set[int] = set()
         self._lane_freed = asyncio.Event()
