@@ -24,6 +24,7 @@ from kodkod.models.embeddings import (
     InputTooLong,
     NoEmbeddingModel,
     _plan_batches,
+    _split_tail,
     lane_plan,
 )
 
@@ -83,6 +84,16 @@ def test_plan_batches_respects_both_limits() -> None:
     assert _plan_batches([3, 3, 3, 3, 3], max_tokens=7, max_seqs=4) == [range(0, 2), range(2, 4), range(4, 5)]
     assert _plan_batches([1] * 9, max_tokens=100, max_seqs=4) == [range(0, 4), range(4, 8), range(8, 9)]
     assert _plan_batches([], max_tokens=5, max_seqs=2) == []
+
+
+def test_split_tail_halves_the_last_batch_of_each_lane() -> None:
+    batches = [range(0, 4), range(4, 8), range(8, 12), range(12, 13)]
+    assert _split_tail(batches, 2) == [range(0, 4), range(4, 8), range(8, 10), range(10, 12), range(12, 13)]
+    assert _split_tail(batches, 1) == batches  # one lane never waits for another
+    assert _split_tail([range(0, 3)], 4) == [range(0, 1), range(1, 3)]
+    assert _split_tail([], 2) == []
+    covered = [i for part in _split_tail(batches, 3) for i in part]
+    assert covered == list(range(13))  # every input once, in order
 
 
 def test_load_embed_unload(tmp_path: Path) -> None:
@@ -275,7 +286,8 @@ def test_a_cancelled_request_on_two_lanes_starts_no_further_batch(tmp_path: Path
         gate.open(2)
         enc.embed = gate.plain  # type: ignore[method-assign]
         assert (await asyncio.wait_for(service.embed(["after", "more"]), 30)).vectors.shape == (2, 2)
-        assert len(enc.calls) == 3  # the two running batches, then the new request's one
+        # the two running batches, then the new request's one batch, halved for the two lanes
+        assert len(enc.calls) == 4
         c = service.counters
         assert (c.requests_cancelled, c.batches_skipped) == (1, 4)
 

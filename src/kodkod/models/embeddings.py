@@ -115,6 +115,19 @@ def _plan_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> lis
     return out
 
 
+def _split_tail(batches: list[range], lanes: int) -> list[range]:
+    """`batches` with each of the last `lanes` halved (by inputs): the lanes' final batches are
+    short, so no lane waits long for the others at the end of a request."""
+    if lanes < 2:
+        return batches
+    head, tail = batches[:-lanes], batches[-lanes:]
+    out = list(head)
+    for part in tail:
+        mid = part.start + len(part) // 2
+        out.extend([part] if len(part) < 2 else [range(part.start, mid), range(mid, part.stop)])
+    return out
+
+
 MAX_LANES = 4  # encoder contexts side by side; beyond a few, one context's threads scale as well
 
 
@@ -264,8 +277,8 @@ class EmbeddingService:
         info = encoder.info
         out = np.empty((len(ids), info.n_embd), dtype=np.float32)
         pack = info.pack_tokens or info.batch_tokens
-        batches = _plan_batches([len(x) for x in ids], pack, info.batch_sequences)
         lanes = max(1, min(self._lanes, info.lanes))
+        batches = _split_tail(_plan_batches([len(x) for x in ids], pack, info.batch_sequences), lanes)
         # shared with the lane threads: each pack is popped (atomically) by exactly one of them,
         # or by the cancellation below, which empties the queue so that no further pack starts
         waiting = deque(batches)
