@@ -6,6 +6,7 @@ a cancelled request that runs no further batch, and the workers' lower schedulin
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import threading
@@ -364,3 +365,35 @@ def test_a_waiting_request_gets_the_lane_after_the_running_pack(tmp_path: Path) 
 
     asyncio.run(run())
     service.shutdown()
+
+
+def test_a_cancelled_request_logs_the_batches_its_lane_thread_finished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    service, made = make_service(tmp_path, [False], n_threads=1)  # one lane
+
+    async def run() -> None:
+        await service.load("enc")
+        enc = made[0]
+        gate = GatedLanes(enc)
+        enc.embed = gate.embed  # type: ignore[method-assign]
+        texts = [" ".join(["w"] * 5) for _ in range(6)]  # one batch per input
+        task = asyncio.create_task(service.embed(texts))
+        gate.open(2)  # two batches finish on the lane's thread, the third waits at the gate
+
+        def third_running() -> bool:
+            with gate.cond:
+                return bool(gate.cond.wait_for(lambda: len(enc.calls) == 2 and len(gate.running) == 1, 30))
+
+        assert await asyncio.to_thread(third_running)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.open(1)
+        enc.embed = gate.plain  # type: ignore[method-assign]
+        assert (await asyncio.wait_for(service.embed(["after"]), 30)).vectors.shape == (1, 2)
+
+    with caplog.at_level(logging.INFO, logger="kodkod.models.embeddings"):
+        asyncio.run(run())
+    service.shutdown()
+    assert "cancelled (client gone) after 2 of 6 batches; 3 skipped" in caplog.text

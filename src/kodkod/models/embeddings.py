@@ -282,21 +282,19 @@ class EmbeddingService:
         # shared with the lane threads: each pack is popped (atomically) by exactly one of them,
         # or by the cancellation below, which empties the queue so that no further pack starts
         waiting = deque(batches)
-        done = 0
+        finished = [0] * lanes  # batches finished per lane, each slot written by its lane's thread
 
         async def feed() -> None:
             # holds a free lane while its thread runs the request's packs one after another
             # (`_run_packs`), and gives it back when the thread yields it to others
-            nonlocal done
             while waiting:
                 lane = await self._take_lane(lanes)
                 try:
                     if not waiting:
                         return
                     ran = await loop.run_in_executor(
-                        self._lane_workers[lane], self._run_packs, encoder, lane, ids, waiting, out
+                        self._lane_workers[lane], self._run_packs, encoder, lane, ids, waiting, out, finished
                     )
-                    done += ran
                     self.counters.batches_run += ran
                 finally:
                     self._give_lane(lane)
@@ -315,7 +313,7 @@ class EmbeddingService:
             self.counters.batches_skipped += skipped
             log.info(
                 "embedding request cancelled (client gone) after %d of %d batches; %d skipped",
-                done,
+                sum(finished),
                 len(batches),
                 skipped,
             )
@@ -334,11 +332,13 @@ class EmbeddingService:
         ids: Sequence[Sequence[int]],
         waiting: deque[range],
         out: np.ndarray,
+        finished: list[int],
     ) -> int:
         """On lane `lane`'s thread: run the request's next packs until none is left, or until
         the lane is wanted elsewhere (another request waits for one, or chat streams run and
-        the share of lanes must be checked again). Rows go to `out` by position; returns the
-        packs run. Staying on the thread spares a hand-off through the event loop per pack."""
+        the share of lanes must be checked again). Rows go to `out` by position, each finished
+        pack counts in `finished[lane]`; returns the packs run. Staying on the thread spares a
+        hand-off through the event loop per pack."""
         ran = 0
         while True:
             try:
@@ -347,6 +347,7 @@ class EmbeddingService:
                 return ran
             out[part.start : part.stop] = encoder.embed([ids[i] for i in part], lane)
             ran += 1
+            finished[lane] += 1
             if self._lane_waiters or self._chat_busy():
                 return ran
 
