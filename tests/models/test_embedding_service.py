@@ -6,6 +6,7 @@ a cancelled request that runs no further batch, and the workers' lower schedulin
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import threading
@@ -24,6 +25,7 @@ from kodkod.models.embeddings import (
     InputTooLong,
     NoEmbeddingModel,
     _plan_batches,
+    _split_tail,
     lane_plan,
 )
 
@@ -83,6 +85,16 @@ def test_plan_batches_respects_both_limits() -> None:
     assert _plan_batches([3, 3, 3, 3, 3], max_tokens=7, max_seqs=4) == [range(0, 2), range(2, 4), range(4, 5)]
     assert _plan_batches([1] * 9, max_tokens=100, max_seqs=4) == [range(0, 4), range(4, 8), range(8, 9)]
     assert _plan_batches([], max_tokens=5, max_seqs=2) == []
+
+
+def test_split_tail_halves_the_last_batch_of_each_lane() -> None:
+    batches = [range(0, 4), range(4, 8), range(8, 12), range(12, 13)]
+    assert _split_tail(batches, 2) == [range(0, 4), range(4, 8), range(8, 10), range(10, 12), range(12, 13)]
+    assert _split_tail(batches, 1) == batches  # one lane never waits for another
+    assert _split_tail([range(0, 3)], 4) == [range(0, 1), range(1, 3)]
+    assert _split_tail([], 2) == []
+    covered = [i for part in _split_tail(batches, 3) for i in part]
+    assert covered == list(range(13))  # every input once, in order
 
 
 def test_load_embed_unload(tmp_path: Path) -> None:
@@ -275,7 +287,8 @@ def test_a_cancelled_request_on_two_lanes_starts_no_further_batch(tmp_path: Path
         gate.open(2)
         enc.embed = gate.plain  # type: ignore[method-assign]
         assert (await asyncio.wait_for(service.embed(["after", "more"]), 30)).vectors.shape == (2, 2)
-        assert len(enc.calls) == 3  # the two running batches, then the new request's one
+        # the two running batches, then the new request's one batch, halved for the two lanes
+        assert len(enc.calls) == 4
         c = service.counters
         assert (c.requests_cancelled, c.batches_skipped) == (1, 4)
 
@@ -293,9 +306,94 @@ def test_the_worker_runs_at_the_configured_niceness(tmp_path: Path) -> None:
     try:
         nice_of_workers = [
             worker.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
-            for worker in service._lane_workers  # the threads all native work runs on
+            for worker in (service._worker, *service._lane_workers)  # the threads all native work runs on
         ]
     finally:
         service.shutdown()
-    assert nice_of_workers == [min(19, base + 5)] * 2
+    assert nice_of_workers == [min(19, base + 5)] * 3
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller is untouched
+
+
+def test_a_lane_thread_runs_the_request_s_packs_without_a_hand_off_each(tmp_path: Path) -> None:
+    service, _ = make_service(tmp_path, [False], n_threads=1)  # one lane
+    trips: list[int] = []  # packs run per trip to the lane's thread
+
+    async def run() -> None:
+        await service.load("enc")
+        plain = service._run_packs
+
+        def counted(*args: object) -> int:
+            trips.append(plain(*args))  # type: ignore[arg-type]
+            return trips[-1]
+
+        service._run_packs = counted  # type: ignore[method-assign]
+        texts = [" ".join(["w"] * 5) for _ in range(6)]  # 7 tokens each: one pack per input
+        result = await service.embed(texts)
+        assert result.vectors[:, 0].tolist() == [7] * 6
+        assert trips == [6]  # one trip to the thread for all six packs
+        assert service.counters.batches_run == 6
+
+    asyncio.run(run())
+    service.shutdown()
+
+
+def test_a_waiting_request_gets_the_lane_after_the_running_pack(tmp_path: Path) -> None:
+    service, made = make_service(tmp_path, [False], n_threads=1)  # one lane
+    lengths: list[int] = []  # tokens of the first input of each pack, in the order they ran
+
+    async def run() -> None:
+        await service.load("enc")
+        enc = made[0]
+        gate = GatedLanes(enc)
+
+        def recorded(inputs: Sequence[Sequence[int]], lane: int = 0) -> np.ndarray:
+            rows = gate.embed(inputs, lane)
+            lengths.append(len(inputs[0]))
+            return rows
+
+        enc.embed = recorded  # type: ignore[method-assign]
+        first = asyncio.create_task(service.embed([" ".join(["w"] * 5)] * 4))  # 4 packs of 7 tokens
+        assert await asyncio.to_thread(gate.wait_running, 1)
+        second = asyncio.create_task(service.embed(["x y"]))  # 4 tokens: waits for the lane
+        deadline = asyncio.get_running_loop().time() + 30
+        while service._lane_waiters == 0:  # tokenized meanwhile, it now waits for the lane
+            assert asyncio.get_running_loop().time() < deadline, "the second request never waited for a lane"
+            await asyncio.sleep(0.001)
+        gate.open(100)
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+        assert lengths == [7, 4, 7, 7, 7]  # the waiting request ran right after the running pack
+
+    asyncio.run(run())
+    service.shutdown()
+
+
+def test_a_cancelled_request_logs_the_batches_its_lane_thread_finished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    service, made = make_service(tmp_path, [False], n_threads=1)  # one lane
+
+    async def run() -> None:
+        await service.load("enc")
+        enc = made[0]
+        gate = GatedLanes(enc)
+        enc.embed = gate.embed  # type: ignore[method-assign]
+        texts = [" ".join(["w"] * 5) for _ in range(6)]  # one batch per input
+        task = asyncio.create_task(service.embed(texts))
+        gate.open(2)  # two batches finish on the lane's thread, the third waits at the gate
+
+        def third_running() -> bool:
+            with gate.cond:
+                return bool(gate.cond.wait_for(lambda: len(enc.calls) == 2 and len(gate.running) == 1, 30))
+
+        assert await asyncio.to_thread(third_running)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.open(1)
+        enc.embed = gate.plain  # type: ignore[method-assign]
+        assert (await asyncio.wait_for(service.embed(["after"]), 30)).vectors.shape == (1, 2)
+
+    with caplog.at_level(logging.INFO, logger="kodkod.models.embeddings"):
+        asyncio.run(run())
+    service.shutdown()
+    assert "cancelled (client gone) after 2 of 6 batches; 3 skipped" in caplog.text

@@ -4,15 +4,18 @@
 A name is a folder (or a `.gguf` file) of the embedding folder. A folder holding a GGUF loads
 it; a Hugging Face sentence-transformers folder is converted once (`models/hf_encoder.py`) and
 the cached GGUF loads. Loading, tokenizing and closing run on one worker thread owned by the
-service. A request is tokenized first (an input over the model's limit is refused with the
-numbers, before any batch runs), then packed into batches of the encoder's preferred size
-(within its limits). The encoder runs several lanes side by side (one context each;
-`lane_plan` splits the threads into lanes of one thread or more), each lane on its own worker
-thread (lane 0's is the worker above); closing waits for a running batch (the encoder's lane
-locks). A request's batches go, in order, to whichever lane is free and their rows are written
-back by position, so the output keeps the input order. Concurrent requests interleave batch by
-batch, and a request whose client went away (its task cancelled) starts no further batch: only
-those already running finish (`EmbeddingCounters` and a log line tell how many were skipped).
+service (not a lane's: a request is tokenized while the lanes run another's batches). A
+request is tokenized first (an input over the model's limit is refused with the numbers,
+before any batch runs), then packed into batches of the encoder's preferred size (within its
+limits). The encoder runs several lanes side by side (one context each; `lane_plan` splits
+the threads into lanes of one thread or more), each lane on its own worker thread; closing
+waits for a running batch (the encoder's lane locks). A request's batches go, in order, to
+whichever lane is free and their rows are written back by position, so the output keeps the
+input order. A lane's thread keeps taking the request's next batch itself (no hand-off through
+the event loop per batch) until none is left or the lane is wanted elsewhere: while another
+request waits for a lane they interleave batch by batch. A request whose client went away
+(its task cancelled) starts no further batch: only those already running finish
+(`EmbeddingCounters` and a log line tell how many were skipped).
 Fair share with chat: the workers, and the llama.cpp threads they start, run at a lower
 scheduling priority (`nice`, Linux), so while chat streams run the kernel gives their decode
 steps the cores first; and while the chat engine has running streams at most half the lanes
@@ -112,6 +115,19 @@ def _plan_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> lis
     return out
 
 
+def _split_tail(batches: list[range], lanes: int) -> list[range]:
+    """`batches` with each of the last `lanes` halved (by inputs): the lanes' final batches are
+    short, so no lane waits long for the others at the end of a request."""
+    if lanes < 2:
+        return batches
+    head, tail = batches[:-lanes], batches[-lanes:]
+    out = list(head)
+    for part in tail:
+        mid = part.start + len(part) // 2
+        out.extend([part] if len(part) < 2 else [range(part.start, mid), range(mid, part.stop)])
+    return out
+
+
 MAX_LANES = 4  # encoder contexts side by side; beyond a few, one context's threads scale as well
 
 
@@ -148,9 +164,17 @@ class EmbeddingService:
             )
             for k in range(self._lanes)
         ]
-        self._worker = self._lane_workers[0]  # also loads, tokenizes and closes
+        # loads, tokenizes and closes: on a thread of its own, so that a request is tokenized
+        # (and its bad inputs refused) while the lanes run another request's batches
+        self._worker = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="kodkod-embed-tok",
+            initializer=_lower_priority,
+            initargs=(nice,),
+        )
         self._busy_lanes: set[int] = set()
         self._lane_freed = asyncio.Event()
+        self._lane_waiters = 0  # feeders waiting for a lane (read by the lane threads too)
         self.counters = EmbeddingCounters()
         self._encoder: Encoder | None = None
         self._name: str | None = None
@@ -235,7 +259,7 @@ class EmbeddingService:
         encoder, self._encoder, self._name = self._encoder, None, None
         if encoder is not None:
             self._worker.submit(encoder.close).result()
-        for worker in self._lane_workers:
+        for worker in (self._worker, *self._lane_workers):
             worker.shutdown(wait=True)
 
     def require(self) -> Encoder:
@@ -253,51 +277,79 @@ class EmbeddingService:
         info = encoder.info
         out = np.empty((len(ids), info.n_embd), dtype=np.float32)
         pack = info.pack_tokens or info.batch_tokens
-        batches = _plan_batches([len(x) for x in ids], pack, info.batch_sequences)
         lanes = max(1, min(self._lanes, info.lanes))
+        batches = _split_tail(_plan_batches([len(x) for x in ids], pack, info.batch_sequences), lanes)
+        # shared with the lane threads: each pack is popped (atomically) by exactly one of them,
+        # or by the cancellation below, which empties the queue so that no further pack starts
         waiting = deque(batches)
-        started = done = 0
+        finished = [0] * lanes  # batches finished per lane, each slot written by its lane's thread
 
         async def feed() -> None:
-            # takes the request's next batch and runs it on a free lane, until none is left
-            nonlocal started, done
+            # holds a free lane while its thread runs the request's packs one after another
+            # (`_run_packs`), and gives it back when the thread yields it to others
             while waiting:
                 lane = await self._take_lane(lanes)
                 try:
                     if not waiting:
                         return
-                    part = waiting.popleft()
-                    started += 1
-                    chunk = [ids[i] for i in part]
-                    rows = await loop.run_in_executor(self._lane_workers[lane], encoder.embed, chunk, lane)
-                    out[part.start : part.stop] = rows
-                    done += 1
-                    self.counters.batches_run += 1
+                    ran = await loop.run_in_executor(
+                        self._lane_workers[lane], self._run_packs, encoder, lane, ids, waiting, out, finished
+                    )
+                    self.counters.batches_run += ran
                 finally:
                     self._give_lane(lane)
+                if self._lane_waiters:
+                    await asyncio.sleep(0)  # the request that waits takes the lane first
 
         feeders = [asyncio.ensure_future(feed()) for _ in range(min(lanes, len(batches)))]
         try:
             await asyncio.gather(*feeders)
         except asyncio.CancelledError:
-            # the batches in flight (if any) finish on their workers; no further one starts
+            # the packs in flight (if any) finish on their threads; no further one starts
+            skipped = _drain(waiting)
             for task in feeders:
                 task.cancel()
-            skipped = len(batches) - started
             self.counters.requests_cancelled += 1
             self.counters.batches_skipped += skipped
             log.info(
                 "embedding request cancelled (client gone) after %d of %d batches; %d skipped",
-                done,
+                sum(finished),
                 len(batches),
                 skipped,
             )
             raise
         except BaseException:
+            _drain(waiting)
             for task in feeders:
                 task.cancel()
             raise
         return EmbeddingResult(out, sum(len(x) for x in ids), name)
+
+    def _run_packs(
+        self,
+        encoder: Encoder,
+        lane: int,
+        ids: Sequence[Sequence[int]],
+        waiting: deque[range],
+        out: np.ndarray,
+        finished: list[int],
+    ) -> int:
+        """On lane `lane`'s thread: run the request's next packs until none is left, or until
+        the lane is wanted elsewhere (another request waits for one, or chat streams run and
+        the share of lanes must be checked again). Rows go to `out` by position, each finished
+        pack counts in `finished[lane]`; returns the packs run. Staying on the thread spares a
+        hand-off through the event loop per pack."""
+        ran = 0
+        while True:
+            try:
+                part = waiting.popleft()
+            except IndexError:
+                return ran
+            out[part.start : part.stop] = encoder.embed([ids[i] for i in part], lane)
+            ran += 1
+            finished[lane] += 1
+            if self._lane_waiters or self._chat_busy():
+                return ran
 
     async def _take_lane(self, lanes: int) -> int:
         """A free lane of the first `lanes`; while chat streams run, at most half of them (at
@@ -311,11 +363,26 @@ class EmbeddingService:
                     return lane
             # a lane is busy whenever this waits, and giving it back wakes us
             self._lane_freed.clear()
-            await self._lane_freed.wait()
+            self._lane_waiters += 1
+            try:
+                await self._lane_freed.wait()
+            finally:
+                self._lane_waiters -= 1
 
     def _give_lane(self, lane: int) -> None:
         self._busy_lanes.discard(lane)
         self._lane_freed.set()
+
+
+def _drain(waiting: deque[range]) -> int:
+    """Empty `waiting` (lane threads may pop from it meanwhile); the number taken here."""
+    taken = 0
+    while True:
+        try:
+            waiting.popleft()
+        except IndexError:
+            return taken
+        taken += 1
 
 
 def _embedding_gguf(path: Path) -> Path:

@@ -11,11 +11,12 @@ request's remaining batches.
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
+from pydantic_core import to_json
 
 from kodkod.api.deps import API
 from kodkod.api.errors import ApiError
@@ -46,16 +47,28 @@ def _inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[str | 
     return [v for v in value if not isinstance(v, int)]
 
 
-def _encode(row: np.ndarray, fmt: str) -> list[float] | str:
+def _vectors(vectors: np.ndarray, fmt: str) -> list[list[float]] | list[str]:
+    """The rows as JSON numbers (one `tolist()` for the whole array) or as base64 of their
+    little-endian float32 bytes."""
     if fmt == "base64":
-        return base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
-    return [float(x) for x in row]
+        rows = np.ascontiguousarray(vectors, dtype="<f4")
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
+    out: list[list[float]] = vectors.tolist()
+    return out
+
+
+def answer_body(vectors: np.ndarray, fmt: str, model: str, tokens: int) -> bytes:
+    """The whole JSON answer, serialised in one pass (no response model to validate 256 rows of
+    384 numbers against)."""
+    data = [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(_vectors(vectors, fmt))]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
+    return to_json({"object": "list", "data": data, "model": model, "usage": usage})
 
 
 @router.post("/v1/embeddings", dependencies=[API])
 async def embeddings(
     req: EmbeddingsRequest, request: Request, service: Embeddings, settings: AppSettings, metrics: Metrics
-) -> dict[str, Any]:
+) -> Response:
     inputs = _inputs(req.input)
     limit = settings.embeddings.max_embedding_inputs
     if not inputs:
@@ -70,16 +83,7 @@ async def embeddings(
     except EmbeddingInputError as exc:
         code = "context_length_exceeded" if isinstance(exc, InputTooLong) else None
         raise ApiError(400, str(exc), param="input", code=code) from None
-    data = [
-        {"object": "embedding", "embedding": _encode(row, req.encoding_format), "index": i}
-        for i, row in enumerate(result.vectors)
-    ]
-    tokens = result.prompt_tokens
     if metrics is not None:
         metrics.record_embeddings(result.model, len(inputs))
-    return {
-        "object": "list",
-        "data": data,
-        "model": result.model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
-    }
+    body = answer_body(result.vectors, req.encoding_format, result.model, result.prompt_tokens)
+    return Response(body, media_type="application/json")
