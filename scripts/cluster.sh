@@ -189,7 +189,11 @@ done
 echo "kodkod cluster ready: http://$probe:$port balances $replicas replicas on 127.0.0.1:$((port + 1))-$((port + replicas)) (keys in $workdir/api_tokens.yml, logs in $log_dir)"
 
 # Supervise: report replicas that exit; stop everything if HAProxy or every replica is gone.
+# Ctrl-C reaches the whole job at once, and the replicas may be gone before this shell runs its
+# INT trap: a replica or HAProxy that exited with status 0 was asked to stop, so when all of
+# them went that way this is a stop, not a failure.
 gone=()
+failed=0
 while :; do
     sleep 1 &
     ticker=$!
@@ -203,15 +207,26 @@ while :; do
             gone[$k]=1
             status=0
             wait "${pids[$k]}" 2>/dev/null || status=$?
+            [ "$status" -eq 0 ] || failed=1
             echo "cluster.sh: ${labels[$k]} exited (status $status); HAProxy sends its traffic to the others" >&2
         fi
     done
     if ! kill -0 "${pids[$replicas]}" 2>/dev/null; then
-        echo "cluster.sh: error: HAProxy exited; stopping the replicas. The end of its log:" >&2
+        status=0
+        wait "${pids[$replicas]}" 2>/dev/null || status=$?
+        if [ "$status" -eq 0 ] && [ "$failed" -eq 0 ]; then
+            echo "cluster.sh: HAProxy stopped (status 0); stopping the replicas" >&2
+            exit 0
+        fi
+        echo "cluster.sh: error: HAProxy exited (status $status); stopping the replicas. The end of its log:" >&2
         tail -n 20 "$log_dir/haproxy.log" >&2
         exit 1
     fi
     if [ "$running" -eq 0 ]; then
+        if [ "$failed" -eq 0 ]; then
+            echo "cluster.sh: every replica has stopped (status 0); stopping HAProxy" >&2
+            exit 0
+        fi
         echo "cluster.sh: error: every replica has exited; stopping HAProxy" >&2
         exit 1
     fi

@@ -178,3 +178,34 @@ def test_the_child_ends_when_the_server_process_is_killed(default_gguf: Path) ->
         if server.poll() is None:
             server.kill()
             server.wait(10)
+
+
+def per_slot_config(_info: ModelInfo) -> ContextConfig:
+    return ContextConfig(cache_size=1024, num_slots=4, batch_tokens=64, n_threads=1, kv_unified=False)
+
+
+def test_per_slot_streams_through_the_child(default_gguf: Path) -> None:
+    # one KV stream per slot: the child reports each slot's cells, rows given out of slot order
+    # come back as the in-process rows of the same batch, and a prefix copied into another
+    # slot's stream continues exactly as in the in-process backend
+    local = LlamaCppBackend.load(ModelSource(default_gguf, "local-per-slot"), per_slot_config)
+    child = ChildBackend.load(ModelSource(default_gguf, "child-per-slot"), per_slot_config)
+    try:
+        assert child.slot_cells == local.slot_cells == 256
+        results = []
+        for backend in (local, child):
+            prompt = backend.tokenize(PROMPT, add_bos=True, parse_special=False)
+            idx = backend.decode([BatchRow(3, prompt, 0, 1), BatchRow(1, prompt[:5], 0, 2)])
+            rows = [backend.logits(i).copy() for ix in idx for i in ix]
+            backend.kv_copy(3, 2, 0, 8)  # the first 8 positions of slot 3 into slot 2's stream
+            [[i]] = backend.decode([BatchRow(2, prompt[8:], 8, 1)])
+            rows.append(backend.logits(i).copy())
+            results.append(rows)
+        assert len(results[0]) == len(results[1]) == 4
+        for a, b in zip(*results, strict=True):
+            np.testing.assert_array_equal(a, b)
+        # the continued copy computes what slot 3 computed for the same positions
+        assert int(np.argmax(results[0][3])) == int(np.argmax(results[0][0]))
+    finally:
+        child.close()
+        local.close()
