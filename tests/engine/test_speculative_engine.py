@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pytest
 
 from kodkod.core.types import EosReason, FinishEvent, FinishReason, GenerationRequest
 from kodkod.engine.client import EngineClient
+from kodkod.engine.decode_rows import DECODE_MAX_ROWS
 from kodkod.engine.loop import EngineConfig
 from kodkod.engine.plan import DraftPlan
 from kodkod.engine.scheduler import Scheduler, SchedulerConfig, StepKind
@@ -294,3 +296,43 @@ def test_a_failing_draft_model_only_costs_its_drafts() -> None:
     outs, stats, _target, _ = run(requests(), MODEL, draft_script={}, draft_fails=True)
     same(plain, outs)
     assert stats.drafted_tokens == 0
+
+
+@pytest.mark.parametrize("tiled", [True, False])
+def test_verify_steps_stay_under_the_tiled_attention_threshold_in_the_shared_pool(tiled: bool) -> None:
+    """8 streams drafting 15 tokens each would verify 128 rows in one step; in the shared pool
+    with the tiled attention kernel possible the drafts are shortened to 63 rows in all
+    (engine/decode_rows.py), evenly, and the outputs stay those of plain decoding."""
+    reqs = [GenerationRequest(f"r{i}", [i * 3 + 1, 2, 3], max_tokens=40) for i in range(8)]
+    script = {t: t + 1 for t in range(1, 63)}  # never the end-of-generation token 0
+
+    def run_all(spec: SpecConfig, draft: FakeBackend | None) -> tuple[list[list[int]], FakeBackend]:
+        target = FakeBackend(kv_capacity=2048, num_slots=8, script=dict(script))
+        config = EngineConfig(200, 8, 64, spec, tiled_attention=tiled)
+
+        async def main() -> list[list[int]]:
+            client = EngineClient.start(target, config, None, draft)
+            try:
+                results = await asyncio.gather(*(client.submit(r).collect() for r in reqs))
+            finally:
+                await client.shutdown("test over")
+            assert all(isinstance(f, FinishEvent) for _, f in results)
+            return [t.token_ids for t, _ in results]
+
+        return asyncio.run(main()), target
+
+    plain, _ = run_all(SpecConfig(), None)
+    draft = FakeBackend(kv_capacity=2048, num_slots=8, script=dict(script))
+    drafted, target = run_all(SpecConfig(SpecMode.MODEL, num_tokens=15, dynamic=False), draft)
+    assert drafted == plain and all(len(o) == 40 for o in plain)
+    rows = [sum(len(r.tokens) for r in b) for b in target.batches]
+    verify = [  # past the prompts (positions ≥ 3), every row with drafts
+        b for b in target.batches if len(b) == 8 and all(r.start_pos >= 3 and len(r.tokens) > 1 for r in b)
+    ]
+    assert verify, "no step verified drafts of all 8 streams"
+    if tiled:
+        assert max(rows) == DECODE_MAX_ROWS  # drafts shortened to the cap, not below it
+        # shared evenly while every stream wants its 15: 63 rows over 8 sequences, 7 or 8 each
+        assert sorted(len(r.tokens) for r in verify[0]) == [7] + [8] * 7
+    else:
+        assert max(rows) == 8 * 16

@@ -17,6 +17,7 @@ from kodkod.engine.speculative.policy import (
     CostModel,
     choose_k,
     expected_tokens,
+    fit_rows,
 )
 
 DRAWS = 20_000
@@ -186,3 +187,10 @@ def test_acceptance_estimate_follows_the_text() -> None:
         a.idle()
     assert 0.4 < a.alpha < 0.6  # back to the prior: it will be probed again
     assert expected_tokens(0.5, 2) == pytest.approx(1.75) and expected_tokens(1.0, 3) == 4
+
+
+def test_fit_rows_shortens_the_longest_drafts_first_and_keeps_short_ones() -> None:
+    assert fit_rows([15] * 8, 55) == [7] * 7 + [6]  # even; ties: the later one loses first
+    assert fit_rows([2, 10, 3], 9) == [2, 4, 3]  # only the long one is cut
+    assert fit_rows([2, 10, 3], 20) == [2, 10, 3]  # within the budget: as wanted
+    assert fit_rows([5, 5], 0) == fit_rows([5, 5], -3) == [0, 0]  # no rows left: no drafts

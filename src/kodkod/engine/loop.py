@@ -246,7 +246,7 @@ class EngineLoop:
         sched, spec = self._sched, self._spec
         plan = sched.schedule()
         if plan is not None and plan.kind is StepKind.DECODE and spec.active > 0:
-            drafts = spec.propose(plan, sched.prefill_pending)  # speculation plugs in here
+            drafts = spec.propose(plan, sched.prefill_pending, sched.max_decode_rows)  # speculation
             if drafts is not None:
                 sched.accept_drafts(plan, drafts)
         decoded = self._runner.run(plan) if plan is not None else None

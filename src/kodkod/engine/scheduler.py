@@ -112,6 +112,11 @@ class Scheduler:
     # -- bookkeeping ------------------------------------------------------------------------
 
     @property
+    def max_decode_rows(self) -> int:
+        """The decode rows one step may hold, drafted ones included (0: no limit)."""
+        return self._rows.max_rows
+
+    @property
     def has_work(self) -> bool:
         return bool(self.running) or (bool(self.waiting) and not self.paused)
 

@@ -181,6 +181,20 @@ def step_rates(
     return out
 
 
+def fit_rows(lengths: Sequence[int], budget: int) -> list[int]:
+    """`lengths` (drafted tokens per sequence, one row each) shortened so that they add up to at
+    most `budget` rows: the longest drafts lose a token first (ties: the later one), so the
+    rows left are shared as evenly as the wanted lengths allow; order kept."""
+    out = list(lengths)
+    excess = sum(out) - max(0, budget)
+    while excess > 0:
+        top = max(out)
+        i = len(out) - 1 - out[::-1].index(top)
+        out[i] -= 1
+        excess -= 1
+    return out
+
+
 def choose_k(
     cands: Sequence[Candidate],
     num_others: int,

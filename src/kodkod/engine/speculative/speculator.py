@@ -3,9 +3,10 @@
 The engine calls, on its own thread:
 
     attach(seq) / detach(seq)   when a sequence starts / ends (decides how it drafts)
-    propose(step, busy)         the draft policy, before the KV ops run: each sequence's draft
-                                length (policy.choose_k) as a `DraftPlan` with the KV cells it
-                                needs; the scheduler accepts or refuses it (`accept_drafts`)
+    propose(step, busy, rows)   the draft policy, before the KV ops run: each sequence's draft
+                                length (policy.choose_k, the step held to `rows` rows) as a
+                                `DraftPlan` with the KV cells it needs; the scheduler accepts or
+                                refuses it (`accept_drafts`)
     mirror(op)                  replay one of the plan's KV ops on the draft model's context
     draft(drafts)               the draft runner, after the KV ops ran: n-gram lookups, or the
                                 draft model (`draft_model.py`); fills `DraftPlan.drafts`
@@ -30,7 +31,14 @@ from kodkod.engine.plan import CopyPrefix, DraftPlan, Entry, StepPlan, Truncate
 from kodkod.engine.speculative.costs import CostSummary, StepCosts
 from kodkod.engine.speculative.draft_model import DraftCosts, DraftModelRunner
 from kodkod.engine.speculative.ngram import NgramIndex
-from kodkod.engine.speculative.policy import EXPLORE_K, Acceptance, Candidate, choose_k, step_rates
+from kodkod.engine.speculative.policy import (
+    EXPLORE_K,
+    Acceptance,
+    Candidate,
+    choose_k,
+    fit_rows,
+    step_rates,
+)
 from kodkod.engine.speculative.state import NGRAM_SPAN, SpecConfig, SpecMode, SpecState
 
 if TYPE_CHECKING:
@@ -126,9 +134,11 @@ class Speculator:
 
     # -- the draft policy -------------------------------------------------------------------
 
-    def propose(self, step: StepPlan, busy: bool) -> DraftPlan | None:
+    def propose(self, step: StepPlan, busy: bool, max_rows: int = 0) -> DraftPlan | None:
         """Choose how many tokens each drafting sequence of this DECODE step drafts (None:
-        nobody drafts). `busy`: requests wait for admission or prefill.
+        nobody drafts). `busy`: requests wait for admission or prefill. `max_rows` (0: no
+        limit): the rows the verify step may hold, its decode rows included (the scheduler's
+        decode row cap, `engine/decode_rows.py`); longer drafts are shortened, longest first.
 
         No drafting while busy: drafting lengthens the decode steps the prefills alternate
         with, and the batch is about to grow anyway. Every PROBE_EVERY-th step that would draft
@@ -186,10 +196,14 @@ class Speculator:
         planned: list[Entry] = []
         wants: list[int] = []
         measured = self.costs.draft.known and self.costs.table(num_seqs).known and not self._exploring
-        for e, c in zip(entries, cands, strict=True):
-            want = min(k, c.cap)
-            if want and c.uses_model and dynamic and measured:
-                want = c.cap  # its chain stops by the draft's own confidence (DraftModelRunner)
+        lengths = [
+            # a draft model's chain stops by the draft's own confidence (DraftModelRunner)
+            c.cap if k and c.uses_model and dynamic and measured else min(k, c.cap)
+            for c in cands
+        ]
+        if max_rows:
+            lengths = fit_rows(lengths, max_rows - num_seqs)
+        for e, want in zip(entries, lengths, strict=True):
             spec = e.seq.spec
             assert spec is not None
             spec.want = want
