@@ -59,10 +59,10 @@ def test_with_a_host_tier_compaction_keeps_the_cached_slot_live() -> None:
     sched = Scheduler(
         SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=4000, num_slots=8, host=host
     )
-    assert sched.busy_cache_cells == 0
+    assert sched.room.busy_cache_cells == 0
     a = finish(backend, sched, list(range(300)), "a")
     c = finish(backend, sched, list(range(1000, 1100)), "c")
-    sched.evicted_since_compaction = COMPACT_AFTER_EVICTED
+    sched.room.evicted_since_compaction = COMPACT_AFTER_EVICTED
     assert [e.tokens for e in host.entries] == [list(range(300))]  # pushed out while c ran
     assert sched.pool.length(a) == 0
     sched.flush()
@@ -81,13 +81,13 @@ def test_plan_restores_longest_first_and_reshares_prefixes() -> None:
     before = {s: list(backend.kv[s]) for s in (a, b, c)}
     assert sched.pool.cells(b)[:200] == sched.pool.cells(a)[:200]  # shared cells in the mirror
     assert plan_compaction(sched) is None  # nothing was evicted: not due
-    sched.evicted_since_compaction = COMPACT_AFTER_EVICTED
+    sched.room.evicted_since_compaction = COMPACT_AFTER_EVICTED
     moves = plan_compaction(sched)
     assert moves == [Move(a, -1, 0), Move(b, a, 200), Move(c, -1, 0)]
     free_before = sched.pool.free_cells
     compact(backend, sched, moves)
     assert {s: backend.kv[s] for s in (a, b, c)} == before  # the same KV, slot by slot
-    assert sched.pool.free_cells == free_before and sched.evicted_since_compaction == 0
+    assert sched.pool.free_cells == free_before and sched.room.evicted_since_compaction == 0
     # the cache still serves: a request continuing b reuses its whole prompt
     follow = make_seq("d", list(range(200)) + list(range(900, 950)) + [7, 5])
     sched.add(follow)
@@ -100,7 +100,7 @@ def test_small_pools_are_left_alone() -> None:
     backend = FakeBackend(kv_capacity=2048, num_slots=8)
     sched = Scheduler(SchedulerConfig(max_batch_size=4, chunk_size=512), capacity=2048, num_slots=8)
     finish(backend, sched, list(range(300)), "a")
-    sched.evicted_since_compaction = COMPACT_AFTER_EVICTED
+    sched.room.evicted_since_compaction = COMPACT_AFTER_EVICTED
     assert plan_compaction(sched) is None
 
 
@@ -111,7 +111,7 @@ def test_not_planned_while_anything_runs() -> None:
     running = make_seq("r", list(range(500, 540)))
     sched.add(running)
     replay(backend, sched, sched.schedule())
-    sched.evicted_since_compaction = COMPACT_AFTER_EVICTED
+    sched.room.evicted_since_compaction = COMPACT_AFTER_EVICTED
     assert plan_compaction(sched) is None
 
 
@@ -145,7 +145,7 @@ def test_engine_compacts_when_idle_and_keeps_serving(monkeypatch: pytest.MonkeyP
             # once more, right now: mark enough evicted cells and let one small request pass
             sched = client._engine._sched  # idle: the engine thread waits for commands
             before = client.stats.compactions
-            sched.evicted_since_compaction = COMPACT_AFTER_EVICTED
+            sched.room.evicted_since_compaction = COMPACT_AFTER_EVICTED
             _, final = await client.submit(GenerationRequest("wake", [*common, 40], max_tokens=2)).collect()
             assert isinstance(final, FinishEvent)
             for _ in range(100):

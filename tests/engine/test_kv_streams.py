@@ -119,7 +119,7 @@ def test_with_no_free_slot_the_cached_slot_is_adopted_in_place() -> None:
 def test_idle_slots_are_not_trimmed_nor_compacted() -> None:
     """Idle streams are outside the running slots' attention: a busy engine keeps them all."""
     sched = per_slot(num_slots=4, cells=2048)
-    assert sched.busy_cache_cells == sched.pool.capacity
+    assert sched.room.busy_cache_cells == sched.pool.capacity
     done = [make_seq(f"d{i}", [i * 100 + j + 1 for j in range(90)]) for i in range(3)]
     for s in done:
         sched.add(s)
@@ -129,9 +129,9 @@ def test_idle_slots_are_not_trimmed_nor_compacted() -> None:
     runner = make_seq("r", [7] * 20)
     sched.add(runner)
     run_step(sched)
-    assert len(sched.slots.cached()) == 3 and sched.evicted_since_compaction == 0
+    assert len(sched.slots.cached()) == 3 and sched.room.evicted_since_compaction == 0
     sched.remove(runner)
-    sched.evicted_since_compaction = 10_000
+    sched.room.evicted_since_compaction = 10_000
     assert plan_compaction(sched) is None
 
 

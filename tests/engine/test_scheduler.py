@@ -314,11 +314,11 @@ def test_default_busy_budget_pushes_every_idle_prefix_out_when_a_host_tier_exist
         assert plan is not None and again.num_cached == 99  # the prompt is still shared
         offloads = [op for op in plan.kv_ops if isinstance(op, Offload)]
         if host is not None:
-            assert sched.busy_cache_cells == 0
+            assert sched.room.busy_cache_cells == 0
             assert len(offloads) == 1 and offloads[0].entry.tokens == prompt + list(range(5000, 5199))
             assert sched.pool.free_cells == 4096 - 99  # only the shared prompt cells stay live
         else:
-            assert sched.busy_cache_cells == 2048 and not offloads
+            assert sched.room.busy_cache_cells == 2048 and not offloads
             assert sched.pool.free_cells == 4096 - 299
 
 

@@ -77,7 +77,7 @@ def test_a_step_with_nothing_to_compute_still_hands_over_its_ops() -> None:
     run_step(sched)
     sched.remove(a)  # its KV stays cached: no op
     assert sched.schedule() is None  # nothing to do at all
-    sched.clear_cache()  # drops the cached prefix: an op with no step to carry it
+    sched.room.clear_cache()  # drops the cached prefix: an op with no step to carry it
     plan = sched.schedule()
     assert plan is not None and plan.kind is StepKind.KV_ONLY and not plan.entries
     assert plan.kv_ops == [Truncate(a.slot if a.slot >= 0 else 0, 0)]

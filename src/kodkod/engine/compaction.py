@@ -43,15 +43,15 @@ class Move:
 
 def plan_compaction(sched: Scheduler) -> list[Move] | None:
     """The cached slots in restore order, or None when compaction is not due or not possible."""
-    if sched.running or sched.waiting or sched.evicted_since_compaction < COMPACT_AFTER_EVICTED:
+    if sched.running or sched.waiting or sched.room.evicted_since_compaction < COMPACT_AFTER_EVICTED:
         return None
     if sched.pool.per_slot or sched.pool.capacity <= MIN_BUSY_CACHE_CELLS:
         return None  # small pools: little to gain, and KV placement stays request-determined
-    if sched.busy_cache_cells > 0:
-        sched.trim_idle_cache()  # what the next request would trim anyway: before packing, not after
+    if sched.room.busy_cache_cells > 0:
+        sched.room.trim_idle_cache()  # what the next request would trim anyway: before packing, not after
     # (a zero budget — with a host tier — keeps live only what the next request adopts, which is
     # not known yet: pack every cached slot)
-    sched.evicted_since_compaction = 0
+    sched.room.evicted_since_compaction = 0
     pool = sched.pool
     cached = sorted(sched.slots.cached(), key=lambda s: -pool.length(s.index))
     if not cached:

@@ -233,7 +233,7 @@ class EngineLoop:
 
     def _reset_cache(self) -> None:
         """After a failure the KV state is unknown: start from an empty cache."""
-        self._sched.clear_cache()
+        self._sched.room.clear_cache()
         self._sched.flush()  # its ops are moot: the backend's cache is cleared instead
         self.backend.kv_clear()
         self._spec.clear()

@@ -4,7 +4,7 @@ plan speculation attaches to a DECODE plan. Pure data.
 
 A plan carries *all* the KV operations since the previous plan: those of its own admissions,
 evictions and preemptions, and those queued between steps by `Scheduler.remove()` (trimming
-the idle cache), `rollback()` (rejected drafts, banned-string rewinds), `clear_cache()` and the
+the idle cache), `rollback()` (rejected drafts, banned-string rewinds), `room.clear_cache()` and the
 cells reserved for drafts (`accept_drafts()`). Work between steps that needs the backend in
 sync at once (exclusive work, idle compaction, a failed decode's retry) takes them as a KV-only
 plan from `Scheduler.flush()`."""

@@ -37,16 +37,14 @@ partial prefix is then copied for real into a free slot, or, when no slot is fre
 slot holding it is adopted and cut to fit (its whole prefix offered to the host tier first);
 idle streams are outside every other slot's attention, so nothing is trimmed while busy.
 
-Idle cached prefixes slow every decode (llama.cpp visits every occupied cell), so while
-anything runs they are kept under a budget (`busy_cache_cells`, see `busy_budget()`); what is
-pushed out goes to the host-RAM tier (`engine/host_cache.py`) when one is configured, and
-comes back from there (`Restore`) when a later request shares it. With that tier the budget is
-zero: nothing idle stays live while anything decodes.
+Idle cached prefixes are kept under a budget while anything runs, and pushed out to the
+host-RAM tier when there is one (`engine/kv_room.py`, which owns the KV mirror and the queue
+of KV ops); they come back from there (`Restore`) when a later request shares them.
 
 KV operations decided here are applied to the `KVPool` mirror at once and queued; the next
 plan carries every queued op (`engine/plan.py`), and the model runner (`engine/runner.py`)
 replays them on the backend before the decode. Ops queued between steps (`remove`,
-`rollback`, `clear_cache`) ride in the next plan; work between steps that needs the backend
+`rollback`, `room.clear_cache`) ride in the next plan; work between steps that needs the backend
 in sync at once takes them as a KV-only plan from `flush()`. Speculation asks for the cells of
 its drafts through one call, `accept_drafts()`; it never edits scheduler state.
 """
@@ -57,11 +55,12 @@ import contextlib
 from collections import deque
 
 from kodkod.engine.adapters import pick_group
-from kodkod.engine.budget import HOST_MIN_GAIN, busy_budget
+from kodkod.engine.budget import HOST_MIN_GAIN
 from kodkod.engine.decode_rows import DecodeRowPicker, decode_row_cap
 from kodkod.engine.group import caught_up, main_of, members
 from kodkod.engine.host_cache import HostEntry, HostPrefixCache
-from kodkod.engine.kv import KVPool, Slot, SlotState, SlotTable, common_prefix_len
+from kodkod.engine.kv import KVPool, SlotState, SlotTable, common_prefix_len
+from kodkod.engine.kv_room import KVRoom
 from kodkod.engine.plan import (  # re-exported: the plan types live in plan.py
     Admission,
     CopyPrefix,
@@ -77,6 +76,20 @@ from kodkod.engine.prompt_chunks import fits_mixed, prompt_end, step_of, take_ch
 from kodkod.engine.scheduler_config import SchedulerConfig  # re-exported
 from kodkod.engine.sequence import SeqStatus, Sequence
 
+__all__ = [
+    "Admission",
+    "CopyPrefix",
+    "DraftPlan",
+    "KVOp",
+    "Offload",
+    "Restore",
+    "Scheduler",
+    "SchedulerConfig",
+    "StepKind",
+    "StepPlan",
+    "Truncate",
+]
+
 
 class Scheduler:
     def __init__(
@@ -88,22 +101,13 @@ class Scheduler:
         slot_cells: int = 0,
     ) -> None:
         self.config = config
-        self.host = host
         self.pool = KVPool(capacity, num_slots, slot_cells)
-        self.busy_cache_cells = (
-            self.pool.capacity  # per-slot streams: idle ones cost the running nothing
-            if slot_cells
-            else config.busy_cache_cells
-            if config.busy_cache_cells is not None
-            else busy_budget(capacity, host is not None)
-        )
         self.slots = SlotTable(self.pool, num_slots)
+        self.room = KVRoom(self.pool, self.slots, host, config.busy_cache_cells)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.paused = False  # stop admitting (exclusive work is waiting for the engine)
         self.num_preemptions = 0
-        self.evicted_since_compaction = 0  # cells (engine/compaction.py)
-        self._ops: list[KVOp] = []
         self._prefill_next = False
         self._last_group: tuple | None = None  # adapter key of the last step's rows
         self._reserved = 0  # KV cells the step being planned has taken (`_reserve`)
@@ -133,86 +137,21 @@ class Scheduler:
             self.running.remove(seq)
             self._release(seq, keep=True)
             if self.running:
-                self.trim_idle_cache()
+                self.room.trim_idle_cache()
         seq.status = SeqStatus.FINISHED
 
+    @property
+    def host(self) -> HostPrefixCache | None:
+        return self.room.host
+
     def _release(self, seq: Sequence, *, keep: bool) -> None:
-        slot = self.slots.slots[seq.slot]
-        if keep and self.pool.length(slot.index) > 0:
-            slot.state = SlotState.CACHED
-            slot.last_used = self.slots.tick()
-        else:
-            self._truncate(slot.index, 0)
-            slot.state = SlotState.FREE
-            slot.tokens = []
+        self.room.release(seq.slot, keep=keep)
         seq.slot = -1
-
-    def _truncate(self, slot: int, length: int) -> None:
-        if self.pool.length(slot) > length:
-            self.pool.truncate(slot, length)
-            self._ops.append(Truncate(slot, length))
-
-    def _offload(self, slot: Slot) -> int:
-        """Offer a cached slot's prefix to the host tier (before it is cut); its length."""
-        length = self.pool.length(slot.index)
-        if self.host is not None and length:
-            entry = self.host.offer(slot.tokens[:length], slot.adapter_key)
-            if entry is not None:
-                self._ops.append(Offload(slot.index, entry))
-        return length
-
-    def _evict(self, exclude: int = -1) -> bool:
-        victim = self.slots.lru_cached(exclude)
-        if victim is None:
-            return False
-        length = self._offload(victim)
-        self.evicted_since_compaction += length
-        self._truncate(victim.index, 0)
-        victim.state = SlotState.FREE
-        victim.tokens = []
-        return True
-
-    def _make_room(self, cells: int, exclude: int = -1) -> bool:
-        if self.pool.per_slot:
-            return True  # a sequence fits its own stream (max_seq_len <= slot_cells)
-        while self.pool.free_cells < cells:
-            if not self._evict(exclude):
-                return False
-        return True
-
-    def _take_slot(self, exclude: int = -1) -> int | None:
-        slot = self.slots.free_slot()
-        if slot is None and self._evict(exclude):
-            slot = self.slots.free_slot()
-        return slot
-
-    def clear_cache(self) -> None:
-        """Drop every cached prefix (not running sequences), and the host tier."""
-        host, self.host = self.host, None
-        while self._evict():
-            pass
-        self.host = host
-        if host is not None:
-            host.clear()
-
-    def trim_idle_cache(self) -> None:
-        """While sequences run, keep idle cached cells within the busy budget (LRU first)."""
-        budget = self.busy_cache_cells
-        cached = self.slots.cached()
-        if sum(self.pool.length(s.index) for s in cached) <= budget:
-            return  # fast path: even counting shared cells it fits
-        while cached and sum(self.pool.exclusive_cells(s.index) for s in cached) > budget:
-            self._evict()
-            cached = self.slots.cached()
-
-    def _take_ops(self) -> list[KVOp]:
-        ops, self._ops = self._ops, []
-        return ops
 
     def flush(self) -> StepPlan | None:
         """A KV-only plan of the ops queued since the last plan (None: nothing queued), for
         work between steps that needs the backend in sync now."""
-        return StepPlan(StepKind.KV_ONLY, [], self._take_ops()) if self._ops else None
+        return StepPlan(StepKind.KV_ONLY, [], self.room.take_ops()) if self.room.ops else None
 
     @property
     def prefill_pending(self) -> bool:
@@ -243,7 +182,7 @@ class Scheduler:
                 return self._admit_from_host(seq, *hit)
         src = match.slot if match is not None else -1
         headroom = len(self.running) + 1
-        if not self._make_room(len(seq.tokens) - reuse + headroom, exclude=src):
+        if not self.room.make_room(len(seq.tokens) - reuse + headroom, exclude=src):
             return Admission.NO_ROOM
         src_slot = self.slots.slots[src] if src >= 0 else None
         if src_slot is not None and src_slot.state is SlotState.CACHED and self.pool.length(src) == reuse:
@@ -254,21 +193,21 @@ class Scheduler:
             and src_slot.state is SlotState.CACHED
             and self.slots.free_slot() is None
         ):  # per-slot streams: adopting beats evicting another slot to copy into it
-            self._offload(src_slot)
-            self._truncate(src, reuse)
+            self.room.offload(src_slot)
+            self.room.truncate(src, reuse)
             slot = src
         else:
-            free = self._take_slot(exclude=src)
+            free = self.room.take_slot(exclude=src)
             if free is None:
                 if src_slot is None or src_slot.state is not SlotState.CACHED:
                     return Admission.NO_ROOM
-                self._truncate(src, reuse)  # no spare slot: adopt the cached one, cut to fit
+                self.room.truncate(src, reuse)  # no spare slot: adopt the cached one, cut to fit
                 slot = src
             else:
                 slot = free
                 if reuse:
                     self.pool.copy_prefix(src, slot, reuse)
-                    self._ops.append(CopyPrefix(src, slot, reuse))
+                    self.room.ops.append(CopyPrefix(src, slot, reuse))
         self._activate(seq, slot, reuse)
         return Admission.ADMITTED
 
@@ -276,14 +215,14 @@ class Scheduler:
         """Start from a prefix kept in host RAM: restore it into a free slot, cut to fit."""
         stored = len(entry.tokens)
         headroom = len(self.running) + 1
-        if not self._make_room(stored + len(seq.tokens) - reuse + headroom):
+        if not self.room.make_room(stored + len(seq.tokens) - reuse + headroom):
             return Admission.NO_ROOM
-        slot = self._take_slot()
+        slot = self.room.take_slot()
         if slot is None:
             return Admission.NO_ROOM
-        self._ops.append(Restore(slot, entry))
+        self.room.ops.append(Restore(slot, entry))
         self.pool.append(slot, stored)
-        self._truncate(slot, reuse)
+        self.room.truncate(slot, reuse)
         assert self.host is not None
         self.host.used(entry)
         self._activate(seq, slot, reuse)
@@ -331,7 +270,7 @@ class Scheduler:
         for seq in reversed(skipped):
             self.waiting.appendleft(seq)
         if admitted:  # the idle cache only changes on admissions and removals: not every step
-            self.trim_idle_cache()
+            self.room.trim_idle_cache()
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -356,7 +295,7 @@ class Scheduler:
         """A cell for each decoder (evicting idle prefixes, then preempting the newest running
         sequences); the decoders of that adapter set still running afterwards."""
         key = decoders[0].adapter_key if decoders else ()
-        while decoders and not self._make_room(len(decoders)):
+        while decoders and not self.room.make_room(len(decoders)):
             if not self._preempt_newest():
                 return []
             decoders = [s for s in caught_up(self.running) if s.adapter_key == key]
@@ -368,7 +307,7 @@ class Scheduler:
     def _reserve(self, cells: int) -> int:
         """Up to `cells` more KV cells for the step being planned (idle prefixes are evicted
         to find them); how many it got."""
-        self._make_room(self._reserved + cells)
+        self.room.make_room(self._reserved + cells)
         if self.pool.per_slot:
             return cells  # each sequence fits its own stream
         got = max(0, min(cells, self.pool.free_cells - self._reserved))
@@ -378,7 +317,7 @@ class Scheduler:
     def _plan_prefill(self, seq: Sequence) -> StepPlan | None:
         """A PREFILL step of one prompt's next chunk (batch invariance on)."""
         self._reserved = 0
-        self._make_room(min(self.config.chunk_size, prompt_end(seq) - seq.num_computed))
+        self.room.make_room(min(self.config.chunk_size, prompt_end(seq) - seq.num_computed))
         while self._out_of_cells() and self._preempt_newest(keep=seq):
             pass
         return step_of([], take_chunks([seq], self.config.chunk_size, self._reserve))
@@ -435,7 +374,7 @@ class Scheduler:
         plan = self._plan_alone() if self.config.batch_invariant else self._plan_mixed()
         if plan is None:
             return self.flush()
-        plan.kv_ops = self._take_ops()
+        plan.kv_ops = self.room.take_ops()
         return plan
 
     def commit(self, plan: StepPlan) -> None:
@@ -446,15 +385,15 @@ class Scheduler:
 
     def rollback(self, seq: Sequence, length: int) -> None:
         """Drop KV positions >= length of a running sequence (rejected draft tokens)."""
-        self._truncate(seq.slot, length)
+        self.room.truncate(seq.slot, length)
         seq.num_computed = min(seq.num_computed, length)
 
     def accept_drafts(self, plan: StepPlan, drafts: DraftPlan) -> bool:
         """Speculation's one way in: make the draft plan's cells free for this DECODE `plan`
         by evicting cached prefixes only (never a running sequence). Accepted: the plan carries
         the draft plan. Either way the evictions' ops join the plan's KV ops."""
-        ok = self._make_room(drafts.cells)
-        plan.kv_ops += self._take_ops()
+        ok = self.room.make_room(drafts.cells)
+        plan.kv_ops += self.room.take_ops()
         if ok:
             plan.draft = drafts
         return ok
