@@ -23,7 +23,9 @@ llama.cpp threads, default: every CPU this process may use) and measures, in the
    the server's).
 
 Prints one table; the ratio columns are kodkod / sentence-transformers (the goal is judged on the
-first, the `openai` client's).
+first, the `openai` client's): best round against best round, and beside it the median of the
+ratios taken within each round (this shared machine's speed drifts by ±20 % within a minute;
+both sides of one round ran back to back, so that ratio is the steadier of the two).
 """
 
 from __future__ import annotations
@@ -112,18 +114,24 @@ def torch_child(threads: int) -> None:
         print("done", flush=True)
 
 
-def best_rates(fns: list[Callable[[], object]], n_inputs: int, rounds: int) -> list[float]:
-    """inputs/s of each of `fns`, rounds interleaved (a, b, c, a, b, c, ...) so that a change in
-    the machine's load hits all alike; the best round of each, after one warm-up call each."""
+def best_rates(
+    fns: list[Callable[[], object]], n_inputs: int, rounds: int
+) -> tuple[list[float], list[list[float]]]:
+    """inputs/s of each of `fns`, rounds interleaved (a, b, c, b, c, a, c, a, b, ...: each
+    round starts with the next one, so no side always runs right after the same other) so that
+    a change in the machine's load hits all alike: the best round of each, after one warm-up
+    call each, and every round's rates (`[round][fn]`, for ratios taken within a round)."""
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, out in zip(fns, times, strict=True):
+    for r in range(rounds):
+        for i in range(len(fns)):
+            k = (r + i) % len(fns)
             t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return [n_inputs / min(t) for t in times]
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    per_round = [[n_inputs / t[r] for t in times] for r in range(rounds)]
+    return [n_inputs / min(t) for t in times], per_round
 
 
 def stream_rate(server: KodkodServer, tokens: int) -> float:
@@ -166,7 +174,7 @@ def main() -> None:
         print(f"(OMP_WAIT_POLICY={policy} removed from the server's environment)")
     ref = TorchChild(args.threads)
     texts = sentences(256)
-    rows: list[tuple[str, float, float, float]] = []
+    rows: list[tuple[str, float, float, float, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="kodkod-bench-") as tmp:
         config: dict[str, Any] = {"network": {"disable_auth": True}, "model": {"n_threads": args.threads}}
         if args.embedding_nice is not None:
@@ -187,7 +195,7 @@ def main() -> None:
                     r = raw.post("/v1/embeddings", json={"input": p, "encoding_format": "base64"})
                     r.raise_for_status()
 
-                ours, bare, theirs = best_rates(
+                (ours, bare, theirs), per_round = best_rates(
                     [
                         lambda p=part: client.embeddings.create(model="x", input=p),
                         over_httpx,
@@ -196,7 +204,9 @@ def main() -> None:
                     batch,
                     args.rounds,
                 )
-                rows.append((f"batch {batch}", ours, bare, theirs))
+                ratio_in_round = statistics.median(r[0] / r[2] for r in per_round)
+                bare_in_round = statistics.median(r[1] / r[2] for r in per_round)
+                rows.append((f"batch {batch}", ours, bare, theirs, ratio_in_round, bare_in_round))
             raw.close()
 
             alone = statistics.median(stream_rate(server, args.stream_tokens) for _ in range(3))
@@ -222,13 +232,18 @@ def main() -> None:
 
     nice = "server default" if args.embedding_nice is None else args.embedding_nice
     print(f"threads: {args.threads} (llama.cpp chat and embedding; torch); embedding_nice: {nice}")
-    head = ("", "kodkod inputs/s", "sentence-transformers", "ratio", "server alone", "ratio")
-    print(f"{head[0]:<12}{head[1]:>18}{head[2]:>24}{head[3]:>8}{head[4]:>15}{head[5]:>8}")
-    for name, ours, bare, theirs in rows:
-        cells = f"{ours:>18.1f}{theirs:>24.1f}{ours / theirs:>8.2f}{bare:>15.1f}{bare / theirs:>8.2f}"
+    head = ("", "kodkod inputs/s", "sentence-transformers", "ratio", "in-round", "server alone", "ratio")
+    print(f"{head[0]:<12}{head[1]:>18}{head[2]:>24}{head[3]:>8}{head[4]:>10}{head[5]:>15}{head[6]:>8}")
+    for name, ours, bare, theirs, in_round, bare_in_round in rows:
+        cells = (
+            f"{ours:>18.1f}{theirs:>24.1f}{ours / theirs:>8.2f}{in_round:>10.2f}"
+            f"{bare:>15.1f}{bare / theirs:>8.2f}  (in-round {bare_in_round:.2f})"
+        )
         print(f"{name:<12}{cells}")
     print("(kodkod: the official openai client, as users run it; server alone: httpx, base64 answer read")
-    print(" but not decoded, the server's own rate without the client library's parsing)")
+    print(" but not decoded, the server's own rate without the client library's parsing; ratio: best")
+    print(" round / best round; in-round: the median over rounds of the ratio within each round, where")
+    print(" both sides ran back to back under the same load)")
     drop = 100.0 * (1.0 - busy / alone)
     print(f"chat stream alone: {alone:.1f} tok/s; with embedding load: {busy:.1f} tok/s ({drop:.0f}% slower)")
     print(f"(embedding inputs served during the loaded streams: {sent[0]})")
