@@ -18,15 +18,13 @@ import numpy as np
 import pytest
 
 from kodkod.core.encoder_types import EncoderInfo
+from kodkod.models.embedding_inputs import lane_plan, plan_batches, split_tail
 from kodkod.models.embeddings import (
     EmbeddingInputError,
     EmbeddingLoadError,
     EmbeddingService,
     InputTooLong,
     NoEmbeddingModel,
-    _plan_batches,
-    _split_tail,
-    lane_plan,
 )
 
 
@@ -82,18 +80,18 @@ def make_service(
 
 
 def test_plan_batches_respects_both_limits() -> None:
-    assert _plan_batches([3, 3, 3, 3, 3], max_tokens=7, max_seqs=4) == [range(0, 2), range(2, 4), range(4, 5)]
-    assert _plan_batches([1] * 9, max_tokens=100, max_seqs=4) == [range(0, 4), range(4, 8), range(8, 9)]
-    assert _plan_batches([], max_tokens=5, max_seqs=2) == []
+    assert plan_batches([3, 3, 3, 3, 3], max_tokens=7, max_seqs=4) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert plan_batches([1] * 9, max_tokens=100, max_seqs=4) == [range(0, 4), range(4, 8), range(8, 9)]
+    assert plan_batches([], max_tokens=5, max_seqs=2) == []
 
 
 def test_split_tail_halves_the_last_batch_of_each_lane() -> None:
     batches = [range(0, 4), range(4, 8), range(8, 12), range(12, 13)]
-    assert _split_tail(batches, 2) == [range(0, 4), range(4, 8), range(8, 10), range(10, 12), range(12, 13)]
-    assert _split_tail(batches, 1) == batches  # one lane never waits for another
-    assert _split_tail([range(0, 3)], 4) == [range(0, 1), range(1, 3)]
-    assert _split_tail([], 2) == []
-    covered = [i for part in _split_tail(batches, 3) for i in part]
+    assert split_tail(batches, 2) == [range(0, 4), range(4, 8), range(8, 10), range(10, 12), range(12, 13)]
+    assert split_tail(batches, 1) == batches  # one lane never waits for another
+    assert split_tail([range(0, 3)], 4) == [range(0, 1), range(1, 3)]
+    assert split_tail([], 2) == []
+    covered = [i for part in split_tail(batches, 3) for i in part]
     assert covered == list(range(13))  # every input once, in order
 
 

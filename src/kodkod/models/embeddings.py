@@ -7,20 +7,19 @@ the cached GGUF loads. Loading, tokenizing and closing run on one worker thread 
 service (not a lane's: a request is tokenized while the lanes run another's batches). A
 request is tokenized first (an input over the model's limit is refused with the numbers,
 before any batch runs), then packed into batches of the encoder's preferred size (within its
-limits). The encoder runs several lanes side by side (one context each; `lane_plan` splits
-the threads into lanes of one thread or more), each lane on its own worker thread; closing
-waits for a running batch (the encoder's lane locks). A request's batches go, in order, to
-whichever lane is free and their rows are written back by position, so the output keeps the
-input order. A lane's thread keeps taking the request's next batch itself (no hand-off through
-the event loop per batch) until none is left or the lane is wanted elsewhere: while another
-request waits for a lane they interleave batch by batch. A request whose client went away
-(its task cancelled) starts no further batch: only those already running finish
-(`EmbeddingCounters` and a log line tell how many were skipped).
+limits; both in `models/embedding_inputs.py`). The encoder runs several lanes side by side
+(one context each; `lane_plan` splits the threads into lanes of one thread or more), each lane
+on its own worker thread; closing waits for a running batch (the encoder's lane locks). A
+request's batches go, in order, to whichever lane is free and their rows are written back by
+position, so the output keeps the input order. A lane's thread keeps taking the request's next
+batch itself (no hand-off through the event loop per batch) until none is left or the lane is
+wanted elsewhere: while another request waits for a lane they interleave batch by batch. A
+request whose client went away (its task cancelled) starts no further batch: only those
+already running finish (`EmbeddingCounters` and a log line tell how many were skipped).
 Fair share with chat: the workers, and the llama.cpp threads they start, run at a lower
 scheduling priority (`nice`, Linux), so while chat streams run the kernel gives their decode
 steps the cores first; and while the chat engine has running streams at most half the lanes
-(at least one) run at a time, otherwise all of them.
-"""
+(at least one) run at a time, otherwise all of them."""
 
 from __future__ import annotations
 
@@ -40,6 +39,14 @@ import numpy as np
 
 from kodkod.core.encoder_types import Encoder, EncoderLoader
 from kodkod.fsutil import plain_name
+from kodkod.models.embedding_inputs import (
+    EmbeddingInputError,
+    InputTooLong,
+    lane_plan,
+    plan_batches,
+    split_tail,
+    tokenize_all,
+)
 from kodkod.models.gguf_header import read_roles
 from kodkod.models.hf_encoder import ConversionError, cached_gguf
 
@@ -63,14 +70,6 @@ class NoEmbeddingModel(Exception):
 
 class EmbeddingLoadError(Exception):
     """An embedding model could not be loaded (→ 400, one-line message)."""
-
-
-class EmbeddingInputError(ValueError):
-    """An input the model cannot take (→ 400, names the numbers)."""
-
-
-class InputTooLong(EmbeddingInputError):
-    """An input longer than the model's sequence limit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,44 +97,6 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except OSError as exc:
         log.warning("could not lower the embedding thread's priority: %s", exc)
-
-
-def _plan_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> list[range]:
-    """Consecutive input ranges of at most `max_seqs` inputs and `max_tokens` tokens (an input
-    longer than `max_tokens` forms a range of its own)."""
-    out: list[range] = []
-    start, tokens = 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and (tokens + n > max_tokens or i - start >= max_seqs):
-            out.append(range(start, i))
-            start, tokens = i, 0
-        tokens += n
-    if start < len(lengths):
-        out.append(range(start, len(lengths)))
-    return out
-
-
-def _split_tail(batches: list[range], lanes: int) -> list[range]:
-    """`batches` with each of the last `lanes` halved (by inputs): the lanes' final batches are
-    short, so no lane waits long for the others at the end of a request."""
-    if lanes < 2:
-        return batches
-    head, tail = batches[:-lanes], batches[-lanes:]
-    out = list(head)
-    for part in tail:
-        mid = part.start + len(part) // 2
-        out.extend([part] if len(part) < 2 else [range(part.start, mid), range(mid, part.stop)])
-    return out
-
-
-MAX_LANES = 4  # encoder contexts side by side; beyond a few, one context's threads scale as well
-
-
-def lane_plan(n_threads: int) -> tuple[int, int]:
-    """(lanes, threads per lane) for `n_threads` embedding threads: one lane per thread up to
-    MAX_LANES, the threads shared out among them."""
-    lanes = max(1, min(n_threads, MAX_LANES))
-    return lanes, max(1, n_threads // lanes)
 
 
 class EmbeddingService:
@@ -273,12 +234,12 @@ class EmbeddingService:
         """One vector per input (text, or token ids used as given)."""
         encoder, name = self.require(), self._name or ""
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._worker, _tokenize_all, encoder, inputs)
+        ids = await loop.run_in_executor(self._worker, tokenize_all, encoder, inputs)
         info = encoder.info
         out = np.empty((len(ids), info.n_embd), dtype=np.float32)
         pack = info.pack_tokens or info.batch_tokens
         lanes = max(1, min(self._lanes, info.lanes))
-        batches = _split_tail(_plan_batches([len(x) for x in ids], pack, info.batch_sequences), lanes)
+        batches = split_tail(plan_batches([len(x) for x in ids], pack, info.batch_sequences), lanes)
         # shared with the lane threads: each pack is popped (atomically) by exactly one of them,
         # or by the cancellation below, which empties the queue so that no further pack starts
         waiting = deque(batches)
@@ -395,22 +356,3 @@ def _embedding_gguf(path: Path) -> Path:
             "POST /v1/model/load"
         )
     return path
-
-
-def _tokenize_all(encoder: Encoder, inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:
-    info = encoder.info
-    out: list[list[int]] = []
-    for index, item in enumerate(inputs):
-        ids = encoder.tokenize(item) if isinstance(item, str) else list(item)
-        if not ids:
-            raise EmbeddingInputError(f"input {index} is empty")
-        if len(ids) > info.max_input_tokens:
-            raise InputTooLong(
-                f"input {index} has {len(ids)} tokens; the embedding model {info.name!r} takes at "
-                f"most {info.max_input_tokens}"
-            )
-        bad = next((t for t in ids if not 0 <= t < info.n_vocab), None)
-        if bad is not None:
-            raise EmbeddingInputError(f"input {index} holds token id {bad}, outside 0..{info.n_vocab - 1}")
-        out.append(ids)
-    return out
