@@ -194,3 +194,7 @@ def test_fit_rows_shortens_the_longest_drafts_first_and_keeps_short_ones() -> No
     assert fit_rows([2, 10, 3], 9) == [2, 4, 3]  # only the long one is cut
     assert fit_rows([2, 10, 3], 20) == [2, 10, 3]  # within the budget: as wanted
     assert fit_rows([5, 5], 0) == fit_rows([5, 5], -3) == [0, 0]  # no rows left: no drafts
+    assert fit_rows([1, 9, 9, 2], 8) == [1, 3, 2, 2]  # level 2, one spare row to the earlier 9
+    many = fit_rows([32] * 10 + [3], 50)  # a wide step: each cut draft 4 or 5 tokens
+    assert many == [5] * 7 + [4] * 3 + [3]
+    assert fit_rows([32] * 63, 0) == [0] * 63

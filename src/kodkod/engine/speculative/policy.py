@@ -183,15 +183,25 @@ def step_rates(
 
 def fit_rows(lengths: Sequence[int], budget: int) -> list[int]:
     """`lengths` (drafted tokens per sequence, one row each) shortened so that they add up to at
-    most `budget` rows: the longest drafts lose a token first (ties: the later one), so the
-    rows left are shared as evenly as the wanted lengths allow; order kept."""
+    most `budget` rows: the longest drafts lose tokens first, down to one level L that all cut
+    drafts share, and the rows left over go one each to the earliest of them (so ties lose at
+    the end of the list first); drafts of L tokens or fewer keep theirs; order kept."""
     out = list(lengths)
-    excess = sum(out) - max(0, budget)
-    while excess > 0:
-        top = max(out)
-        i = len(out) - 1 - out[::-1].index(top)
-        out[i] -= 1
-        excess -= 1
+    budget = max(0, budget)
+    if sum(out) <= budget:
+        return out
+    lo, hi = 0, max(out)  # the highest level L with sum(min(n, L)) <= budget
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(n, mid) for n in out) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    spare = budget - sum(min(n, lo) for n in out)
+    for i, n in enumerate(out):
+        if n > lo:
+            out[i] = lo + (1 if spare > 0 else 0)
+            spare -= 1
     return out
 
 
