@@ -38,8 +38,8 @@ slot holding it is adopted and cut to fit (its whole prefix offered to the host 
 idle streams are outside every other slot's attention, so nothing is trimmed while busy.
 
 Idle cached prefixes are kept under a budget while anything runs, and pushed out to the
-host-RAM tier when there is one (`engine/kv_room.py`, which owns the KV mirror and the queue
-of KV ops); they come back from there (`Restore`) when a later request shares them.
+host-RAM tier when there is one (`engine/kv_room.py`: eviction, the budget, and the queue of
+KV ops); they come back from there (`Restore`) when a later request shares them.
 
 KV operations decided here are applied to the `KVPool` mirror at once and queued; the next
 plan carries every queued op (`engine/plan.py`), and the model runner (`engine/runner.py`)

@@ -72,6 +72,8 @@ def lane_plan(n_threads: int) -> tuple[int, int]:
 
 
 def tokenize_all(encoder: Encoder, inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    """Each input's token ids (text tokenized, id lists taken as given), or the first input
+    that is empty, too long or holds an id outside the vocabulary as an EmbeddingInputError."""
     info = encoder.info
     out: list[list[int]] = []
     for index, item in enumerate(inputs):
