@@ -27,6 +27,7 @@ import functools
 from typing import Any, Literal
 
 from kodkod.settings.cache_mode import normalise_cache_mode
+from kodkod.settings.load_checks import EXLLAMA_BACKENDS, check_backend, check_rpc_servers
 from kodkod.settings.load_param import (
     NOT_IN_REQUEST,
     DeviceAmounts,
@@ -38,44 +39,7 @@ from kodkod.settings.load_param import (
     lower,
 )
 
-LLAMA_BACKENDS = frozenset({"", "auto", "llamacpp", "llama.cpp", "llama_cpp", "llama-cpp"})
-EXLLAMA_BACKENDS = frozenset({"exllamav2", "exllamav3"})
 NO_DEVICES = "this llama.cpp build has no GPU devices to place the model on; it runs on the CPU"
-
-
-MAX_RPC_SERVERS = 16  # ggml-rpc's own limit (GGML_RPC_MAX_SERVERS)
-
-
-def _rpc_servers(value: Any) -> Any:
-    """A list of distinct "host:port" strings of RPC workers."""
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError('expected a list of "host:port" strings')
-    if len(value) > MAX_RPC_SERVERS:
-        raise ValueError(f"at most {MAX_RPC_SERVERS} RPC servers")
-    out = []
-    for item in value:
-        text = item.strip()
-        host, sep, port = text.rpartition(":")
-        bad_host = not host or any(c.isspace() or c in "\x00/@" for c in host)
-        if not sep or bad_host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f'{item[:80]!r} is not "host:port" (e.g. "192.168.1.20:50052")')
-        if text in out:
-            raise ValueError(f"{text!r} is listed twice")
-        out.append(text)
-    return out
-
-
-def _backend(value: Any) -> Any:
-    if value is None:
-        return None
-    if not isinstance(value, str) or value.strip().lower() not in LLAMA_BACKENDS | EXLLAMA_BACKENDS:
-        raise ValueError(
-            f"backend {value!r} is not available: this server runs GGUF models on llama.cpp "
-            "(leave backend unset)"
-        )
-    return value.strip().lower()
 
 
 P = LoadParam
@@ -91,7 +55,7 @@ LOAD_TABLE: tuple[LoadParam, ...] = (
         "Inference backend; null picks it automatically (llama.cpp). TabbyAPI's exllamav2 / "
         "exllamav3 are accepted and load with llama.cpp.",
         use=Use.CHECK,
-        before=_backend,
+        before=check_backend,
         note="this server runs GGUF models on llama.cpp; the model loads with llama.cpp",
         noted=lambda v: v in EXLLAMA_BACKENDS,
     ),
@@ -177,7 +141,7 @@ LOAD_TABLE: tuple[LoadParam, ...] = (
         "per device, this machine's CPU first (default: equal shares). The protocol has no "
         "authentication: use workers on a private network only.",
         use=Use.GPU,
-        before=_rpc_servers,
+        before=check_rpc_servers,
         note="the load notes each device's share of the layers instead",
         noted=lambda _: False,  # models.placement notes each device (with or without GPUs)
     ),
