@@ -1,13 +1,13 @@
 """The encoder alone (no server): inputs/s of all-MiniLM-L6-v2 by weight type, lanes and threads.
 
     .venv/bin/python benchmarks/encoder_weights.py [--types f16 f32 q8_0 bf16] [--lanes 2]
-        [--threads 1] [--pack 96] [--rounds 5] [--inputs 256]
+        [--threads 1] [--pack 63] [--pair 96] [--rounds 5] [--inputs 256]
 
 Converts `models/all-MiniLM-L6-v2` (the Hugging Face folder) to GGUF with the server's own
 converter (f16 and f32; Q8_0 and BF16 quantised from the f32 file with llama.cpp's quantize
 API) into a temporary directory, loads each with `LlamaEncoder` (`--lanes` contexts of
-`--threads` threads on the one model), packs the benchmark's sentences into calls of about
-`--pack` tokens (at most 64 inputs each, as the server does), runs the packs on all lanes at
+`--threads` threads on the one model), packs the benchmark's sentences into calls as the server does (at
+most `--pack` tokens, or two inputs of at most `--pair`; at most 64 inputs), runs the packs on all lanes at
 once, and prints the best of `--rounds` rounds per type, and its ratio to the first type,
 measured in the same run (types interleaved round by round).
 
@@ -35,8 +35,14 @@ import llama_cpp as L  # noqa: E402
 from embeddings import EMBED_MODEL, sentences  # noqa: E402
 
 import kodkod.backends.llamacpp.encoder as encoder_module  # noqa: E402
-from kodkod.backends.llamacpp.encoder import BATCH_SEQUENCES, LlamaEncoder  # noqa: E402
+from kodkod.backends.llamacpp.encoder import (  # noqa: E402
+    BATCH_SEQUENCES,
+    PACK_TOKENS,
+    PAIR_TOKENS,
+    LlamaEncoder,
+)
 from kodkod.backends.llamacpp.quantize import quantize_model  # noqa: E402
+from kodkod.models.embedding_inputs import plan_batches  # noqa: E402
 from kodkod.models.hf_encoder import convert_folder  # noqa: E402
 from tests.server import MODELS  # noqa: E402
 
@@ -56,18 +62,10 @@ def gguf_of(kind: str, tmp: Path) -> Path:
     return out
 
 
-def packs_of(token_lists: list[list[int]], pack: int) -> list[list[list[int]]]:
-    packs: list[list[list[int]]] = []
-    cur: list[list[int]] = []
-    n = 0
-    for t in token_lists:
-        if cur and (n + len(t) > pack or len(cur) >= BATCH_SEQUENCES):
-            packs.append(cur)
-            cur, n = [], 0
-        cur.append(t)
-        n += len(t)
-    packs.append(cur)
-    return packs
+def packs_of(token_lists: list[list[int]], pack: int, pair: int = 0) -> list[list[list[int]]]:
+    """The inputs cut into calls as the server cuts them (`plan_batches`)."""
+    plan = plan_batches([len(t) for t in token_lists], pack, BATCH_SEQUENCES, pair)
+    return [token_lists[r.start : r.stop] for r in plan]
 
 
 def one_round(enc: LlamaEncoder, packs: list[list[list[int]]], lanes: int) -> float:
@@ -91,12 +89,13 @@ def main() -> None:
     )
     ap.add_argument("--lanes", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--pack", type=int, default=96)
+    ap.add_argument("--pack", type=int, default=PACK_TOKENS)
+    ap.add_argument("--pair", type=int, default=PAIR_TOKENS)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--inputs", type=int, default=256)
     args = ap.parse_args()
     # the context's micro-batch must hold a whole pack
-    encoder_module.MIN_BATCH_TOKENS = max(encoder_module.MIN_BATCH_TOKENS, args.pack)
+    encoder_module.MIN_BATCH_TOKENS = max(encoder_module.MIN_BATCH_TOKENS, args.pack, args.pair)
     texts = sentences(args.inputs)
     with tempfile.TemporaryDirectory(prefix="kodkod-encoder-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -106,7 +105,7 @@ def main() -> None:
         }
         try:
             first = encoders[args.types[0]]
-            packs = packs_of([first.tokenize(t) for t in texts], args.pack)
+            packs = packs_of([first.tokenize(t) for t in texts], args.pack, args.pair)
             best = dict.fromkeys(args.types, float("inf"))
             for enc in encoders.values():
                 one_round(enc, packs, args.lanes)  # warm-up

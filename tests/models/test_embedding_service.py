@@ -85,6 +85,24 @@ def test_plan_batches_respects_both_limits() -> None:
     assert plan_batches([], max_tokens=5, max_seqs=2) == []
 
 
+def test_plan_batches_pairs_inputs_too_long_to_share_a_pack() -> None:
+    # short inputs fill packs of max_tokens; two longer ones share a call up to pair_tokens
+    assert plan_batches([12] * 6, max_tokens=63, max_seqs=64, pair_tokens=96) == [range(0, 5), range(5, 6)]
+    assert plan_batches([40, 40, 40], max_tokens=63, max_seqs=64, pair_tokens=96) == [
+        range(0, 2),
+        range(2, 3),
+    ]
+    # never a third input past max_tokens, never a pair past pair_tokens, never past max_seqs
+    assert plan_batches([30, 30, 10], max_tokens=63, max_seqs=64, pair_tokens=96) == [
+        range(0, 2),
+        range(2, 3),
+    ]
+    assert plan_batches([50, 50], max_tokens=63, max_seqs=64, pair_tokens=96) == [range(0, 1), range(1, 2)]
+    assert plan_batches([40, 40], max_tokens=63, max_seqs=1, pair_tokens=96) == [range(0, 1), range(1, 2)]
+    # without pair_tokens the pack limit alone decides
+    assert plan_batches([40, 40], max_tokens=63, max_seqs=64) == [range(0, 1), range(1, 2)]
+
+
 def test_split_tail_halves_the_last_batch_of_each_lane() -> None:
     batches = [range(0, 4), range(4, 8), range(8, 12), range(12, 13)]
     assert split_tail(batches, 2) == [range(0, 4), range(4, 8), range(8, 10), range(10, 12), range(12, 13)]

@@ -33,13 +33,15 @@ class InputTooLong(EmbeddingInputError):
     """An input longer than the model's sequence limit."""
 
 
-def plan_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> list[range]:
-    """Consecutive input ranges of at most `max_seqs` inputs and `max_tokens` tokens (an input
-    longer than `max_tokens` forms a range of its own)."""
+def plan_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int, pair_tokens: int = 0) -> list[range]:
+    """Consecutive input ranges of at most `max_seqs` inputs and `max_tokens` tokens, except
+    that a range of one input takes a second when the two hold at most `pair_tokens` (an
+    input longer than both forms a range of its own)."""
     out: list[range] = []
     start, tokens = 0, 0
     for i, n in enumerate(lengths):
-        if i > start and (tokens + n > max_tokens or i - start >= max_seqs):
+        full = tokens + n > max_tokens and (i - start > 1 or tokens + n > pair_tokens)
+        if i > start and (full or i - start >= max_seqs):
             out.append(range(start, i))
             start, tokens = i, 0
         tokens += n

@@ -41,11 +41,16 @@ __all__ = ["BATCH_SEQUENCES", "LlamaEncoder"]
 
 BATCH_SEQUENCES = 64  # inputs packed into one call (llama.cpp's sequence ids per context)
 # The micro-batch holds at least one whole input of the longest kind; inputs are packed into
-# calls of about PACK_TOKENS, where the cost per input is lowest (docs/measurements.md).
-# Flash attention skips the masked (other-sequence) cells of a packed micro-batch, which the
-# plain attention path multiplies out in full.
+# calls of at most PACK_TOKENS, where the cost per input is lowest (docs/measurements.md).
+# Flash attention skips the masked (other-sequence) cells of a packed micro-batch key by key,
+# which the plain attention path multiplies out in full; from 64 query rows (ggml's
+# GGML_FA_TILE_Q) llama.cpp's CPU flash attention switches to a tiled kernel that multiplies
+# out every 64 x 64 tile holding one unmasked cell, so packs stay below that. Two inputs too
+# long to share such a call still share one of at most PAIR_TOKENS: half of the tiles do work,
+# and each call has a fixed cost.
 MIN_BATCH_TOKENS = 256
-PACK_TOKENS = 96
+PACK_TOKENS = 63
+PAIR_TOKENS = 96
 _POOLING_NAMES = {
     L.LLAMA_POOLING_TYPE_MEAN: "mean",
     L.LLAMA_POOLING_TYPE_CLS: "cls",
@@ -129,6 +134,7 @@ class LlamaEncoder:
             pooling=_POOLING_NAMES[pooling],
             normalize=normalize,
             pack_tokens=min(PACK_TOKENS, batch_tokens),
+            pair_tokens=min(PAIR_TOKENS, batch_tokens),
             lanes=len(self._lanes),
         )
 
