@@ -33,7 +33,7 @@ class EncoderInfo:
     pooling: str  # "mean" | "cls" | "last"
     normalize: bool  # vectors are L2-normalised
     pack_tokens: int = 0  # the fastest tokens per call to pack inputs into (0: batch_tokens)
-    pair_tokens: int = 0  # ... or two inputs of at most this many tokens together
+    pair_tokens: int = 0  # ... or two inputs of at most this many together (<= batch_tokens)
     lanes: int = 1  # calls that may run at the same time, one per lane
 
 

@@ -239,8 +239,7 @@ class EmbeddingService:
         out = np.empty((len(ids), info.n_embd), dtype=np.float32)
         pack = info.pack_tokens or info.batch_tokens
         lanes = max(1, min(self._lanes, info.lanes))
-        lengths = [len(x) for x in ids]
-        plan = plan_batches(lengths, pack, info.batch_sequences, min(info.pair_tokens, info.batch_tokens))
+        plan = plan_batches([len(x) for x in ids], pack, info.batch_sequences, info.pair_tokens)
         batches = split_tail(plan, lanes)
         # shared with the lane threads: each pack is popped (atomically) by exactly one of them,
         # or by the cancellation below, which empties the queue so that no further pack starts
